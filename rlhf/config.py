@@ -1,0 +1,256 @@
+"""Typed view of params.yaml: every number that changes a result, one group per concern.
+
+Unknown keys and wrong types are errors, never silent defaults (nanoGPT configurator.py, minGPT merge_from_args);
+cross-field rules are checked once, at construction (trl GRPOConfig.__post_init__). Every failure is raised as a
+:class:`ConfigError` carrying one line that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhf.errors import UserError
+
+
+class ConfigError(UserError):
+    """A params.yaml problem, worded as one line that names the key and the fix."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Group):
+    """The shipped, seeded sorting task (rlhf/task.py); used when data.sources holds `builtin`."""
+
+    num_rows: int = Field(20000, gt=0)  # rows generated; data.data_split shares them among the three steps
+    min_len: int = Field(3, ge=2)  # fewest numbers in a list to sort
+    max_len: int = Field(6, ge=2)  # most numbers in a list to sort
+    max_value: int = Field(29, ge=1)  # numbers are drawn from 0..max_value
+    demo_error_rate: float = Field(0.45, ge=0, le=1)  # share of SFT demonstrations with a wrong ordering
+    demo_impolite_rate: float = Field(0.45, ge=0, le=1)  # share of SFT demonstrations without the polite frame
+    pair_error_rate: float = Field(0.5, ge=0, le=1)  # the same two rates for each preference-pair candidate
+    pair_impolite_rate: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> TaskConfig:
+        if self.min_len > self.max_len:
+            raise ValueError(f"task.min_len ({self.min_len}) exceeds task.max_len ({self.max_len}): lower min_len")
+        return self
+
+
+class SourceConfig(_Group):
+    """One data source. `path` is `builtin`, a local file/folder, or a hub dataset id."""
+
+    path: str
+    split: str = "train"  # split to read from a hub id or a save_to_disk DatasetDict
+    weight: float = Field(1.0, gt=0)  # fraction of the source's rows to use (1.0 = all); blends sources
+    format: Literal["auto", "prompt_completion", "preference", "messages", "prompt", "rm_static", "hh_rlhf"] = "auto"
+
+
+class DataConfig(_Group):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin")])
+    # DeepSpeed-Chat's data_split: relative shares of every source for SFT, reward model and PPO, disjoint.
+    data_split: str = "2,4,4"
+    eval_fraction: float = Field(0.1, gt=0, lt=1)  # share of each step's rows held out for evaluation
+    invalid_rows: Literal["drop", "error"] = "drop"  # drop and count bad rows, or stop at the first one
+    max_prompt_tokens: int = Field(48, gt=0)  # rows whose prompt is longer are invalid
+    max_seq_tokens: int = Field(96, gt=0)  # rows whose prompt + response is longer are invalid
+
+    @model_validator(mode="after")
+    def _split(self) -> DataConfig:
+        parts = self.data_split.split(",")
+        try:
+            shares = [float(p) for p in parts]
+        except ValueError:
+            shares = []
+        if len(shares) != 3 or any(s < 0 for s in shares) or sum(shares) <= 0:
+            raise ValueError(
+                f"data.data_split is {self.data_split!r}: give three non-negative shares for sft,reward,ppo, e.g. '2,4,4'"
+            )
+        if self.max_prompt_tokens >= self.max_seq_tokens:
+            raise ValueError("data.max_prompt_tokens must be below data.max_seq_tokens: raise max_seq_tokens")
+        return self
+
+    @property
+    def split_shares(self) -> tuple[float, float, float]:
+        a, b, c = (float(p) for p in self.data_split.split(","))
+        return a, b, c
+
+
+class TokenizerConfig(_Group):
+    """Trained offline in the prepare stage when model.name_or_path is empty; otherwise the model's own is used."""
+
+    vocab_size: int = Field(512, ge=64)  # byte-level BPE: 256 byte tokens + merges + specials
+
+
+class ModelConfig(_Group):
+    """A Llama-style model built from this config, unless name_or_path names a local HF folder or hub id."""
+
+    name_or_path: str | None = None
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(688, gt=0)
+    max_position_embeddings: int = Field(128, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)  # attention dropout in training mode
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}): change one of them"
+            )
+        return self
+
+
+class EngineConfig(_Group):
+    """How DeepSpeed runs every training step."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu (gloo)
+    zero_stage: int = Field(0, ge=0, le=3)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs a GPU
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU (needs zero_stage >= 1)
+    offload_params: bool = False  # ZeRO-Infinity parameter offload (needs zero_stage 3)
+    gradient_checkpointing: bool = False
+    gradient_clipping: float = Field(1.0, ge=0)  # max grad norm; 0 disables
+    num_procs: int = Field(1, gt=0)  # ranks per node started by the deepspeed launcher
+    hostfile: str | None = None  # DeepSpeed hostfile for several nodes
+
+    @model_validator(mode="after")
+    def _rules(self) -> EngineConfig:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1: set zero_stage to 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("engine.offload_params needs engine.zero_stage: 3")
+        return self
+
+
+class LoraConfig(_Group):
+    """LoRA through peft; rank 0 disables it."""
+
+    rank: int = Field(0, ge=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    only_optimize_lora: bool = True  # False also trains the base weights (DeepSpeed-Chat's flag)
+
+
+class TrainConfig(_Group):
+    """Optimisation knobs shared by the SFT and reward steps."""
+
+    epochs: int = Field(1, gt=0)
+    micro_batch_size: int = Field(16, gt=0)  # per rank, per forward pass
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)  # share of optimizer steps with linear warmup
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    adam_beta1: float = Field(0.9, gt=0, lt=1)
+    adam_beta2: float = Field(0.95, gt=0, lt=1)
+    eval_batch_size: int = Field(64, gt=0)
+    max_steps: int = Field(0, ge=0)  # stop after this many optimizer steps (0 = run all epochs)
+    log_every: int = Field(10, gt=0)  # optimizer steps between logged points
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class SFTConfig(TrainConfig):
+    loss_on_prompt: bool = False  # True restores DeepSpeed-Chat's whole-sequence loss
+
+
+class RewardConfig(TrainConfig):
+    pass
+
+
+class Params(_Group):
+    seed: int = 1234
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reward_model: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(hidden_size=128, num_layers=3, num_heads=4, intermediate_size=344)
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> Params:
+        if self.engine.dtype == "fp16" and self.engine.device == "cpu":
+            raise ValueError("engine.dtype fp16 is not supported on CPU: use bf16 or fp32")
+        for name, model in (("model", self.model), ("reward_model", self.reward_model)):
+            if model.name_or_path is None and model.max_position_embeddings < self.data.max_seq_tokens:
+                raise ValueError(
+                    f"{name}.max_position_embeddings ({model.max_position_embeddings}) is below "
+                    f"data.max_seq_tokens ({self.data.max_seq_tokens}): raise it or lower max_seq_tokens"
+                )
+        return self
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys at `loc` (for did-you-mean)."""
+    cls: Any = model
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            break
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            args = getattr(ann, "__args__", ())
+            nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            if not nested:
+                break
+            cls = nested[0]
+    return list(cls.model_fields)
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"])
+    key = ".".join(str(p) for p in loc) or "params"
+    if e["type"] == "extra_forbidden":
+        parent, leaf = loc[:-1], str(loc[-1])
+        near = difflib.get_close_matches(leaf, _field_names(Params, tuple(p for p in parent if isinstance(p, str))), n=1)
+        prefix = ".".join(str(p) for p in parent)
+        hint = f"did you mean {prefix + '.' if prefix else ''}{near[0]}?" if near else "remove it"
+        return f"params.yaml: unknown key '{key}': {hint}"
+    if e["type"] == "value_error":
+        msg = str(e.get("ctx", {}).get("error", e["msg"]))
+        return f"params.yaml: {msg}"
+    return f"params.yaml: '{key}' = {e.get('input')!r}: {e['msg']}"
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    """Validate a params mapping; raise ConfigError with one line on the first problem."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read params.yaml into typed groups. `overrides` maps dotted keys to values (tests, `rlhf train`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file: pass --params with the path to params.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}): fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of groups at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_params(raw)

@@ -1,0 +1,181 @@
+"""DeepSpeed plumbing shared by every training step: process group, engine construction, gathering for saving.
+
+CPU and GPU run the same code: on CPU DeepSpeed's accelerator is `cpu` and ranks talk over gloo; on GPU over nccl.
+One process runs without a launcher; several come from the `deepspeed` launcher (one per GPU, or `--num_gpus` CPU
+ranks), which sets RANK/LOCAL_RANK/WORLD_SIZE.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf.config import EngineConfig, TrainConfig
+from rlhf.errors import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: str  # "cpu" or "cuda:N"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(cfg: EngineConfig) -> str:
+    """'cpu' or 'cuda' for engine.device, checking that the dtype is possible there."""
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("engine.device is cuda but no GPU is visible: set engine.device: auto or cpu")
+    if device == "cpu" and cfg.dtype == "fp16":
+        raise UserError("engine.dtype fp16 is not supported on CPU: set engine.dtype to bf16 or fp32")
+    return device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: EngineConfig) -> Dist:
+    """Join (or, alone, create) the process group. Must run before the first `import deepspeed` picks its
+    accelerator, which is why DS_ACCELERATOR is set here."""
+    import torch
+
+    device = resolve_device(cfg)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
+    if "RANK" not in os.environ:  # a single process started without a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", dist_init_required=True)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def ds_config(engine: EngineConfig, train: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict for one trained model."""
+    zero: dict[str, Any] = {"stage": engine.zero_stage}
+    if engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if engine.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if engine.zero_stage == 3:
+        # Gather small models whole; keeps tiny CPU runs from spending their time in per-parameter collectives.
+        zero["stage3_param_persistence_threshold"] = 1e4
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "gradient_clipping": engine.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": engine.dtype == "bf16"},
+        "fp16": {"enabled": engine.dtype == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+        "steps_per_print": 10**9,
+    }
+
+
+def _scheduler(optimizer: Any, train: TrainConfig, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup = int(train.warmup_ratio * total_steps)
+    return get_scheduler(train.lr_schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def initialize(model: Any, engine: EngineConfig, train: TrainConfig, total_steps: int) -> Any:
+    """Wrap a model in a DeepSpeed engine with AdamW over its trainable parameters and a warmup schedule.
+
+    The optimizer is torch's AdamW (no C++ build needed) unless optimizer state is offloaded, which needs
+    DeepSpeed's CPU Adam.
+    """
+    import deepspeed
+    import torch
+
+    if engine.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    betas = (train.adam_beta1, train.adam_beta2)
+    if engine.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=train.learning_rate, betas=betas)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas)
+    scheduler = _scheduler(optimizer, train, total_steps)
+    ds_engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(engine, train)
+    )
+    return ds_engine
+
+
+def full_state_dict(module: Any, zero_stage: int, is_main: bool) -> dict[str, Any] | None:
+    """The whole model's parameters and persistent buffers as fp32 CPU tensors on rank 0 (None elsewhere).
+
+    Under ZeRO-3 each parameter is gathered in turn (every rank must call this) so peak memory stays at one
+    parameter beyond the shard, as DeepSpeed-Chat's save_zero_three_model does.
+    """
+    import torch
+
+    state: dict[str, Any] = {}
+    for name, param in module.named_parameters():
+        if zero_stage == 3 and hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if is_main:
+                    state[name] = param.detach().to("cpu", torch.float32).clone()
+        elif is_main:
+            state[name] = param.detach().to("cpu", torch.float32).clone()
+    if is_main:
+        persistent = {k for k, _ in module.named_buffers() if k in module.state_dict()}
+        for name, buf in module.named_buffers():
+            if name in persistent:
+                state[name] = buf.detach().to("cpu").clone()
+    return state if is_main else None
+
+
+def barrier() -> None:
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) so that a run repeats."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,123 @@
+"""Build or load the actor and the reward model, add LoRA through peft, and undo it for saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import LoraConfig, ModelConfig
+from rlhf.errors import UserError
+
+
+def _llama_config(cfg: ModelConfig, tok: Any, **extra: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        attention_dropout=cfg.dropout,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def _from_pretrained(auto_cls: Any, path: str, **kwargs: Any) -> Any:
+    try:
+        return auto_cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"'{path}' is not a loadable model ({str(err).splitlines()[0][:160]}): "
+            "give an HF model folder with config.json and weights, or a hub id on a connected machine"
+        ) from None
+
+
+def build_causal_lm(cfg: ModelConfig, tok: Any, seed: int) -> Any:
+    """The actor: `cfg.name_or_path` loaded, or a fresh Llama-style model from the config."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    if cfg.name_or_path:
+        model = _from_pretrained(AutoModelForCausalLM, cfg.name_or_path, dtype=torch.float32)
+    else:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(_llama_config(cfg, tok))
+    _check_vocab(model, tok, cfg.name_or_path or "model")
+    model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def build_reward_model(cfg: ModelConfig, tok: Any, seed: int) -> Any:
+    """The reward model: a sequence classifier with one label, scored at the last real (non-pad) token.
+
+    From a causal LM checkpoint (as DeepSpeed-Chat does with OPT-350m) transformers adds a fresh score head.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+
+    if cfg.name_or_path:
+        model = _from_pretrained(
+            AutoModelForSequenceClassification, cfg.name_or_path, num_labels=1, dtype=torch.float32
+        )
+    else:
+        torch.manual_seed(seed)
+        model = LlamaForSequenceClassification(_llama_config(cfg, tok, num_labels=1))
+    _check_vocab(model, tok, cfg.name_or_path or "reward_model")
+    model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def _check_vocab(model: Any, tok: Any, name: str) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tok):
+        raise UserError(
+            f"{name} has {rows} embedding rows but the tokenizer has {len(tok)} tokens: "
+            "use the tokenizer that was trained with this model"
+        )
+
+
+def add_lora(model: Any, cfg: LoraConfig, task_type: str) -> Any:
+    """Wrap with peft LoRA adapters when cfg.rank > 0; optionally keep the base weights trainable too."""
+    if cfg.rank == 0:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type=task_type,
+    )
+    try:
+        model = get_peft_model(model, peft_cfg)
+    except ValueError as err:
+        raise UserError(f"LoRA could not be added ({str(err).splitlines()[0][:160]}): fix lora.target_modules") from None
+    if not cfg.only_optimize_lora:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def unwrap_for_saving(model: Any) -> Any:
+    """The plain transformers model, with any LoRA adapters merged into the base weights."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def save_pretrained(model: Any, tok: Any, out_dir: Path) -> None:
+    """An HF folder that transformers' Auto classes load: safetensors, config, tokenizer with its chat template."""
+    model = unwrap_for_saving(model)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)

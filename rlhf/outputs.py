@@ -1,0 +1,96 @@
+"""Stage outputs that are never half-written, and the manifest that says how each was made (litgpt's
+hyperparameters.yaml, nanoGPT's config in ckpt.pt)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+COMPLETE = "COMPLETE.json"  # written last: lists every file and its hash; a folder without it is unfinished
+PACKAGES = ("torch", "deepspeed", "transformers", "tokenizers", "peft", "datasets", "dvc", "dvclive", "rlhf-dvc")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def make_manifest(
+    step: str, params: dict[str, Any], inputs: dict[str, Path], seed: int, world_size: int, **extra: Any
+) -> dict[str, Any]:
+    """Resolved params of the groups the step read, input hashes, versions, seed, world size."""
+    return {
+        "step": step,
+        "params": params,
+        "inputs": {name: _hash_path(p) for name, p in inputs.items()},
+        "seed": seed,
+        "world_size": world_size,
+        "versions": package_versions(),
+        **extra,
+    }
+
+
+def _hash_path(path: Path) -> str:
+    """sha256 of a file, or of a folder's sorted (relative name, file hash) list."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def write_output_dir(out_dir: Path, fill: Callable[[Path], None], manifest: dict[str, Any]) -> None:
+    """Build an output folder under a temporary name, seal it with COMPLETE.json, then rename it into place."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    fill(tmp)
+    write_json(tmp / MANIFEST, manifest)
+    files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    write_json(tmp / COMPLETE, {"files": files})
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def is_complete(out_dir: Path) -> bool:
+    """True when the folder was sealed and every listed file is present with its hash."""
+    marker = Path(out_dir) / COMPLETE
+    if not marker.is_file():
+        return False
+    files = json.loads(marker.read_text())["files"]
+    return all((Path(out_dir) / f).is_file() and sha256_file(Path(out_dir) / f) == h for f, h in files.items())

@@ -1,0 +1,117 @@
+"""Step 2: a reward model trained on preference pairs with the pairwise loss -log sigmoid(r_chosen - r_rejected)
+(InstructGPT eq. 1; DeepSpeed-Chat step 2), scored at the last real token of prompt + answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import Params
+from rlhf.engine import Dist
+from rlhf.tokenizer import encode_answer, encode_prompt
+
+
+def encode_pair(tok: Any, row: dict[str, Any]) -> dict[str, list[int]]:
+    prompt = encode_prompt(tok, row["prompt"])
+    return {"chosen": prompt + encode_answer(tok, row["chosen"]), "rejected": prompt + encode_answer(tok, row["rejected"])}
+
+
+def collate_pairs(pad_id: int):
+    """(2B, T) input_ids/attention_mask: the B chosen sequences first, then the B rejected ones, right-padded."""
+    import torch
+
+    def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        seqs = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return collate
+
+
+def pairwise_loss(chosen: Any, rejected: Any) -> Any:
+    """Mean of -log sigmoid(r_c - r_r) over pairs; chosen, rejected: (B,) scores."""
+    import torch.nn.functional as F
+
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def _scores(engine: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    batch = {k: v.to(engine.device) for k, v in batch.items()}
+    scores = engine(**batch).logits.squeeze(-1).float()  # (2B,) score at each sequence's last real token
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def _loss(engine: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    chosen, rejected = _scores(engine, batch)
+    return pairwise_loss(chosen, rejected), {"accuracy": (chosen > rejected).float().mean().item()}
+
+
+def _evaluate(dist: Dist):
+    import torch
+
+    from rlhf.trainer import all_reduce_sum
+
+    def evaluate(engine: Any, loader: Any) -> dict[str, float]:
+        engine.eval()
+        correct = n = c_sum = r_sum = loss_sum = 0.0
+        with torch.no_grad():
+            for batch in loader:
+                chosen, rejected = _scores(engine, batch)
+                correct += (chosen > rejected).sum().item()
+                c_sum += chosen.sum().item()
+                r_sum += rejected.sum().item()
+                loss_sum += pairwise_loss(chosen, rejected).item() * chosen.numel()
+                n += chosen.numel()
+        correct, c_sum, r_sum, loss_sum, n = all_reduce_sum([correct, c_sum, r_sum, loss_sum, n], dist)
+        n = max(n, 1.0)
+        return {
+            "accuracy": correct / n,
+            "chosen_mean": c_sum / n,
+            "rejected_mean": r_sum / n,
+            "eval_loss": loss_sum / n,
+        }
+
+    return evaluate
+
+
+def run_reward(params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None) -> dict[str, float]:
+    """Train the reward model on data_dir/reward_train.jsonl and write the HF folder out_dir."""
+    from rlhf.data import read_split
+    from rlhf.engine import init_distributed, seed_everything
+    from rlhf.models import add_lora, build_reward_model
+    from rlhf.tokenizer import resolve_tokenizer
+    from rlhf.trainer import train_and_export
+
+    dist = init_distributed(params.engine)
+    seed_everything(params.seed)
+    tok = resolve_tokenizer(params.reward_model.name_or_path, data_dir)
+    cfg = params.reward
+    train_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_train.jsonl")]
+    eval_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_eval.jsonl")]
+
+    def build() -> Any:
+        return add_lora(build_reward_model(params.reward_model, tok, params.seed), cfg.lora, "SEQ_CLS")
+
+    return train_and_export(
+        name="reward",
+        params=params,
+        train=cfg,
+        dist=dist,
+        tok=tok,
+        build_model=build,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        collate=collate_pairs(tok.pad_token_id),
+        loss_fn=_loss,
+        evaluate=_evaluate(dist),
+        out_dir=out_dir,
+        live_dir=live_dir,
+        manifest_params={k: getattr(params, k).model_dump() for k in ("reward_model", "engine", "reward")},
+        manifest_inputs={"reward_train": data_dir / "reward_train.jsonl", "reward_eval": data_dir / "reward_eval.jsonl"},
+    )

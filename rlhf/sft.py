@@ -1,0 +1,101 @@
+"""Step 1: supervised fine-tuning of the actor on demonstrations (InstructGPT section 3.5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import Params
+from rlhf.engine import Dist
+from rlhf.tokenizer import encode_answer, encode_prompt
+
+IGNORE = -100  # label value the loss skips (transformers' convention)
+
+
+def encode_sft_row(tok: Any, row: dict[str, Any], loss_on_prompt: bool) -> dict[str, list[int]]:
+    """input_ids = prompt + answer + eos; labels mask the prompt unless loss_on_prompt (DeepSpeed-Chat's default)."""
+    prompt = encode_prompt(tok, row["prompt"])
+    answer = encode_answer(tok, row["completion"] if row.get("completion") else row["chosen"])
+    labels = (prompt if loss_on_prompt else [IGNORE] * len(prompt)) + answer
+    return {"input_ids": prompt + answer, "labels": labels}
+
+
+def collate_sft(pad_id: int):
+    """Right-pad a list of encoded rows to (B, T) tensors: input_ids, attention_mask, labels (pad -> IGNORE)."""
+    import torch
+
+    def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def _loss(engine: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    batch = {k: v.to(engine.device) for k, v in batch.items()}
+    return engine(**batch).loss, {}
+
+
+def _evaluate(dist: Dist):
+    import torch
+
+    from rlhf.trainer import all_reduce_sum, perplexity
+
+    def evaluate(engine: Any, loader: Any) -> dict[str, float]:
+        engine.eval()
+        nll, tokens = 0.0, 0.0
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                n = (batch["labels"][:, 1:] != IGNORE).sum().item()  # the loss shifts labels by one
+                nll += engine(**batch).loss.float().item() * n
+                tokens += n
+        nll, tokens = all_reduce_sum([nll, tokens], dist)
+        return {"perplexity": perplexity(nll, tokens), "eval_loss": nll / max(tokens, 1.0)}
+
+    return evaluate
+
+
+def run_sft(params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None) -> dict[str, float]:
+    """Train the actor on data_dir/sft_train.jsonl and write the HF folder out_dir; returns the final metrics."""
+    from rlhf.data import read_split
+    from rlhf.engine import init_distributed, seed_everything
+    from rlhf.models import add_lora, build_causal_lm
+    from rlhf.tokenizer import resolve_tokenizer
+    from rlhf.trainer import train_and_export
+
+    dist = init_distributed(params.engine)
+    seed_everything(params.seed)
+    tok = resolve_tokenizer(params.model.name_or_path, data_dir)
+    cfg = params.sft
+    train_rows = [encode_sft_row(tok, r, cfg.loss_on_prompt) for r in read_split(data_dir / "sft_train.jsonl")]
+    eval_rows = [encode_sft_row(tok, r, cfg.loss_on_prompt) for r in read_split(data_dir / "sft_eval.jsonl")]
+
+    def build() -> Any:
+        return add_lora(build_causal_lm(params.model, tok, params.seed), cfg.lora, "CAUSAL_LM")
+
+    return train_and_export(
+        name="sft",
+        params=params,
+        train=cfg,
+        dist=dist,
+        tok=tok,
+        build_model=build,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        collate=collate_sft(tok.pad_token_id),
+        loss_fn=_loss,
+        evaluate=_evaluate(dist),
+        out_dir=out_dir,
+        live_dir=live_dir,
+        manifest_params={k: getattr(params, k).model_dump() for k in ("model", "engine", "sft")},
+        manifest_inputs={"sft_train": data_dir / "sft_train.jsonl", "sft_eval": data_dir / "sft_eval.jsonl"},
+    )

@@ -1,0 +1,96 @@
+"""Tokenizers: trained offline on the prepared text, or a pretrained model's own, and how rows become token ids.
+
+Every row's prompt is a list of chat messages; the tokenizer's chat template turns it into text, so a tokenizer
+trained here and a pretrained chat model are used the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import UserError
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+# A minimal template in the spirit of Zephyr/TinyLlama: one header per role; the answer ends with eos so the model
+# learns to stop. `add_generation_prompt` leaves the assistant header open.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """Train a byte-level BPE tokenizer (seconds) and wrap it as a transformers fast tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values()) + ["<|system|>", "<|user|>", "<|assistant|>"]
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "right"
+    return fast
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A tokenizer from a local folder or hub id, with a pad token and a chat template guaranteed."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except OSError as err:
+        raise UserError(
+            f"no tokenizer could be loaded from '{path}' ({str(err).splitlines()[0][:120]}): "
+            "point model.name_or_path at an HF model folder (or clear it to train one)"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def encode_prompt(tok: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation with the assistant header open, ready for the answer."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_answer(tok: Any, answer: str) -> list[int]:
+    """Token ids of an answer, ending with eos so the model learns to stop (tokenised apart from the prompt so the
+    boundary is exact)."""
+    return tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def row_lengths(tok: Any, row: dict[str, Any]) -> tuple[int, int]:
+    """(prompt tokens, longest prompt + answer tokens) of a normalised data row."""
+    prompt = len(encode_prompt(tok, row["prompt"]))
+    answers = [row.get(k) for k in ("completion", "chosen", "rejected")]
+    longest = max((len(encode_answer(tok, a)) for a in answers if isinstance(a, str)), default=0)
+    return prompt, prompt + longest
+
+
+def resolve_tokenizer(name_or_path: str | None, data_dir: Path) -> Any:
+    """A named model's own tokenizer, else the one the prepare stage trained into data_dir/tokenizer."""
+    if name_or_path:
+        return load_tokenizer(name_or_path)
+    path = Path(data_dir) / "tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        raise UserError(f"no trained tokenizer in {path}: run `rlhf prepare` (or `dvc repro prepare`) first")
+    return load_tokenizer(path)

@@ -1,0 +1,198 @@
+"""The shared training loop: one DeepSpeed engine, a sharded data loader, timed logging, progress on rank 0.
+
+The SFT and reward steps (rlhf/sft.py, rlhf/reward.py) differ only in how a batch is built, what the loss is and
+what evaluation measures; they hand those to :func:`fit` as plain functions (composition, not a base class).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import TrainConfig
+from rlhf.engine import Dist
+
+
+class MetricsLogger:
+    """Per-step curves through dvclive on rank 0; a no-op on other ranks."""
+
+    def __init__(self, live_dir: Path | None, dist: Dist):
+        self.live = None
+        if dist.is_main and live_dir is not None:
+            from dvclive import Live
+
+            # dvcyaml=False: dvc.yaml is ours and declares the plots; save_dvc_exp=False: `dvc exp run` owns exps.
+            self.live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.live is None:
+            return
+        self.live.step = step
+        for k, v in values.items():
+            self.live.log_metric(k, v)
+        self.live.make_summary()
+
+    def close(self, summary: dict[str, float]) -> None:
+        if self.live is None:
+            return
+        for k, v in summary.items():
+            self.live.summary[k] = v
+        self.live.make_summary()
+        self.live.end()
+
+
+def make_loader(
+    rows: Sequence[Any], batch_size: int, collate: Callable, dist: Dist, seed: int, shuffle: bool
+) -> Any:
+    """Each rank gets a disjoint, seeded slice. Training drops the ragged end; evaluation keeps every row, and the
+    sampler repeats at most world_size - 1 rows so that all ranks run the same number of forward passes (ZeRO-3
+    gathers parameters collectively: a rank that stopped early would hang the others)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(
+        rows, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle, seed=seed, drop_last=shuffle
+    )
+    return DataLoader(list(rows), batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=shuffle)
+
+
+def optimizer_steps(num_rows: int, train: TrainConfig, world_size: int) -> int:
+    """How many optimizer steps `fit` will take: the LR schedule needs it up front."""
+    micro_per_epoch = num_rows // world_size // train.micro_batch_size
+    steps = train.epochs * max(1, micro_per_epoch // train.gradient_accumulation_steps)
+    return min(steps, train.max_steps) if train.max_steps else steps
+
+
+def fit(
+    engine: Any,
+    loader: Any,
+    loss_fn: Callable[[Any, Any], tuple[Any, dict[str, float]]],
+    evaluate: Callable[[], dict[str, float]],
+    train: TrainConfig,
+    dist: Dist,
+    logger: MetricsLogger,
+    desc: str,
+    total: int,
+) -> dict[str, float]:
+    """Train for `total` optimizer steps (see optimizer_steps), evaluating after each epoch.
+
+    `loss_fn(engine, batch) -> (loss, extra metrics)`; `evaluate() -> metrics` runs on every rank (it may
+    all-reduce). Returns the last evaluation.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+    step, window, t0 = 0, [], time.perf_counter()
+    metrics: dict[str, float] = {}
+    for epoch in range(train.epochs):
+        loader.sampler.set_epoch(epoch)
+        engine.train()
+        for batch in loader:
+            loss, extra = loss_fn(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            window.append(loss.item())
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            step += 1
+            bar.update(1)
+            if step % train.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - t0
+                point = {
+                    "train/loss": sum(window) / len(window),
+                    "train/lr": engine.get_lr()[0],
+                    "train/samples_per_s": len(window) * train.micro_batch_size * dist.world_size / elapsed,
+                    **{f"train/{k}": v for k, v in extra.items()},
+                }
+                logger.log(step, point)
+                bar.set_postfix(loss=f"{point['train/loss']:.4f}")
+                window, t0 = [], time.perf_counter()
+            if step >= total:
+                break
+        metrics = evaluate()
+        metrics["epoch"] = epoch + 1
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        if dist.is_main:
+            print(f"[{desc}] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+        if step >= total:
+            break
+    bar.close()
+    metrics["steps"] = step
+    return metrics
+
+
+def all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
+    """Sum floats over ranks (evaluation shards)."""
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def perplexity(total_nll: float, total_tokens: float) -> float:
+    return math.exp(total_nll / max(total_tokens, 1.0))
+
+
+def train_and_export(
+    *,
+    name: str,
+    params: Any,
+    train: TrainConfig,
+    dist: Dist,
+    tok: Any,
+    build_model: Callable[[], Any],
+    train_rows: Sequence[dict],
+    eval_rows: Sequence[dict],
+    collate: Callable[[list[dict]], dict],
+    loss_fn: Callable[[Any, Any], tuple[Any, dict[str, float]]],
+    evaluate: Callable[[Any, Any], dict[str, float]],
+    out_dir: Path,
+    live_dir: Path | None,
+    manifest_params: dict[str, Any],
+    manifest_inputs: dict[str, Path],
+) -> dict[str, float]:
+    """The body every supervised step shares: build, wrap in DeepSpeed, fit, gather and write the HF folder.
+
+    `build_model()` must return the same architecture every call (LoRA included): rank 0 calls it again to get a
+    skeleton that receives the gathered weights, so ZeRO-3 shards are never saved as they are.
+    """
+    from rlhf import engine as eng
+    from rlhf.models import save_pretrained
+    from rlhf.outputs import make_manifest, write_output_dir
+
+    model = build_model()
+    total = optimizer_steps(len(train_rows), train, dist.world_size)
+    ds_engine = eng.initialize(model, params.engine, train, total)
+    train_loader = make_loader(train_rows, train.micro_batch_size, collate, dist, params.seed, shuffle=True)
+    eval_loader = make_loader(eval_rows, train.eval_batch_size, collate, dist, params.seed, shuffle=False)
+    logger = MetricsLogger(live_dir, dist)
+    t0 = time.perf_counter()
+    metrics = fit(
+        ds_engine, train_loader, loss_fn, lambda: evaluate(ds_engine, eval_loader), train, dist, logger, name, total
+    )
+    metrics["train_seconds"] = time.perf_counter() - t0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state = eng.full_state_dict(ds_engine.module, params.engine.zero_stage, dist.is_main)
+    if dist.is_main:
+        skeleton = build_model()
+        missing, unexpected = skeleton.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("inv_freq")]:
+            raise RuntimeError(f"gathered weights do not fit the model: missing={missing} unexpected={unexpected}")
+        manifest = make_manifest(
+            name,
+            manifest_params,
+            manifest_inputs,
+            seed=params.seed,
+            world_size=dist.world_size,
+            metrics=metrics,
+            trainable_parameters=trainable,
+        )
+        write_output_dir(out_dir, lambda d: save_pretrained(skeleton, tok, d), manifest)
+        logger.close(metrics)
+    eng.barrier()
+    return metrics

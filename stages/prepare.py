@@ -1,0 +1,27 @@
+"""Stage `prepare`: data sources -> validated, disjoint splits for the three steps, plus the tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stages.common import PARAMS_OPTION, guarded, read_params
+
+
+def prepare(
+    params_path: Path = PARAMS_OPTION,
+    out: Path = typer.Option(Path("data/prepared"), help="folder for the splits and the tokenizer"),
+    metrics: Path = typer.Option(Path("metrics/prepare.json"), help="row counts, invalid rows by reason"),
+) -> None:
+    """Load, validate and split the data; train the tokenizer when no pretrained model is named."""
+    from rlhf.outputs import write_json
+    from rlhf.prepare import run_prepare
+
+    params = read_params(params_path)
+    stats = guarded(run_prepare, params, out)
+    write_json(metrics, {k: v for k, v in stats.items() if k != "hashes"})
+    typer.echo(
+        f"prepare: {stats['rows_valid']} valid rows ({stats['rows_invalid']} dropped) -> {out}; "
+        + ", ".join(f"{k}={v}" for k, v in stats["rows"].items())
+    )

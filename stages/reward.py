@@ -1,0 +1,28 @@
+"""Stage `reward`: the reward model on preference pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stages.common import PARAMS_OPTION, guarded, is_main_rank, read_params, relaunch_if_distributed
+
+
+def reward(
+    params_path: Path = PARAMS_OPTION,
+    data: Path = typer.Option(Path("data/prepared"), help="folder written by `rlhf prepare`"),
+    out: Path = typer.Option(Path("models/reward"), help="HF model folder to write"),
+    metrics: Path = typer.Option(Path("metrics/reward.json"), help="final metrics (JSON)"),
+    live: Path = typer.Option(Path("dvclive/reward"), help="dvclive folder for per-step curves"),
+) -> None:
+    """Step 2: train the reward model on chosen/rejected pairs."""
+    from rlhf.outputs import write_json
+    from rlhf.reward import run_reward
+
+    params = read_params(params_path)
+    relaunch_if_distributed(params)
+    result = guarded(run_reward, params, data, out, live)
+    if is_main_rank():
+        write_json(metrics, result)
+        typer.echo(f"reward: model -> {out}, metrics -> {metrics} (held-out accuracy {result['accuracy']:.3f})")

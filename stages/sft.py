@@ -1,0 +1,28 @@
+"""Stage `sft`: supervised fine-tuning of the actor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stages.common import PARAMS_OPTION, guarded, is_main_rank, read_params, relaunch_if_distributed
+
+
+def sft(
+    params_path: Path = PARAMS_OPTION,
+    data: Path = typer.Option(Path("data/prepared"), help="folder written by `rlhf prepare`"),
+    out: Path = typer.Option(Path("models/sft"), help="HF model folder to write"),
+    metrics: Path = typer.Option(Path("metrics/sft.json"), help="final metrics (JSON)"),
+    live: Path = typer.Option(Path("dvclive/sft"), help="dvclive folder for per-step curves"),
+) -> None:
+    """Step 1: fine-tune the actor on demonstrations."""
+    from rlhf.outputs import write_json
+    from rlhf.sft import run_sft
+
+    params = read_params(params_path)
+    relaunch_if_distributed(params)
+    result = guarded(run_sft, params, data, out, live)
+    if is_main_rank():
+        write_json(metrics, result)
+        typer.echo(f"sft: model -> {out}, metrics -> {metrics} (perplexity {result['perplexity']:.3f})")
