@@ -125,7 +125,9 @@ class EngineConfig(_Group):
     @model_validator(mode="after")
     def _rules(self) -> EngineConfig:
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1: set zero_stage to 2 or 3")
+            raise ValueError(
+                "engine.offload_optimizer needs engine.zero_stage >= 1: set zero_stage to 1, 2 or 3, or turn it off"
+            )
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("engine.offload_params needs engine.zero_stage: 3")
         return self
@@ -147,6 +149,10 @@ class TrainConfig(_Group):
     epochs: int = Field(1, gt=0)
     micro_batch_size: int = Field(16, gt=0)  # per rank, per forward pass
     gradient_accumulation_steps: int = Field(1, gt=0)
+    # Samples per optimizer step over all ranks, as a check: 0 derives it (micro_batch_size x
+    # gradient_accumulation_steps x engine.num_procs); non-zero must equal that product, so a changed rank count
+    # cannot silently change the effective batch (DeepSpeed's train_batch_size rule).
+    global_batch_size: int = Field(0, ge=0)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)  # share of optimizer steps with linear warmup
@@ -190,6 +196,16 @@ class Params(_Group):
                     f"{name}.max_position_embeddings ({model.max_position_embeddings}) is below "
                     f"data.max_seq_tokens ({self.data.max_seq_tokens}): raise it or lower max_seq_tokens"
                 )
+        procs = self.engine.num_procs
+        for name, train in (("sft", self.sft), ("reward", self.reward)):
+            derived = train.micro_batch_size * train.gradient_accumulation_steps * procs
+            if train.global_batch_size and train.global_batch_size != derived:
+                raise ValueError(
+                    f"{name}.global_batch_size ({train.global_batch_size}) != {name}.micro_batch_size "
+                    f"({train.micro_batch_size}) x {name}.gradient_accumulation_steps "
+                    f"({train.gradient_accumulation_steps}) x engine.num_procs ({procs}) = {derived}: "
+                    "change one of them"
+                )
         return self
 
 
@@ -212,28 +228,97 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(cls.model_fields)
 
 
-def _one_line(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = tuple(p for p in e["loc"])
-    key = ".".join(str(p) for p in loc) or "params"
+def _field_info(model: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """The pydantic FieldInfo of the key at `loc`, or None (list indices are stepped over)."""
+    cls: Any = model
+    info = None
+    for part in loc:
+        if not isinstance(part, str):
+            continue
+        info = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if info is None:
+            return None
+        args = (info.annotation, *getattr(info.annotation, "__args__", ()))
+        cls = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return info
+
+
+def _allowed(loc: tuple[Any, ...], one_sided: bool = True) -> str:
+    """' (allowed: 0 <= zero_stage <= 3)' from the field's bounds; '' when it has none, or only one and not
+    one_sided (a bound error already names that one)."""
+    info = _field_info(Params, loc)
+    low = high = None  # (value, sign)
+    for bound in info.metadata if info is not None else ():
+        for attr, sign in (("ge", ">="), ("gt", ">")):
+            if getattr(bound, attr, None) is not None:
+                low = (getattr(bound, attr), sign)
+        for attr, sign in (("le", "<="), ("lt", "<")):
+            if getattr(bound, attr, None) is not None:
+                high = (getattr(bound, attr), sign)
+    name = str(loc[-1]) if loc else "value"
+    if low and high:
+        return f" (allowed: {low[0]} {low[1].replace('>', '<')} {name} {high[1]} {high[0]})"
+    if one_sided and (low or high):
+        value, sign = low or high  # type: ignore[misc]
+        return f" (allowed: {name} {sign} {value})"
+    return ""
+
+
+# Pydantic error type -> what the value must be, worded as the fix.
+_MUST = {
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string (quote it)",
+    "list_type": "must be a list",
+    "model_type": "must be a mapping of keys",
+    "model_attributes_type": "must be a mapping of keys",
+    "dict_type": "must be a mapping of keys",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _one_line(err: ValidationError, source: str = "params.yaml") -> str:
+    errors = err.errors()
+    # An unknown key explains a "missing" one next to it (`pathh` for `path`), so it is reported first.
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(e["loc"])
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "params"
     if e["type"] == "extra_forbidden":
         parent, leaf = loc[:-1], str(loc[-1])
         near = difflib.get_close_matches(leaf, _field_names(Params, tuple(p for p in parent if isinstance(p, str))), n=1)
-        prefix = ".".join(str(p) for p in parent)
-        hint = f"did you mean {prefix + '.' if prefix else ''}{near[0]}?" if near else "remove it"
-        return f"params.yaml: unknown key '{key}': {hint}"
+        prefix = key[: len(key) - len(leaf)]
+        hint = f"did you mean {prefix}{near[0]}?" if near else "remove it"
+        return f"{source}: unknown key '{key}': {hint}"
     if e["type"] == "value_error":
         msg = str(e.get("ctx", {}).get("error", e["msg"]))
-        return f"params.yaml: {msg}"
-    return f"params.yaml: '{key}' = {e.get('input')!r}: {e['msg']}"
+        # A group's own rule does not know the group's name (model vs reward_model): say where it fired.
+        where = "" if not loc or msg.startswith(key) else f"{key}: "
+        return f"{source}: {where}{msg}"
+    if e["type"] == "missing":
+        return f"{source}: '{key}' is required: add it"
+    shown = repr(e.get("input"))
+    value = f"'{key}' = {shown if len(shown) <= 60 else shown[:57] + '...'}"
+    if e["type"] in _BOUNDS:
+        bound = next(iter(e.get("ctx", {}).values()), "?")
+        return f"{source}: {value}: must be {_BOUNDS[e['type']]} {bound}{_allowed(loc, one_sided=False)}"
+    if e["type"] == "literal_error":
+        return f"{source}: {value}: must be one of {e.get('ctx', {}).get('expected', '?')}"
+    if e["type"] in _MUST:
+        return f"{source}: {value}: {_MUST[e['type']]}{_allowed(loc)}"
+    return f"{source}: {value}: {e['msg']}"
 
 
-def parse_params(raw: dict[str, Any]) -> Params:
-    """Validate a params mapping; raise ConfigError with one line on the first problem."""
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ConfigError with one line on the first problem (`source` starts it)."""
     try:
         return Params.model_validate(raw or {})
     except ValidationError as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(_one_line(err, source)) from None
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -244,13 +329,22 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}): fix the syntax") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or str(err).splitlines()[0]).split())
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem}): fix the syntax there") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: could not be read as UTF-8 text ({err}): pass --params a YAML file") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of groups at the top level")
+        raise ConfigError(
+            f"{path}: expected a mapping of groups at the top level (`group:`, then `key: value` under it)"
+        )
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{dotted}': '{p}' is not a group of keys: override '{p}' itself")
         node[leaf] = value
-    return parse_params(raw)
+    return parse_params(raw, str(path))

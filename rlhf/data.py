@@ -161,7 +161,8 @@ def _read_file(path: Path, name: str) -> Dataset:
             f"data source '{name}' has an unsupported file type '{path.suffix}': use one of {', '.join(_BUILDERS)}"
         )
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        with _no_progress_bars():
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parse errors in several types; all mean the same to a user
         raise UserError(
             f"data source '{name}' could not be read as {builder} ({_first_line(err)}): fix or re-export the file"
@@ -244,6 +245,21 @@ def _hub_offline(offline: bool) -> Iterator[None]:
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide datasets' progress bars for the block, and restore them. Converting a local file to arrow takes moments;
+    its "Generating train split" bars on stderr would sit above the one error line a bad row or file gives."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def _first_line(err: BaseException) -> str:
@@ -412,7 +428,7 @@ def validate_rows(
     for index, row in enumerate(rows):
         clean = {k: v for k, v in row.items() if not k.startswith("_")}
         problem = _check(row) or _check_length(clean, length_fn, max_prompt_tokens, max_seq_tokens)
-        key = json.dumps(clean.get("prompt"), sort_keys=True, ensure_ascii=False)
+        key = json.dumps(clean.get("prompt"), sort_keys=True, ensure_ascii=False, default=str)
         if problem is None and key in seen:
             problem = ("duplicate_prompt", "the same prompt appears earlier in the data")
         if problem is not None:
@@ -584,21 +600,25 @@ def read_split(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------------------- the stage
 
 
-def prepare_data(
-    params: Params, length_fn: Callable[[dict], tuple[int, int]] | None = None
-) -> tuple[dict[str, list[dict]], dict]:
-    """Load every source of params.data, validate and split; return (splits, stats).
-
-    stats: rows_loaded, rows_valid, invalid (reason -> count, all reasons), sources (path -> rows loaded after
-    weighting) and splits (split name -> rows).
-    """
-    data = params.data
+def load_sources(params: Params) -> tuple[list[dict], dict[str, int]]:
+    """Every source of params.data, concatenated; also the rows each source gave (after weighting)."""
     rows: list[dict] = []
     per_source: dict[str, int] = {}
-    for src in data.sources:
+    for src in params.data.sources:
         loaded = load_source(src, params.task, params.seed)
         per_source[src.path] = per_source.get(src.path, 0) + len(loaded)
         rows.extend(loaded)
+    return rows, per_source
+
+
+def prepare_data(
+    params: Params, rows: list[dict], length_fn: Callable[[dict], tuple[int, int]] | None = None
+) -> tuple[dict[str, list[dict]], dict]:
+    """Validate loaded rows (see load_sources) and split them; return (splits, stats).
+
+    stats: rows_loaded, rows_valid, rows_invalid, invalid (reason -> count, all reasons) and splits (name -> rows).
+    """
+    data = params.data
     valid, invalid = validate_rows(rows, data.invalid_rows, length_fn, data.max_prompt_tokens, data.max_seq_tokens)
     if not valid:
         bad = {k: v for k, v in invalid.items() if v}
@@ -610,8 +630,8 @@ def prepare_data(
     stats = {
         "rows_loaded": len(rows),
         "rows_valid": len(valid),
+        "rows_invalid": len(rows) - len(valid),
         "invalid": invalid,
-        "sources": per_source,
         "splits": {name: len(split) for name, split in splits.items()},
     }
     return splits, stats

@@ -21,33 +21,17 @@ def _texts(rows: list[dict[str, Any]]):
 
 def run_prepare(params: Params, out_dir: Path) -> dict[str, Any]:
     """Write out_dir/{sft,reward,ppo}_{train,eval}.jsonl and out_dir/tokenizer/; return the statistics."""
-    from rlhf.data import load_source, split_phases, validate_rows, write_splits
+    from rlhf.data import load_sources, prepare_data, write_splits
     from rlhf.outputs import make_manifest, write_output_dir
     from rlhf.tokenizer import load_tokenizer, row_lengths, train_tokenizer
 
-    rows: list[dict[str, Any]] = []
-    for src in params.data.sources:
-        rows += load_source(src, params.task, params.seed)
+    rows, per_source = load_sources(params)
     if params.model.name_or_path:
         tok = load_tokenizer(params.model.name_or_path)
     else:
         tok = train_tokenizer(_texts(rows), params.tokenizer.vocab_size)
-    valid, invalid = validate_rows(
-        rows,
-        params.data.invalid_rows,
-        length_fn=lambda r: row_lengths(tok, r),
-        max_prompt_tokens=params.data.max_prompt_tokens,
-        max_seq_tokens=params.data.max_seq_tokens,
-    )
-    splits = split_phases(valid, params.data.split_shares, params.data.eval_fraction, params.seed)
-    stats: dict[str, Any] = {
-        "rows_loaded": len(rows),
-        "rows_valid": len(valid),
-        "rows_invalid": sum(invalid.values()),
-        "invalid": invalid,
-        "rows": {name: len(split) for name, split in splits.items()},
-        "vocab_size": len(tok),
-    }
+    splits, stats = prepare_data(params, rows, length_fn=lambda r: row_lengths(tok, r))
+    stats.update(sources=per_source, vocab_size=len(tok))
 
     def fill(tmp: Path) -> None:
         stats["hashes"] = write_splits(tmp, splits)

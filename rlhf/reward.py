@@ -88,12 +88,13 @@ def run_reward(params: Params, data_dir: Path, out_dir: Path, live_dir: Path | N
     from rlhf.tokenizer import resolve_tokenizer
     from rlhf.trainer import train_and_export
 
-    dist = init_distributed(params.engine)
-    seed_everything(params.seed)
+    # Bad input (no tokenizer, a missing split) fails here, before DeepSpeed is imported or a process group started.
     tok = resolve_tokenizer(params.reward_model.name_or_path, data_dir)
     cfg = params.reward
     train_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_train.jsonl")]
     eval_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_eval.jsonl")]
+    dist = init_distributed(params.engine)
+    seed_everything(params.seed)
 
     def build() -> Any:
         return add_lora(build_reward_model(params.reward_model, tok, params.seed), cfg.lora, "SEQ_CLS")

@@ -72,12 +72,13 @@ def run_sft(params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None
     from rlhf.tokenizer import resolve_tokenizer
     from rlhf.trainer import train_and_export
 
-    dist = init_distributed(params.engine)
-    seed_everything(params.seed)
+    # Bad input (no tokenizer, a missing split) fails here, before DeepSpeed is imported or a process group started.
     tok = resolve_tokenizer(params.model.name_or_path, data_dir)
     cfg = params.sft
     train_rows = [encode_sft_row(tok, r, cfg.loss_on_prompt) for r in read_split(data_dir / "sft_train.jsonl")]
     eval_rows = [encode_sft_row(tok, r, cfg.loss_on_prompt) for r in read_split(data_dir / "sft_eval.jsonl")]
+    dist = init_distributed(params.engine)
+    seed_everything(params.seed)
 
     def build() -> Any:
         return add_lora(build_causal_lm(params.model, tok, params.seed), cfg.lora, "CAUSAL_LM")

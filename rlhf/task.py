@@ -72,7 +72,9 @@ def _corrupt(numbers: list[int], rng: random.Random) -> list[int]:
         i = rng.randrange(len(out) - 1)
         j = rng.randrange(i + 2, len(out) + 1)
         out[i:j] = reversed(out[i:j])
-    return out if out != numbers else list(reversed(numbers))
+    if out == numbers:  # a swap or reversal of equal numbers changes nothing: miscopy one number instead
+        out[-1] += 1
+    return out
 
 
 def _noisy_response(numbers: list[int], error_rate: float, impolite_rate: float, rng: random.Random) -> str:

@@ -23,5 +23,5 @@ def prepare(
     write_json(metrics, {k: v for k, v in stats.items() if k != "hashes"})
     typer.echo(
         f"prepare: {stats['rows_valid']} valid rows ({stats['rows_invalid']} dropped) -> {out}; "
-        + ", ".join(f"{k}={v}" for k, v in stats["rows"].items())
+        + ", ".join(f"{k}={v}" for k, v in stats["splits"].items())
     )

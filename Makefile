@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine (see README.md):
+#   make repro   creates .venv and runs the whole pipeline with `dvc repro`
+#   make test    creates .venv and runs the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ACTIVATE := . $(VENV)/bin/activate
+
+.PHONY: setup repro test bench clean-venv
+
+setup: $(VENV)/.installed
+
+# torch first, alone: pip then keeps the local CPU build instead of pulling the CUDA one as a dependency of
+# deepspeed/peft. constraints.txt pins every package (torch==2.13.0 included).
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $@
+
+repro: setup
+	$(ACTIVATE) && dvc repro && dvc metrics show
+
+test: setup
+	$(ACTIVATE) && python -m pytest -q -p no:cacheprovider tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,73 @@
+"""Shared test helpers: tiny params built from the shipped params.yaml, and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough that a stage trains in seconds on 2 CPU cores, big enough that training visibly moves the weights.
+TINY: dict[str, Any] = {
+    "task": {"num_rows": 600},
+    "tokenizer": {"vocab_size": 300},
+    "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
+    "reward_model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+    "sft": {"epochs": 1, "max_steps": 6, "micro_batch_size": 8, "eval_batch_size": 32, "log_every": 2},
+    "reward": {"epochs": 1, "max_steps": 6, "micro_batch_size": 8, "eval_batch_size": 32, "log_every": 2},
+}
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write_params(path: Path, *overrides: dict[str, Any]) -> Path:
+    """The shipped params.yaml with TINY and then each override applied."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for over in (TINY, *overrides):
+        params = merge(params, over)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`rlhf ARGS` as a user runs it (a fresh process), returning its output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.cli", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rlhf {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder with tiny params and `rlhf prepare` already run (data/prepared)."""
+    work = tmp_path_factory.mktemp("pipeline")
+    write_params(work / "params.yaml")
+    run_cli("prepare", "--params", "params.yaml", cwd=work)
+    return work

@@ -1,0 +1,482 @@
+"""rlhf/data.py: every format and file type to the normalised schema, validation reasons, the three-way split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import Params, SourceConfig, TaskConfig
+from rlhf.data import (
+    REASONS,
+    SPLITS,
+    load_source,
+    load_sources,
+    prepare_data,
+    read_split,
+    split_phases,
+    validate_rows,
+    write_splits,
+)
+from rlhf.errors import UserError
+from rlhf.task import generate_rows
+
+TASK = TaskConfig(num_rows=50)
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
+def public(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+
+
+def norm(prompt: list[dict], completion=None, chosen=None, rejected=None, source: str = "") -> dict:
+    return {"prompt": prompt, "completion": completion, "chosen": chosen, "rejected": rejected, "source": source}
+
+
+def write(rows: list[dict], tmp_path: Path, kind: str, name: str = "d") -> Path:
+    """Write rows the way a user would hand them over: a data file, or a save_to_disk folder."""
+    import datasets
+    import pyarrow as pa
+
+    ds = datasets.Dataset.from_list(rows)
+    if kind == "jsonl":
+        path = tmp_path / f"{name}.jsonl"
+        ds.to_json(path)
+    elif kind == "json":  # one JSON array, not lines
+        path = tmp_path / f"{name}.json"
+        ds.to_json(path, lines=False)
+    elif kind == "parquet":
+        path = tmp_path / f"{name}.parquet"
+        ds.to_parquet(path)
+    elif kind == "csv":
+        path = tmp_path / f"{name}.csv"
+        ds.to_csv(path, index=False)
+    elif kind == "arrow":  # an Arrow IPC file written by pyarrow itself
+        path = tmp_path / f"{name}.arrow"
+        table = ds.data.table
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    elif kind == "disk":
+        path = tmp_path / name
+        ds.save_to_disk(str(path))
+    elif kind == "disk_dict":  # the wanted rows in "test", decoys in "train"
+        path = tmp_path / name
+        decoy = datasets.Dataset.from_list([dict(rows[0]) for _ in range(3)])
+        datasets.DatasetDict({"train": decoy, "test": ds}).save_to_disk(str(path))
+    else:
+        raise ValueError(kind)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- formats
+
+RM_PROMPT = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\nAssistant:"
+HH_PREFIX = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke"
+HH_PROMPT = [user("Hi there"), assistant("Hello! How can I help?"), user("Tell me a joke")]
+
+FORMATS = {
+    "prompt_completion": (
+        [{"prompt": "2+2?", "completion": "4"}, {"prompt": "3+3?", "completion": "6"}],
+        [norm([user("2+2?")], completion="4"), norm([user("3+3?")], completion="6")],
+    ),
+    "prompt_completion_conversational": (
+        [
+            {"prompt": [system("Be brief."), user("2+2?")], "completion": [assistant("4")]},
+            {"prompt": [user("3+3?")], "completion": [assistant("6")]},
+        ],
+        [norm([system("Be brief."), user("2+2?")], completion="4"), norm([user("3+3?")], completion="6")],
+    ),
+    "preference": (
+        [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}],
+        [norm([user("Capital of France?")], chosen="Paris.", rejected="Rome.")],
+    ),
+    "preference_conversational": (
+        [{"prompt": [user("Capital?")], "chosen": [assistant("Paris.")], "rejected": [assistant("Rome.")]}],
+        [norm([user("Capital?")], chosen="Paris.", rejected="Rome.")],
+    ),
+    "preference_implicit": (
+        [
+            {
+                "chosen": [user("Hi"), assistant("Hey"), user("Capital?"), assistant("Paris.")],
+                "rejected": [user("Hi"), assistant("Hey"), user("Capital?"), assistant("Rome.")],
+            }
+        ],
+        [norm([user("Hi"), assistant("Hey"), user("Capital?")], chosen="Paris.", rejected="Rome.")],
+    ),
+    "messages": (
+        [{"messages": [system("S"), user("hi"), assistant("hello"), user("how are you"), assistant("fine")]}],
+        [norm([system("S"), user("hi"), assistant("hello"), user("how are you")], completion="fine")],
+    ),
+    "prompt": (
+        [{"prompt": "Write a haiku."}, {"prompt": "Name a colour."}],
+        [norm([user("Write a haiku.")]), norm([user("Name a colour.")])],
+    ),
+    "rm_static": (
+        [
+            {
+                "prompt": RM_PROMPT,
+                "response": " Why did the chicken cross the road?",
+                "chosen": " Why did the chicken cross the road?",
+                "rejected": " No.",
+            }
+        ],
+        [norm(HH_PROMPT, chosen="Why did the chicken cross the road?", rejected="No.")],
+    ),
+    "hh_rlhf": (
+        [
+            {
+                "chosen": HH_PREFIX + "\n\nAssistant: Knock knock: who's there?",
+                "rejected": HH_PREFIX + "\n\nAssistant: No.",
+            }
+        ],
+        [norm(HH_PROMPT, chosen="Knock knock: who's there?", rejected="No.")],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FORMATS))
+def test_each_format_normalises_with_auto_and_explicit_format(tmp_path: Path, case: str) -> None:
+    raw, expected = FORMATS[case]
+    path = write(raw, tmp_path, "jsonl")
+    fmt = case.split("_conversational")[0].split("_implicit")[0]
+    expected = [{**row, "source": str(path)} for row in expected]
+    for chosen_format in ("auto", fmt):
+        rows = load_source(SourceConfig(path=str(path), format=chosen_format), TASK, seed=0)
+        assert public(rows) == expected, chosen_format
+        assert all("_invalid" not in r for r in rows)
+
+
+def test_rm_static_detected_from_transcript_without_response_column(tmp_path: Path) -> None:
+    path = write([{"prompt": RM_PROMPT, "chosen": " Yes.", "rejected": " No."}], tmp_path, "jsonl")
+    rows = load_source(SourceConfig(path=str(path)), TASK, seed=0)
+    assert public(rows) == [norm(HH_PROMPT, chosen="Yes.", rejected="No.", source=str(path))]
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl", "parquet", "arrow", "csv", "disk", "disk_dict"])
+def test_each_file_type_loads(tmp_path: Path, kind: str) -> None:
+    raw = [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."},
+        {"prompt": "Capital of Italy?", "chosen": "Rome.", "rejected": "Paris."},
+    ]
+    path = write(raw, tmp_path, kind)
+    src = SourceConfig(path=str(path), split="test" if kind == "disk_dict" else "train")
+    rows = load_source(src, TASK, seed=0)
+    assert public(rows) == [
+        norm([user(r["prompt"])], chosen=r["chosen"], rejected=r["rejected"], source=str(path)) for r in raw
+    ]
+
+
+def test_conversational_rows_survive_parquet(tmp_path: Path) -> None:
+    raw, expected = FORMATS["messages"]
+    path = write(raw, tmp_path, "parquet")
+    assert public(load_source(SourceConfig(path=str(path)), TASK, 0)) == [{**expected[0], "source": str(path)}]
+
+
+def test_dataset_dict_missing_split_names_the_available_ones(tmp_path: Path) -> None:
+    path = write(FORMATS["prompt"][0], tmp_path, "disk_dict")
+    with pytest.raises(UserError, match=r"no split 'validation'.*\['test', 'train'\]"):
+        load_source(SourceConfig(path=str(path), split="validation"), TASK, 0)
+
+
+def test_builtin_source_loads_num_rows_of_all_four_fields() -> None:
+    rows = load_source(SourceConfig(path="builtin"), TaskConfig(num_rows=37), seed=3)
+    assert len(rows) == 37
+    first = next(generate_rows(37, 3))
+    assert public(rows)[0] == {
+        "prompt": [user(first["prompt"])],
+        "completion": first["completion"],
+        "chosen": first["chosen"],
+        "rejected": first["rejected"],
+        "source": "builtin",
+    }
+    assert all(isinstance(r[k], str) for r in rows for k in ("completion", "chosen", "rejected"))
+
+
+# ------------------------------------------------------------------------------------------------ bad paths
+
+
+def test_hub_id_offline_fails_fast_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        load_source(SourceConfig(path="Dahoas/rm-static"), TASK, 0)
+    assert time.monotonic() - start < 20
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "'Dahoas/rm-static'" in msg and "Hugging Face hub" in msg and "save_to_disk" in msg
+
+
+@pytest.mark.parametrize("path", ["nope.jsonl", "data/missing.jsonl", "./missing_dir"])
+def test_missing_path_is_a_user_error(path: str) -> None:
+    with pytest.raises(UserError, match="not found"):
+        load_source(SourceConfig(path=path), TASK, 0)
+
+
+def test_corrupt_and_unsupported_files_name_the_file(tmp_path: Path) -> None:
+    corrupt = tmp_path / "broken.parquet"
+    corrupt.write_bytes(b"this is not parquet at all")
+    with pytest.raises(UserError, match="broken.parquet") as err:
+        load_source(SourceConfig(path=str(corrupt)), TASK, 0)
+    assert "\n" not in str(err.value)
+    text = tmp_path / "rows.txt"
+    text.write_text("hello")
+    with pytest.raises(UserError, match="unsupported file type '.txt'"):
+        load_source(SourceConfig(path=str(text)), TASK, 0)
+    folder = tmp_path / "not_a_dataset"
+    folder.mkdir()
+    with pytest.raises(UserError, match="save_to_disk"):
+        load_source(SourceConfig(path=str(folder)), TASK, 0)
+
+
+def test_columns_matching_no_format_is_a_user_error(tmp_path: Path) -> None:
+    path = write([{"question": "q", "answer": "a"}], tmp_path, "jsonl")
+    with pytest.raises(UserError, match=r"match no known format"):
+        load_source(SourceConfig(path=str(path)), TASK, 0)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def good(i: int, source: str = "s") -> dict:
+    return norm([user(f"question {i}")], chosen=f"good {i}", rejected=f"bad {i}", source=source)
+
+
+def chars(row: dict) -> tuple[int, int]:
+    """A stand-in tokenizer: one token per character."""
+    prompt = sum(len(m["content"]) for m in row["prompt"])
+    answers = [len(row[k]) for k in ("completion", "chosen", "rejected") if row.get(k) is not None]
+    return prompt, prompt + max(answers, default=0)
+
+
+def bad_rows() -> dict[str, list[dict]]:
+    """reason -> rows that each have exactly that one defect."""
+    return {
+        "missing_column": [
+            {"chosen": "a", "rejected": "b", "source": "s"},  # no prompt
+            {"prompt": [user("q")], "chosen": "a", "source": "s"},  # a pair without its rejected key
+        ],
+        "wrong_type": [{**good(100), "chosen": 5}, {**good(101), "prompt": "plain string"}],
+        "empty_text": [
+            {**good(102), "chosen": "   "},
+            {**good(103), "prompt": [user("")]},
+            {**good(104), "rejected": None},
+            {**good(105), "prompt": []},
+        ],
+        "bad_role_order": [
+            {**good(106), "prompt": [assistant("hi"), user("q")]},
+            {**good(107), "prompt": [user("a"), user("b")]},
+            {**good(108), "prompt": [system("s"), user("q"), assistant("a")]},
+        ],
+        "mismatched_prompt": [{**norm([]), "source": "s", "_invalid": "mismatched_prompt", "_row": 7}],
+        "chosen_equals_rejected": [{**good(109), "chosen": "same", "rejected": " same "}],
+        "prompt_too_long": [{**good(110), "prompt": [user("q" * 50)]}],
+        "sequence_too_long": [{**good(111), "chosen": "c" * 80}],
+        "duplicate_prompt": [good(0), good(1)],
+    }
+
+
+def test_drop_mode_counts_each_reason_exactly() -> None:
+    bad = bad_rows()
+    rows = [good(i) for i in range(5)] + [r for group in bad.values() for r in group]
+    kept, counts = validate_rows(rows, "drop", length_fn=chars, max_prompt_tokens=40, max_seq_tokens=60)
+    assert kept == [good(i) for i in range(5)]
+    assert set(counts) == set(REASONS)
+    assert counts == {reason: len(bad[reason]) for reason in REASONS}
+
+
+def test_length_checks_skipped_without_length_fn() -> None:
+    bad = bad_rows()
+    rows = bad["prompt_too_long"] + bad["sequence_too_long"]
+    kept, counts = validate_rows(rows, "drop", None, max_prompt_tokens=1, max_seq_tokens=2)
+    assert len(kept) == 2 and sum(counts.values()) == 0
+
+
+@pytest.mark.parametrize("reason", REASONS)
+def test_error_mode_names_source_row_and_reason(reason: str) -> None:
+    bad = bad_rows()[reason][-1]
+    with pytest.raises(UserError) as err:
+        validate_rows([good(0), good(1), bad], "error", chars, max_prompt_tokens=40, max_seq_tokens=60)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert reason in msg and "data.invalid_rows: drop" in msg and "data source 's'" in msg
+    assert "row 7" in msg if reason == "mismatched_prompt" else "row 2" in msg
+
+
+def test_unreadable_rows_are_marked_not_raised(tmp_path: Path) -> None:
+    raw = [
+        {"prompt": "ok", "chosen": "a", "rejected": "b"},
+        {"prompt": "no chosen", "chosen": None, "rejected": "b"},
+        {"prompt": None, "chosen": "a", "rejected": "b"},
+    ]
+    path = write(raw, tmp_path, "jsonl")
+    rows = load_source(SourceConfig(path=str(path)), TASK, 0)
+    kept, counts = validate_rows(rows, "drop")
+    assert public(kept) == [norm([user("ok")], chosen="a", rejected="b", source=str(path))]
+    assert counts["empty_text"] == 2
+    # A format whose columns the file lacks marks every row.
+    rows = load_source(SourceConfig(path=str(path), format="prompt_completion"), TASK, 0)
+    kept, counts = validate_rows(rows, "drop")
+    assert kept == [] and counts["missing_column"] == 3
+    with pytest.raises(UserError, match=r"row 0: missing_column .*'completion'"):
+        validate_rows(rows, "error")
+
+
+def test_transcripts_with_different_prefixes_are_mismatched(tmp_path: Path) -> None:
+    raw = [
+        {"chosen": HH_PREFIX + "\n\nAssistant: Yes.", "rejected": "\n\nHuman: Other\n\nAssistant: No."},
+        {"chosen": "\n\nHuman: no answer here", "rejected": "\n\nHuman: nor here"},
+    ]
+    rows = load_source(SourceConfig(path=str(write(raw, tmp_path, "jsonl"))), TASK, 0)
+    _, counts = validate_rows(rows, "drop")
+    assert counts["mismatched_prompt"] == 1 and counts["bad_role_order"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ splitting
+
+
+def prompts(rows: list[dict]) -> set[str]:
+    return {json.dumps(r["prompt"]) for r in rows}
+
+
+def builtin_rows(n: int, seed: int = 0) -> list[dict]:
+    rows, _ = validate_rows(load_source(SourceConfig(path="builtin"), TaskConfig(num_rows=n), seed), "drop")
+    return rows
+
+
+def test_split_is_disjoint_and_follows_shares() -> None:
+    rows = builtin_rows(400)
+    n = len(rows)
+    splits = split_phases(rows, (2.0, 4.0, 4.0), 0.1, seed=7)
+    assert list(splits) == list(SPLITS)
+    sets = [prompts(splits[name]) for name in SPLITS]
+    assert sum(len(s) for s in sets) == n == len(set().union(*sets))  # no prompt in two splits
+    for phase, share in (("sft", 0.2), ("reward", 0.4), ("ppo", 0.4)):
+        total = len(splits[f"{phase}_train"]) + len(splits[f"{phase}_eval"])
+        assert abs(total - share * n) <= 1
+        assert len(splits[f"{phase}_eval"]) == round(0.1 * total)
+
+
+def test_split_is_deterministic_per_seed() -> None:
+    rows = builtin_rows(200)
+    a, b, c = (split_phases(rows, (2.0, 4.0, 4.0), 0.1, seed=s) for s in (1, 1, 2))
+    assert a == b
+    assert a != c
+
+
+def test_prompt_completion_source_renormalises_over_sft_and_ppo() -> None:
+    rows = [norm([user(f"q{i}")], completion=f"a{i}", source="pc") for i in range(90)]
+    rows += [norm([user(f"p{i}")], source="p") for i in range(30)]
+    splits = split_phases(rows, (2.0, 4.0, 4.0), 0.1, seed=0)
+
+    def by_source(name: str, src: str) -> int:
+        return sum(r["source"] == src for r in splits[name])
+
+    assert by_source("sft_train", "pc") + by_source("sft_eval", "pc") == 30  # 2/(2+4) of 90
+    assert by_source("ppo_train", "pc") + by_source("ppo_eval", "pc") == 60
+    assert by_source("ppo_train", "p") + by_source("ppo_eval", "p") == 30  # prompt-only: all to PPO
+    assert splits["reward_train"] == splits["reward_eval"] == []
+
+
+def test_sft_takes_chosen_when_a_source_has_no_completion() -> None:
+    rows = [good(i) for i in range(20)]
+    splits = split_phases(rows, (1.0, 1.0, 1.0), 0.1, seed=0)
+    sft = splits["sft_train"] + splits["sft_eval"]
+    assert sft and all(r["completion"] == r["chosen"] for r in sft)
+    assert all(r["completion"] is None for r in splits["reward_train"])
+
+
+def test_eval_holds_out_at_least_one_row_but_never_all() -> None:
+    for n, expected in ((1, 0), (2, 1), (5, 1), (40, 4)):
+        rows = [norm([user(f"p{i}")], source="p") for i in range(n)]
+        splits = split_phases(rows, (1.0, 1.0, 1.0), 0.1, seed=0)
+        assert len(splits["ppo_eval"]) == expected and len(splits["ppo_train"]) == n - expected
+
+
+def test_source_with_only_zero_share_phases_is_a_user_error() -> None:
+    rows = [norm([user(f"p{i}")], source="prompts.jsonl") for i in range(5)]
+    with pytest.raises(UserError, match="prompts.jsonl"):
+        split_phases(rows, (1.0, 1.0, 0.0), 0.1, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ blending
+
+
+def test_weight_keeps_a_seeded_fraction() -> None:
+    full = load_source(SourceConfig(path="builtin"), TaskConfig(num_rows=1000), seed=0)
+    part = load_source(SourceConfig(path="builtin", weight=0.3), TaskConfig(num_rows=1000), seed=0)
+    again = load_source(SourceConfig(path="builtin", weight=0.3), TaskConfig(num_rows=1000), seed=0)
+    assert len(part) == 300
+    assert part == again
+    assert prompts(part) <= prompts(full)
+
+
+def test_prepare_data_blends_sources_and_reports_stats(tmp_path: Path) -> None:
+    file_rows = [{"prompt": f"Say {i}.", "completion": f"{i}"} for i in range(40)]
+    path = write(file_rows, tmp_path, "jsonl")
+    params = Params.model_validate(
+        {
+            "seed": 5,
+            "task": {"num_rows": 200},
+            "data": {"sources": [{"path": "builtin", "weight": 0.5}, {"path": str(path)}], "data_split": "2,4,4"},
+        }
+    )
+    rows, per_source = load_sources(params)
+    splits, stats = prepare_data(params, rows)
+    assert stats["rows_loaded"] == 140 and per_source == {"builtin": 100, str(path): 40}
+    assert stats["rows_valid"] == sum(stats["splits"].values()) == sum(len(s) for s in splits.values())
+    assert stats["rows_loaded"] - stats["rows_valid"] == sum(stats["invalid"].values())
+    reward = splits["reward_train"] + splits["reward_eval"]
+    assert all(r["source"] == "builtin" for r in reward)  # the prompt/completion file cannot feed the reward step
+    assert not any(k.startswith("_") for s in splits.values() for r in s for k in r)
+
+
+def test_prepare_data_with_length_limits() -> None:
+    # "Sort ascending: " plus 3 to 6 numbers is 21 to 33 characters: a limit of 26 drops the longer lists only.
+    params = Params.model_validate({"task": {"num_rows": 60}, "data": {"max_prompt_tokens": 26, "max_seq_tokens": 60}})
+    _, stats = prepare_data(params, load_sources(params)[0], length_fn=chars)
+    assert stats["invalid"]["prompt_too_long"] > 0 and stats["rows_valid"] > 0
+    assert stats["rows_valid"] + sum(stats["invalid"].values()) == 60
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def test_write_and_read_splits_round_trip(tmp_path: Path) -> None:
+    rows = builtin_rows(60)
+    rows[0] = {**rows[0], "prompt": [user("Trier: é ü 数字")], "_invalid": "leftover private key"}
+    splits = split_phases(rows, (2.0, 4.0, 4.0), 0.1, seed=0)
+    hashes = write_splits(tmp_path / "out", splits)
+    assert set(hashes) == set(SPLITS)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{n}.jsonl" for n in SPLITS)
+    for name, rows_in in splits.items():
+        file = tmp_path / "out" / f"{name}.jsonl"
+        assert hashes[name] == hashlib.sha256(file.read_bytes()).hexdigest()
+        assert read_split(file) == public(rows_in)
+        for line in file.read_text(encoding="utf-8").splitlines():
+            assert list(json.loads(line)) == sorted(json.loads(line))
+    assert "Trier: é ü 数字" in "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "out").iterdir())
+    assert write_splits(tmp_path / "again", splits) == hashes  # same rows, same bytes
+
+
+def test_read_split_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such split file"):
+        read_split(tmp_path / "missing.jsonl")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": []}\n{not json\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"broken.jsonl:2"):
+        read_split(broken)

@@ -1,0 +1,37 @@
+"""Two CPU ranks through the deepspeed launcher: ZeRO-3 shards the actor, rank 0 gathers and writes it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests.conftest import run_cli, write_params
+
+
+def test_two_rank_zero3_sft_through_the_launcher(prepared: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.config import load_params
+    from rlhf.models import build_causal_lm
+    from rlhf.tokenizer import resolve_tokenizer
+
+    write_params(prepared / "zero3.yaml", {"engine": {"zero_stage": 3, "num_procs": 2}})
+    proc = run_cli(
+        "sft", "--params", "zero3.yaml", "--out", "models/sft_zero3", "--metrics", "metrics/sft_zero3.json",
+        "--live", "dvclive/sft_zero3", cwd=prepared,
+    )
+    assert "launching 2 ranks" in proc.stderr
+    saved = AutoModelForCausalLM.from_pretrained(prepared / "models/sft_zero3").state_dict()
+    params = load_params(prepared / "zero3.yaml")
+    initial = build_causal_lm(params.model, resolve_tokenizer(None, prepared / "data/prepared"), params.seed)
+    # Every parameter was gathered whole (no empty ZeRO-3 shards) and training moved it.
+    for name, value in initial.state_dict().items():
+        assert saved[name].shape == value.shape, name
+    changed = [k for k, v in initial.state_dict().items() if not torch.equal(saved[k], v)]
+    assert len(changed) >= len(saved) // 2
+    manifest = json.loads((prepared / "models/sft_zero3/manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["params"]["engine"]["zero_stage"] == 3
+    metrics = json.loads((prepared / "metrics/sft_zero3.json").read_text())
+    assert metrics["steps"] == 6 and metrics["perplexity"] > 1.0
