@@ -173,6 +173,52 @@ class RewardConfig(TrainConfig):
     pass
 
 
+class PPOConfig(_Group):
+    """Step 3. Every constant of the algorithm is here; none is hidden in the trainer (DeepSpeed-Chat hard-codes
+    kl_ctl, clip ranges, gamma and lambda in ppo_trainer.py)."""
+
+    iterations: int = Field(60, gt=0)  # PPO iterations; each generates `rollout_batch_size` answers per rank
+    rollout_batch_size: int = Field(32, gt=0)  # prompts per rank per iteration
+    generation_batches: int = Field(1, gt=0)  # rollouts gathered before the PPO epochs (DeepSpeed-Chat's flag)
+    ppo_epochs: int = Field(1, gt=0)  # passes over the gathered experience
+    micro_batch_size: int = Field(16, gt=0)  # experiences per rank per training forward
+    actor_learning_rate: float = Field(1e-4, gt=0)
+    critic_learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
+    adam_beta1: float = Field(0.9, gt=0, lt=1)
+    adam_beta2: float = Field(0.95, gt=0, lt=1)
+    kl_coef: float = Field(0.1, ge=0)  # weight of the per-token KL to the reference in the reward
+    kl_target: float | None = Field(None, gt=0)  # set: adaptive KL (Ziegler et al. 2019) towards this KL/sequence
+    kl_horizon: int = Field(10000, gt=0)  # adaptive KL: samples over which the coefficient adapts
+    reward_clip: float = Field(5.0, ge=0)  # reward-model score clipped to [-c, c]; 0 = no clipping
+    clip_range: float = Field(0.2, gt=0)  # PPO policy ratio clip
+    value_clip_range: float = Field(0.2, ge=0)  # value clip around the old values; 0 = no clipping
+    gamma: float = Field(1.0, ge=0, le=1)  # discount
+    lam: float = Field(0.95, ge=0, le=1)  # GAE lambda
+    whiten_advantages: bool = True
+    temperature: float = Field(1.0, gt=0)  # sampling temperature of rollouts
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling of rollouts
+    max_answer_tokens: int = Field(32, gt=0)  # longest generated answer; prompts are capped by data.max_prompt_tokens
+    ema_beta: float = Field(0.992, ge=0, lt=1)  # EMA of the actor (0 = no EMA output)
+    ptx_coef: float = Field(0.0, ge=0)  # InstructGPT's pretraining-loss mix, on the SFT demonstrations
+    eval_prompts: int = Field(256, ge=0)  # held-out prompts scored by the reward model before and after PPO
+    log_every: int = Field(1, gt=0)  # iterations between logged points
+    actor_lora: LoraConfig = Field(default_factory=LoraConfig)
+    critic_lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _batches(self) -> PPOConfig:
+        rollout = self.rollout_batch_size * self.generation_batches
+        if rollout % self.micro_batch_size:
+            raise ValueError(
+                f"ppo.rollout_batch_size x ppo.generation_batches ({rollout}) is not divisible by "
+                f"ppo.micro_batch_size ({self.micro_batch_size}): make micro_batch_size a divisor"
+            )
+        return self
+
+
 class Params(_Group):
     seed: int = 1234
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -185,6 +231,7 @@ class Params(_Group):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> Params:

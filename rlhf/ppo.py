@@ -1,0 +1,472 @@
+"""Step 3: PPO against the reward model (InstructGPT section 3.5; DeepSpeed-Chat step 3), on our hybrid engine.
+
+Public API, in DeepSpeed-Chat's shape:
+
+    engine = RLHFEngine(params, dist, tok, sft_path, reward_path)   # actor, ref, critic, reward (+ EMA)
+    trainer = PPOTrainer(engine, params.ppo)
+    exp = trainer.generate_experience(prompt_batch)                   # -> Experience
+    actor_loss, critic_loss = trainer.train_rlhf(exp)
+    trainer.train_unsupervised(ptx_batch)                             # optional ptx mix
+
+Subclass PPOTrainer and override the small documented methods (`reward_scores`, `shaped_rewards`,
+`advantages`) to change the reward or the estimator; see README.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import EngineConfig, LoraConfig, Params, PPOConfig, TrainConfig
+from rlhf.engine import Dist
+from rlhf.errors import UserError
+
+
+@dataclass
+class Experience:
+    """One rollout batch. B = rollouts, T = P + R (left-padded prompt of P tokens, answer of R tokens)."""
+
+    sequences: Any  # (B, T) prompt + answer token ids, pad_token_id in the padding
+    attention_mask: Any  # (B, T) 1 on real tokens
+    action_mask: Any  # (B, R) 1 on answer tokens up to and including eos, 0 after
+    logprobs: Any  # (B, R) log pi_old(a_t | s_t) of the actor that generated the answer
+    ref_logprobs: Any  # (B, R) log pi_ref(a_t | s_t) of the frozen SFT model
+    values: Any  # (B, R) V_old(s_t) of the critic
+    scores: Any  # (B,) reward-model score at the last real token
+    rewards: Any  # (B, R) KL-shaped per-token rewards (score added at the last answer token)
+    advantages: Any  # (B, R) GAE advantages (whitened if ppo.whiten_advantages)
+    returns: Any  # (B, R) advantages + values: the critic's targets
+    kl: Any  # (B, R) per-token log pi_old - log pi_ref
+
+    def slice(self, start: int, stop: int) -> Experience:
+        return Experience(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
+
+    @staticmethod
+    def cat(parts: list[Experience]) -> Experience:
+        """Concatenate rollouts along B, right-padding (B, R) tensors to the longest R (masked out)."""
+        import torch
+
+        def pad(ts: list[Any], value: float) -> Any:
+            width = max(t.shape[1] for t in ts)
+            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in ts])
+
+        out = {}
+        for f in fields(Experience):
+            ts = [getattr(p, f.name) for p in parts]
+            out[f.name] = torch.cat(ts) if ts[0].dim() == 1 else pad(ts, 0)
+        return Experience(**out)
+
+
+def position_ids(attention_mask: Any) -> Any:
+    """(B, T) positions that start at 0 on the first real token, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_values(module: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """(B, T) per-token values of a sequence classifier (the critic): its score head on every hidden state."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    body = getattr(base, base.base_model_prefix)
+    hidden = body(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+    ).last_hidden_state
+    return base.score(hidden).squeeze(-1).float()
+
+
+def check_compatible(actor_tok: Any, reward_tok: Any, actor_cfg: Any, reward_cfg: Any) -> None:
+    """The compatibility gate: PPO feeds the actor's tokens to the reward model and critic unchanged, so their
+    tokenizers must agree exactly. Raises one UserError naming what differs and how to fix it."""
+    checks = [
+        ("vocabulary", actor_tok.get_vocab() == reward_tok.get_vocab(), f"{len(actor_tok)} vs {len(reward_tok)} tokens"),
+        ("eos token", actor_tok.eos_token_id == reward_tok.eos_token_id, f"{actor_tok.eos_token!r} vs {reward_tok.eos_token!r}"),
+        ("pad token", actor_tok.pad_token_id == reward_tok.pad_token_id, f"{actor_tok.pad_token!r} vs {reward_tok.pad_token!r}"),
+        ("bos token", actor_tok.bos_token_id == reward_tok.bos_token_id, f"{actor_tok.bos_token!r} vs {reward_tok.bos_token!r}"),
+        ("chat template", actor_tok.chat_template == reward_tok.chat_template, "templates differ"),
+        ("embedding size", reward_cfg.vocab_size >= len(actor_tok), f"reward model has {reward_cfg.vocab_size} rows"),
+    ]
+    for what, ok, detail in checks:
+        if not ok:
+            raise UserError(
+                f"the actor's and reward model's tokenizers differ in {what} ({detail}): train the reward model "
+                "from the same tokenizer as the actor (same model family, or the same data/prepared/tokenizer)"
+            )
+
+
+def _train_cfg(ppo: PPOConfig, lr: float) -> TrainConfig:
+    return TrainConfig(
+        micro_batch_size=ppo.micro_batch_size,
+        learning_rate=lr,
+        weight_decay=ppo.weight_decay,
+        warmup_ratio=ppo.warmup_ratio,
+        lr_schedule=ppo.lr_schedule,
+        adam_beta1=ppo.adam_beta1,
+        adam_beta2=ppo.adam_beta2,
+    )
+
+
+def _frozen_engine(model: Any, engine: EngineConfig, micro_batch_size: int) -> Any:
+    """A DeepSpeed inference engine for a frozen model: sharded under ZeRO-3 like the trained ones, else whole."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "zero_optimization": {"stage": 3 if engine.zero_stage == 3 else 0, "stage3_param_persistence_threshold": 1e4},
+        "bf16": {"enabled": engine.dtype == "bf16"},
+        "fp16": {"enabled": engine.dtype == "fp16"},
+        "steps_per_print": 10**9,
+    }
+    ds_engine, *_ = deepspeed.initialize(model=model, config=config)
+    ds_engine.eval()
+    return ds_engine
+
+
+class RLHFEngine:
+    """Builds and owns the four models of step 3 (and the actor's EMA), each a DeepSpeed engine.
+
+    actor: from the SFT output, trained, behind the hybrid engine; ref: frozen copy of SFT; critic: initialised
+    from the reward model, trained; reward: frozen. `build_actor()` / `build_critic()` return fresh skeletons of
+    the trained architectures (LoRA included) for exporting gathered weights.
+    """
+
+    def __init__(self, params: Params, dist: Dist, sft_path: Path, reward_path: Path):
+        from transformers import AutoConfig
+
+        from rlhf import engine as eng
+        from rlhf.hybrid import HybridEngine
+        from rlhf.models import add_lora, load_causal_lm, load_reward_model
+        from rlhf.tokenizer import load_tokenizer
+
+        self.params, self.dist = params, dist
+        ppo = params.ppo
+        self.tok = load_tokenizer(sft_path)
+        reward_tok = load_tokenizer(reward_path)
+        check_compatible(self.tok, reward_tok, AutoConfig.from_pretrained(sft_path), AutoConfig.from_pretrained(reward_path))
+        self.tok.padding_side = "left"  # prompts are left-padded for batched generation
+
+        self.build_actor: Callable[[], Any] = lambda: add_lora(load_causal_lm(sft_path), ppo.actor_lora, "CAUSAL_LM")
+        self.build_critic: Callable[[], Any] = lambda: add_lora(load_reward_model(reward_path), ppo.critic_lora, "SEQ_CLS")
+        steps = ppo.iterations * ppo.ppo_epochs * ppo.generation_batches * ppo.rollout_batch_size // ppo.micro_batch_size
+        actor = self.build_actor()
+        self.actor = HybridEngine(
+            eng.initialize(actor, params.engine, _train_cfg(ppo, ppo.actor_learning_rate), steps),
+            params.engine.zero_stage,
+        )
+        self.critic = eng.initialize(self.build_critic(), params.engine, _train_cfg(ppo, ppo.critic_learning_rate), steps)
+        self.ref = _frozen_engine(load_causal_lm(sft_path), params.engine, ppo.micro_batch_size)
+        self.reward = _frozen_engine(load_reward_model(reward_path), params.engine, ppo.micro_batch_size)
+        self.ema = None
+        if ppo.ema_beta > 0:
+            state = eng.full_state_dict(self.actor.module, params.engine.zero_stage, is_main=True, all_ranks=True)
+            self.ema = self.build_actor().requires_grad_(False)
+            self.ema.load_state_dict(state, strict=False)
+
+    def update_ema(self) -> None:
+        """ema = beta * ema + (1 - beta) * actor, parameter by parameter (gathered under ZeRO-3)."""
+        if self.ema is None:
+            return
+        from rlhf.engine import full_state_dict
+        from rlhf.ppo_math import ema_update
+
+        state = full_state_dict(self.actor.module, self.params.engine.zero_stage, is_main=True, all_ranks=True)
+        ema_params = dict(self.ema.named_parameters())
+        names = [n for n in ema_params if n in state]
+        ema_update([ema_params[n] for n in names], [state[n] for n in names], self.params.ppo.ema_beta)
+
+
+class PPOTrainer:
+    """PPO with a KL-shaped reward, GAE and clipped actor/critic losses. Override the small methods to customise."""
+
+    def __init__(self, engine: RLHFEngine, config: PPOConfig):
+        from rlhf.ppo_math import AdaptiveKLController
+
+        self.engine, self.config = engine, config
+        self.tok = engine.tok
+        self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ overridable pieces (small on purpose)
+
+    def reward_scores(self, sequences: Any, attention_mask: Any) -> Any:
+        """(B,) reward for each prompt + answer: the reward model's score at the last real token.
+        Override to add terms (say, a length penalty) or to call another scorer."""
+        out = self.engine.reward(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        )
+        return out.logits.squeeze(-1).float()
+
+    def shaped_rewards(self, logprobs: Any, ref_logprobs: Any, scores: Any, mask: Any) -> tuple[Any, Any]:
+        """(B, R) per-token rewards: -kl_coef * KL to the reference, plus the clipped score at the last token."""
+        from rlhf.ppo_math import kl_shaped_rewards
+
+        return kl_shaped_rewards(logprobs, ref_logprobs, scores, mask, self.kl_ctl.value, self.config.reward_clip)
+
+    def advantages(self, values: Any, rewards: Any, mask: Any) -> tuple[Any, Any]:
+        """(B, R) advantages and returns: GAE (Schulman et al. 2015), whitened over real tokens if configured."""
+        from rlhf.ppo_math import gae_advantages, masked_whiten
+
+        adv, ret = gae_advantages(values, rewards, mask, self.config.gamma, self.config.lam)
+        if self.config.whiten_advantages:
+            adv = masked_whiten(adv, mask) * mask
+        return adv, ret
+
+    # ------------------------------------------------------------------------------------------ the phases
+
+    def _logprobs(self, model: Any, sequences: Any, attention_mask: Any, prompt_len: int) -> Any:
+        """(B, R) log-probabilities of the answer tokens under `model`."""
+        from rlhf.ppo_math import logprobs_from_logits
+
+        logits = model(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).logits
+        return logprobs_from_logits(logits[:, prompt_len - 1 : -1], sequences[:, prompt_len:])
+
+    def generate(self, prompt_ids: Any, prompt_mask: Any) -> tuple[Any, Any, Any]:
+        """Rollout in the hybrid engine's generation mode -> (sequences (B, T), attention_mask, action_mask)."""
+        import torch
+
+        cfg = self.config
+        seq = self.engine.actor.generate(
+            prompt_ids,
+            prompt_mask,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_answer_tokens,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.tok.eos_token_id,
+        )
+        answer = seq[:, prompt_ids.shape[1] :]
+        # Real answer tokens: everything up to and including the first eos (generate pads after it).
+        is_eos = answer == self.tok.eos_token_id
+        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        action_mask = (~after_eos & (answer != self.tok.pad_token_id)).float()
+        attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
+        return seq, attention_mask, action_mask
+
+    def generate_experience(self, prompt_batch: dict[str, Any]) -> Experience:
+        """Phases 1-3 of an iteration: generate, score, advantages. prompt_batch: input_ids/attention_mask (B, P)."""
+        import torch
+
+        device = self.engine.actor.engine.device
+        prompt_ids = prompt_batch["input_ids"].to(device)
+        prompt_mask = prompt_batch["attention_mask"].to(device)
+        p = prompt_ids.shape[1]
+
+        t0 = time.perf_counter()
+        seq, mask, action_mask = self.generate(prompt_ids, prompt_mask)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            self.engine.actor.engine.eval()
+            self.engine.critic.eval()
+            logprobs = self._logprobs(self.engine.actor.engine, seq, mask, p)
+            ref_logprobs = self._logprobs(self.engine.ref, seq, mask, p)
+            values = token_values(self.engine.critic.module, seq, mask)[:, p - 1 : -1]
+            scores = self.reward_scores(seq, mask)
+            logprobs, ref_logprobs, values = logprobs * action_mask, ref_logprobs * action_mask, values * action_mask
+            rewards, kl = self.shaped_rewards(logprobs, ref_logprobs, scores, action_mask)
+            t2 = time.perf_counter()
+            advantages, returns = self.advantages(values, rewards, action_mask)
+        t3 = time.perf_counter()
+        self.timings = {"generate_s": t1 - t0, "score_s": t2 - t1, "advantages_s": t3 - t2}
+        self.generated_tokens = int(action_mask.sum().item())
+        return Experience(seq, mask, action_mask, logprobs, ref_logprobs, values, scores, rewards, advantages, returns, kl)
+
+    def train_rlhf(self, exp: Experience) -> tuple[float, float, dict[str, float]]:
+        """Phase 4 on one micro-batch: one clipped-PPO step of the actor and one of the critic.
+        Returns (actor_loss, critic_loss, stats)."""
+        from rlhf.ppo_math import policy_loss, value_loss
+
+        cfg = self.config
+        p = exp.sequences.shape[1] - exp.action_mask.shape[1]
+        actor, critic = self.engine.actor.engine, self.engine.critic
+        actor.train()
+        logprobs = self._logprobs(actor, exp.sequences, exp.attention_mask, p)
+        a_loss, a_stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.clip_range)
+        actor.backward(a_loss)
+        actor.step()
+
+        critic.train()
+        values = token_values(critic.module, exp.sequences, exp.attention_mask)[:, p - 1 : -1]
+        c_loss, c_stats = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.value_clip_range)
+        critic.backward(c_loss)
+        critic.step()
+        return a_loss.item(), c_loss.item(), {**a_stats, **c_stats}
+
+    def train_unsupervised(self, batch: dict[str, Any]) -> float:
+        """The ptx step (InstructGPT's PPO-ptx): ptx_coef x language-model loss on demonstrations, its own step."""
+        actor = self.engine.actor.engine
+        actor.train()
+        batch = {k: v.to(actor.device) for k, v in batch.items()}
+        loss = actor(**batch).loss
+        actor.backward(self.config.ptx_coef * loss)
+        actor.step()
+        return loss.item()
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def collate_prompts(width: int, pad_id: int) -> Callable[[list[list[int]]], dict[str, Any]]:
+    """Left-pad prompts to a fixed width P, so every rollout of the run has the same prompt/answer boundary."""
+    import torch
+
+    def collate(batch: list[list[int]]) -> dict[str, Any]:
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, p in enumerate(batch):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return collate
+
+
+def _cycle(loader: Any) -> Any:
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> float:
+    """Mean reward-model score of the actor's sampled answers to held-out prompts (all ranks)."""
+    from rlhf.trainer import all_reduce_sum
+
+    total = n = 0.0
+    for batch in loader:
+        exp = trainer.generate_experience(batch)
+        total += exp.scores.sum().item()
+        n += exp.scores.numel()
+    total, n = all_reduce_sum([total, n], dist)
+    return total / max(n, 1.0)
+
+
+def run_ppo(
+    params: Params, data_dir: Path, sft_path: Path, reward_path: Path, out_dir: Path, live_dir: Path | None
+) -> dict[str, float]:
+    """Train the actor and critic with PPO; write out_dir/{actor,critic,actor_ema}; return the final metrics."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from rlhf.data import read_split
+    from rlhf.engine import init_distributed, seed_everything
+    from rlhf.outputs import make_manifest
+    from rlhf.sft import collate_sft, encode_sft_row
+    from rlhf.tokenizer import encode_prompt, load_tokenizer
+    from rlhf.trainer import MetricsLogger, all_reduce_sum, export_model, make_loader
+
+    ppo = params.ppo
+    for path, what in ((sft_path, "SFT actor"), (reward_path, "reward model")):
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"{what} folder '{path}' has no config.json: run the earlier stages (dvc repro) first")
+    tok = load_tokenizer(sft_path)
+    train_prompts = [encode_prompt(tok, r["prompt"]) for r in read_split(data_dir / "ppo_train.jsonl")]
+    eval_prompts = [encode_prompt(tok, r["prompt"]) for r in read_split(data_dir / "ppo_eval.jsonl")][: ppo.eval_prompts]
+    ptx_rows = []
+    if ppo.ptx_coef > 0:
+        ptx_rows = [encode_sft_row(tok, r, False) for r in read_split(data_dir / "sft_train.jsonl")]
+
+    dist = init_distributed(params.engine)
+    seed_everything(params.seed)
+    engine = RLHFEngine(params, dist, sft_path, reward_path)
+    trainer = PPOTrainer(engine, ppo)
+    width = max(len(p) for p in train_prompts + eval_prompts)
+    collate = collate_prompts(width, tok.pad_token_id)
+    prompts = _cycle(make_loader(train_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=True))
+    eval_loader = make_loader(eval_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=False)
+    ptx = _cycle(make_loader(ptx_rows, ppo.micro_batch_size, collate_sft(tok.pad_token_id), dist, params.seed, True)) if ptx_rows else None
+
+    score_before = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else float("nan")
+    logger = MetricsLogger(live_dir, dist)
+    bar = tqdm(total=ppo.iterations, desc="ppo", disable=not (dist.is_main and _isatty()), dynamic_ncols=True)
+    t_start = time.perf_counter()
+    point: dict[str, float] = {}
+    for it in range(1, ppo.iterations + 1):
+        # 1-3: generate, score, advantages (timed inside generate_experience)
+        parts, timings, tokens = [], {"generate_s": 0.0, "score_s": 0.0, "advantages_s": 0.0}, 0
+        for _ in range(ppo.generation_batches):
+            parts.append(trainer.generate_experience(next(prompts)))
+            timings = {k: v + trainer.timings[k] for k, v in timings.items()}
+            tokens += trainer.generated_tokens
+        exp = Experience.cat(parts)
+        # 4: update
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = 0
+        for _ in range(ppo.ppo_epochs):
+            for i in range(0, exp.sequences.shape[0], ppo.micro_batch_size):
+                a_loss, c_loss, stats = trainer.train_rlhf(exp.slice(i, i + ppo.micro_batch_size))
+                for k, v in {"actor_loss": a_loss, "critic_loss": c_loss, **stats}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if ptx is not None:
+                    sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + trainer.train_unsupervised(next(ptx))
+                steps += 1
+        engine.update_ema()
+        train_s = time.perf_counter() - t0
+        # KL per sequence drives the adaptive controller (Ziegler et al. 2019)
+        seq_kl = (exp.kl * exp.action_mask).sum(-1)
+        reward_sum, kl_sum, len_sum, n, tok_sum, gen_s = all_reduce_sum(
+            [exp.scores.sum().item(), seq_kl.sum().item(), exp.action_mask.sum().item(), exp.scores.numel(),
+             float(tokens), timings["generate_s"]],
+            dist,
+        )
+        mean_kl = kl_sum / n
+        trainer.kl_ctl.update(mean_kl, int(n))
+        point = {
+            "reward": reward_sum / n,
+            "kl": mean_kl,
+            "kl_coef": trainer.kl_ctl.value,
+            "response_length": len_sum / n,
+            **{k: v / steps for k, v in sums.items()},
+            "gen_tokens_per_s": tok_sum / max(gen_s / dist.world_size, 1e-9),
+            "train_samples_per_s": n * ppo.ppo_epochs / max(train_s, 1e-9),
+            **timings,
+            "train_s": train_s,
+        }
+        if it % ppo.log_every == 0 or it == ppo.iterations:
+            logger.log(it, {f"ppo/{k}": v for k, v in point.items()})
+            if dist.is_main:
+                print(
+                    f"[ppo] iter {it}/{ppo.iterations} reward {point['reward']:.3f} kl {mean_kl:.3f} "
+                    f"len {point['response_length']:.1f} | gen {timings['generate_s']:.2f}s "
+                    f"({point['gen_tokens_per_s']:.0f} tok/s) score {timings['score_s']:.2f}s "
+                    f"train {train_s:.2f}s ({point['train_samples_per_s']:.1f} samples/s)",
+                    flush=True,
+                )
+        bar.update(1)
+    bar.close()
+    score_after = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else float("nan")
+    metrics = {
+        "rm_score_sft": score_before,
+        "rm_score_ppo": score_after,
+        "final_reward": point.get("reward", float("nan")),
+        "final_kl": point.get("kl", float("nan")),
+        "iterations": ppo.iterations,
+        "train_seconds": time.perf_counter() - t_start,
+    }
+    manifest = make_manifest(
+        "ppo",
+        {k: getattr(params, k).model_dump() for k in ("engine", "ppo", "data")},
+        {"ppo_train": data_dir / "ppo_train.jsonl", "sft_model": sft_path, "reward_model": reward_path},
+        seed=params.seed,
+        world_size=dist.world_size,
+        metrics=metrics,
+    )
+    z = params.engine.zero_stage
+    export_model(engine.actor.module, engine.build_actor, tok, out_dir / "actor", manifest, z, dist)
+    export_model(engine.critic.module, engine.build_critic, load_tokenizer(reward_path), out_dir / "critic", manifest, z, dist)
+    if engine.ema is not None:
+        export_model(engine.ema, engine.build_actor, tok, out_dir / "actor_ema", manifest, 0, dist)
+    if dist.is_main:
+        logger.close(metrics)
+    return metrics
+
+
+def _isatty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()

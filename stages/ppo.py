@@ -1,0 +1,33 @@
+"""Stage `ppo`: step 3, PPO of the SFT actor against the reward model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stages.common import PARAMS_OPTION, guarded, is_main_rank, read_params, relaunch_if_distributed
+
+
+def ppo(
+    params_path: Path = PARAMS_OPTION,
+    data: Path = typer.Option(Path("data/prepared"), help="folder written by `rlhf prepare`"),
+    sft: Path = typer.Option(Path("models/sft"), help="the SFT actor (initialises actor and reference)"),
+    reward_model: Path = typer.Option(Path("models/reward"), "--reward", help="the reward model (and critic init)"),
+    out: Path = typer.Option(Path("models/ppo"), help="folder for actor/, critic/ and actor_ema/"),
+    metrics: Path = typer.Option(Path("metrics/ppo.json"), help="final metrics (JSON)"),
+    live: Path = typer.Option(Path("dvclive/ppo"), help="dvclive folder for per-iteration curves"),
+) -> None:
+    """Step 3: PPO with a KL penalty to the reference, a critic, EMA and optional ptx, on the hybrid engine."""
+    from rlhf.outputs import write_json
+    from rlhf.ppo import run_ppo
+
+    params = read_params(params_path)
+    relaunch_if_distributed(params)
+    result = guarded(run_ppo, params, data, sft, reward_model, out, live)
+    if is_main_rank():
+        write_json(metrics, result)
+        typer.echo(
+            f"ppo: models -> {out}/{{actor,critic,actor_ema}}, metrics -> {metrics} (reward-model score on held-out "
+            f"prompts: SFT {result['rm_score_sft']:.3f} -> PPO {result['rm_score_ppo']:.3f})"
+        )
