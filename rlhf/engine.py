@@ -136,14 +136,18 @@ def initialize(model: Any, engine: EngineConfig, train: TrainConfig, total_steps
     return ds_engine
 
 
-def full_state_dict(module: Any, zero_stage: int, is_main: bool) -> dict[str, Any] | None:
-    """The whole model's parameters and persistent buffers as fp32 CPU tensors on rank 0 (None elsewhere).
+def full_state_dict(
+    module: Any, zero_stage: int, is_main: bool, all_ranks: bool = False
+) -> dict[str, Any] | None:
+    """The whole model's parameters and persistent buffers as fp32 CPU tensors on rank 0 (None elsewhere), or on
+    every rank with all_ranks.
 
     Under ZeRO-3 each parameter is gathered in turn (every rank must call this) so peak memory stays at one
     parameter beyond the shard, as DeepSpeed-Chat's save_zero_three_model does.
     """
     import torch
 
+    is_main = is_main or all_ranks
     state: dict[str, Any] = {}
     for name, param in module.named_parameters():
         if zero_stage == 3 and hasattr(param, "ds_id"):

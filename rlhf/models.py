@@ -74,6 +74,22 @@ def build_reward_model(cfg: ModelConfig, tok: Any, seed: int) -> Any:
     return model
 
 
+def load_causal_lm(path: str | Path) -> Any:
+    """A causal LM from an HF folder (fp32; DeepSpeed casts it to the engine dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, str(path), dtype=torch.float32)
+
+
+def load_reward_model(path: str | Path) -> Any:
+    """A one-label sequence classifier from an HF folder (the reward model, or the critic's starting point)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    return _from_pretrained(AutoModelForSequenceClassification, str(path), num_labels=1, dtype=torch.float32)
+
+
 def _check_vocab(model: Any, tok: Any, name: str) -> None:
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tok):

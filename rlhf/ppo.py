@@ -364,6 +364,10 @@ def run_ppo(
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"{what} folder '{path}' has no config.json: run the earlier stages (dvc repro) first")
     tok = load_tokenizer(sft_path)
+    from transformers import AutoConfig
+
+    # The gate runs before DeepSpeed starts, so a mismatch costs a second, not a process group.
+    check_compatible(tok, load_tokenizer(reward_path), AutoConfig.from_pretrained(sft_path), AutoConfig.from_pretrained(reward_path))
     train_prompts = [encode_prompt(tok, r["prompt"]) for r in read_split(data_dir / "ppo_train.jsonl")]
     eval_prompts = [encode_prompt(tok, r["prompt"]) for r in read_split(data_dir / "ppo_eval.jsonl")][: ppo.eval_prompts]
     ptx_rows = []

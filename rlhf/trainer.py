@@ -162,8 +162,7 @@ def train_and_export(
     skeleton that receives the gathered weights, so ZeRO-3 shards are never saved as they are.
     """
     from rlhf import engine as eng
-    from rlhf.models import save_pretrained
-    from rlhf.outputs import make_manifest, write_output_dir
+    from rlhf.outputs import make_manifest
 
     model = build_model()
     total = optimizer_steps(len(train_rows), train, dist.world_size)
@@ -177,22 +176,41 @@ def train_and_export(
     )
     metrics["train_seconds"] = time.perf_counter() - t0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    state = eng.full_state_dict(ds_engine.module, params.engine.zero_stage, dist.is_main)
+    manifest = make_manifest(
+        name,
+        manifest_params,
+        manifest_inputs,
+        seed=params.seed,
+        world_size=dist.world_size,
+        metrics=metrics,
+        trainable_parameters=trainable,
+    )
+    export_model(ds_engine.module, build_model, tok, out_dir, manifest, params.engine.zero_stage, dist)
+    if dist.is_main:
+        logger.close(metrics)
+    return metrics
+
+
+def export_model(
+    module: Any,
+    build_model: Callable[[], Any],
+    tok: Any,
+    out_dir: Path,
+    manifest: dict[str, Any],
+    zero_stage: int,
+    dist: Dist,
+) -> None:
+    """Gather `module`'s weights (every rank calls this), load them into a fresh `build_model()` skeleton on rank 0,
+    merge LoRA and write an HF folder with its manifest; ranks meet at a barrier afterwards."""
+    from rlhf import engine as eng
+    from rlhf.models import save_pretrained
+    from rlhf.outputs import write_output_dir
+
+    state = eng.full_state_dict(module, zero_stage, dist.is_main)
     if dist.is_main:
         skeleton = build_model()
         missing, unexpected = skeleton.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.endswith("inv_freq")]:
             raise RuntimeError(f"gathered weights do not fit the model: missing={missing} unexpected={unexpected}")
-        manifest = make_manifest(
-            name,
-            manifest_params,
-            manifest_inputs,
-            seed=params.seed,
-            world_size=dist.world_size,
-            metrics=metrics,
-            trainable_parameters=trainable,
-        )
         write_output_dir(out_dir, lambda d: save_pretrained(skeleton, tok, d), manifest)
-        logger.close(metrics)
     eng.barrier()
-    return metrics

@@ -21,6 +21,8 @@ TINY: dict[str, Any] = {
     "reward_model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
     "sft": {"epochs": 1, "max_steps": 6, "micro_batch_size": 8, "eval_batch_size": 32, "log_every": 2},
     "reward": {"epochs": 1, "max_steps": 6, "micro_batch_size": 8, "eval_batch_size": 32, "log_every": 2},
+    "ppo": {"iterations": 2, "rollout_batch_size": 8, "micro_batch_size": 4, "max_answer_tokens": 8,
+            "eval_prompts": 8, "actor_learning_rate": 0.01, "critic_learning_rate": 0.01},
 }
 
 
@@ -42,6 +44,9 @@ def write_params(path: Path, *overrides: dict[str, Any]) -> Path:
 
 def cli_env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # An in-process DeepSpeed test leaves rank variables behind; a child must start as a fresh single process.
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("DS_ACCELERATOR", "cpu")
@@ -71,3 +76,12 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_params(work / "params.yaml")
     run_cli("prepare", "--params", "params.yaml", cwd=work)
     return work
+
+
+@pytest.fixture(scope="session")
+def trained(prepared: Path) -> Path:
+    """`prepared` with the SFT actor and the reward model trained (models/sft, models/reward)."""
+    for stage in ("sft", "reward"):
+        if not (prepared / "models" / stage / "COMPLETE.json").is_file():
+            run_cli(stage, "--params", "params.yaml", cwd=prepared)
+    return prepared
