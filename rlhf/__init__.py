@@ -5,3 +5,7 @@ need them.
 """
 
 __version__ = "0.1.0"
+
+from rlhf.ppo import Experience, PPOTrainer, RLHFEngine  # noqa: E402  (light: heavy imports are inside)
+
+__all__ = ["Experience", "PPOTrainer", "RLHFEngine"]

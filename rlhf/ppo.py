@@ -186,6 +186,7 @@ class PPOTrainer:
         self.tok = engine.tok
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.timings: dict[str, float] = {}
+        self.prompt_width = 0  # P of the current rollout: answers start at sequences[:, prompt_width:]
 
     # ------------------------------------------------------------------ overridable pieces (small on purpose)
 
@@ -253,7 +254,7 @@ class PPOTrainer:
         device = self.engine.actor.engine.device
         prompt_ids = prompt_batch["input_ids"].to(device)
         prompt_mask = prompt_batch["attention_mask"].to(device)
-        p = prompt_ids.shape[1]
+        p = self.prompt_width = prompt_ids.shape[1]  # (B, T) = (B, P + R): P is fixed by the prompt collate
 
         t0 = time.perf_counter()
         seq, mask, action_mask = self.generate(prompt_ids, prompt_mask)

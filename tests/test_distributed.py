@@ -35,3 +35,26 @@ def test_two_rank_zero3_sft_through_the_launcher(prepared: Path) -> None:
     assert manifest["world_size"] == 2 and manifest["params"]["engine"]["zero_stage"] == 3
     metrics = json.loads((prepared / "metrics/sft_zero3.json").read_text())
     assert metrics["steps"] == 6 and metrics["perplexity"] > 1.0
+
+
+def test_two_rank_zero3_lora_ppo_through_the_launcher(trained: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    write_params(
+        trained / "ppo_zero3.yaml",
+        {"engine": {"zero_stage": 3, "num_procs": 2},
+         "ppo": {"actor_lora": {"rank": 4, "alpha": 8}, "critic_lora": {"rank": 4, "alpha": 8}}},
+    )
+    proc = run_cli(
+        "ppo", "--params", "ppo_zero3.yaml", "--out", "models/ppo_zero3", "--metrics", "metrics/ppo_zero3.json",
+        "--live", "dvclive/ppo_zero3", cwd=trained,
+    )
+    assert "launching 2 ranks" in proc.stderr and "[ppo] iter 2/2" in proc.stdout
+    sft = AutoModelForCausalLM.from_pretrained(trained / "models/sft").state_dict()
+    actor = AutoModelForCausalLM.from_pretrained(trained / "models/ppo_zero3/actor").state_dict()
+    assert not any("lora" in k for k in actor)
+    changed = [k for k in sft if not torch.equal(sft[k], actor[k])]
+    # LoRA on the attention projections only: exactly those moved, merged into the saved weights.
+    assert changed and all(any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
+    manifest = json.loads((trained / "models/ppo_zero3/actor/manifest.json").read_text())
+    assert manifest["world_size"] == 2
