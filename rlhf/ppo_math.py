@@ -1,104 +1,239 @@
-"""Pure PPO math (tensors and floats in, tensors out). Shapes: (B, A) per answer token, mask 1 on real tokens."""
+"""Pure PPO math for RLHF: plain tensors and floats in, tensors (and float stats) out; no config objects.
+
+Conventions used throughout:
+    B  batch size (rollouts);  T  sequence length;  V  vocabulary size
+    A  number of generated (action) positions the caller sliced out of the sequence
+    mask (B, A)  1 on real response tokens, 0 on padding after the end of the response (bool or float)
+
+References:
+    Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences" (KL-shaped reward, adaptive KL).
+    Ouyang et al. 2022, "Training language models to follow instructions with human feedback" (InstructGPT).
+    Schulman et al. 2015, "High-Dimensional Continuous Control Using Generalized Advantage Estimation" (GAE).
+    Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (clipped surrogate).
+    DeepSpeed-Chat, applications/DeepSpeed-Chat/dschat/rlhf/ppo_trainer.py (compute_rewards, get_advantages_and_returns,
+    actor_loss_fn, critic_loss_fn) and dschat/utils/utils.py moving_average.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) labels -> (B, T) log p(label)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits)[label] at every position, computed in float32.
+
+    logits: (B, T, V); labels: (B, T) int64 token ids -> (B, T) float32 log p(label).
+    The caller aligns them (logits at position t predict the token at t + 1).
+    Written as gather - logsumexp so no second (B, T, V) tensor of log-probabilities is kept.
+    """
+    logits = logits.float()  # (B, T, V) bf16/fp16 logits lose too much precision in the softmax
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T) logit of the label
+    return picked - torch.logsumexp(logits, dim=-1)  # (B, T)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    mask = mask.to(x.dtype)
+    """Mean of x over entries where mask is 1.
+
+    x: any shape; mask: same shape (bool or 0/1 float). dim None -> scalar; an int -> that dimension reduced.
+    Masked-off entries are replaced (not multiplied) by 0, so inf/NaN in padding cannot leak in.
+    An all-masked slice has mean 0 (its count is clamped to 1).
+    """
+    keep = mask.bool()
+    total = torch.where(keep, x, torch.zeros_like(x))
+    count = keep.to(x.dtype)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+        return total.sum() / count.sum().clamp(min=1)
+    return total.sum(dim) / count.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) with mean and biased variance (unbiased=False) over masked entries only.
+
+    x, mask: same shape, e.g. (B, A) advantages. Returns x's shape; entries where mask is 0 are 0.
+    shift_mean False adds the mean back (scale only), as TRL's masked_whiten does.
+    """
+    mean = masked_mean(x, mask)  # () over all real tokens of the batch
+    var = masked_mean((x - mean) ** 2, mask)  # () biased: divides by the count, not count - 1
     out = (x - mean) * torch.rsqrt(var + eps)
-    return out if shift_mean else out + mean
-
-
-def kl_shaped_rewards(logprobs, ref_logprobs, scores, mask, kl_coef: float, reward_clip: float):
-    mask = mask.to(logprobs.dtype)
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
-    if reward_clip > 0:
-        scores = scores.clamp(-reward_clip, reward_clip)
-    lengths = mask.sum(-1).long()
-    rows = torch.nonzero(lengths > 0).squeeze(-1)
-    rewards[rows, lengths[rows] - 1] += scores[rows].to(rewards.dtype)
-    return rewards * mask, kl
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, torch.zeros_like(out))
 
 
 @torch.no_grad()
-def gae_advantages(values, rewards, mask, gamma: float, lam: float):
-    mask = mask.to(values.dtype)
-    values, rewards = values * mask, rewards * mask
-    adv = torch.zeros_like(values)
-    last = torch.zeros_like(values[:, 0])
-    a = values.shape[1]
-    for t in reversed(range(a)):
-        next_v = values[:, t + 1] * mask[:, t + 1] if t + 1 < a else torch.zeros_like(last)
-        next_m = mask[:, t + 1] if t + 1 < a else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
-        last = delta + gamma * lam * next_m * last
-        adv[:, t] = last
-    adv = adv * mask
-    return adv, (adv + values) * mask
+def kl_shaped_rewards(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    reward_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token reward: -kl_coef * KL to the reference policy, plus the reward-model score on the last token.
+
+    logprobs, ref_logprobs: (B, A) log pi(a_t|s_t) and log pi_ref(a_t|s_t); scores: (B,) reward-model score;
+    mask: (B, A). Returns (rewards (B, A), kl (B, A)), both exactly 0 where mask is 0.
+
+    kl_t = logprobs_t - ref_logprobs_t is the k1 (single-sample) estimator, as in Ziegler et al. 2019 eq. 2,
+    InstructGPT and DeepSpeed-Chat compute_rewards. The score is clipped to [-reward_clip, reward_clip]
+    (reward_clip <= 0: no clipping) and added at the last index where mask is 1; a row with no real token
+    gets no score. Rewards are constants for PPO, so no gradient flows.
+    """
+    keep = mask.bool()  # (B, A)
+    zeros = torch.zeros_like(logprobs)
+    kl = torch.where(keep, logprobs - ref_logprobs, zeros)  # (B, A) k1 estimate, 0 on padding
+    rewards = -kl_coef * kl  # (B, A)
+    if reward_clip > 0:
+        scores = scores.clamp(-reward_clip, reward_clip)
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(keep)  # (B, A) 0..A-1
+    last = torch.where(keep, positions, torch.full_like(positions, -1)).max(dim=-1).values  # (B,) -1: empty row
+    has_token = last >= 0  # (B,)
+    at_last = positions == last.unsqueeze(-1)  # (B, A) one-hot of the last real token (none for empty rows)
+    score_per_row = torch.where(has_token, scores.to(rewards.dtype), torch.zeros_like(scores, dtype=rewards.dtype))
+    rewards = rewards + at_last.to(rewards.dtype) * score_per_row.unsqueeze(-1)  # (B, A)
+    return rewards, kl
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+@torch.no_grad()
+def gae_advantages(
+    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2015), run backwards over the A positions.
+
+    values: (B, A) V(s_t) from the critic; rewards: (B, A) per-token rewards; mask: (B, A).
+    Returns (advantages (B, A), returns (B, A)), both 0 where mask is 0; returns = advantages + values
+    (the critic's regression target, as DeepSpeed-Chat get_advantages_and_returns).
+
+        delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}        (V_A = A_A = 0)
+
+    Values and rewards where mask is 0 are zeroed first, so padding after the response cannot leak into
+    earlier positions. Inputs are treated as constants (no gradient).
+    """
+    keep = mask.bool()  # (B, A)
+    m = keep.to(values.dtype)  # (B, A)
+    values = torch.where(keep, values, torch.zeros_like(values))  # (B, A)
+    rewards = torch.where(keep, rewards.to(values.dtype), torch.zeros_like(values))  # (B, A)
+    n = values.shape[-1]
+    next_value = torch.zeros_like(values[:, 0])  # (B,) V_{t+1} * m_{t+1}; 0 past the last position
+    next_mask = torch.zeros_like(values[:, 0])  # (B,) m_{t+1}
+    next_adv = torch.zeros_like(values[:, 0])  # (B,) A_{t+1}
+    columns: list[torch.Tensor] = []
+    for t in reversed(range(n)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
+        next_adv = delta + gamma * lam * next_mask * next_adv  # (B,) A_t
+        columns.append(next_adv)
+        next_value, next_mask = values[:, t] * m[:, t], m[:, t]
+    advantages = torch.stack(columns[::-1], dim=-1) if columns else torch.zeros_like(values)  # (B, A)
+    advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
+    returns = torch.where(keep, advantages + values, torch.zeros_like(advantages))  # (B, A)
+    return advantages, returns
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate (Schulman et al. 2017 eq. 7; DeepSpeed-Chat actor_loss_fn), as a loss to minimise.
+
+    logprobs: (B, A) log pi_theta(a_t|s_t) with gradient; old_logprobs: (B, A) at rollout time;
+    advantages: (B, A); mask: (B, A); clip_range: epsilon.
+        ratio = exp(logprobs - old_logprobs)
+        loss  = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - eps, 1 + eps)))
+    Returns (loss (), stats) with stats:
+        clip_fraction  share of real tokens where the clipped term is the active (strictly larger) one
+        approx_kl      masked_mean(0.5 * (logprobs - old_logprobs)^2), Schulman's k2 estimator of KL(old || new)
+        ratio          masked mean of the ratio
+    """
+    log_ratio = logprobs - old_logprobs  # (B, A)
+    ratio = torch.exp(log_ratio)  # (B, A)
+    unclipped = -advantages * ratio  # (B, A)
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)  # (B, A)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)  # ()
     with torch.no_grad():
         stats = {
-            "clip_fraction": masked_mean((clipped > unclipped).float(), mask).item(),
-            "approx_kl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask).item(),
+            "clip_fraction": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, mask).item(),
             "ratio": masked_mean(ratio, mask).item(),
         }
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, clip_range: float):
-    if clip_range > 0:
-        clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
-        a, b = (values - returns) ** 2, (clipped - returns) ** 2
-        loss = 0.5 * masked_mean(torch.max(a, b), mask)
-        frac = masked_mean((b > a).float(), mask).item()
-    else:
-        loss = 0.5 * masked_mean((values - returns) ** 2, mask)
-        frac = 0.0
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss (DeepSpeed-Chat critic_loss_fn; PPO2's value clipping).
+
+    values: (B, A) V_theta(s_t) with gradient; old_values: (B, A) at rollout time; returns: (B, A) targets;
+    mask: (B, A); clip_range: c, where c <= 0 turns clipping off (plain 0.5 * masked MSE).
+        v_clipped = old + clamp(values - old, -c, c)
+        loss      = 0.5 * masked_mean(max((values - returns)^2, (v_clipped - returns)^2))
+    Returns (loss (), {"value_clip_fraction": share of real tokens where the clipped error was strictly larger}).
+    """
+    err = (values - returns) ** 2  # (B, A)
+    if clip_range <= 0:
+        return 0.5 * masked_mean(err, mask), {"value_clip_fraction": 0.0}
+    v_clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)  # (B, A)
+    err_clipped = (v_clipped - returns) ** 2  # (B, A)
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)  # ()
+    with torch.no_grad():
+        frac = masked_mean((err_clipped > err).to(err.dtype), mask).item()
     return loss, {"value_clip_fraction": frac}
 
 
 class AdaptiveKLController:
-    def __init__(self, init_kl_coef: float, target: float | None, horizon: int):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+    """The KL coefficient beta, adapted towards a target KL (Ziegler et al. 2019, section 2.2), or fixed.
+
+        e_t    = clip(KL_t / target - 1, -0.2, 0.2)
+        beta  <- beta * (1 + e_t * n_steps / horizon)
+
+    target None keeps beta fixed at init_kl_coef (what DeepSpeed-Chat does).
+    """
+
+    def __init__(self, init_kl_coef: float, target: float | None, horizon: int) -> None:
+        if target is not None and target <= 0:
+            raise ValueError(f"KL target must be > 0 (or None for a fixed coefficient), got {target}")
+        if target is not None and horizon <= 0:
+            raise ValueError(f"KL horizon must be > 0 when a KL target is set, got {horizon}")
+        self.value: float = float(init_kl_coef)  # beta, read by kl_shaped_rewards
+        self.target = target  # nats per sequence the controller steers towards; None: fixed
+        self.horizon = horizon  # samples over which a full proportional error is applied
 
     def update(self, current_kl: float, n_steps: int) -> None:
+        """Move beta after a batch whose mean KL was current_kl; n_steps = samples in that batch."""
         if self.target is None:
             return
-        err = min(max(current_kl / self.target - 1, -0.2), 0.2)
-        self.value *= 1 + err * n_steps / self.horizon
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
+        """The adapted coefficient plus the settings it was adapted under (for the checkpoint's record)."""
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.value, self.target, self.horizon = state["value"], state["target"], state["horizon"]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the adapted coefficient. target and horizon stay those given to __init__ (params.yaml is
+        their single source), so a resumed run follows the current config."""
+        self.value = float(state["value"])
 
 
 @torch.no_grad()
 def ema_update(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor], beta: float) -> None:
-    for e, p in zip(ema_params, params):
-        e.mul_(beta).add_(p.to(e.dtype), alpha=1 - beta)
+    """In place, parameter by parameter: ema = beta * ema + (1 - beta) * param (DeepSpeed-Chat moving_average).
+
+    The two iterables pair up in order and must have the same length (ValueError otherwise); each param is
+    cast to its ema tensor's dtype and device first.
+    """
+    for ema, param in zip(ema_params, params, strict=True):
+        ema.mul_(beta).add_(param.to(device=ema.device, dtype=ema.dtype), alpha=1.0 - beta)
