@@ -15,9 +15,9 @@ import argparse
 import os
 import time
 
-SIZES = {  # Llama-style shapes: (hidden, layers, heads, intermediate)
-    "tiny": (256, 6, 4, 768),  # the default actor of params.yaml (~5M parameters)
-    "50m": (640, 8, 10, 1728),  # ~50M parameters with a 32k vocabulary
+SIZES = {  # Llama-style shapes: (vocab, hidden, layers, heads, intermediate)
+    "tiny": (512, 256, 6, 4, 768),  # the default actor of params.yaml (~5M parameters)
+    "50m": (8192, 576, 10, 9, 1536),  # ~50M parameters
 }
 
 
@@ -27,7 +27,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="prompts per rank")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     args = ap.parse_args()
@@ -43,9 +42,9 @@ def main() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // dist.world_size))
     rows = []
     for size in args.sizes.split(","):
-        hidden, layers, heads, inter = SIZES[size]
+        vocab, hidden, layers, heads, inter = SIZES[size]
         cfg = LlamaConfig(
-            vocab_size=args.vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
             num_key_value_heads=heads, intermediate_size=inter, max_position_embeddings=256,
             bos_token_id=1, eos_token_id=2, pad_token_id=0,
         )
@@ -56,7 +55,7 @@ def main() -> None:
         hybrid = HybridEngine(engine, zero_stage=3)
         device = engine.device
         g = torch.Generator().manual_seed(1 + dist.rank)
-        prompts = torch.randint(3, args.vocab, (args.batch, args.prompt_tokens), generator=g).to(device)
+        prompts = torch.randint(3, vocab, (args.batch, args.prompt_tokens), generator=g).to(device)
         mask = torch.ones_like(prompts)
         kwargs = dict(
             do_sample=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
