@@ -28,13 +28,13 @@ class _Group(BaseModel):
 class TaskConfig(_Group):
     """The shipped, seeded sorting task (rlhf/task.py); used when data.sources holds `builtin`."""
 
-    num_rows: int = Field(20000, gt=0)  # rows generated; data.data_split shares them among the three steps
+    num_rows: int = Field(30000, gt=0)  # rows generated; data.data_split shares them among the three steps
     min_len: int = Field(3, ge=2)  # fewest numbers in a list to sort
     max_len: int = Field(6, ge=2)  # most numbers in a list to sort
     max_value: int = Field(29, ge=1)  # numbers are drawn from 0..max_value
     demo_error_rate: float = Field(0.45, ge=0, le=1)  # share of SFT demonstrations with a wrong ordering
-    demo_impolite_rate: float = Field(0.45, ge=0, le=1)  # share of SFT demonstrations without the polite frame
-    pair_error_rate: float = Field(0.5, ge=0, le=1)  # the same two rates for each preference-pair candidate
+    demo_impolite_rate: float = Field(0.6, ge=0, le=1)  # share of SFT demonstrations without the polite frame
+    pair_error_rate: float = Field(0.4, ge=0, le=1)  # the same two rates for each preference-pair candidate
     pair_impolite_rate: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
@@ -94,9 +94,9 @@ class ModelConfig(_Group):
 
     name_or_path: str | None = None
     hidden_size: int = Field(256, gt=0)
-    num_layers: int = Field(4, gt=0)
+    num_layers: int = Field(6, gt=0)
     num_heads: int = Field(4, gt=0)
-    intermediate_size: int = Field(688, gt=0)
+    intermediate_size: int = Field(768, gt=0)
     max_position_embeddings: int = Field(128, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)  # attention dropout in training mode
 
@@ -173,11 +173,27 @@ class RewardConfig(TrainConfig):
     pass
 
 
+class ModelEngineConfig(_Group):
+    """Per-model overrides of the `engine` group for one model of step 3; null inherits the engine group's value.
+    (DeepSpeed-Chat gives the actor and critic their own ZeRO stage and offload; so do we, for all four.)"""
+
+    zero_stage: int | None = Field(None, ge=0, le=3)
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    offload_optimizer: bool | None = None
+    offload_params: bool | None = None
+
+
+def resolve_engine(base: EngineConfig, override: ModelEngineConfig) -> EngineConfig:
+    """The engine group with one model's non-null overrides applied (validated like the group itself)."""
+    changes = {k: v for k, v in override.model_dump().items() if v is not None}
+    return EngineConfig.model_validate({**base.model_dump(), **changes})
+
+
 class PPOConfig(_Group):
     """Step 3. Every constant of the algorithm is here; none is hidden in the trainer (DeepSpeed-Chat hard-codes
     kl_ctl, clip ranges, gamma and lambda in ppo_trainer.py)."""
 
-    iterations: int = Field(60, gt=0)  # PPO iterations; each generates `rollout_batch_size` answers per rank
+    iterations: int = Field(100, gt=0)  # PPO iterations; each generates `rollout_batch_size` answers per rank
     rollout_batch_size: int = Field(32, gt=0)  # prompts per rank per iteration
     generation_batches: int = Field(1, gt=0)  # rollouts gathered before the PPO epochs (DeepSpeed-Chat's flag)
     ppo_epochs: int = Field(1, gt=0)  # passes over the gathered experience
@@ -207,6 +223,10 @@ class PPOConfig(_Group):
     log_every: int = Field(1, gt=0)  # iterations between logged points
     actor_lora: LoraConfig = Field(default_factory=LoraConfig)
     critic_lora: LoraConfig = Field(default_factory=LoraConfig)
+    actor_engine: ModelEngineConfig = Field(default_factory=ModelEngineConfig)
+    critic_engine: ModelEngineConfig = Field(default_factory=ModelEngineConfig)
+    ref_engine: ModelEngineConfig = Field(default_factory=ModelEngineConfig)
+    reward_engine: ModelEngineConfig = Field(default_factory=ModelEngineConfig)
 
     @model_validator(mode="after")
     def _batches(self) -> PPOConfig:
@@ -226,7 +246,7 @@ class Params(_Group):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     reward_model: ModelConfig = Field(
-        default_factory=lambda: ModelConfig(hidden_size=128, num_layers=3, num_heads=4, intermediate_size=344)
+        default_factory=lambda: ModelConfig(hidden_size=160, num_layers=4, num_heads=4, intermediate_size=480)
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
@@ -237,6 +257,13 @@ class Params(_Group):
     def _cross(self) -> Params:
         if self.engine.dtype == "fp16" and self.engine.device == "cpu":
             raise ValueError("engine.dtype fp16 is not supported on CPU: use bf16 or fp32")
+        for name in ("actor_engine", "critic_engine", "ref_engine", "reward_engine"):
+            try:
+                resolved = resolve_engine(self.engine, getattr(self.ppo, name))
+            except ValidationError as err:
+                raise ValueError(f"ppo.{name}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+            if resolved.dtype == "fp16" and resolved.device == "cpu":
+                raise ValueError(f"ppo.{name}.dtype fp16 is not supported on CPU: use bf16 or fp32")
         for name, model in (("model", self.model), ("reward_model", self.reward_model)):
             if model.name_or_path is None and model.max_position_embeddings < self.data.max_seq_tokens:
                 raise ValueError(

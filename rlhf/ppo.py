@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import EngineConfig, LoraConfig, Params, PPOConfig, TrainConfig
+from rlhf.config import EngineConfig, Params, PPOConfig, TrainConfig, resolve_engine
 from rlhf.engine import Dist
 from rlhf.errors import UserError
 
@@ -149,17 +149,22 @@ class RLHFEngine:
         self.build_actor: Callable[[], Any] = lambda: add_lora(load_causal_lm(sft_path), ppo.actor_lora, "CAUSAL_LM")
         self.build_critic: Callable[[], Any] = lambda: add_lora(load_reward_model(reward_path), ppo.critic_lora, "SEQ_CLS")
         steps = ppo.iterations * ppo.ppo_epochs * ppo.generation_batches * ppo.rollout_batch_size // ppo.micro_batch_size
-        actor = self.build_actor()
+        self.engines = {
+            name: resolve_engine(params.engine, getattr(ppo, f"{name}_engine"))
+            for name in ("actor", "critic", "ref", "reward")
+        }
         self.actor = HybridEngine(
-            eng.initialize(actor, params.engine, _train_cfg(ppo, ppo.actor_learning_rate), steps),
-            params.engine.zero_stage,
+            eng.initialize(self.build_actor(), self.engines["actor"], _train_cfg(ppo, ppo.actor_learning_rate), steps),
+            self.engines["actor"].zero_stage,
         )
-        self.critic = eng.initialize(self.build_critic(), params.engine, _train_cfg(ppo, ppo.critic_learning_rate), steps)
-        self.ref = _frozen_engine(load_causal_lm(sft_path), params.engine, ppo.micro_batch_size)
-        self.reward = _frozen_engine(load_reward_model(reward_path), params.engine, ppo.micro_batch_size)
+        self.critic = eng.initialize(
+            self.build_critic(), self.engines["critic"], _train_cfg(ppo, ppo.critic_learning_rate), steps
+        )
+        self.ref = _frozen_engine(load_causal_lm(sft_path), self.engines["ref"], ppo.micro_batch_size)
+        self.reward = _frozen_engine(load_reward_model(reward_path), self.engines["reward"], ppo.micro_batch_size)
         self.ema = None
         if ppo.ema_beta > 0:
-            state = eng.full_state_dict(self.actor.module, params.engine.zero_stage, is_main=True, all_ranks=True)
+            state = eng.full_state_dict(self.actor.module, self.actor.zero_stage, is_main=True, all_ranks=True)
             self.ema = self.build_actor().requires_grad_(False)
             self.ema.load_state_dict(state, strict=False)
 
@@ -170,7 +175,7 @@ class RLHFEngine:
         from rlhf.engine import full_state_dict
         from rlhf.ppo_math import ema_update
 
-        state = full_state_dict(self.actor.module, self.params.engine.zero_stage, is_main=True, all_ranks=True)
+        state = full_state_dict(self.actor.module, self.actor.zero_stage, is_main=True, all_ranks=True)
         ema_params = dict(self.ema.named_parameters())
         names = [n for n in ema_params if n in state]
         ema_update([ema_params[n] for n in names], [state[n] for n in names], self.params.ppo.ema_beta)
@@ -461,9 +466,10 @@ def run_ppo(
         world_size=dist.world_size,
         metrics=metrics,
     )
-    z = params.engine.zero_stage
-    export_model(engine.actor.module, engine.build_actor, tok, out_dir / "actor", manifest, z, dist)
-    export_model(engine.critic.module, engine.build_critic, load_tokenizer(reward_path), out_dir / "critic", manifest, z, dist)
+    z_actor, z_critic = engine.engines["actor"].zero_stage, engine.engines["critic"].zero_stage
+    export_model(engine.actor.module, engine.build_actor, tok, out_dir / "actor", manifest, z_actor, dist)
+    critic_tok = load_tokenizer(reward_path)
+    export_model(engine.critic.module, engine.build_critic, critic_tok, out_dir / "critic", manifest, z_critic, dist)
     if engine.ema is not None:
         export_model(engine.ema, engine.build_actor, tok, out_dir / "actor_ema", manifest, 0, dist)
     if dist.is_main:

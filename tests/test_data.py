@@ -193,9 +193,10 @@ def test_dataset_dict_missing_split_names_the_available_ones(tmp_path: Path) -> 
 
 
 def test_builtin_source_loads_num_rows_of_all_four_fields() -> None:
-    rows = load_source(SourceConfig(path="builtin"), TaskConfig(num_rows=37), seed=3)
+    task = TaskConfig(num_rows=37)
+    rows = load_source(SourceConfig(path="builtin"), task, seed=3)
     assert len(rows) == 37
-    first = next(generate_rows(37, 3))
+    first = next(generate_rows(37, 3, **task.model_dump(exclude={"num_rows"})))
     assert public(rows)[0] == {
         "prompt": [user(first["prompt"])],
         "completion": first["completion"],

@@ -81,14 +81,21 @@ def test_one_ppo_update_moves_actor_and_critic_not_reference(trained: Path, dist
     from rlhf.engine import full_state_dict
     from rlhf.ppo import PPOTrainer, RLHFEngine
 
-    params = _params(trained, "ppo_api.yaml", {"ppo": {"ema_beta": 0.5}})
+    # Each model its own ZeRO stage, as DeepSpeed-Chat allows for the actor and critic.
+    engines = {"actor_engine": {"zero_stage": 2}, "critic_engine": {"zero_stage": 1}, "ref_engine": {"zero_stage": 3}}
+    params = _params(trained, "ppo_api.yaml", {"ppo": {"ema_beta": 0.5, **engines}})
     engine = RLHFEngine(params, dist, trained / "models/sft", trained / "models/reward")
+    assert [engine.engines[m].zero_stage for m in ("actor", "critic", "ref", "reward")] == [2, 1, 3, 0]
     trainer = PPOTrainer(engine, params.ppo)
-    before = {
-        name: full_state_dict(m, 0, is_main=True)
-        for name, m in (("actor", engine.actor.module), ("critic", engine.critic.module), ("ref", engine.ref.module),
-                        ("reward", engine.reward.module), ("ema", engine.ema))
-    }
+    modules = {"actor": engine.actor.module, "critic": engine.critic.module, "ref": engine.ref.module,
+               "reward": engine.reward.module}
+
+    def snapshot() -> dict:
+        out = {name: full_state_dict(m, engine.engines[name].zero_stage, is_main=True) for name, m in modules.items()}
+        out["ema"] = full_state_dict(engine.ema, 0, is_main=True)
+        return out
+
+    before = snapshot()
     batch = _prompts(engine.tok, [f"Sort ascending: {i} {i + 7} 3" for i in range(8)])
     exp = trainer.generate_experience(batch)
     b, r = exp.action_mask.shape
@@ -98,11 +105,7 @@ def test_one_ppo_update_moves_actor_and_critic_not_reference(trained: Path, dist
     a_loss, c_loss, stats = trainer.train_rlhf(exp)
     assert all(map(lambda x: x == x, (a_loss, c_loss))) and 0 <= stats["clip_fraction"] <= 1
     engine.update_ema()
-    after = {
-        name: full_state_dict(m, 0, is_main=True)
-        for name, m in (("actor", engine.actor.module), ("critic", engine.critic.module), ("ref", engine.ref.module),
-                        ("reward", engine.reward.module), ("ema", engine.ema))
-    }
+    after = snapshot()
 
     def changed(name: str) -> int:
         return sum(not torch.equal(before[name][k], after[name][k]) for k in before[name])
