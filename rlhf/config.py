@@ -239,6 +239,18 @@ class PPOConfig(_Group):
         return self
 
 
+class EvaluateConfig(_Group):
+    """The evaluate stage: every actor answers the same held-out prompts with the same sampling seed."""
+
+    num_prompts: int = Field(500, gt=0)  # held-out PPO prompts (and SFT demonstrations for perplexity)
+    do_sample: bool = True  # sample as the policy does (False: greedy)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_answer_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(64, gt=0)
+    num_samples: int = Field(8, ge=0)  # sample answers shown side by side
+
+
 class Params(_Group):
     seed: int = 1234
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -252,6 +264,7 @@ class Params(_Group):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> Params:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stages import ppo, prepare, reward, sft
+from stages import evaluate, ppo, prepare, reward, sft
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -23,6 +23,7 @@ app.command("prepare")(prepare.prepare)
 app.command("sft")(sft.sft)
 app.command("reward")(reward.reward)
 app.command("ppo")(ppo.ppo)
+app.command("evaluate")(evaluate.evaluate)
 
 if __name__ == "__main__":
     app()

@@ -23,6 +23,7 @@ TINY: dict[str, Any] = {
     "reward": {"epochs": 1, "max_steps": 6, "micro_batch_size": 8, "eval_batch_size": 32, "log_every": 2},
     "ppo": {"iterations": 2, "rollout_batch_size": 8, "micro_batch_size": 4, "max_answer_tokens": 8,
             "eval_prompts": 8, "actor_learning_rate": 0.01, "critic_learning_rate": 0.01},
+    "evaluate": {"num_prompts": 12, "batch_size": 8, "max_answer_tokens": 8, "num_samples": 3},
 }
 
 
@@ -85,3 +86,11 @@ def trained(prepared: Path) -> Path:
         if not (prepared / "models" / stage / "COMPLETE.json").is_file():
             run_cli(stage, "--params", "params.yaml", cwd=prepared)
     return prepared
+
+
+@pytest.fixture(scope="session")
+def ppo_trained(trained: Path) -> Path:
+    """`trained` with the ppo stage run on the tiny params (models/ppo/{actor,critic,actor_ema})."""
+    if not (trained / "models/ppo/actor/COMPLETE.json").is_file():
+        run_cli("ppo", "--params", "params.yaml", cwd=trained)
+    return trained

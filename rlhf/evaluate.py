@@ -1,0 +1,149 @@
+"""Evaluate the SFT, PPO and EMA actors side by side on held-out prompts.
+
+For each actor: the mean gold reward (the shipped task's own scorer, which training never saw), the mean
+reward-model score, the KL to the SFT model per answer token, the mean answer length and the perplexity on held-out
+demonstrations; plus a table of sample answers side by side. Plain transformers on one process: no DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import EvaluateConfig
+from rlhf.errors import UserError
+
+
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """(B, T) ids and attention mask of right-padded rows."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(r)
+        mask[j, : len(r)] = 1
+    return ids, mask
+
+
+def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig, seed: int) -> list[list[int]]:
+    """Sampled (or greedy) answer token ids for each prompt, eos excluded."""
+    import torch
+
+    from rlhf.ppo import collate_prompts
+
+    out: list[list[int]] = []
+    torch.manual_seed(seed)
+    for i in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[i : i + cfg.batch_size]
+        batch = collate_prompts(max(map(len, chunk)), tok.pad_token_id)(chunk)
+        with torch.no_grad():
+            seq = model.generate(
+                **batch,
+                do_sample=cfg.do_sample,
+                temperature=cfg.temperature if cfg.do_sample else None,
+                top_p=cfg.top_p if cfg.do_sample else None,
+                max_new_tokens=cfg.max_answer_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        for row in seq[:, batch["input_ids"].shape[1] :].tolist():
+            ids = []
+            for t in row:
+                if t in (tok.eos_token_id, tok.pad_token_id):
+                    break
+                ids.append(t)
+            out.append(ids)
+    return out
+
+
+def _answer_logprobs(model: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]], batch_size: int) -> list[float]:
+    """Sum of log p(answer tokens + eos | prompt) under `model`, per row."""
+    import torch
+
+    from rlhf.ppo import position_ids
+    from rlhf.ppo_math import logprobs_from_logits
+
+    sums: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        rows = [p + a + [tok.eos_token_id] for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size])]
+        ids, mask = _right_pad(rows, tok.pad_token_id)
+        answer_mask = torch.zeros(ids.shape)
+        for j, (r, p) in enumerate(zip(rows, prompts[i : i + batch_size])):
+            answer_mask[j, len(p) : len(r)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:]) * answer_mask[:, 1:]
+        sums += lp.sum(-1).tolist()
+    return sums
+
+
+def _perplexity(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size: int) -> float:
+    from rlhf.sft import encode_sft_row
+
+    encoded = [encode_sft_row(tok, r, loss_on_prompt=False) for r in rows]
+    prompts = [[t for t, lab in zip(e["input_ids"], e["labels"]) if lab == -100] for e in encoded]
+    answers = [e["input_ids"][len(p) : -1] for e, p in zip(encoded, prompts)]  # the scorer adds eos back
+    nll = -sum(_answer_logprobs(model, tok, prompts, answers, batch_size))
+    tokens = sum(len(a) + 1 for a in answers)
+    return math.exp(nll / max(tokens, 1))
+
+
+def evaluate_actors(
+    actors: dict[str, Path], reward_path: Path, data_dir: Path, cfg: EvaluateConfig, seed: int
+) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
+    """Metrics per actor name (the first one is the SFT baseline for KL) and sample rows side by side."""
+    from rlhf.data import read_split
+    from rlhf.models import load_causal_lm, load_reward_model
+    from rlhf.task import gold_reward
+    from rlhf.tokenizer import encode_prompt, load_tokenizer
+
+    for name, path in {**actors, "reward": reward_path}.items():
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"{name} model folder '{path}' has no config.json: run the earlier stages (dvc repro)")
+    tok = load_tokenizer(next(iter(actors.values())))
+    rows = read_split(data_dir / "ppo_eval.jsonl")[: cfg.num_prompts]
+    demos = read_split(data_dir / "sft_eval.jsonl")[: cfg.num_prompts]
+    prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
+    texts = [r["prompt"][-1]["content"] for r in rows]
+    reward = load_reward_model(reward_path).eval()
+    baseline = load_causal_lm(next(iter(actors.values()))).eval()
+
+    metrics: dict[str, dict[str, float]] = {}
+    samples: list[dict[str, str]] = [{"prompt": t} for t in texts[: cfg.num_samples]]
+    for name, path in actors.items():
+        model = load_causal_lm(path).eval()
+        answers = _answers(model, tok, prompts, cfg, seed)
+        decoded = [tok.decode(a, skip_special_tokens=True) for a in answers]
+        gold = [gold_reward(t, d) for t, d in zip(texts, decoded)]
+        scores = _reward_scores(reward, tok, prompts, answers, cfg.batch_size)
+        own = _answer_logprobs(model, tok, prompts, answers, cfg.batch_size)
+        ref = _answer_logprobs(baseline, tok, prompts, answers, cfg.batch_size)
+        tokens = sum(len(a) + 1 for a in answers)
+        metrics[name] = {
+            "gold_reward": sum(gold) / len(gold),
+            "rm_reward": sum(scores) / len(scores),
+            "kl_to_sft": (sum(own) - sum(ref)) / max(tokens, 1),  # k1 estimate of KL(actor || sft) per token
+            "response_length": sum(len(a) for a in answers) / len(answers),
+            "perplexity": _perplexity(model, tok, demos, cfg.batch_size),
+            "num_prompts": len(answers),
+        }
+        for s, d, g in zip(samples, decoded, gold):
+            s[name] = f"{d}  [gold {g:.2f}]"
+    return metrics, samples
+
+
+def _reward_scores(reward: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]], batch_size: int) -> list[float]:
+    import torch
+
+    from rlhf.ppo import position_ids
+
+    scores: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        rows = [p + a + [tok.eos_token_id] for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size])]
+        ids, mask = _right_pad(rows, tok.pad_token_id)
+        with torch.no_grad():
+            scores += reward(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits.squeeze(-1).tolist()
+    return scores

@@ -1,0 +1,43 @@
+"""Stage `evaluate`: prove RLHF helped. SFT vs PPO vs EMA actor on held-out prompts, scored by the gold reward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stages.common import PARAMS_OPTION, guarded, read_params
+
+
+def evaluate(
+    params_path: Path = PARAMS_OPTION,
+    data: Path = typer.Option(Path("data/prepared"), help="folder written by `rlhf prepare`"),
+    sft: Path = typer.Option(Path("models/sft"), help="the SFT actor (the baseline)"),
+    ppo_dir: Path = typer.Option(Path("models/ppo"), "--ppo", help="folder with actor/ and actor_ema/"),
+    reward_model: Path = typer.Option(Path("models/reward"), "--reward", help="the reward model"),
+    metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="metrics per actor (JSON)"),
+    plot: Path = typer.Option(Path("metrics/evaluate_plot.json"), help="rows for `dvc plots show`"),
+    samples: Path = typer.Option(Path("metrics/samples.md"), help="sample answers side by side (Markdown)"),
+) -> None:
+    """Gold reward, reward-model score, KL to SFT, length and perplexity of each actor."""
+    from rlhf.evaluate import evaluate_actors
+    from rlhf.outputs import write_json
+
+    params = read_params(params_path)
+    actors = {"sft": sft, "ppo": ppo_dir / "actor"}
+    if (ppo_dir / "actor_ema" / "config.json").is_file():
+        actors["ema"] = ppo_dir / "actor_ema"
+    result, rows = guarded(evaluate_actors, actors, reward_model, data, params.evaluate, params.seed)
+    write_json(metrics, result)
+    write_json(plot, [{"model": name, **values} for name, values in result.items()])
+    names = list(actors)
+    table = ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    table += ["| " + " | ".join([r["prompt"], *(r[n] for n in names)]) + " |" for r in rows]
+    samples.parent.mkdir(parents=True, exist_ok=True)
+    samples.write_text("\n".join(table) + "\n")
+    for name, values in result.items():
+        typer.echo(
+            f"evaluate {name:>4}: gold {values['gold_reward']:.3f}  rm {values['rm_reward']:.3f}  "
+            f"kl_to_sft {values['kl_to_sft']:.3f}  len {values['response_length']:.1f}  ppl {values['perplexity']:.3f}"
+        )
+    typer.echo(f"evaluate: metrics -> {metrics}, samples -> {samples}")
