@@ -31,8 +31,12 @@ def evaluate(
     write_json(metrics, result)
     write_json(plot, [{"model": name, **values} for name, values in result.items()])
     names = list(actors)
+
+    def cell(text: str) -> str:  # one Markdown table cell, whatever a model wrote
+        return " ".join(text.split()).replace("|", "\\|")
+
     table = ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    table += ["| " + " | ".join([r["prompt"], *(r[n] for n in names)]) + " |" for r in rows]
+    table += ["| " + " | ".join(cell(c) for c in [r["prompt"], *(r[n] for n in names)]) + " |" for r in rows]
     samples.parent.mkdir(parents=True, exist_ok=True)
     samples.write_text("\n".join(table) + "\n")
     for name, values in result.items():
