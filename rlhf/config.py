@@ -205,7 +205,7 @@ class PPOConfig(_Group):
     lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
     adam_beta1: float = Field(0.9, gt=0, lt=1)
     adam_beta2: float = Field(0.95, gt=0, lt=1)
-    kl_coef: float = Field(0.1, ge=0)  # weight of the per-token KL to the reference in the reward
+    kl_coef: float = Field(0.2, ge=0)  # weight of the per-token KL to the reference in the reward
     kl_target: float | None = Field(None, gt=0)  # set: adaptive KL (Ziegler et al. 2019) towards this KL/sequence
     kl_horizon: int = Field(10000, gt=0)  # adaptive KL: samples over which the coefficient adapts
     reward_clip: float = Field(5.0, ge=0)  # reward-model score clipped to [-c, c]; 0 = no clipping
