@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stages import evaluate, ppo, prepare, reward, sft
+from stages import chat, evaluate, ppo, prepare, reward, sft
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -24,6 +24,7 @@ app.command("sft")(sft.sft)
 app.command("reward")(reward.reward)
 app.command("ppo")(ppo.ppo)
 app.command("evaluate")(evaluate.evaluate)
+app.command("chat")(chat.chat)
 
 if __name__ == "__main__":
     app()

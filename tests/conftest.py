@@ -55,7 +55,9 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, check: bool = True, timeout: float = 600, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     """`rlhf ARGS` as a user runs it (a fresh process), returning its output."""
     proc = subprocess.run(
         [sys.executable, "-m", "stages.cli", *args],
@@ -64,6 +66,7 @@ def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 600) -> 
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=stdin,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"rlhf {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")

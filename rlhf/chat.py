@@ -1,0 +1,77 @@
+"""Talk to a trained actor: a multi-turn conversation through the tokenizer's chat template, streamed token by
+token. Used by `rlhf chat`; usable from Python:
+
+    chat = Chat("models/ppo/actor", temperature=0.7)
+    print(chat.reply("Sort ascending: 5 3 9"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import UserError
+
+
+class Chat:
+    """A conversation with one model; `history` holds the turns so far, `clear()` forgets them."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 64,
+        do_sample: bool = True,
+        seed: int | None = None,
+    ):
+        import torch
+
+        from rlhf.models import load_causal_lm
+        from rlhf.tokenizer import load_tokenizer
+
+        if not (Path(model_path) / "config.json").is_file() and Path(model_path).exists():
+            raise UserError(f"'{model_path}' has no config.json: point --model at an HF model folder")
+        self.tok = load_tokenizer(model_path)
+        self.model = load_causal_lm(model_path).eval()
+        self.gen = dict(
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.tok.eos_token_id,
+        )
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.history: list[dict[str, str]] = []
+
+    def clear(self) -> None:
+        self.history = []
+
+    def reply(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Answer `message` in the context of the conversation; `on_text` receives the answer as it streams."""
+        import torch
+
+        self.history.append({"role": "user", "content": message})
+        ids = self.tok.apply_chat_template(
+            self.history, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        streamer = _streamer(self.tok, on_text) if on_text is not None else None
+        with torch.no_grad():
+            out = self.model.generate(**ids, streamer=streamer, **self.gen)
+        answer = self.tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        self.history.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def _streamer(tok: Any, callback: Callable[[str], None]) -> Any:
+    """transformers' TextStreamer, sending finished pieces of text to `callback` instead of stdout."""
+    from transformers import TextStreamer
+
+    class CallbackStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            callback(text)
+
+    return CallbackStreamer(tok, skip_prompt=True, skip_special_tokens=True)

@@ -1,0 +1,56 @@
+"""`rlhf chat`: talk to a trained actor (not a DVC stage)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.common import guarded
+
+
+def chat(
+    model: Path = typer.Option(Path("models/ppo/actor"), help="HF model folder of an actor"),
+    prompt: Optional[str] = typer.Option(None, help="answer this one message and exit (for scripts)"),
+    temperature: float = typer.Option(0.7, help="sampling temperature"),
+    top_p: float = typer.Option(0.9, help="nucleus sampling"),
+    max_new_tokens: int = typer.Option(64, help="longest answer"),
+    greedy: bool = typer.Option(False, help="greedy decoding instead of sampling"),
+    seed: Optional[int] = typer.Option(None, help="seed the sampler"),
+) -> None:
+    """Multi-turn chat with streaming; type `clear` to forget the conversation, `quit` (or Ctrl-D) to leave."""
+    from rlhf.chat import Chat
+
+    session = guarded(Chat, model, temperature, top_p, max_new_tokens, not greedy, seed)
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if prompt is not None:
+        session.reply(prompt, on_text=stream)
+        sys.stdout.write("\n")
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"chatting with {model} (`clear` forgets, `quit` leaves)")
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "quit":
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message == "clear":
+            session.clear()
+            typer.echo("(conversation cleared)")
+            continue
+        sys.stdout.write("bot> ")
+        session.reply(message, on_text=stream)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
