@@ -1,4 +1,5 @@
-"""The pipeline as DVC runs it: `dvc repro` on a fresh repo, and a reward.* edit that leaves sft up to date."""
+"""The pipeline as DVC runs it: `dvc repro` on a fresh repo, a reward.* edit that leaves sft up to date, and an
+experiment that reruns only ppo and evaluate."""
 
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ def _run(*cmd: str, cwd: Path) -> str:
     return proc.stdout
 
 
-def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path) -> None:
+def _commit(repo: Path, message: str) -> None:
+    _run("git", "add", "-A", cwd=repo)
+    _run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, cwd=repo)
+
+
+def _reproduced_repo(tmp_path: Path) -> Path:
+    """A fresh git + DVC repo with the project's stages and tiny params, committed, after a first `dvc repro`."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("rlhf", "stages"):
@@ -27,10 +34,13 @@ def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path) -> None:
     write_params(repo / "params.yaml")
     _run("git", "init", "-q", cwd=repo)
     _run("dvc", "init", "-q", cwd=repo)
-    _run("git", "add", "-A", cwd=repo)
-    _run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=repo)
-
+    _commit(repo, "init")  # dvclive needs a commit to exist
     _run("dvc", "repro", cwd=repo)
+    return repo
+
+
+def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path) -> None:
+    repo = _reproduced_repo(tmp_path)
     assert (repo / "models/sft/model.safetensors").is_file() and (repo / "models/reward/model.safetensors").is_file()
     assert json.loads(_run("dvc", "status", "--json", cwd=repo)) == {}
     metrics = json.loads(_run("dvc", "metrics", "show", "--json", cwd=repo))
@@ -45,3 +55,17 @@ def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path) -> None:
     out = _run("dvc", "repro", cwd=repo)
     assert "Running stage 'reward'" in out and "Running stage 'sft'" not in out
     assert (repo / "models/sft/model.safetensors").read_bytes() == sft_before
+
+
+def test_experiment_reruns_only_ppo_and_evaluate(tmp_path: Path) -> None:
+    """`dvc exp run -S ppo.kl_coef=...` reuses the cached SFT and reward models and lists its metrics."""
+    repo = _reproduced_repo(tmp_path)
+    _commit(repo, "baseline")
+    sft_before = (repo / "models/sft/model.safetensors").read_bytes()
+
+    out = _run("dvc", "exp", "run", "-n", "kl05", "-S", "ppo.kl_coef=0.05", cwd=repo)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"ppo", "evaluate"}, out
+    assert (repo / "models/sft/model.safetensors").read_bytes() == sft_before
+    shown = _run("dvc", "exp", "show", "--json", cwd=repo)
+    assert "kl05" in shown and "gold_reward" in shown
