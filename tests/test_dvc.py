@@ -34,6 +34,7 @@ def _reproduced_repo(tmp_path: Path) -> Path:
     write_params(repo / "params.yaml")
     _run("git", "init", "-q", cwd=repo)
     _run("dvc", "init", "-q", cwd=repo)
+    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")  # the embedded default remote: ../rlhf-dvc-storage
     _commit(repo, "init")  # dvclive needs a commit to exist
     _run("dvc", "repro", cwd=repo)
     return repo
@@ -69,3 +70,18 @@ def test_experiment_reruns_only_ppo_and_evaluate(tmp_path: Path) -> None:
     assert (repo / "models/sft/model.safetensors").read_bytes() == sft_before
     shown = _run("dvc", "exp", "show", "--json", cwd=repo)
     assert "kl05" in shown and "gold_reward" in shown
+
+
+def test_push_wipe_pull_restores_every_output_without_retraining(tmp_path: Path) -> None:
+    """The embedded default remote (a folder beside the repo) carries every stage output to a teammate."""
+    repo = _reproduced_repo(tmp_path)
+    _run("dvc", "push", cwd=repo)
+    assert (tmp_path / "rlhf-dvc-storage").is_dir()
+    weights = (repo / "models/ppo/actor/model.safetensors").read_bytes()
+    for path in (".dvc/cache", "data/prepared", "models"):
+        shutil.rmtree(repo / path)
+    _run("dvc", "pull", cwd=repo)
+    assert (repo / "models/ppo/actor/model.safetensors").read_bytes() == weights
+    assert json.loads(_run("dvc", "status", "--json", cwd=repo)) == {}
+    out = _run("dvc", "repro", cwd=repo)
+    assert "Running stage" not in out
