@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stages import chat, evaluate, ppo, prepare, reward, sft
+from stages import chat, evaluate, ppo, prepare, reward, sft, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -25,6 +25,7 @@ app.command("reward")(reward.reward)
 app.command("ppo")(ppo.ppo)
 app.command("evaluate")(evaluate.evaluate)
 app.command("chat")(chat.chat)
+app.command("train")(train.train)
 
 if __name__ == "__main__":
     app()

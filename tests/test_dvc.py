@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -119,3 +120,13 @@ def test_push_and_pull_through_s3(tmp_path: Path) -> None:
         assert json.loads(_run("dvc", "status", "--json", cwd=repo)) == {}
     finally:
         server.stop()
+
+
+def test_rlhf_train_writes_params_and_reproduces_with_step_times(tmp_path: Path) -> None:
+    repo = _reproduced_repo(tmp_path)
+    out = _run(sys.executable, "-m", "stages.cli", "train", "--deployment-type", "cpu", cwd=repo)
+    assert yaml.safe_load((repo / "params.yaml").read_text())["engine"]["device"] == "cpu"
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("train: wall time per step:")
+    assert all(f"{step} " in last for step in ("prepare", "sft", "reward", "ppo", "evaluate"))
+    assert json.loads(_run("dvc", "status", "--json", cwd=repo)) == {}
