@@ -85,12 +85,3 @@ def write_output_dir(out_dir: Path, fill: Callable[[Path], None], manifest: dict
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-
-
-def is_complete(out_dir: Path) -> bool:
-    """True when the folder was sealed and every listed file is present with its hash."""
-    marker = Path(out_dir) / COMPLETE
-    if not marker.is_file():
-        return False
-    files = json.loads(marker.read_text())["files"]
-    return all((Path(out_dir) / f).is_file() and sha256_file(Path(out_dir) / f) == h for f, h in files.items())

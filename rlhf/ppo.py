@@ -234,6 +234,7 @@ class PPOTrainer:
         import torch
 
         cfg = self.config
+        self.prompt_width = prompt_ids.shape[1]
         seq = self.engine.actor.generate(
             prompt_ids,
             prompt_mask,
@@ -259,7 +260,7 @@ class PPOTrainer:
         device = self.engine.actor.engine.device
         prompt_ids = prompt_batch["input_ids"].to(device)
         prompt_mask = prompt_batch["attention_mask"].to(device)
-        p = self.prompt_width = prompt_ids.shape[1]  # (B, T) = (B, P + R): P is fixed by the prompt collate
+        p = prompt_ids.shape[1]  # (B, T) = (B, P + R): P is fixed by the prompt collate
 
         t0 = time.perf_counter()
         seq, mask, action_mask = self.generate(prompt_ids, prompt_mask)
@@ -342,11 +343,16 @@ def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> float:
     """Mean reward-model score of the actor's sampled answers to held-out prompts (all ranks)."""
     from rlhf.trainer import all_reduce_sum
 
+    import torch
+
+    device = trainer.engine.actor.engine.device
     total = n = 0.0
-    for batch in loader:
-        exp = trainer.generate_experience(batch)
-        total += exp.scores.sum().item()
-        n += exp.scores.numel()
+    for batch in loader:  # rollout and reward only: no reference, critic or advantages needed here
+        seq, mask, _ = trainer.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        with torch.no_grad():
+            scores = trainer.reward_scores(seq, mask)
+        total += scores.sum().item()
+        n += scores.numel()
     total, n = all_reduce_sum([total, n], dist)
     return total / max(n, 1.0)
 
@@ -355,6 +361,8 @@ def run_ppo(
     params: Params, data_dir: Path, sft_path: Path, reward_path: Path, out_dir: Path, live_dir: Path | None
 ) -> dict[str, float]:
     """Train the actor and critic with PPO; write out_dir/{actor,critic,actor_ema}; return the final metrics."""
+    import sys
+
     import torch
     from tqdm.auto import tqdm
 
@@ -392,7 +400,7 @@ def run_ppo(
 
     score_before = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else float("nan")
     logger = MetricsLogger(live_dir, dist)
-    bar = tqdm(total=ppo.iterations, desc="ppo", disable=not (dist.is_main and _isatty()), dynamic_ncols=True)
+    bar = tqdm(total=ppo.iterations, desc="ppo", disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
     t_start = time.perf_counter()
     point: dict[str, float] = {}
     for it in range(1, ppo.iterations + 1):
@@ -475,9 +483,3 @@ def run_ppo(
     if dist.is_main:
         logger.close(metrics)
     return metrics
-
-
-def _isatty() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
