@@ -249,15 +249,19 @@ def _hub_offline(offline: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
-    """Hide datasets' progress bars for the block, and restore them. Converting a local file to arrow takes moments;
-    its "Generating train split" bars on stderr would sit above the one error line a bad row or file gives."""
+    """Hide datasets' progress bars and its error log lines for the block, and restore them. Converting a local file
+    to arrow takes moments; its "Generating train split" bars on stderr, or its "Failed to read schema" log line for a
+    corrupt file, would sit above the one error line that the caller raises instead."""
     import datasets
 
     was_disabled = datasets.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if not was_disabled:
             datasets.enable_progress_bars()
 
@@ -364,6 +368,10 @@ def _split_messages(value: Any) -> tuple[list[dict], Any]:
     last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
     if last is None:
         raise _Bad("bad_role_order", "messages has no assistant turn")
+    if last < len(msgs) - 1:
+        raise _Bad("bad_role_order", f"messages end with a {msgs[-1]['role']} turn after the last assistant answer")
+    if not any(m["role"] == "user" for m in msgs[:last]):
+        raise _Bad("bad_role_order", "messages have no user turn before the assistant answer")
     return msgs[:last], msgs[last]["content"]
 
 

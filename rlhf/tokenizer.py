@@ -51,12 +51,16 @@ def load_tokenizer(path: str | Path) -> Any:
     """A tokenizer from a local folder or hub id, with a pad token and a chat template guaranteed."""
     from transformers import AutoTokenizer
 
+    if not Path(path).exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") != 1):
+        raise UserError(f"no such model folder '{path}': give a folder written by save_pretrained")
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-    except OSError as err:
+    except (OSError, ValueError) as err:  # no tokenizer files, a broken one, or a hub id that cannot be fetched
+        where = "the folder" if Path(path).exists() else "no such local folder, and as a hub id it"
         raise UserError(
-            f"no tokenizer could be loaded from '{path}' ({str(err).splitlines()[0][:120]}): "
-            "point model.name_or_path at an HF model folder (or clear it to train one)"
+            f"no tokenizer could be loaded from '{path}': {where} gave '{str(err).splitlines()[0][:100]}'; "
+            "give a folder written by save_pretrained (with tokenizer files), or fetch the hub model on a "
+            "connected machine and point at its local copy"
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -1,14 +1,18 @@
 """The real `rlhf` command on bad input: exit code 2, one `error:` line on stderr, no traceback, outputs untouched.
 
-Each case runs the console module in a fresh process (as dvc.yaml does) in a working folder that already holds
-earlier outputs; a failed run must leave every one of those bytes as it was.
+BAD_INPUTS is the table: data rows, params and paths/models a user gets wrong. Each case runs the console module in
+a fresh process (as dvc.yaml does) in a working folder that already holds earlier outputs; a failed run must leave
+every one of those bytes as it was. With BAD_INPUTS_REPORT=FILE set, each case appends what it printed to FILE.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,87 +86,147 @@ def with_params(work: Path, *overrides: dict[str, Any]) -> None:
     write_params(work / "params.yaml", TINY_TASK, *overrides)
 
 
-# ------------------------------------------------------------------------------------------------------ params
+
+def jsonl(*rows: Any) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-@pytest.mark.parametrize("stage", ["prepare", "sft", "reward"])
-def test_unknown_key_in_params(work: Path, stage: str) -> None:
-    with_params(work, {"sft": {"learning_rat": 0.1}})
-    line = fails_cleanly(work, stage, "--params", "params.yaml")
-    assert "sft.learning_rat" in line and "did you mean sft.learning_rate?" in line
+def source(path: str, fmt: str = "auto", **data: Any) -> dict[str, Any]:
+    """Params that read one local file and stop at its first bad row."""
+    return {"data": {"sources": [{"path": path, "format": fmt}], "invalid_rows": "error", **data}}
 
 
-def test_out_of_range_value_in_params(work: Path) -> None:
-    with_params(work, {"engine": {"zero_stage": 5}})
-    line = fails_cleanly(work, "sft", "--params", "params.yaml")
-    assert "'engine.zero_stage' = 5" in line and "allowed: 0 <= zero_stage <= 3" in line
+GOOD = {"prompt": "Sort 3 1 2.", "completion": "1 2 3"}
+PAIR = {"prompt": "Sort 3 1 2.", "chosen": "1 2 3", "rejected": "3 2 1"}
 
 
-def test_global_batch_size_mismatch(work: Path) -> None:
-    with_params(work, {"reward": {"global_batch_size": 7}})
-    line = fails_cleanly(work, "reward", "--params", "params.yaml")
-    assert "reward.global_batch_size (7) != reward.micro_batch_size" in line
+@dataclass(frozen=True)
+class Bad:
+    """One bad input: what is wrong, the files and params that carry it, the command, what the line must say."""
+
+    what: str
+    args: tuple[str, ...]
+    expect: tuple[str, ...]
+    params: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str | bytes] = field(default_factory=dict)
+    trained: bool = False  # copy the session's trained tokenizer, data and models into the folder first
+    takes_params: bool = True  # the command reads params.yaml (chat does not)
 
 
-@pytest.mark.parametrize("stage", ["prepare", "sft"])
-def test_params_file_missing(work: Path, stage: str) -> None:
-    line = fails_cleanly(work, stage, "--params", "nope.yaml")
-    assert "nope.yaml" in line and "no such params file" in line
+BAD_INPUTS = [
+    # ---------------------------------------------------------------------------------------------------- data
+    Bad("missing column (prompt/completion without completion)", ("prepare",),
+        ("row 0", "missing_column", "data.sources[].format"),
+        source("d.jsonl", "prompt_completion"), {"d.jsonl": jsonl({"prompt": "Sort 2 1."})}),
+    Bad("empty prompt text", ("prepare",), ("row 1", "empty_text", "invalid_rows: drop"),
+        source("d.jsonl"), {"d.jsonl": jsonl(GOOD, {"prompt": "  ", "completion": "1"})}),
+    Bad("None completion", ("prepare",), ("row 0", "empty_text"),
+        source("d.jsonl", "prompt_completion"), {"d.jsonl": jsonl({"prompt": "Sort 2 1.", "completion": None})}),
+    Bad("wrong type (completion is a number)", ("prepare",), ("row 0", "wrong_type"),
+        source("d.jsonl", "prompt_completion"), {"d.jsonl": jsonl({"prompt": "Sort 2 1.", "completion": 12})}),
+    Bad("chosen == rejected", ("prepare",), ("row 1", "chosen_equals_rejected"),
+        source("d.jsonl"), {"d.jsonl": jsonl(PAIR, dict(PAIR, rejected="1 2 3"))}),
+    Bad("prompt longer than data.max_prompt_tokens", ("prepare",), ("row 0", "prompt_too_long", "max_prompt_tokens"),
+        source("d.jsonl", max_prompt_tokens=8), {"d.jsonl": jsonl({"prompt": "Sort " + "9 " * 40, "completion": "9"})}),
+    Bad("all-masked labels (the answer would be cut off by max_seq_tokens)", ("prepare",),
+        ("row 0", "sequence_too_long", "max_seq_tokens"),
+        source("d.jsonl", max_prompt_tokens=40, max_seq_tokens=41),
+        {"d.jsonl": jsonl({"prompt": "Sort 3 1 4 1 5 9 2 6 5 3 5 8 9 7 9 3.", "completion": "1 3 5 7 9 " * 12})}),
+    Bad("wrong chat role order", ("prepare",), ("row 0", "bad_role_order"),
+        source("d.jsonl", "messages"),
+        {"d.jsonl": jsonl({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]})}),
+    Bad("chosen and rejected with different conversations", ("prepare",), ("row 0", "mismatched_prompt"),
+        source("d.jsonl", "preference"),
+        {"d.jsonl": jsonl({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "1"}],
+                           "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "2"}]})}),
+    Bad("duplicate prompt", ("prepare",), ("row 1", "duplicate_prompt"),
+        source("d.jsonl"), {"d.jsonl": jsonl(GOOD, GOOD)}),
+    Bad("unreadable file (not JSON lines)", ("prepare",), ("d.jsonl",),
+        source("d.jsonl"), {"d.jsonl": "{not json at all\n"}),
+    Bad("unreadable file (corrupt parquet)", ("prepare",), ("d.parquet",),
+        source("d.parquet"), {"d.parquet": b"PAR1\x00\x01garbage"}),
+    Bad("columns that match no format", ("prepare",), ("d.jsonl", "format"),
+        source("d.jsonl"), {"d.jsonl": jsonl({"question": "a", "answer": "b"})}),
+    Bad("every row bad in drop mode", ("prepare",), ("no valid rows", "'empty_text': 3"),
+        {"data": {"sources": [{"path": "d.jsonl"}], "invalid_rows": "drop"}},
+        {"d.jsonl": jsonl({"prompt": "", "completion": "x"}, {"prompt": "a", "completion": " "},
+                          {"prompt": "", "completion": ""})}),
+    Bad("missing data file", ("prepare",), ("data/no_such_file.jsonl", "not found", "data.sources[].path"),
+        source("data/no_such_file.jsonl")),
+    Bad("hub dataset id while offline", ("prepare",), ("nobody-xyz/no-such-dataset-xyz", "save_to_disk"),
+        source("nobody-xyz/no-such-dataset-xyz")),
+    # -------------------------------------------------------------------------------------------------- params
+    Bad("unknown key", ("sft",), ("sft.learning_rat", "did you mean sft.learning_rate?"),
+        {"sft": {"learning_rat": 0.1}}),
+    Bad("unknown group", ("prepare",), ("'sftt'", "did you mean sft?"), {"sftt": {"epochs": 1}}),
+    Bad("wrong type", ("reward",), ("reward.epochs", "'three'", "whole number"), {"reward": {"epochs": "three"}}),
+    Bad("out-of-range value", ("ppo",), ("ppo.kl_coef", "-0.1"), {"ppo": {"kl_coef": -0.1}}),
+    Bad("ZeRO stage 5", ("sft",), ("'engine.zero_stage' = 5", "allowed: 0 <= zero_stage <= 3"),
+        {"engine": {"zero_stage": 5}}),
+    Bad("fp16 on CPU", ("sft",), ("fp16", "bf16"), {"engine": {"dtype": "fp16", "device": "cpu"}}),
+    Bad("inconsistent batch sizes", ("reward",), ("reward.global_batch_size (7) != reward.micro_batch_size",),
+        {"reward": {"global_batch_size": 7}}),
+    Bad("heads do not divide hidden size", ("sft",), ("model: hidden_size (30)", "num_heads (4)"),
+        {"model": {"hidden_size": 30, "num_heads": 4}}),
+    Bad("params file missing", ("prepare", "--params", "nope.yaml"), ("nope.yaml", "no such params file")),
+    Bad("params file not YAML", ("prepare", "--params", "broken.yaml"), ("not valid YAML at line 3",),
+        files={"broken.yaml": "sft:\n  epochs: [1, 2\n  micro_batch_size: 4\n"}),
+    # --------------------------------------------------------------------------------------------- paths/models
+    Bad("data folder missing", ("sft", "--data", "no_such_dir"), ("no_such_dir",)),
+    Bad("data folder without a tokenizer", ("reward", "--data", "empty_data"),
+        ("no trained tokenizer in empty_data/tokenizer", "rlhf prepare"), files={"empty_data/.keep": ""}),
+    Bad("model folder missing", ("sft",), ("models/no_such_model",), {"model": {"name_or_path": "models/no_such_model"}},
+        trained=True),
+    Bad("folder that is not a model", ("sft",), ("not_a_model", "save_pretrained"), {"model": {"name_or_path": "not_a_model"}},
+        {"not_a_model/notes.txt": "hello"}, trained=True),
+    Bad("hub model id while offline", ("reward",), ("nobody-xyz/no-such-model", "connected machine"),
+        {"reward_model": {"name_or_path": "nobody-xyz/no-such-model"}}, trained=True),
+    Bad("actor and reward model tokenizers differ", ("ppo", "--reward", "other_reward"),
+        ("tokenizers differ in vocabulary",), files={"other_reward/.extra_token": "<extra>"}, trained=True),
+    Bad("SFT model missing for ppo", ("ppo", "--sft", "models/nope"), ("models/nope",), trained=True),
+    Bad("chat on a missing model", ("chat", "--model", "models/nope", "--prompt", "hi"), ("models/nope",),
+        takes_params=False),
+    Bad("hostfile that does not exist", ("sft",), ("engine.hostfile 'hosts.txt' does not exist",),
+        {"engine": {"hostfile": "hosts.txt"}}),
+]
 
 
-def test_params_not_yaml(work: Path) -> None:
-    (work / "broken.yaml").write_text("sft:\n  epochs: [1, 2\n  micro_batch_size: 4\n")
-    line = fails_cleanly(work, "prepare", "--params", "broken.yaml")
-    assert "not valid YAML at line 3" in line
+def arrange(work: Path, bad: Bad, trained: Path | None) -> None:
+    """Lay the case out in work: the session's trained outputs if asked, its files, its params."""
+    if bad.trained:
+        assert trained is not None
+        for rel in ("data/prepared", "models/sft", "models/reward"):
+            shutil.rmtree(work / rel, ignore_errors=True)
+            shutil.copytree(trained / rel, work / rel)
+    for rel, content in bad.files.items():
+        path = work / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".extra_token"):  # a copy of the reward model whose tokenizer gained a token
+            from transformers import AutoTokenizer
+
+            shutil.copytree(work / "models/reward", path.parent, dirs_exist_ok=True)
+            tok = AutoTokenizer.from_pretrained(path.parent)
+            tok.add_tokens([str(content)])
+            tok.save_pretrained(path.parent)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    with_params(work, bad.params)
 
 
-# -------------------------------------------------------------------------------------------------------- data
+@pytest.mark.parametrize("bad", BAD_INPUTS, ids=[b.what for b in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(work: Path, bad: Bad, request: pytest.FixtureRequest) -> None:
+    trained = request.getfixturevalue("trained") if bad.trained else None
+    arrange(work, bad, trained)
+    args = bad.args if "--params" in bad.args or not bad.takes_params else (*bad.args, "--params", "params.yaml")
+    line = fails_cleanly(work, *args)
+    for text in bad.expect:
+        assert text in line, f"{bad.what}: {text!r} not in {line!r}"
+    if os.environ.get("BAD_INPUTS_REPORT"):
+        with open(os.environ["BAD_INPUTS_REPORT"], "a") as report:
+            report.write(f"| {bad.what} | `rlhf {' '.join(args)}` | `{line}` |\n")
 
 
-def test_prepare_with_missing_local_source(work: Path) -> None:
-    with_params(work, {"data": {"sources": [{"path": "data/no_such_file.jsonl"}]}})
-    line = fails_cleanly(work, "prepare", "--params", "params.yaml")
-    assert "data/no_such_file.jsonl" in line and "not found" in line and "data.sources[].path" in line
-
-
-def test_prepare_with_hub_id_offline(work: Path) -> None:
-    with_params(work, {"data": {"sources": [{"path": "nobody-xyz/no-such-dataset-xyz"}]}})
-    env = dict(cli_env(), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    line = fails_cleanly(work, "prepare", "--params", "params.yaml", env=env)
-    assert "nobody-xyz/no-such-dataset-xyz" in line and "save_to_disk" in line
-
-
-def write_bad_jsonl(work: Path) -> Path:
-    """Rows in prompt/completion format that are all invalid: empty texts and an empty prompt."""
-    path = work / "bad.jsonl"
-    rows = [
-        {"prompt": "", "completion": "x"},
-        {"prompt": "sort 2 1", "completion": "  "},
-        {"prompt": "", "completion": ""},
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def test_prepare_every_row_bad_error_mode(work: Path) -> None:
-    write_bad_jsonl(work)
-    with_params(work, {"data": {"sources": [{"path": "bad.jsonl"}], "invalid_rows": "error"}})
-    line = fails_cleanly(work, "prepare", "--params", "params.yaml")
-    assert "data source 'bad.jsonl' row 0" in line and "empty_text" in line and "invalid_rows: drop" in line
-
-
-def test_prepare_every_row_bad_drop_mode(work: Path) -> None:
-    write_bad_jsonl(work)
-    with_params(work, {"data": {"sources": [{"path": "bad.jsonl"}], "invalid_rows": "drop"}})
-    line = fails_cleanly(work, "prepare", "--params", "params.yaml")
-    assert "no valid rows" in line and "'empty_text': 3" in line
-
-
-# ------------------------------------------------------------------------------------------------ training steps
-
-
-@pytest.mark.parametrize("stage", ["sft", "reward"])
-def test_training_step_without_tokenizer_fails_before_deepspeed(work: Path, stage: str) -> None:
-    (work / "empty_data").mkdir()
-    line = fails_cleanly(work, stage, "--params", "params.yaml", "--data", "empty_data")
-    assert "no trained tokenizer in empty_data/tokenizer" in line and "rlhf prepare" in line
+def test_the_table_covers_enough_bad_inputs() -> None:
+    assert len(BAD_INPUTS) >= 25 and len({b.what for b in BAD_INPUTS}) == len(BAD_INPUTS)
