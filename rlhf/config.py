@@ -162,6 +162,8 @@ class TrainConfig(_Group):
     eval_batch_size: int = Field(64, gt=0)
     max_steps: int = Field(0, ge=0)  # stop after this many optimizer steps (0 = run all epochs)
     log_every: int = Field(10, gt=0)  # optimizer steps between logged points
+    checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable checkpoints (0 = none)
+    max_bad_steps: int = Field(3, gt=0)  # consecutive non-finite steps (skipped) before the stage aborts
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
@@ -221,6 +223,9 @@ class PPOConfig(_Group):
     ptx_coef: float = Field(0.0, ge=0)  # InstructGPT's pretraining-loss mix, on the SFT demonstrations
     eval_prompts: int = Field(256, ge=0)  # held-out prompts scored by the reward model before and after PPO
     log_every: int = Field(1, gt=0)  # iterations between logged points
+    checkpoint_every: int = Field(0, ge=0)  # iterations between resumable checkpoints (0 = none)
+    max_bad_steps: int = Field(3, gt=0)  # consecutive non-finite micro-batch updates (skipped) before aborting
+    max_kl: float | None = Field(None, gt=0)  # stop early when the mean KL to the reference per answer exceeds it
     actor_lora: LoraConfig = Field(default_factory=LoraConfig)
     critic_lora: LoraConfig = Field(default_factory=LoraConfig)
     actor_engine: ModelEngineConfig = Field(default_factory=ModelEngineConfig)

@@ -43,7 +43,7 @@ def make_manifest(
     return {
         "step": step,
         "params": params,
-        "inputs": {name: _hash_path(p) for name, p in inputs.items()},
+        "inputs": {name: hash_path(p) for name, p in inputs.items()},
         "seed": seed,
         "world_size": world_size,
         "versions": package_versions(),
@@ -51,7 +51,7 @@ def make_manifest(
     }
 
 
-def _hash_path(path: Path) -> str:
+def hash_path(path: Path) -> str:
     """sha256 of a file, or of a folder's sorted (relative name, file hash) list."""
     path = Path(path)
     if path.is_file():

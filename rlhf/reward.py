@@ -80,7 +80,9 @@ def _evaluate(dist: Dist):
     return evaluate
 
 
-def run_reward(params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None) -> dict[str, float]:
+def run_reward(
+    params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None, ckpt_dir: Path | None = None
+) -> dict[str, float]:
     """Train the reward model on data_dir/reward_train.jsonl and write the HF folder out_dir."""
     from rlhf.data import read_split
     from rlhf.engine import init_distributed, seed_everything
@@ -113,6 +115,7 @@ def run_reward(params: Params, data_dir: Path, out_dir: Path, live_dir: Path | N
         evaluate=_evaluate(dist),
         out_dir=out_dir,
         live_dir=live_dir,
+        ckpt_dir=ckpt_dir,
         manifest_params={k: getattr(params, k).model_dump() for k in ("reward_model", "engine", "reward")},
         manifest_inputs={"reward_train": data_dir / "reward_train.jsonl", "reward_eval": data_dir / "reward_eval.jsonl"},
     )

@@ -64,7 +64,9 @@ def _evaluate(dist: Dist):
     return evaluate
 
 
-def run_sft(params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None) -> dict[str, float]:
+def run_sft(
+    params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None, ckpt_dir: Path | None = None
+) -> dict[str, float]:
     """Train the actor on data_dir/sft_train.jsonl and write the HF folder out_dir; returns the final metrics."""
     from rlhf.data import read_split
     from rlhf.engine import init_distributed, seed_everything
@@ -97,6 +99,7 @@ def run_sft(params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None
         evaluate=_evaluate(dist),
         out_dir=out_dir,
         live_dir=live_dir,
+        ckpt_dir=ckpt_dir,
         manifest_params={k: getattr(params, k).model_dump() for k in ("model", "engine", "sft")},
         manifest_inputs={"sft_train": data_dir / "sft_train.jsonl", "sft_eval": data_dir / "sft_eval.jsonl"},
     )

@@ -13,20 +13,50 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhf.checkpoint import Checkpointer
 from rlhf.config import TrainConfig
 from rlhf.engine import Dist
+from rlhf.errors import UserError
 
 
 class MetricsLogger:
-    """Per-step curves through dvclive on rank 0; a no-op on other ranks."""
+    """Per-step curves through dvclive on rank 0; a no-op on other ranks.
 
-    def __init__(self, live_dir: Path | None, dist: Dist):
+    `resume_rows` (from a checkpoint's `rows()`) continues an interrupted run: each curve is cut back to the rows
+    it had when the checkpoint was taken, so the points logged between that checkpoint and the crash are not
+    repeated, and the resumed run's curves equal an uninterrupted run's.
+    """
+
+    def __init__(self, live_dir: Path | None, dist: Dist, resume_rows: dict[str, int] | None = None):
         self.live = None
+        self.dir = Path(live_dir) if live_dir is not None else None
         if dist.is_main and live_dir is not None:
             from dvclive import Live
 
+            if resume_rows is not None:
+                self._truncate(resume_rows)
             # dvcyaml=False: dvc.yaml is ours and declares the plots; save_dvc_exp=False: `dvc exp run` owns exps.
-            self.live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+            self.live = Live(
+                dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume_rows is not None
+            )
+
+    def _curves(self) -> list[Path]:
+        return sorted((self.dir / "plots" / "metrics").rglob("*.tsv")) if self.dir is not None else []
+
+    def rows(self) -> dict[str, int]:
+        """Lines in each curve file now (rank 0; empty elsewhere)."""
+        if self.live is None:
+            return {}
+        return {str(f.relative_to(self.dir)): len(f.read_text().splitlines()) for f in self._curves()}
+
+    def _truncate(self, rows: dict[str, int]) -> None:
+        for f in self._curves():
+            keep = rows.get(str(f.relative_to(self.dir)), 0)
+            lines = f.read_text().splitlines(keepends=True)
+            if keep <= 1:  # the header alone, or a curve begun after the checkpoint
+                f.unlink()
+            elif len(lines) > keep:
+                f.write_text("".join(lines[:keep]))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.live is None:
@@ -66,6 +96,48 @@ def optimizer_steps(num_rows: int, train: TrainConfig, world_size: int) -> int:
     return min(steps, train.max_steps) if train.max_steps else steps
 
 
+def all_finite(value: Any, dist: Dist) -> bool:
+    """Whether a loss is finite on every rank: the skip decision must be the same everywhere, or a rank that
+    skipped its backward would leave the others waiting in the gradient all-reduce."""
+    import torch
+
+    flag = torch.tensor([1.0 if bool(torch.isfinite(value.detach()).all()) else 0.0])
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def grads_finite(engine: Any) -> bool:
+    """Whether the reduced gradients are finite. Checked where they are whole on every rank (ZeRO 0); ZeRO 1-3
+    partition them inside DeepSpeed's optimizer, where the non-finite loss check is what catches a blow-up."""
+    import torch
+
+    if engine.zero_optimization_stage() != 0:
+        return True
+    return all(bool(torch.isfinite(p.grad).all()) for p in engine.module.parameters() if p.grad is not None)
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; aborts the stage after `limit` consecutive ones, before any output is written."""
+
+    def __init__(self, limit: int, what: str, skipped: int = 0):
+        self.limit, self.what, self.skipped, self.run = limit, what, skipped, 0
+
+    def ok(self, finite: bool, step: int) -> bool:
+        if finite:
+            self.run = 0
+            return True
+        self.skipped += 1
+        self.run += 1
+        print(f"[{self.what}] step {step}: non-finite loss or gradient, step skipped ({self.skipped} so far)", flush=True)
+        if self.run >= self.limit:
+            raise UserError(
+                f"{self.what} stopped: {self.run} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{step}); no model was written. Lower the learning rate, use fp32 (engine.dtype), or check the data"
+            )
+        return False
+
+
 def fit(
     engine: Any,
     loader: Any,
@@ -76,23 +148,48 @@ def fit(
     logger: MetricsLogger,
     desc: str,
     total: int,
+    ckpt: Checkpointer | None = None,
+    saved: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train for `total` optimizer steps (see optimizer_steps), evaluating after each epoch.
 
     `loss_fn(engine, batch) -> (loss, extra metrics)`; `evaluate() -> metrics` runs on every rank (it may
-    all-reduce). Returns the last evaluation.
+    all-reduce). Returns the last evaluation. `saved` (from Checkpointer.load) resumes mid-run: the epoch, the
+    batch position in it, the logging window and the RNG states continue exactly where the checkpoint left them.
     """
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
-    step, window, t0 = 0, [], time.perf_counter()
-    metrics: dict[str, float] = {}
-    for epoch in range(train.epochs):
+    from rlhf import faults
+    from rlhf.checkpoint import set_rng_state
+
+    pos = {"step": 0, "epoch": 0, "batch": 0, "window": [], "skipped": 0, "metrics": {}}
+    if saved is not None:
+        pos.update(saved["state"])
+    step, window, metrics = pos["step"], list(pos["window"]), dict(pos["metrics"])
+    guard = NonFiniteGuard(train.max_bad_steps, desc, pos["skipped"])
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for epoch in range(pos["epoch"], train.epochs):
+        if step >= total:
+            break
         loader.sampler.set_epoch(epoch)
         engine.train()
-        for batch in loader:
+        batches = iter(loader)
+        first = pos["batch"] if epoch == pos["epoch"] else 0
+        for _ in range(first):  # the resumed epoch: the same shuffled order, minus what the checkpoint had seen
+            next(batches)
+        if saved is not None:  # last, so that building the data position above draws nothing from the saved RNG
+            set_rng_state(saved["rng"])
+            saved = None
+        for index, batch in enumerate(batches, start=first + 1):
             loss, extra = loss_fn(engine, batch)
+            loss = faults.poison(loss, step + 1)
+            if not guard.ok(all_finite(loss, dist), step + 1):
+                continue
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and not guard.ok(grads_finite(engine), step + 1):
+                engine.zero_grad()
+                continue
             engine.step()
             window.append(loss.item())
             if not engine.is_gradient_accumulation_boundary():
@@ -105,11 +202,17 @@ def fit(
                     "train/loss": sum(window) / len(window),
                     "train/lr": engine.get_lr()[0],
                     "train/samples_per_s": len(window) * train.micro_batch_size * dist.world_size / elapsed,
+                    "train/skipped_steps": guard.skipped,
                     **{f"train/{k}": v for k, v in extra.items()},
                 }
                 logger.log(step, point)
                 bar.set_postfix(loss=f"{point['train/loss']:.4f}")
                 window, t0 = [], time.perf_counter()
+            if ckpt is not None and ckpt.due(step, total):
+                state = {"step": step, "epoch": epoch, "batch": index, "window": window, "skipped": guard.skipped,
+                         "metrics": metrics, "log_rows": logger.rows()}
+                ckpt.save(step, {"model": engine}, state)
+            faults.kill_at(step)
             if step >= total:
                 break
         metrics = evaluate()
@@ -117,10 +220,9 @@ def fit(
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         if dist.is_main:
             print(f"[{desc}] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
-        if step >= total:
-            break
     bar.close()
     metrics["steps"] = step
+    metrics["skipped_steps"] = guard.skipped
     return metrics
 
 
@@ -155,6 +257,7 @@ def train_and_export(
     live_dir: Path | None,
     manifest_params: dict[str, Any],
     manifest_inputs: dict[str, Path],
+    ckpt_dir: Path | None = None,
 ) -> dict[str, float]:
     """The body every supervised step shares: build, wrap in DeepSpeed, fit, gather and write the HF folder.
 
@@ -162,17 +265,25 @@ def train_and_export(
     skeleton that receives the gathered weights, so ZeRO-3 shards are never saved as they are.
     """
     from rlhf import engine as eng
-    from rlhf.outputs import make_manifest
+    from rlhf.checkpoint import fingerprint
+    from rlhf.outputs import hash_path, make_manifest
 
     model = build_model()
     total = optimizer_steps(len(train_rows), train, dist.world_size)
     ds_engine = eng.initialize(model, params.engine, train, total)
     train_loader = make_loader(train_rows, train.micro_batch_size, collate, dist, params.seed, shuffle=True)
     eval_loader = make_loader(eval_rows, train.eval_batch_size, collate, dist, params.seed, shuffle=False)
-    logger = MetricsLogger(live_dir, dist)
+    inputs = {k: hash_path(v) for k, v in manifest_inputs.items()}
+    ckpt = Checkpointer(
+        ckpt_dir, train.checkpoint_every, fingerprint(name, manifest_params, inputs, params.seed, dist.world_size), dist
+    )
+    resume = ckpt.latest()
+    saved = ckpt.load(resume, {"model": ds_engine}) if resume is not None else None
+    logger = MetricsLogger(live_dir, dist, saved["state"].get("log_rows") if saved else None)
     t0 = time.perf_counter()
     metrics = fit(
-        ds_engine, train_loader, loss_fn, lambda: evaluate(ds_engine, eval_loader), train, dist, logger, name, total
+        ds_engine, train_loader, loss_fn, lambda: evaluate(ds_engine, eval_loader), train, dist, logger, name, total,
+        ckpt, saved,
     )
     metrics["train_seconds"] = time.perf_counter() - t0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

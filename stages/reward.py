@@ -15,6 +15,9 @@ def reward(
     out: Path = typer.Option(Path("models/reward"), help="HF model folder to write"),
     metrics: Path = typer.Option(Path("metrics/reward.json"), help="final metrics (JSON)"),
     live: Path = typer.Option(Path("dvclive/reward"), help="dvclive folder for per-step curves"),
+    checkpoints: Path = typer.Option(
+        Path("checkpoints/reward"), help="resumable checkpoints (every reward.checkpoint_every steps); a rerun resumes"
+    ),
 ) -> None:
     """Step 2: train the reward model on chosen/rejected pairs."""
     from rlhf.outputs import write_json
@@ -22,7 +25,7 @@ def reward(
 
     params = read_params(params_path)
     relaunch_if_distributed(params)
-    result = guarded(run_reward, params, data, out, live)
+    result = guarded(run_reward, params, data, out, live, checkpoints)
     if is_main_rank():
         write_json(metrics, result)
         typer.echo(f"reward: model -> {out}, metrics -> {metrics} (held-out accuracy {result['accuracy']:.3f})")

@@ -15,6 +15,9 @@ def sft(
     out: Path = typer.Option(Path("models/sft"), help="HF model folder to write"),
     metrics: Path = typer.Option(Path("metrics/sft.json"), help="final metrics (JSON)"),
     live: Path = typer.Option(Path("dvclive/sft"), help="dvclive folder for per-step curves"),
+    checkpoints: Path = typer.Option(
+        Path("checkpoints/sft"), help="resumable checkpoints (every sft.checkpoint_every steps); a rerun resumes"
+    ),
 ) -> None:
     """Step 1: fine-tune the actor on demonstrations."""
     from rlhf.outputs import write_json
@@ -22,7 +25,7 @@ def sft(
 
     params = read_params(params_path)
     relaunch_if_distributed(params)
-    result = guarded(run_sft, params, data, out, live)
+    result = guarded(run_sft, params, data, out, live, checkpoints)
     if is_main_rank():
         write_json(metrics, result)
         typer.echo(f"sft: model -> {out}, metrics -> {metrics} (perplexity {result['perplexity']:.3f})")

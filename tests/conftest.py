@@ -56,13 +56,18 @@ def cli_env() -> dict[str, str]:
 
 
 def run_cli(
-    *args: str, cwd: Path, check: bool = True, timeout: float = 600, stdin: str | None = None
+    *args: str,
+    cwd: Path,
+    check: bool = True,
+    timeout: float = 600,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """`rlhf ARGS` as a user runs it (a fresh process), returning its output."""
+    """`rlhf ARGS` as a user runs it (a fresh process), returning its output. `env` adds variables (faults)."""
     proc = subprocess.run(
         [sys.executable, "-m", "stages.cli", *args],
         cwd=cwd,
-        env=cli_env(),
+        env={**cli_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

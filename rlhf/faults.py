@@ -1,0 +1,34 @@
+"""Fault injection for the reliability tests, in the manner of SQLite's: environment variables that make a run
+SIGKILL itself or see a non-finite loss at a chosen step. Unset (normal use) they cost one dict lookup.
+
+    RLHF_FAULT_KILL_AT_STEP=N     SIGKILL this process right after step (PPO: iteration) N is logged
+    RLHF_FAULT_NAN_AT_STEPS=3,4   the loss of steps (PPO: iterations) 3 and 4 becomes NaN
+    RLHF_FAULT_RANK=R             only rank R is affected (default: every rank)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+KILL_AT_STEP = "RLHF_FAULT_KILL_AT_STEP"
+NAN_AT_STEPS = "RLHF_FAULT_NAN_AT_STEPS"
+RANK = "RLHF_FAULT_RANK"
+
+
+def _this_rank() -> bool:
+    wanted = os.environ.get(RANK)
+    return wanted is None or wanted == os.environ.get("RANK", "0")
+
+
+def kill_at(step: int) -> None:
+    if os.environ.get(KILL_AT_STEP) == str(step) and _this_rank():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison(loss: Any, step: int) -> Any:
+    steps = os.environ.get(NAN_AT_STEPS)
+    if steps and str(step) in steps.split(",") and _this_rank():
+        return loss * float("nan")
+    return loss

@@ -1,0 +1,67 @@
+"""Kill a training stage with SIGKILL mid-run and rerun it: it resumes from the newest complete checkpoint and
+ends with the same weights, bit for bit, and the same logged curves as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli, write_params
+
+# Two epochs of the tiny split (13 batches each), a checkpoint every 8 steps, the kill after step 15: the resumed
+# run starts from step 8, crosses an epoch boundary (and its evaluation) it had already logged once.
+LONGER = {"epochs": 2, "max_steps": 20, "log_every": 1, "checkpoint_every": 8}
+KILL = {"RLHF_FAULT_KILL_AT_STEP": "15"}
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def _curve(live: Path, name: str) -> list[tuple[str, str]]:
+    """(step, value) rows of a dvclive curve; the timestamp column differs between runs by nature."""
+    lines = (live / "plots/metrics" / f"{name}.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    s, v = header.index("step"), header.index(name.split("/")[-1])
+    return [(row.split("\t")[s], row.split("\t")[v]) for row in lines[1:]]
+
+
+def _copy(prepared: Path, dest: Path, stage: str) -> Path:
+    shutil.copytree(prepared / "data", dest / "data")
+    write_params(dest / "params.yaml", {stage: LONGER})
+    return dest
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_killed_stage_resumes_to_identical_weights_and_curves(prepared: Path, tmp_path: Path, stage: str) -> None:
+    straight = _copy(prepared, tmp_path / "straight", stage)
+    run_cli(stage, "--params", "params.yaml", cwd=straight)
+
+    killed = _copy(prepared, tmp_path / "killed", stage)
+    proc = run_cli(stage, "--params", "params.yaml", cwd=killed, check=False, env=KILL)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (killed / "models" / stage).exists()
+    assert [p.name for p in (killed / "checkpoints" / stage).iterdir()] == ["step-00000008"]
+
+    proc = run_cli(stage, "--params", "params.yaml", cwd=killed)
+    assert "resumed from checkpoints/" + stage + "/step-00000008" in proc.stdout
+
+    a, b = _weights(straight / "models" / stage), _weights(killed / "models" / stage)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # training did move them after the last checkpoint (step 16), which the finished run keeps
+    ckpt = torch.load(killed / "checkpoints" / stage / "step-00000016/model/mp_rank_00_model_states.pt", weights_only=False)
+    moved = [k for k, v in ckpt["module"].items() if k in b and not torch.equal(v.float(), b[k].float())]
+    assert len(moved) >= len(b) // 2
+    live = f"dvclive/{stage}"
+    for curve in ("train/loss", "train/lr", "eval/eval_loss" if stage == "sft" else "eval/accuracy"):
+        assert _curve(straight / live, curve) == _curve(killed / live, curve), curve
+    assert len(_curve(killed / live, "train/loss")) == 20
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(killed / "models" / stage).vocab_size > 0
