@@ -20,9 +20,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from rlhf import faults
 from rlhf.config import EngineConfig, Params, PPOConfig, TrainConfig, resolve_engine
 from rlhf.engine import Dist
 from rlhf.errors import UserError
+from rlhf.trainer import NonFiniteGuard
 
 
 @dataclass
@@ -191,6 +193,8 @@ class PPOTrainer:
         self.tok = engine.tok
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.timings: dict[str, float] = {}
+        self.iteration = 0  # the PPO iteration under way (1-based), for messages and fault injection
+        self.guard = NonFiniteGuard(config.max_bad_steps, "ppo")
         self.prompt_width = 0  # P of the current rollout: answers start at sequences[:, prompt_width:]
 
     # ------------------------------------------------------------------ overridable pieces (small on purpose)
@@ -292,15 +296,26 @@ class PPOTrainer:
         actor.train()
         logprobs = self._logprobs(actor, exp.sequences, exp.attention_mask, p)
         a_loss, a_stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.clip_range)
-        actor.backward(a_loss)
-        actor.step()
+        self._step(actor, faults.poison(a_loss, self.iteration))
 
         critic.train()
         values = token_values(critic.module, exp.sequences, exp.attention_mask)[:, p - 1 : -1]
         c_loss, c_stats = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.value_clip_range)
-        critic.backward(c_loss)
-        critic.step()
+        self._step(critic, c_loss)
         return a_loss.item(), c_loss.item(), {**a_stats, **c_stats}
+
+    def _step(self, engine: Any, loss: Any) -> None:
+        """backward + step, unless the loss or the gradients are not finite on some rank: then the update is
+        skipped (weights and optimizer state untouched) and counted; `guard` aborts after too many in a row."""
+        from rlhf.trainer import all_finite, grads_finite
+
+        if not self.guard.ok(all_finite(loss, self.engine.dist), self.iteration):
+            return
+        engine.backward(loss)
+        if not self.guard.ok(grads_finite(engine), self.iteration):
+            engine.zero_grad()
+            return
+        engine.step()
 
     def train_unsupervised(self, batch: dict[str, Any]) -> float:
         """The ptx step (InstructGPT's PPO-ptx): ptx_coef x language-model loss on demonstrations, its own step."""
@@ -308,8 +323,7 @@ class PPOTrainer:
         actor.train()
         batch = {k: v.to(actor.device) for k, v in batch.items()}
         loss = actor(**batch).loss
-        actor.backward(self.config.ptx_coef * loss)
-        actor.step()
+        self._step(actor, self.config.ptx_coef * loss)
         return loss.item()
 
 
@@ -331,12 +345,40 @@ def collate_prompts(width: int, pad_id: int) -> Callable[[list[list[int]]], dict
     return collate
 
 
-def _cycle(loader: Any) -> Any:
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+class Cycle:
+    """Batches from a loader, epoch after epoch without end, that can report and restore its position (for
+    resuming), reshuffling each epoch as the DistributedSampler's seed + epoch dictates."""
+
+    def __init__(self, loader: Any):
+        self.loader, self.epoch, self.index, self._it = loader, 0, 0, None
+
+    def __iter__(self) -> Cycle:
+        return self
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self._open()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.index, self._it = self.epoch + 1, 0, None
+            return next(self)
+        self.index += 1
+        return batch
+
+    def _open(self) -> None:
+        self.loader.sampler.set_epoch(self.epoch)
+        self._it = iter(self.loader)
+        for _ in range(self.index):
+            next(self._it)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Jump to a saved position now (not at the next batch), so that it happens before RNG states are restored."""
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._open()
 
 
 def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> float:
@@ -358,7 +400,13 @@ def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> float:
 
 
 def run_ppo(
-    params: Params, data_dir: Path, sft_path: Path, reward_path: Path, out_dir: Path, live_dir: Path | None
+    params: Params,
+    data_dir: Path,
+    sft_path: Path,
+    reward_path: Path,
+    out_dir: Path,
+    live_dir: Path | None,
+    ckpt_dir: Path | None = None,
 ) -> dict[str, float]:
     """Train the actor and critic with PPO; write out_dir/{actor,critic,actor_ema}; return the final metrics."""
     import sys
@@ -366,9 +414,10 @@ def run_ppo(
     import torch
     from tqdm.auto import tqdm
 
+    from rlhf.checkpoint import Checkpointer, fingerprint, set_rng_state
     from rlhf.data import read_split
     from rlhf.engine import init_distributed, seed_everything
-    from rlhf.outputs import make_manifest
+    from rlhf.outputs import hash_path, make_manifest
     from rlhf.sft import collate_sft, encode_sft_row
     from rlhf.tokenizer import encode_prompt, load_tokenizer
     from rlhf.trainer import MetricsLogger, all_reduce_sum, export_model, make_loader
@@ -394,16 +443,38 @@ def run_ppo(
     trainer = PPOTrainer(engine, ppo)
     width = max(len(p) for p in train_prompts + eval_prompts)
     collate = collate_prompts(width, tok.pad_token_id)
-    prompts = _cycle(make_loader(train_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=True))
+    prompts = Cycle(make_loader(train_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=True))
     eval_loader = make_loader(eval_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=False)
-    ptx = _cycle(make_loader(ptx_rows, ppo.micro_batch_size, collate_sft(tok.pad_token_id), dist, params.seed, True)) if ptx_rows else None
+    ptx = Cycle(make_loader(ptx_rows, ppo.micro_batch_size, collate_sft(tok.pad_token_id), dist, params.seed, True)) if ptx_rows else None
 
-    score_before = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else float("nan")
-    logger = MetricsLogger(live_dir, dist)
-    bar = tqdm(total=ppo.iterations, desc="ppo", disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+    manifest_params = {k: getattr(params, k).model_dump() for k in ("engine", "ppo", "data")}
+    manifest_inputs = {"ppo_train": data_dir / "ppo_train.jsonl", "sft_model": sft_path, "reward_model": reward_path}
+    inputs = {k: hash_path(v) for k, v in manifest_inputs.items()}
+    ckpt = Checkpointer(
+        ckpt_dir, ppo.checkpoint_every, fingerprint("ppo", manifest_params, inputs, params.seed, dist.world_size), dist
+    )
+    resume = ckpt.latest()
+    saved = ckpt.load(resume, {"actor": engine.actor.engine, "critic": engine.critic}) if resume is not None else None
+    start, point, stopped = 1, {}, ""
+    if saved is None:
+        score_before = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else float("nan")
+        logger = MetricsLogger(live_dir, dist)
+    else:  # the data positions first, the RNG states last: the resumed run then draws what the straight one drew
+        state = saved["state"]
+        start, point, score_before = state["iteration"] + 1, state["point"], state["score_before"]
+        prompts.load_state_dict(state["prompts"])
+        if ptx is not None:
+            ptx.load_state_dict(state["ptx"])
+        trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+        trainer.guard.skipped = state["skipped"]
+        if engine.ema is not None:
+            engine.ema.load_state_dict(state["ema"])
+        logger = MetricsLogger(live_dir, dist, state["log_rows"])
+        set_rng_state(saved["rng"])
+    bar = tqdm(total=ppo.iterations, initial=start - 1, desc="ppo", disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
     t_start = time.perf_counter()
-    point: dict[str, float] = {}
-    for it in range(1, ppo.iterations + 1):
+    for it in range(start, ppo.iterations + 1):
+        trainer.iteration = it
         # 1-3: generate, score, advantages (timed inside generate_experience)
         parts, timings, tokens = [], {"generate_s": 0.0, "score_s": 0.0, "advantages_s": 0.0}, 0
         for _ in range(ppo.generation_batches):
@@ -456,6 +527,29 @@ def run_ppo(
                     flush=True,
                 )
         bar.update(1)
+        if ppo.max_kl is not None and mean_kl > ppo.max_kl:
+            stopped = (
+                f"PPO stopped early at iteration {it}: mean KL to the reference {mean_kl:.3f} per answer exceeds "
+                f"ppo.max_kl {ppo.max_kl}; the models of this iteration are written. Raise ppo.kl_coef or lower "
+                "ppo.actor_learning_rate to stay closer to the SFT model"
+            )
+            if dist.is_main:
+                print(f"[ppo] {stopped}", flush=True)
+            break
+        if ckpt.due(it, ppo.iterations):
+            state = {
+                "iteration": it,
+                "point": point,
+                "score_before": score_before,
+                "prompts": prompts.state_dict(),
+                "ptx": ptx.state_dict() if ptx is not None else None,
+                "kl_ctl": trainer.kl_ctl.state_dict(),
+                "skipped": trainer.guard.skipped,
+                "ema": engine.ema.state_dict() if engine.ema is not None else None,
+                "log_rows": logger.rows(),
+            }
+            ckpt.save(it, {"actor": engine.actor.engine, "critic": engine.critic}, state)
+        faults.kill_at(it)
     bar.close()
     score_after = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else float("nan")
     metrics = {
@@ -463,16 +557,13 @@ def run_ppo(
         "rm_score_ppo": score_after,
         "final_reward": point.get("reward", float("nan")),
         "final_kl": point.get("kl", float("nan")),
-        "iterations": ppo.iterations,
+        "iterations": trainer.iteration,
+        "stopped_early": bool(stopped),
+        "skipped_steps": trainer.guard.skipped,
         "train_seconds": time.perf_counter() - t_start,
     }
     manifest = make_manifest(
-        "ppo",
-        {k: getattr(params, k).model_dump() for k in ("engine", "ppo", "data")},
-        {"ppo_train": data_dir / "ppo_train.jsonl", "sft_model": sft_path, "reward_model": reward_path},
-        seed=params.seed,
-        world_size=dist.world_size,
-        metrics=metrics,
+        "ppo", manifest_params, manifest_inputs, seed=params.seed, world_size=dist.world_size, metrics=metrics
     )
     z_actor, z_critic = engine.engines["actor"].zero_stage, engine.engines["critic"].zero_stage
     export_model(engine.actor.module, engine.build_actor, tok, out_dir / "actor", manifest, z_actor, dist)

@@ -17,6 +17,9 @@ def ppo(
     out: Path = typer.Option(Path("models/ppo"), help="folder for actor/, critic/ and actor_ema/"),
     metrics: Path = typer.Option(Path("metrics/ppo.json"), help="final metrics (JSON)"),
     live: Path = typer.Option(Path("dvclive/ppo"), help="dvclive folder for per-iteration curves"),
+    checkpoints: Path = typer.Option(
+        Path("checkpoints/ppo"), help="resumable checkpoints (every ppo.checkpoint_every iterations); a rerun resumes"
+    ),
 ) -> None:
     """Step 3: PPO with a KL penalty to the reference, a critic, EMA and optional ptx, on the hybrid engine."""
     from rlhf.outputs import write_json
@@ -24,7 +27,7 @@ def ppo(
 
     params = read_params(params_path)
     relaunch_if_distributed(params)
-    result = guarded(run_ppo, params, data, sft, reward_model, out, live)
+    result = guarded(run_ppo, params, data, sft, reward_model, out, live, checkpoints)
     if is_main_rank():
         write_json(metrics, result)
         typer.echo(

@@ -65,3 +65,35 @@ def test_killed_stage_resumes_to_identical_weights_and_curves(prepared: Path, tm
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(killed / "models" / stage).vocab_size > 0
+
+
+def test_killed_ppo_resumes_to_identical_models_and_curves(trained: Path, tmp_path: Path) -> None:
+    """Actor, critic and EMA weights, the adaptive KL coefficient and the sampled rollouts all continue exactly."""
+    longer = {"ppo": {"iterations": 6, "checkpoint_every": 2, "kl_target": 1.0, "kl_horizon": 100}}
+    runs = {}
+    for name, env in (("straight", None), ("killed", {"RLHF_FAULT_KILL_AT_STEP": "3"})):
+        work = tmp_path / name
+        shutil.copytree(trained / "data", work / "data")
+        shutil.copytree(trained / "models", work / "models", ignore=shutil.ignore_patterns("ppo"))
+        write_params(work / "params.yaml", longer)
+        proc = run_cli("ppo", "--params", "params.yaml", cwd=work, check=False, env=env)
+        if env:
+            assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+            assert not (work / "models/ppo").exists()
+            proc = run_cli("ppo", "--params", "params.yaml", cwd=work)
+            assert "resumed from checkpoints/ppo/step-00000002" in proc.stdout
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = work
+
+    for model in ("actor", "critic", "actor_ema"):
+        a, b = (_weights(runs[n] / "models/ppo" / model) for n in ("straight", "killed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
+    sft = _weights(trained / "models/sft")
+    actor = _weights(runs["killed"] / "models/ppo/actor")
+    assert sum(not torch.equal(actor[k], sft[k]) for k in sft) >= len(sft) // 2
+    for curve in ("ppo/reward", "ppo/kl", "ppo/kl_coef", "ppo/actor_loss", "ppo/critic_loss"):
+        assert _curve(runs["straight"] / "dvclive/ppo", curve) == _curve(runs["killed"] / "dvclive/ppo", curve), curve
+    assert len(_curve(runs["killed"] / "dvclive/ppo", "ppo/reward")) == 6
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(runs["killed"] / "models/ppo/actor_ema")
