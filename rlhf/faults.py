@@ -2,7 +2,7 @@
 SIGKILL itself or see a non-finite loss at a chosen step. Unset (normal use) they cost one dict lookup.
 
     RLHF_FAULT_KILL_AT_STEP=N     SIGKILL this process right after step (PPO: iteration) N is logged
-    RLHF_FAULT_NAN_AT_STEPS=3,4   the loss of steps (PPO: iterations) 3 and 4 becomes NaN
+    RLHF_FAULT_NAN_AT_STEPS=3,4   the loss of the 3rd and 4th micro-batches (PPO: of iterations 3 and 4) is NaN
     RLHF_FAULT_RANK=R             only rank R is affected (default: every rank)
 """
 

@@ -162,10 +162,10 @@ def fit(
     from rlhf import faults
     from rlhf.checkpoint import set_rng_state
 
-    pos = {"step": 0, "epoch": 0, "batch": 0, "window": [], "skipped": 0, "metrics": {}}
+    pos = {"step": 0, "epoch": 0, "batch": 0, "micro": 0, "window": [], "skipped": 0, "metrics": {}}
     if saved is not None:
         pos.update(saved["state"])
-    step, window, metrics = pos["step"], list(pos["window"]), dict(pos["metrics"])
+    step, micro, window, metrics = pos["step"], pos["micro"], list(pos["window"]), dict(pos["metrics"])
     guard = NonFiniteGuard(train.max_bad_steps, desc, pos["skipped"])
     bar = tqdm(total=total, initial=step, desc=desc, disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -183,7 +183,8 @@ def fit(
             saved = None
         for index, batch in enumerate(batches, start=first + 1):
             loss, extra = loss_fn(engine, batch)
-            loss = faults.poison(loss, step + 1)
+            micro += 1
+            loss = faults.poison(loss, micro)
             if not guard.ok(all_finite(loss, dist), step + 1):
                 continue
             engine.backward(loss)
@@ -209,8 +210,10 @@ def fit(
                 bar.set_postfix(loss=f"{point['train/loss']:.4f}")
                 window, t0 = [], time.perf_counter()
             if ckpt is not None and ckpt.due(step, total):
-                state = {"step": step, "epoch": epoch, "batch": index, "window": window, "skipped": guard.skipped,
-                         "metrics": metrics, "log_rows": logger.rows()}
+                state = {
+                    "step": step, "epoch": epoch, "batch": index, "micro": micro, "window": window,
+                    "skipped": guard.skipped, "metrics": metrics, "log_rows": logger.rows(),
+                }
                 ckpt.save(step, {"model": engine}, state)
             faults.kill_at(step)
             if step >= total:
