@@ -27,12 +27,26 @@ def fail(message: str) -> None:
 
 
 def guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a stage body; a UserError becomes one line and exit code 2."""
+    """Run a stage body; a UserError becomes one line and exit code 2. Under the launcher, a rank that lost its
+    peers (one of them died) says so in one line and exits 3; the launcher then stops the rest and the parent
+    command explains (see relaunch_if_distributed)."""
     try:
         return fn(*args, **kwargs)
     except UserError as err:
         fail(str(err))
+    except RuntimeError as err:
+        if not (launched() and _lost_peer(err)):
+            raise
+        typer.echo(f"[rank {os.environ.get('RANK')}] stopped: lost contact with another rank ({str(err)[:160]})", err=True)
+        raise typer.Exit(code=3) from None
     raise AssertionError("unreachable")
+
+
+def _lost_peer(err: RuntimeError) -> bool:
+    import torch
+
+    text = str(err)
+    return isinstance(err, torch.distributed.DistError) or any(s in text for s in ("gloo", "NCCL", "Connection reset"))
 
 
 def read_params(path: Path) -> Params:
@@ -61,7 +75,17 @@ def relaunch_if_distributed(params: Params) -> bool:
         cmd += ["--hostfile", engine.hostfile]
     cmd += ["--num_gpus", str(engine.num_procs), "--module", "stages.cli", *sys.argv[1:]]
     typer.echo(f"launching {engine.num_procs} ranks per node: {' '.join(cmd[2:])}", err=True)
-    raise typer.Exit(code=subprocess.call(cmd, env=env))
+    code = subprocess.call(cmd, env=env)
+    if code not in (0, 2):  # 2: the ranks already printed the bad input
+        # the launcher exits with the failed rank's code; a signal -N comes back as 256 - N
+        how = f"was killed by signal {256 - code}" if code > 128 else f"exited with code {code}"
+        typer.echo(
+            f"error: the {engine.num_procs}-rank job stopped: a rank {how} and the launcher "
+            "stopped the others (see the lines above). Rerun the same command: training resumes from the newest "
+            "checkpoint (checkpoint_every in params.yaml)",
+            err=True,
+        )
+    raise typer.Exit(code=code)
 
 
 def is_main_rank() -> bool:

@@ -58,3 +58,24 @@ def test_two_rank_zero3_lora_ppo_through_the_launcher(trained: Path) -> None:
     assert changed and all(any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
     manifest = json.loads((trained / "models/ppo_zero3/actor/manifest.json").read_text())
     assert manifest["world_size"] == 2
+
+
+def test_a_killed_rank_stops_the_whole_job_quickly(prepared: Path, tmp_path: Path) -> None:
+    """SIGKILL rank 1 after its second step: rank 0 must not wait in a collective for ever; the job ends within
+    60 s with one line naming what happened and how to go on."""
+    import shutil
+    import time
+
+    work = tmp_path / "kill"
+    shutil.copytree(prepared / "data", work / "data")
+    write_params(work / "params.yaml", {"engine": {"num_procs": 2}, "sft": {"epochs": 50, "max_steps": 0}})
+    t0 = time.perf_counter()
+    proc = run_cli(
+        "sft", "--params", "params.yaml", cwd=work, check=False, timeout=300,
+        env={"RLHF_FAULT_KILL_AT_STEP": "2", "RLHF_FAULT_RANK": "1"},
+    )
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode != 0 and elapsed < 60, (proc.returncode, elapsed)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "killed by signal 9" in errors[0] and "Rerun" in errors[0], proc.stderr[-3000:]
+    assert not (work / "models/sft").exists()
