@@ -30,6 +30,9 @@ def _llama_config(cfg: ModelConfig, tok: Any, **extra: Any) -> Any:
 
 
 def _from_pretrained(auto_cls: Any, path: str, **kwargs: Any) -> Any:
+    from rlhf.outputs import verify_output_dir
+
+    verify_output_dir(Path(path))
     try:
         return auto_cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:

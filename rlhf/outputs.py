@@ -85,3 +85,21 @@ def write_output_dir(out_dir: Path, fill: Callable[[Path], None], manifest: dict
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+def verify_output_dir(path: Path) -> None:
+    """Refuse a folder this project wrote (it has a manifest) that is unfinished or whose files no longer match the
+    hashes in its COMPLETE.json: a half-copied checkout, a corrupted cache object. Folders from elsewhere pass."""
+    from rlhf.errors import UserError
+
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return
+    fix = f"restore it with `dvc checkout {path}` or `dvc pull {path}`, or rebuild it with `dvc repro -f`"
+    try:
+        files = json.loads((path / COMPLETE).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"'{path}' is unfinished (no valid {COMPLETE}): {fix}") from None
+    for name, digest in files.items():
+        if not (path / name).is_file() or sha256_file(path / name) != digest:
+            raise UserError(f"'{path / name}' does not match the hash in {COMPLETE} (corrupted or half-copied): {fix}")

@@ -130,3 +130,60 @@ def test_rlhf_train_writes_params_and_reproduces_with_step_times(tmp_path: Path)
     assert last.startswith("train: wall time per step:")
     assert all(f"{step} " in last for step in ("prepare", "sft", "reward", "ppo", "evaluate"))
     assert json.loads(_run("dvc", "status", "--json", cwd=repo)) == {}
+
+
+def _snapshot(repo: Path) -> dict[str, bytes]:
+    """dvc.lock and every DVC cache object, byte for byte."""
+    files = {"dvc.lock": (repo / "dvc.lock").read_bytes()} if (repo / "dvc.lock").exists() else {}
+    cache = repo / ".dvc/cache"
+    files |= {str(p.relative_to(repo)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+    return files
+
+
+def test_killed_stage_leaves_lock_and_cache_untouched_then_resumes(tmp_path: Path) -> None:
+    """SIGKILL `dvc repro`'s sft mid-run: dvc.lock and the cache are as before; the next `dvc repro` resumes from
+    the checkpoint and succeeds. Then a corrupted cache object is detected, not checked out as the model."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("rlhf", "stages"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    write_params(repo / "params.yaml", {"sft": {"max_steps": 12, "checkpoint_every": 4}})
+    _run("git", "init", "-q", cwd=repo)
+    _run("dvc", "init", "-q", cwd=repo)
+    _commit(repo, "init")
+    _run("dvc", "repro", "prepare", cwd=repo)
+    before = _snapshot(repo)
+
+    proc = subprocess.run(
+        ["dvc", "repro", "sft"], cwd=repo, env={**cli_env(), "RLHF_FAULT_KILL_AT_STEP": "6"},
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode != 0
+    assert _snapshot(repo) == before
+    assert not (repo / "models/sft").exists() and (repo / "checkpoints/sft/step-00000004/COMPLETE.json").is_file()
+
+    out = _run("dvc", "repro", "sft", cwd=repo)
+    assert "resumed from checkpoints/sft/step-00000004" in out
+    assert json.loads(_run("dvc", "status", "sft", "--json", cwd=repo)) == {}
+
+    # corrupt the cached weights, drop the workspace copy, and ask DVC for it back
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    sft_dir = next(o for o in lock["stages"]["sft"]["outs"] if o["path"] == "models/sft")["md5"]
+    listing = json.loads((repo / ".dvc/cache/files/md5" / sft_dir[:2] / sft_dir[2:]).read_text())
+    weights_md5 = next(e["md5"] for e in listing if e["relpath"] == "model.safetensors")
+    obj = repo / ".dvc/cache/files/md5" / weights_md5[:2] / weights_md5[2:]
+    obj.chmod(0o644)
+    obj.write_bytes(obj.read_bytes()[:-16] + b"\0" * 16)
+    shutil.rmtree(repo / "models/sft")
+    _run("dvc", "checkout", "models/sft", cwd=repo)  # DVC trusts its cache on checkout and links the bad bytes...
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "chat", "--model", "models/sft", "--prompt", "hi"],
+        cwd=repo, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # ...our loader refuses them: the file no longer has the hash in COMPLETE.json
+    assert proc.returncode == 2 and "does not match the hash in COMPLETE.json" in proc.stderr, proc.stderr[-2000:]
+    status = json.loads(_run("dvc", "status", "--json", "sft", cwd=repo))
+    assert {"changed outs": {"models/sft": "not in cache"}} in status["sft"], status  # DVC rehashes and notices
+    shutil.rmtree(repo / "models/sft")
+    proc = subprocess.run(["dvc", "checkout", "models/sft"], cwd=repo, env=cli_env(), capture_output=True, text=True)
+    assert proc.returncode != 0 and "Checkout failed" in proc.stderr  # and from then on will not hand it out
