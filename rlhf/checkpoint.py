@@ -73,7 +73,7 @@ class Checkpointer:
     def __init__(self, root: Path | None, every: int, fp: str, dist: Dist):
         self.root = Path(root) if root is not None else None
         self.every, self.fp, self.dist = every, fp, dist
-        if self.root is not None and dist.is_main:
+        if self.root is not None:  # on every rank: each must see it before deciding whether to meet at a barrier
             self.root.mkdir(parents=True, exist_ok=True)
 
     def due(self, step: int, total: int) -> bool:
@@ -81,7 +81,7 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint of this run; on rank 0, removes half-written and foreign ones."""
-        if self.root is None or not self.root.is_dir():
+        if self.root is None:
             return None
         found = None
         steps = sorted((p for p in self.root.iterdir() if p.name.startswith(PREFIX)), key=lambda p: p.name, reverse=True)

@@ -62,9 +62,11 @@ def test_killed_stage_resumes_to_identical_weights_and_curves(prepared: Path, tm
     for curve in ("train/loss", "train/lr", "eval/eval_loss" if stage == "sft" else "eval/accuracy"):
         assert _curve(straight / live, curve) == _curve(killed / live, curve), curve
     assert len(_curve(killed / live, "train/loss")) == 20
-    from transformers import AutoConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    assert AutoConfig.from_pretrained(killed / "models" / stage).vocab_size > 0
+    auto = AutoModelForCausalLM if stage == "sft" else AutoModelForSequenceClassification
+    loaded = auto.from_pretrained(killed / "models" / stage).state_dict()
+    assert all(torch.equal(loaded[k], b[k]) for k in b if k in loaded)
 
 
 def test_killed_ppo_resumes_to_identical_models_and_curves(trained: Path, tmp_path: Path) -> None:
