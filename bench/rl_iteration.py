@@ -155,8 +155,8 @@ def run_trl(work: Path, size: str, args: argparse.Namespace, algo: str) -> dict:
     trainer.train()
     times = [b - a for a, b in zip(ends, ends[1:])]  # the first step (from t0) warms up
     assert len(times) == args.iters, (len(ends), args.iters)
-    return {"times": times, "first_s": ends[0] - t0, "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
-            "trl": trl.__version__}
+    return {"times": times, "first_s": ends[0] - t0, "params": sum(p.numel() for p in model.parameters()),
+            "threads": torch.get_num_threads(), "trl": trl.__version__}
 
 
 def main() -> None:
@@ -168,11 +168,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens per answer (exact)")
     ap.add_argument("--iters", type=int, default=3, help="timed iterations (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="turns each side takes (alternating)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default, the cores)")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
         work = Path(args.work)
         if args.side == "setup":
             out = setup(work, args.size, args)
@@ -188,7 +193,7 @@ def main() -> None:
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     shape = ["--prompts", str(args.prompts), "--completions", str(args.completions),
-             "--new-tokens", str(args.new_tokens), "--iters", str(args.iters)]
+             "--new-tokens", str(args.new_tokens), "--iters", str(args.iters), "--threads", str(args.threads)]
     sides = ["ours", *args.trl.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="rl-bench-") as tmp:
@@ -214,7 +219,7 @@ def main() -> None:
                 row[f"speedup_vs_{algo}"] = row[algo]["s_per_iter"] / row["ours"]["s_per_iter"]
             rows.append(row)
     print(json.dumps({"bench": "rl_iteration", "prompts": args.prompts, "completions": args.completions,
-                      "new_tokens": args.new_tokens, "iters": args.iters, "rounds": args.rounds,
+                      "new_tokens": args.new_tokens, "iters": args.iters, "rounds": args.rounds, "threads": args.threads,
                       "rows": rows}))
 
 

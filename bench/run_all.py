@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/run_all.py                       # all of them (about 40 min on 2 CPU cores)
     PYTHONPATH=. python bench/run_all.py --only rl_iteration   # one; the other tables keep their stored results
+    PYTHONPATH=. python bench/run_all.py --only dvc_savings --options dvc_savings='--size tiny'
     PYTHONPATH=. python bench/run_all.py --smoke --results DIR --readme FILE   # smallest sizes (the smoke test)
 
 Each script prints one JSON line last; it is stored with the date, the machine, the load averages and the exact
@@ -54,10 +55,12 @@ def machine() -> str:
             f"DeepSpeed {metadata.version('deepspeed')}, {gpu}")
 
 
-def run(name: str, smoke: bool, results: Path) -> dict:
+def run(name: str, smoke: bool, results: Path, options: str | None = None) -> dict:
+    """Run one benchmark (`options` replace its default options) and store its record in results/<name>.json."""
     command, smoke_args = BENCHES[name]
-    if smoke:  # the script's own options, with the smallest sizes
-        command = re.sub(r" --\S+ \S+$", "", command) + " " + smoke_args
+    options = smoke_args if smoke else options
+    if options is not None:
+        command = re.sub(r" --\S+ \S+$", "", command) + " " + options
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     shell = command.replace("python ", f"{sys.executable} ", 1)
@@ -149,8 +152,8 @@ def render(readme: Path, results: Path) -> None:
         if not path.is_file():
             continue
         table = "\n".join(globals()[f"table_{name}"](json.loads(path.read_text())))
-        text = re.sub(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)",
-                      lambda m: m.group(1) + table + m.group(2), text, flags=re.S)
+        text = re.sub(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)",
+                      lambda m: m.group(1) + table + "\n" + m.group(2), text, flags=re.S)
     readme.write_text(text)
 
 
@@ -160,11 +163,14 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="smallest sizes, to check that each script still runs")
     ap.add_argument("--results", type=Path, default=ROOT / "bench/results")
     ap.add_argument("--readme", type=Path, default=ROOT / "bench/README.md")
+    ap.add_argument("--options", action="append", default=[], metavar="NAME=OPTIONS",
+                    help="replace a benchmark's default options, e.g. rl_iteration='--sizes 50m --rounds 1'")
     ap.add_argument("--render-only", action="store_true", help="rewrite the README from stored results")
     args = ap.parse_args()
     if not args.render_only:
+        options = dict(o.split("=", 1) for o in args.options)
         for name in args.only.split(","):
-            run(name, args.smoke, args.results)
+            run(name, args.smoke, args.results, options.get(name))
     if args.readme != ROOT / "bench/README.md" and not args.readme.exists():
         shutil.copy(ROOT / "bench/README.md", args.readme)
     render(args.readme, args.results)

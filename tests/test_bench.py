@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, cli_env
 
 
+@pytest.mark.slow  # minutes on a loaded 2-core machine (3 min 45 s measured at load 5)
 def test_run_all_smoke(tmp_path: Path) -> None:
     results, readme = tmp_path / "results", tmp_path / "README.md"
     proc = subprocess.run(
