@@ -121,11 +121,14 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=32, help="the sft group's micro_batch_size")
     ap.add_argument("--matmul-n", type=int, default=2048)
     ap.add_argument("--peak-seconds", type=float, default=3.0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, the cores)")
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from rlhf.config import EngineConfig, load_params
     from rlhf.data import read_split
     from rlhf.engine import init_distributed
