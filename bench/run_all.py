@@ -116,7 +116,8 @@ def table_hybrid_generation(rec: dict) -> list[str]:
 def table_matmul_efficiency(rec: dict) -> list[str]:
     r = rec["result"]
     peaks = r["peak_flops_per_s"]
-    out = [f"Peak (best torch.mm of {r['matmul_n']}x{r['matmul_n']}, {r['threads']} thread{'s' if r['threads'] != 1 else ''}): fp32 "
+    threads = f"{r['threads']} thread" + ("s" if r["threads"] != 1 else "")
+    out = [f"Peak (best torch.mm of {r['matmul_n']}x{r['matmul_n']}, {threads}): fp32 "
            f"{peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s.", "",
            "| model | params | variant | micro batch | padding | s/step | tokens/s | GFLOP/s | of peak |",
            "|---|---|---|---|---|---|---|---|---|"]
