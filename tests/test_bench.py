@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import ROOT, cli_env
 
 
-@pytest.mark.slow  # minutes on a loaded 2-core machine (3 min 45 s measured at load 5)
+@pytest.mark.slow  # minutes on the shared 2-core machine: 2 min at load 3, 3 min 45 s at load 5
 def test_run_all_smoke(tmp_path: Path) -> None:
     results, readme = tmp_path / "results", tmp_path / "README.md"
     proc = subprocess.run(
