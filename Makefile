@@ -26,3 +26,7 @@ test: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+bench: setup  # every benchmark (tens of minutes on 2 CPU cores); rewrites bench/README.md's tables
+	$(VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[bench]'
+	$(ACTIVATE) && PYTHONPATH=. DS_ACCELERATOR=cpu python bench/run_all.py

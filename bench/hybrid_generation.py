@@ -6,12 +6,13 @@
 Both paths use the same model, prompts, sampling seed and lengths (eos is suppressed so every answer has exactly
 --new-tokens tokens). Naive: `model.generate(..., synced_gpus=True)` on the ZeRO-3 engine, which gathers every
 layer's shards for every token. Hybrid: rlhf.hybrid.HybridEngine.generate, which gathers once per rollout.
-Rank 0 prints tokens/s of each and the ratio.
+Rank 0 prints tokens/s of each and the ratio, then the same as one JSON line (for bench/run_all.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -88,6 +89,9 @@ def main() -> None:
         print(f"{'model':<6} {'params':>8} {'naive tok/s':>12} {'hybrid tok/s':>13} {'ratio':>6}")
         for size, n, naive_tps, hybrid_tps in rows:
             print(f"{size:<6} {n / 1e6:>7.1f}M {naive_tps:>12.1f} {hybrid_tps:>13.1f} {hybrid_tps / naive_tps:>5.1f}x")
+        print(json.dumps({"bench": "hybrid_generation", "ranks": dist.world_size, "batch_per_rank": args.batch,
+                          "new_tokens": args.new_tokens, "repeats": args.repeats,
+                          "rows": [{"size": s, "params": n, "naive_tok_s": a, "hybrid_tok_s": b} for s, n, a, b in rows]}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,227 @@
+"""Seconds per RL iteration: our PPO (rlhf.ppo) vs TRL's GRPOTrainer and RLOOTrainer, side by side in one run.
+
+    PYTHONPATH=. python bench/rl_iteration.py --sizes tiny,50m            # prints one JSON line at the end
+
+One iteration = generate + score + one optimizer update, on the same work for every side:
+- the same actor and reward model (a Llama built from a config, random init, saved once and loaded by each side),
+  and the same tokenizer and prompts (`rlhf prepare` on the shipped task, written to a temporary folder);
+- `--prompts` prompts per iteration, `--completions` answers per prompt (TRL: num_generations; ours: each prompt
+  repeated that many times in the rollout batch), every answer exactly `--new-tokens` tokens (min_new_tokens);
+- one optimizer step per iteration on all the answers (ours: ppo_epochs 1, micro batch = the rollout; TRL:
+  per_device_train_batch_size = all completions, steps_per_generation 1), a KL penalty to a frozen reference on
+  both (ours: ppo.kl_coef; TRL: beta, same value), fp32, one process, the same torch thread count.
+Ours also trains a critic and keeps an EMA actor (its defaults), which GRPO and RLOO do not have.
+
+Each side runs in its own subprocess (TRL's accelerate and our DeepSpeed process group do not share a process)
+and times `--iters` iterations after one warm-up iteration. The sides take turns for `--rounds` rounds, so a load
+change on a shared machine hits them alike; the figure per side is the median iteration over all its rounds
+(the fastest is reported too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {  # actor (hidden, layers, heads, intermediate); the reward model stays params.yaml's
+    "tiny": None,  # params.yaml's model group (~5M parameters with its 512-token vocabulary)
+    "50m": (576, 12, 9, 1536),  # ~48M parameters
+}
+
+
+def _params(work: Path, size: str, args: argparse.Namespace):
+    """params.yaml with a small task, the chosen actor size and the PPO batch that matches TRL's."""
+    from rlhf.config import load_params
+
+    over = {
+        "task.num_rows": 2000,
+        "ppo.rollout_batch_size": args.prompts * args.completions,
+        "ppo.micro_batch_size": args.prompts * args.completions,
+        "ppo.max_answer_tokens": args.new_tokens,
+        "ppo.iterations": args.iters + 1,
+        "ppo.ppo_epochs": 1,
+        "ppo.generation_batches": 1,
+        "engine.device": "cpu",
+    }
+    if SIZES[size]:
+        hidden, layers, heads, inter = SIZES[size]
+        over.update({"model.hidden_size": hidden, "model.num_layers": layers, "model.num_heads": heads,
+                     "model.intermediate_size": inter})
+    return load_params(ROOT / "params.yaml", over)
+
+
+def setup(work: Path, size: str, args: argparse.Namespace) -> None:
+    """Prepare data and tokenizer, and save the random-init actor and reward model as HF folders."""
+    from rlhf.models import build_causal_lm, build_reward_model, save_pretrained
+    from rlhf.prepare import run_prepare
+    from rlhf.tokenizer import load_tokenizer
+
+    params = _params(work, size, args)
+    if not (work / "data/tokenizer").is_dir():
+        run_prepare(params, work / "data")
+    tok = load_tokenizer(work / "data/tokenizer")
+    save_pretrained(build_causal_lm(params.model, tok, params.seed), tok, work / size / "sft")
+    save_pretrained(build_reward_model(params.reward_model, tok, params.seed), tok, work / size / "reward")
+
+
+def _prompts(work: Path, n: int) -> list[list[dict[str, str]]]:
+    from rlhf.data import read_split
+
+    return [r["prompt"] for r in read_split(work / "data/ppo_train.jsonl")][:n]
+
+
+def run_ours(work: Path, size: str, args: argparse.Namespace) -> dict:
+    """Our iteration exactly as run_ppo runs it: generate_experience, train_rlhf per micro batch, update_ema."""
+    import torch
+
+    from rlhf.engine import init_distributed, seed_everything
+    from rlhf.ppo import PPOTrainer, RLHFEngine, collate_prompts
+    from rlhf.tokenizer import encode_prompt
+
+    params = _params(work, size, args)
+    dist = init_distributed(params.engine)
+    seed_everything(params.seed)
+    engine = RLHFEngine(params, dist, work / size / "sft", work / size / "reward")
+    trainer = PPOTrainer(engine, params.ppo)
+    generate = engine.actor.generate
+    engine.actor.generate = lambda *a, **kw: generate(*a, min_new_tokens=args.new_tokens, **kw)  # fixed length
+    prompts = [encode_prompt(engine.tok, p) for p in _prompts(work, args.prompts * (args.iters + 1))]
+    collate = collate_prompts(max(len(p) for p in prompts), engine.tok.pad_token_id)
+    times, phases, tokens = [], {"generate_s": 0.0, "score_s": 0.0, "train_s": 0.0}, 0
+    for it in range(args.iters + 1):
+        batch = collate([p for p in prompts[it * args.prompts : (it + 1) * args.prompts] for _ in range(args.completions)])
+        t0 = time.perf_counter()
+        trainer.iteration = it + 1
+        exp = trainer.generate_experience(batch)
+        t1 = time.perf_counter()
+        mb = params.ppo.micro_batch_size
+        for i in range(0, exp.sequences.shape[0], mb):
+            trainer.train_rlhf(exp.slice(i, i + mb))
+        engine.update_ema()
+        t2 = time.perf_counter()
+        if it:  # the first iteration warms up
+            times.append(t2 - t0)
+            phases["generate_s"] += trainer.timings["generate_s"]
+            phases["score_s"] += trainer.timings["score_s"] + trainer.timings["advantages_s"]
+            phases["train_s"] += t2 - t1
+            tokens += trainer.generated_tokens
+    n_params = sum(p.numel() for p in engine.actor.module.parameters())
+    return {"times": times, "params": n_params,
+            "answer_tokens": tokens / len(times) / (args.prompts * args.completions),
+            **{k: v / len(times) for k, v in phases.items()}, "threads": torch.get_num_threads()}
+
+
+def run_trl(work: Path, size: str, args: argparse.Namespace, algo: str) -> dict:
+    """TRL's GRPOTrainer or RLOOTrainer on CPU, one optimizer step per generation; times between step ends."""
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+
+    from rlhf.tokenizer import load_tokenizer
+
+    params = _params(work, size, args)
+    tok = load_tokenizer(work / size / "sft")
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(work / size / "sft", dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(work / size / "reward", num_labels=1, dtype=torch.float32)
+    data = Dataset.from_list([{"prompt": p} for p in _prompts(work, args.prompts * (args.iters + 1))])
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            ends.append(time.perf_counter())
+
+    common = dict(
+        output_dir=str(work / f"trl-{algo}"), per_device_train_batch_size=args.prompts * args.completions,
+        gradient_accumulation_steps=1, num_generations=args.completions, max_completion_length=args.new_tokens,
+        generation_kwargs={"min_new_tokens": args.new_tokens}, temperature=params.ppo.temperature,
+        learning_rate=params.ppo.actor_learning_rate, beta=params.ppo.kl_coef, max_steps=args.iters + 1,
+        num_train_epochs=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, logging_steps=10**6,
+        disable_tqdm=True, seed=params.seed, dataloader_num_workers=0, shuffle_dataset=False,
+    )
+    cls, cfg_cls = (trl.GRPOTrainer, trl.GRPOConfig) if algo == "grpo" else (trl.RLOOTrainer, trl.RLOOConfig)
+    trainer = cls(model=model, reward_funcs=reward, args=cfg_cls(**common), train_dataset=data,
+                  processing_class=tok, reward_processing_classes=tok, callbacks=[Clock()])
+    t0 = time.perf_counter()
+    trainer.train()
+    times = [b - a for a, b in zip(ends, ends[1:])]  # the first step (from t0) warms up
+    assert len(times) == args.iters, (len(ends), args.iters)
+    return {"times": times, "first_s": ends[0] - t0, "params": sum(p.numel() for p in model.parameters()),
+            "threads": torch.get_num_threads(), "trl": trl.__version__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="tiny,50m")
+    ap.add_argument("--trl", default="grpo,rloo", help="TRL trainers to compare with")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
+    ap.add_argument("--completions", type=int, default=4, help="answers per prompt")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens per answer (exact)")
+    ap.add_argument("--iters", type=int, default=3, help="timed iterations (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=2, help="turns each side takes (alternating)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default, the cores)")
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--size", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        work = Path(args.work)
+        if args.side == "setup":
+            out = setup(work, args.size, args)
+        elif args.side == "ours":
+            out = run_ours(work, args.size, args)
+        else:
+            out = run_trl(work, args.size, args, args.side)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    shape = ["--prompts", str(args.prompts), "--completions", str(args.completions),
+             "--new-tokens", str(args.new_tokens), "--iters", str(args.iters), "--threads", str(args.threads)]
+    sides = ["ours", *args.trl.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rl-bench-") as tmp:
+        for size in args.sizes.split(","):
+            row: dict = {"size": size, "load_before": os.getloadavg()}
+            times: dict[str, list[float]] = {s: [] for s in sides}
+            for side in ["setup"] + sides * args.rounds:
+                cmd = [sys.executable, __file__, "--side", side, "--work", tmp, "--size", size, *shape]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    sys.exit(f"{side} ({size}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                if side != "setup":
+                    out = json.loads(lines[-1][7:])
+                    times[side] += out.pop("times")
+                    row[side] = out
+                    print(f"[rl] {size} {side}: " + " ".join(f"{t:.2f}" for t in times[side]) + " s/iter", flush=True)
+            for side in sides:
+                row[side].update(s_per_iter=statistics.median(times[side]), fastest_s=min(times[side]),
+                                 times=times[side])
+            row["load_after"] = os.getloadavg()
+            for algo in sides[1:]:
+                row[f"speedup_vs_{algo}"] = row[algo]["s_per_iter"] / row["ours"]["s_per_iter"]
+            rows.append(row)
+    print(json.dumps({"bench": "rl_iteration", "prompts": args.prompts, "completions": args.completions,
+                      "new_tokens": args.new_tokens, "iters": args.iters, "rounds": args.rounds, "threads": args.threads,
+                      "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Run every benchmark and rewrite the results tables in bench/README.md.
+
+    PYTHONPATH=. python bench/run_all.py                       # all of them (about 40 min on 2 CPU cores)
+    PYTHONPATH=. python bench/run_all.py --only rl_iteration   # one; the other tables keep their stored results
+    PYTHONPATH=. python bench/run_all.py --only dvc_savings --options dvc_savings='--size tiny'
+    PYTHONPATH=. python bench/run_all.py --smoke --results DIR --readme FILE   # smallest sizes (the smoke test)
+
+Each script prints one JSON line last; it is stored with the date, the machine, the load averages and the exact
+command in bench/results/<name>.json, and every table between `<!-- results:<name> -->` markers in the README is
+rendered again from the stored files. Text outside the markers (what limits a missed goal) is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = "PYTHONPATH=. python"
+BENCHES = {  # name: (command as a user types it, smoke arguments that replace its defaults)
+    "rl_iteration": (f"{PY} bench/rl_iteration.py --sizes tiny,50m",
+                     "--sizes tiny --trl grpo --prompts 2 --completions 2 --new-tokens 4 --iters 1 --rounds 1"),
+    "hybrid_generation": ("DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bench/hybrid_generation.py",
+                          "--sizes tiny --batch 2 --new-tokens 4 --repeats 1"),
+    "matmul_efficiency": (f"{PY} bench/matmul_efficiency.py --sizes 10m,100m",
+                          "--sizes 10m --variants 'fp32 padded' --steps 1 --micro-batch 4 --matmul-n 256 "
+                          "--peak-seconds 0.2"),
+    "dvc_savings": (f"{PY} bench/dvc_savings.py --size small", "--size tiny"),
+}
+
+
+def machine() -> str:
+    """One line: cores, memory, CPU model, torch and DeepSpeed versions, and whether a GPU was visible."""
+    from importlib import metadata
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()} cores, {mem:.0f} GiB, {model} ({platform.machine()}), torch {torch.__version__}, "
+            f"DeepSpeed {metadata.version('deepspeed')}, {gpu}")
+
+
+def run(name: str, smoke: bool, results: Path, options: str | None = None) -> dict:
+    """Run one benchmark (`options` replace its default options) and store its record in results/<name>.json."""
+    command, smoke_args = BENCHES[name]
+    options = smoke_args if smoke else options
+    if options is not None:
+        command = re.sub(r" --\S+ \S+$", "", command) + " " + options
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    shell = command.replace("python ", f"{sys.executable} ", 1)
+    load = os.getloadavg()
+    print(f"[run_all] {command}", flush=True)
+    proc = subprocess.run(shell, shell=True, cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    record = {"date": datetime.date.today().isoformat(), "machine": machine(), "command": command,
+              "load_before": load, "load_after": os.getloadavg(), "result": json.loads(lines[-1])}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _load(rec: dict) -> str:
+    return "load " + " / ".join(f"{x:.1f}" for x in (rec["load_before"][0], rec["load_after"][0]))
+
+
+def table_rl_iteration(rec: dict) -> list[str]:
+    r = rec["result"]
+    algos = [k[len("speedup_vs_"):] for k in r["rows"][0] if k.startswith("speedup_vs_")]
+    head = "| model | params | ours s/iter (gen / score / train) | " + " | ".join(
+        f"TRL {a.upper()} s/iter | ours vs {a.upper()}" for a in algos) + " |"
+    out = [head, "|" + "---|" * (3 + 2 * len(algos))]
+    for row in r["rows"]:
+        o = row["ours"]
+        cells = [row["size"], f"{o['params'] / 1e6:.1f}M",
+                 f"{o['s_per_iter']:.2f} ({o['generate_s']:.2f} / {o['score_s']:.2f} / {o['train_s']:.2f})"]
+        for a in algos:
+            cells += [f"{row[a]['s_per_iter']:.2f}", f"{row[f'speedup_vs_{a}']:.2f}x"]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append(f"{r['prompts']} prompts x {r['completions']} answers x {r['new_tokens']} tokens per iteration; median "
+               f"of {r['iters']} timed iterations x {r['rounds']} alternating rounds per side; {rec['date']}; "
+               f"{rec['machine']}; {_load(rec)} (1-min average before / after, the machine is shared). Command: "
+               f"`{rec['command']}`")
+    return out
+
+
+def table_hybrid_generation(rec: dict) -> list[str]:
+    r = rec["result"]
+    out = ["| model | params | naive tok/s | hybrid tok/s | ratio |", "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        out.append(f"| {row['size']} | {row['params'] / 1e6:.1f}M | {row['naive_tok_s']:.1f} | "
+                   f"{row['hybrid_tok_s']:.1f} | {row['hybrid_tok_s'] / row['naive_tok_s']:.1f}x |")
+    out += ["", f"{r['ranks']} CPU ranks (gloo); {rec['date']}; {rec['machine']}; {_load(rec)}. "
+            f"Command: `{rec['command']}`"]
+    return out
+
+
+def table_matmul_efficiency(rec: dict) -> list[str]:
+    r = rec["result"]
+    peaks = r["peak_flops_per_s"]
+    threads = f"{r['threads']} thread" + ("s" if r["threads"] != 1 else "")
+    out = [f"Peak (best torch.mm of {r['matmul_n']}x{r['matmul_n']}, {threads}): fp32 "
+           f"{peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s.", "",
+           "| model | params | variant | micro batch | padding | s/step | tokens/s | GFLOP/s | of peak |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        out.append(f"| {row['size']} | {row['params'] / 1e6:.1f}M | {row['variant']} | {row['micro_batch']} | "
+                   f"{row['padding_fraction']:.0%} | {row['s_per_step']:.2f} | {row['tokens_per_s']:.0f} | "
+                   f"{row['flops_per_s'] / 1e9:.1f} | {row['fraction_of_peak']:.0%} |")
+    out += ["", f"Mean of {r['steps']} timed optimizer steps after a warm-up; {rec['date']}; {rec['machine']}; "
+            f"{_load(rec)}. Command: `{rec['command']}`"]
+    return out
+
+
+def table_dvc_savings(rec: dict) -> list[str]:
+    r = rec["result"]
+    s, x = r["seconds"], r["speedups"]
+    out = ["| what | seconds | vs | seconds | saved |", "|---|---|---|---|---|",
+           f"| no-op `dvc repro` | {s['noop_repro']:.1f} | full repro | {s['full_repro']:.1f} | {x['noop_vs_full']:.0f}x |",
+           f"| `dvc exp run -S ppo.kl_coef=0.05` | {s['exp_run_kl']:.1f} | full repro | {s['full_repro']:.1f} | "
+           f"{x['exp_vs_full']:.1f}x |",
+           f"| `dvc pull sft reward` (empty cache) | {s['pull_sft_reward']:.1f} | retraining sft + reward | "
+           f"{s['retrain_sft_reward']:.1f} | {x['pull_vs_retrain']:.1f}x |",
+           "", f"Full repro by stage: prepare {s['repro_prepare']:.1f} s, sft {s['repro_sft']:.1f} s, reward "
+           f"{s['repro_reward']:.1f} s, ppo + evaluate {s['repro_rest']:.1f} s; `dvc push` {s['push']:.1f} s. "
+           f"Params: `{r['size']}`; {rec['date']}; {rec['machine']}; {_load(rec)}. Command: `{rec['command']}`"]
+    return out
+
+
+def render(readme: Path, results: Path) -> None:
+    """Replace each marked block of the README with the table rendered from results/<name>.json."""
+    text = readme.read_text()
+    for name in BENCHES:
+        path = results / f"{name}.json"
+        if not path.is_file():
+            continue
+        table = "\n".join(globals()[f"table_{name}"](json.loads(path.read_text())))
+        text = re.sub(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)",
+                      lambda m: m.group(1) + table + "\n" + m.group(2), text, flags=re.S)
+    readme.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated benchmark names")
+    ap.add_argument("--smoke", action="store_true", help="smallest sizes, to check that each script still runs")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench/results")
+    ap.add_argument("--readme", type=Path, default=ROOT / "bench/README.md")
+    ap.add_argument("--options", action="append", default=[], metavar="NAME=OPTIONS",
+                    help="replace a benchmark's default options, e.g. rl_iteration='--sizes 50m --rounds 1'")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the README from stored results")
+    args = ap.parse_args()
+    if not args.render_only:
+        options = dict(o.split("=", 1) for o in args.options)
+        for name in args.only.split(","):
+            run(name, args.smoke, args.results, options.get(name))
+    if args.readme != ROOT / "bench/README.md" and not args.readme.exists():
+        shutil.copy(ROOT / "bench/README.md", args.readme)
+    render(args.readme, args.results)
+
+
+if __name__ == "__main__":
+    main()

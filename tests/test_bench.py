@@ -1,0 +1,35 @@
+"""Smoke test of the benchmarks: `bench/run_all.py --smoke` runs every script on its smallest size and renders the
+README tables from their results. It checks that they keep working, not what they measure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, cli_env
+
+
+@pytest.mark.slow  # minutes on the shared 2-core machine: 2 min at load 3, 3 min 45 s at load 5
+def test_run_all_smoke(tmp_path: Path) -> None:
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    proc = subprocess.run(
+        [sys.executable, "bench/run_all.py", "--smoke", "--results", str(results), "--readme", str(readme)],
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")}
+    assert set(records) == {"rl_iteration", "hybrid_generation", "matmul_efficiency", "dvc_savings"}
+    rl = records["rl_iteration"]["result"]["rows"][0]
+    assert rl["ours"]["s_per_iter"] > 0 and rl["speedup_vs_grpo"] > 0
+    assert 0 < rl["ours"]["answer_tokens"] <= 4  # --new-tokens (fewer only where a random model sampled <pad>)
+    assert records["hybrid_generation"]["result"]["rows"][0]["hybrid_tok_s"] > 0
+    mm = records["matmul_efficiency"]["result"]
+    assert mm["peak_flops_per_s"]["fp32"] > 0 and 0 < mm["rows"][0]["fraction_of_peak"]
+    assert all(v > 0 for v in records["dvc_savings"]["result"]["speedups"].values())
+    text = readme.read_text()
+    for record in records.values():
+        assert record["command"] in text  # each table says how to reproduce it
