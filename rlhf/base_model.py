@@ -69,7 +69,7 @@ def run_base_model(params: Params, out_dir: Path) -> dict[str, Any]:
     """Write out_dir: the HF folder of base_model.source, or the placeholder for `none`; return a summary."""
     from importlib import metadata
 
-    from rlhf.outputs import make_manifest, write_output_dir
+    from rlhf.outputs import hash_inputs, make_manifest, write_output_dir
 
     source = params.base_model.source
     inputs: dict[str, Path] = {}
@@ -99,7 +99,7 @@ def run_base_model(params: Params, out_dir: Path) -> dict[str, Any]:
             tok.save_pretrained(tmp)
 
     manifest = make_manifest(
-        "base_model", {"base_model": params.base_model.model_dump()}, inputs, seed=params.seed, world_size=1,
+        "base_model", {"base_model": params.base_model.model_dump()}, hash_inputs(inputs), seed=params.seed, world_size=1,
         summary=summary,
     )
     write_output_dir(out_dir, fill, manifest)

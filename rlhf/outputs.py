@@ -36,14 +36,19 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def hash_inputs(inputs: dict[str, Path]) -> dict[str, str]:
+    """{name: sha256} of input files or folders, computed once per stage (manifest and checkpoint fingerprint)."""
+    return {name: hash_path(p) for name, p in inputs.items()}
+
+
 def make_manifest(
-    step: str, params: dict[str, Any], inputs: dict[str, Path], seed: int, world_size: int, **extra: Any
+    step: str, params: dict[str, Any], input_hashes: dict[str, str], seed: int, world_size: int, **extra: Any
 ) -> dict[str, Any]:
-    """Resolved params of the groups the step read, input hashes, versions, seed, world size."""
+    """Resolved params of the groups the step read, input hashes (see hash_inputs), versions, seed, world size."""
     return {
         "step": step,
         "params": params,
-        "inputs": {name: hash_path(p) for name, p in inputs.items()},
+        "inputs": input_hashes,
         "seed": seed,
         "world_size": world_size,
         "versions": package_versions(),
@@ -87,13 +92,20 @@ def write_output_dir(out_dir: Path, fill: Callable[[Path], None], manifest: dict
     os.replace(tmp, out_dir)
 
 
+_verified: set[tuple[str, int]] = set()  # (folder, COMPLETE.json mtime) already checked in this process
+
+
 def verify_output_dir(path: Path) -> None:
     """Refuse a folder this project wrote (it has a manifest) that is unfinished or whose files no longer match the
-    hashes in its COMPLETE.json: a half-copied checkout, a corrupted cache object. Folders from elsewhere pass."""
+    hashes in its COMPLETE.json: a half-copied checkout, a corrupted cache object. Folders from elsewhere pass.
+    Each folder is hashed once per process: PPO loads the SFT folder for the actor, the reference and the EMA."""
     from rlhf.errors import UserError
 
     path = Path(path)
     if not (path / MANIFEST).is_file():
+        return
+    key = (str(path.resolve()), (path / COMPLETE).stat().st_mtime_ns if (path / COMPLETE).is_file() else -1)
+    if key in _verified:
         return
     fix = f"restore it with `dvc checkout {path}` or `dvc pull {path}`, or rebuild it with `dvc repro -f`"
     try:
@@ -103,3 +115,4 @@ def verify_output_dir(path: Path) -> None:
     for name, digest in files.items():
         if not (path / name).is_file() or sha256_file(path / name) != digest:
             raise UserError(f"'{path / name}' does not match the hash in {COMPLETE} (corrupted or half-copied): {fix}")
+    _verified.add(key)

@@ -417,7 +417,7 @@ def run_ppo(
     from rlhf.checkpoint import Checkpointer, fingerprint, set_rng_state
     from rlhf.data import read_split
     from rlhf.engine import init_distributed, seed_everything
-    from rlhf.outputs import hash_path, make_manifest
+    from rlhf.outputs import hash_inputs, make_manifest
     from rlhf.sft import collate_sft, encode_sft_row
     from rlhf.tokenizer import encode_prompt, load_tokenizer
     from rlhf.trainer import MetricsLogger, all_reduce_sum, export_model, make_loader
@@ -448,8 +448,9 @@ def run_ppo(
     ptx = Cycle(make_loader(ptx_rows, ppo.micro_batch_size, collate_sft(tok.pad_token_id), dist, params.seed, True)) if ptx_rows else None
 
     manifest_params = {k: getattr(params, k).model_dump() for k in ("engine", "ppo", "data")}
-    manifest_inputs = {"ppo_train": data_dir / "ppo_train.jsonl", "sft_model": sft_path, "reward_model": reward_path}
-    inputs = {k: hash_path(v) for k, v in manifest_inputs.items()}
+    inputs = hash_inputs(
+        {"ppo_train": data_dir / "ppo_train.jsonl", "sft_model": sft_path, "reward_model": reward_path}
+    )
     ckpt = Checkpointer(
         ckpt_dir, ppo.checkpoint_every, fingerprint("ppo", manifest_params, inputs, params.seed, dist.world_size), dist
     )
@@ -563,7 +564,7 @@ def run_ppo(
         "train_seconds": time.perf_counter() - t_start,
     }
     manifest = make_manifest(
-        "ppo", manifest_params, manifest_inputs, seed=params.seed, world_size=dist.world_size, metrics=metrics
+        "ppo", manifest_params, inputs, seed=params.seed, world_size=dist.world_size, metrics=metrics
     )
     z_actor, z_critic = engine.engines["actor"].zero_stage, engine.engines["critic"].zero_stage
     export_model(engine.actor.module, engine.build_actor, tok, out_dir / "actor", manifest, z_actor, dist)
