@@ -5,8 +5,8 @@
 One iteration = generate + score + one optimizer update, on the same work for every side:
 - the same actor and reward model (a Llama built from a config, random init, saved once and loaded by each side),
   and the same tokenizer and prompts (`rlhf prepare` on the shipped task, written to a temporary folder);
-- `--prompts` prompts per iteration, `--completions` answers per prompt (TRL: num_generations; ours: each prompt
-  repeated that many times in the rollout batch), every answer exactly `--new-tokens` tokens (min_new_tokens);
+- `--prompts` prompts per iteration, `--completions` answers per prompt (TRL: num_generations; ours:
+  ppo.answers_per_prompt), every answer exactly `--new-tokens` tokens (min_new_tokens);
 - one optimizer step per iteration on all the answers (ours: ppo_epochs 1, micro batch = the rollout; TRL:
   per_device_train_batch_size = all completions, steps_per_generation 1), a KL penalty to a frozen reference on
   both (ours: ppo.kl_coef; TRL: beta, same value), fp32, one process, the same torch thread count.
@@ -43,7 +43,8 @@ def _params(work: Path, size: str, args: argparse.Namespace):
 
     over = {
         "task.num_rows": 2000,
-        "ppo.rollout_batch_size": args.prompts * args.completions,
+        "ppo.rollout_batch_size": args.prompts,
+        "ppo.answers_per_prompt": args.completions,
         "ppo.micro_batch_size": args.prompts * args.completions,
         "ppo.max_answer_tokens": args.new_tokens,
         "ppo.iterations": args.iters + 1,
@@ -97,7 +98,7 @@ def run_ours(work: Path, size: str, args: argparse.Namespace) -> dict:
     collate = collate_prompts(max(len(p) for p in prompts), engine.tok.pad_token_id)
     times, phases, tokens = [], {"generate_s": 0.0, "score_s": 0.0, "train_s": 0.0}, 0
     for it in range(args.iters + 1):
-        batch = collate([p for p in prompts[it * args.prompts : (it + 1) * args.prompts] for _ in range(args.completions)])
+        batch = collate(prompts[it * args.prompts : (it + 1) * args.prompts])  # answers_per_prompt repeats them
         t0 = time.perf_counter()
         trainer.iteration = it + 1
         exp = trainer.generate_experience(batch)

@@ -203,6 +203,7 @@ class PPOConfig(_Group):
 
     iterations: int = Field(100, gt=0)  # PPO iterations; each generates `rollout_batch_size` answers per rank
     rollout_batch_size: int = Field(32, gt=0)  # prompts per rank per iteration
+    answers_per_prompt: int = Field(1, gt=0)  # answers sampled per prompt (OpenRLHF's n_samples_per_prompt)
     generation_batches: int = Field(1, gt=0)  # rollouts gathered before the PPO epochs (DeepSpeed-Chat's flag)
     ppo_epochs: int = Field(1, gt=0)  # passes over the gathered experience
     micro_batch_size: int = Field(16, gt=0)  # experiences per rank per training forward
@@ -225,6 +226,9 @@ class PPOConfig(_Group):
     temperature: float = Field(1.0, gt=0)  # sampling temperature of rollouts
     top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling of rollouts
     max_answer_tokens: int = Field(32, gt=0)  # longest generated answer; prompts are capped by data.max_prompt_tokens
+    # log pi_old: from the rollout's own logits ("generation"), or from one more actor forward ("recompute"; the
+    # two differ by float rounding only, which bf16/fp16 make larger)
+    rollout_logprobs: Literal["generation", "recompute"] = "generation"
     ema_beta: float = Field(0.992, ge=0, lt=1)  # EMA of the actor (0 = no EMA output)
     ptx_coef: float = Field(0.0, ge=0)  # InstructGPT's pretraining-loss mix, on the SFT demonstrations
     eval_prompts: int = Field(256, ge=0)  # held-out prompts scored by the reward model before and after PPO
@@ -239,13 +243,18 @@ class PPOConfig(_Group):
     ref_engine: ModelEngineConfig = Field(default_factory=ModelEngineConfig)
     reward_engine: ModelEngineConfig = Field(default_factory=ModelEngineConfig)
 
+    @property
+    def rollouts_per_iteration(self) -> int:
+        """Answers per rank per iteration: prompts x answers per prompt x generation batches."""
+        return self.rollout_batch_size * self.answers_per_prompt * self.generation_batches
+
     @model_validator(mode="after")
     def _batches(self) -> PPOConfig:
-        rollout = self.rollout_batch_size * self.generation_batches
-        if rollout % self.micro_batch_size:
+        if self.rollouts_per_iteration % self.micro_batch_size:
             raise ValueError(
-                f"ppo.rollout_batch_size x ppo.generation_batches ({rollout}) is not divisible by "
-                f"ppo.micro_batch_size ({self.micro_batch_size}): make micro_batch_size a divisor"
+                "ppo.rollout_batch_size x ppo.answers_per_prompt x ppo.generation_batches "
+                f"({self.rollouts_per_iteration}) is not divisible by ppo.micro_batch_size ({self.micro_batch_size}): "
+                "make micro_batch_size a divisor"
             )
         return self
 

@@ -63,7 +63,7 @@ def _answer_logprobs(model: Any, tok: Any, prompts: list[list[int]], answers: li
     """Sum of log p(answer tokens + eos | prompt) under `model`, per row."""
     import torch
 
-    from rlhf.ppo import position_ids
+    from rlhf.prefix import position_ids
     from rlhf.ppo_math import logprobs_from_logits
 
     sums: list[float] = []
@@ -138,7 +138,7 @@ def evaluate_actors(
 def _reward_scores(reward: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]], batch_size: int) -> list[float]:
     import torch
 
-    from rlhf.ppo import position_ids
+    from rlhf.prefix import position_ids
 
     scores: list[float] = []
     for i in range(0, len(prompts), batch_size):

@@ -24,6 +24,7 @@ from rlhf import faults
 from rlhf.config import EngineConfig, Params, PPOConfig, TrainConfig, resolve_engine
 from rlhf.engine import Dist
 from rlhf.errors import UserError
+from rlhf.prefix import answer_outputs
 from rlhf.trainer import NonFiniteGuard
 
 
@@ -62,19 +63,23 @@ class Experience:
         return Experience(**out)
 
 
-def position_ids(attention_mask: Any) -> Any:
-    """(B, T) positions that start at 0 on the first real token, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def token_values(module: Any, input_ids: Any, attention_mask: Any) -> Any:
-    """(B, T) per-token values of a sequence classifier (the critic): its score head on every hidden state."""
+def _classifier(module: Any) -> tuple[Any, Any]:
+    """(body, score head) of a sequence classifier (LlamaForSequenceClassification and kin), LoRA or not."""
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    body = getattr(base, base.base_model_prefix)
-    hidden = body(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-    ).last_hidden_state
-    return base.score(hidden).squeeze(-1).float()
+    return getattr(base, base.base_model_prefix), base.score
+
+
+def shares_cache(module: Any) -> bool:
+    """Whether a forward pass of `module` keeps a KV cache: gradient checkpointing drops it while training."""
+    return not (module.training and getattr(module, "is_activation_checkpointing", False))
+
+
+def token_values(module: Any, sequences: Any, attention_mask: Any, prompt_len: int) -> Any:
+    """(B, R) per-token values of a sequence classifier (the critic): its score head on the hidden states of
+    positions P - 1 .. T - 2, the states in which each answer token is chosen."""
+    body, score = _classifier(module)
+    hidden = answer_outputs(body, "last_hidden_state", sequences, attention_mask, prompt_len, shares_cache(module))
+    return score(hidden[:, :-1]).squeeze(-1).float()
 
 
 def check_compatible(actor_tok: Any, reward_tok: Any, actor_cfg: Any, reward_cfg: Any) -> None:
@@ -150,7 +155,7 @@ class RLHFEngine:
 
         self.build_actor: Callable[[], Any] = lambda: add_lora(load_causal_lm(sft_path), ppo.actor_lora, "CAUSAL_LM")
         self.build_critic: Callable[[], Any] = lambda: add_lora(load_reward_model(reward_path), ppo.critic_lora, "SEQ_CLS")
-        steps = ppo.iterations * ppo.ppo_epochs * ppo.generation_batches * ppo.rollout_batch_size // ppo.micro_batch_size
+        steps = ppo.iterations * ppo.ppo_epochs * ppo.rollouts_per_iteration // ppo.micro_batch_size
         self.engines = {
             name: resolve_engine(params.engine, getattr(ppo, f"{name}_engine"))
             for name in ("actor", "critic", "ref", "reward")
@@ -196,16 +201,20 @@ class PPOTrainer:
         self.iteration = 0  # the PPO iteration under way (1-based), for messages and fault injection
         self.guard = NonFiniteGuard(config.max_bad_steps, "ppo")
         self.prompt_width = 0  # P of the current rollout: answers start at sequences[:, prompt_width:]
+        self.rollout_logprobs: Any = None  # (B, R) log pi_old kept from the current rollout's generation
 
     # ------------------------------------------------------------------ overridable pieces (small on purpose)
 
     def reward_scores(self, sequences: Any, attention_mask: Any) -> Any:
         """(B,) reward for each prompt + answer: the reward model's score at the last real token.
         Override to add terms (say, a length penalty) or to call another scorer."""
-        out = self.engine.reward(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-        )
-        return out.logits.squeeze(-1).float()
+        import torch
+
+        p = self.prompt_width
+        body, score = _classifier(self.engine.reward.module)
+        hidden = answer_outputs(body, "last_hidden_state", sequences, attention_mask, p)  # positions P-1 .. T-1
+        last = attention_mask[:, p:].sum(-1)  # answers are contiguous: the last real token, 0 = the prompt's last
+        return score(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
 
     def shaped_rewards(self, logprobs: Any, ref_logprobs: Any, scores: Any, mask: Any) -> tuple[Any, Any]:
         """(B, R) per-token rewards: -kl_coef * KL to the reference, plus the clipped score at the last token."""
@@ -228,18 +237,20 @@ class PPOTrainer:
         """(B, R) log-probabilities of the answer tokens under `model`."""
         from rlhf.ppo_math import logprobs_from_logits
 
-        logits = model(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-        ).logits
-        return logprobs_from_logits(logits[:, prompt_len - 1 : -1], sequences[:, prompt_len:])
+        module = getattr(model, "module", model)
+        logits = answer_outputs(model, "logits", sequences, attention_mask, prompt_len, shares_cache(module))
+        return logprobs_from_logits(logits[:, :-1], sequences[:, prompt_len:])
 
     def generate(self, prompt_ids: Any, prompt_mask: Any) -> tuple[Any, Any, Any]:
         """Rollout in the hybrid engine's generation mode -> (sequences (B, T), attention_mask, action_mask)."""
         import torch
 
+        from rlhf.ppo_math import logprobs_from_logits
+
         cfg = self.config
         self.prompt_width = prompt_ids.shape[1]
-        seq = self.engine.actor.generate(
+        keep = cfg.rollout_logprobs == "generation"
+        out = self.engine.actor.generate(
             prompt_ids,
             prompt_mask,
             do_sample=True,
@@ -248,8 +259,13 @@ class PPOTrainer:
             max_new_tokens=cfg.max_answer_tokens,
             pad_token_id=self.tok.pad_token_id,
             eos_token_id=self.tok.eos_token_id,
+            return_dict_in_generate=keep,
+            output_logits=keep,  # raw logits, before temperature and top-p: log pi_old as the update computes it
         )
+        seq = out.sequences if keep else out
         answer = seq[:, prompt_ids.shape[1] :]
+        # (B, R) log pi_old of the sampled tokens, or None: generate_experience then runs the actor once more
+        self.rollout_logprobs = logprobs_from_logits(torch.stack(out.logits, dim=1), answer) if keep else None
         # Real answer tokens: everything up to and including the first eos (generate pads after it).
         is_eos = answer == self.tok.eos_token_id
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
@@ -258,12 +274,14 @@ class PPOTrainer:
         return seq, attention_mask, action_mask
 
     def generate_experience(self, prompt_batch: dict[str, Any]) -> Experience:
-        """Phases 1-3 of an iteration: generate, score, advantages. prompt_batch: input_ids/attention_mask (B, P)."""
+        """Phases 1-3 of an iteration: generate, score, advantages. prompt_batch: input_ids/attention_mask (N, P);
+        the experience has B = N x ppo.answers_per_prompt rollouts."""
         import torch
 
         device = self.engine.actor.engine.device
-        prompt_ids = prompt_batch["input_ids"].to(device)
-        prompt_mask = prompt_batch["attention_mask"].to(device)
+        k = self.config.answers_per_prompt  # each prompt k times in a row: the hybrid engine prefills it once
+        prompt_ids = prompt_batch["input_ids"].to(device).repeat_interleave(k, dim=0)
+        prompt_mask = prompt_batch["attention_mask"].to(device).repeat_interleave(k, dim=0)
         p = prompt_ids.shape[1]  # (B, T) = (B, P + R): P is fixed by the prompt collate
 
         t0 = time.perf_counter()
@@ -272,9 +290,11 @@ class PPOTrainer:
         with torch.no_grad():
             self.engine.actor.engine.eval()
             self.engine.critic.eval()
-            logprobs = self._logprobs(self.engine.actor.engine, seq, mask, p)
+            logprobs = self.rollout_logprobs
+            if logprobs is None:
+                logprobs = self._logprobs(self.engine.actor.engine, seq, mask, p)
             ref_logprobs = self._logprobs(self.engine.ref, seq, mask, p)
-            values = token_values(self.engine.critic.module, seq, mask)[:, p - 1 : -1]
+            values = token_values(self.engine.critic.module, seq, mask, p)
             scores = self.reward_scores(seq, mask)
             logprobs, ref_logprobs, values = logprobs * action_mask, ref_logprobs * action_mask, values * action_mask
             rewards, kl = self.shaped_rewards(logprobs, ref_logprobs, scores, action_mask)
@@ -299,7 +319,7 @@ class PPOTrainer:
         self._step(actor, faults.poison(a_loss, self.iteration))
 
         critic.train()
-        values = token_values(critic.module, exp.sequences, exp.attention_mask)[:, p - 1 : -1]
+        values = token_values(critic.module, exp.sequences, exp.attention_mask, p)
         c_loss, c_stats = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.value_clip_range)
         self._step(critic, c_loss)
         return a_loss.item(), c_loss.item(), {**a_stats, **c_stats}

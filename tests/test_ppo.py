@@ -153,3 +153,86 @@ def test_mismatched_tokenizers_fail_the_gate(trained: Path, tmp_path: Path) -> N
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "tokenizers differ in vocabulary" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _tiny_lm(tok):
+    from rlhf.config import load_params
+    from rlhf.models import build_causal_lm
+
+    return build_causal_lm(load_params(Path("params.yaml"), {"model.num_layers": 2}).model, tok, 0)
+
+
+def _grouped_batch(tok, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three prompts of different lengths, each k times in a row, left-padded with two all-padding columns."""
+    batch = _prompts(tok, ["Sort ascending: 5 2 9", "Sort ascending: 14 3 7 1 22", "Sort descending: 8 1"])
+    ids = torch.nn.functional.pad(batch["input_ids"], (2, 0), value=tok.pad_token_id).repeat_interleave(k, 0)
+    return ids, torch.nn.functional.pad(batch["attention_mask"], (2, 0)).repeat_interleave(k, 0)
+
+
+def test_shared_prefix_forward_matches_full_forward(trained: Path) -> None:
+    """Each repeated prompt runs once and its cache is copied to its rows: the answers' logits and the gradients
+    equal one full forward pass's up to float rounding, and sampled generations are token for token the same."""
+    from rlhf.prefix import answer_outputs, position_ids, prefill_shared, prompt_groups
+    from rlhf.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(trained / "models/sft")
+    model = _tiny_lm(tok)
+    ids, mask = _grouped_batch(tok, 3)
+    first, inverse = prompt_groups(ids, mask)
+    assert len(first) == 3 and len(set(inverse[::3].tolist())) == 3 and torch.equal(inverse[::3].repeat_interleave(3), inverse)
+    assert torch.equal(ids[first][inverse], ids)
+    assert prompt_groups(ids[::3], mask[::3]) is None
+
+    kwargs = dict(do_sample=True, max_new_tokens=6, min_new_tokens=6, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id)
+    model.eval()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        torch.manual_seed(7)
+        shared = model.generate(input_ids=ids, attention_mask=mask, past_key_values=prefill_shared(model, ids, mask), **kwargs)
+    assert torch.equal(plain, shared)
+
+    p = ids.shape[1]
+    seq, full = plain, torch.cat([mask, torch.ones_like(plain[:, p:])], dim=1)
+    model.train()
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        logits = answer_outputs(model, "logits", seq, full, p, share)
+        assert logits.shape[:2] == (seq.shape[0], seq.shape[1] - p + 1)
+        logits.logsumexp(-1).mean().backward()
+        grads.append([q.grad.clone() for q in model.parameters()])
+        if not share:
+            whole = model(input_ids=seq, attention_mask=full, position_ids=position_ids(full)).logits[:, p - 1 :]
+            torch.testing.assert_close(logits, whole, rtol=0, atol=1e-5)  # the padding columns cut off: same
+            want = logits.detach()
+    torch.testing.assert_close(logits.detach(), want, rtol=0, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
+    """k answers per prompt come out grouped, log pi_old kept from generation equals the recomputed one, and an
+    update through the shared-prefix forward moves a ZeRO-3 actor (two forward calls before one backward)."""
+    from rlhf.engine import full_state_dict
+    from rlhf.ppo import PPOTrainer, RLHFEngine
+
+    params = _params(trained, "ppo_k.yaml", {"ppo": {"answers_per_prompt": 3, "rollout_batch_size": 2,
+                                                     "micro_batch_size": 6, "actor_engine": {"zero_stage": 3}}})
+    engine = RLHFEngine(params, dist, trained / "models/sft", trained / "models/reward")
+    trainer = PPOTrainer(engine, params.ppo)
+    batch = _prompts(engine.tok, ["Sort ascending: 5 2 9", "Sort ascending: 14 3 7 1 22"])
+    exp = trainer.generate_experience(batch)
+    p = batch["input_ids"].shape[1]
+    assert exp.sequences.shape[0] == 6
+    assert torch.equal(exp.sequences[:, :p], batch["input_ids"].repeat_interleave(3, 0))
+    with torch.no_grad():
+        recomputed = trainer._logprobs(engine.actor.engine, exp.sequences, exp.attention_mask, p) * exp.action_mask
+    torch.testing.assert_close(exp.logprobs, recomputed, rtol=0, atol=1e-4)
+    assert exp.action_mask.sum() > 0 and exp.logprobs.abs().sum() > 0
+    before = full_state_dict(engine.actor.module, 3, is_main=True)
+    a_loss, c_loss, _ = trainer.train_rlhf(exp)
+    after = full_state_dict(engine.actor.module, 3, is_main=True)
+    assert a_loss == a_loss and c_loss == c_loss
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
