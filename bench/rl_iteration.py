@@ -9,7 +9,8 @@ One iteration = generate + score + one optimizer update, on the same work for ev
   ppo.answers_per_prompt), every answer exactly `--new-tokens` tokens (min_new_tokens);
 - one optimizer step per iteration on all the answers (ours: ppo_epochs 1, micro batch = the rollout; TRL:
   per_device_train_batch_size = all completions, steps_per_generation 1), a KL penalty to a frozen reference on
-  both (ours: ppo.kl_coef; TRL: beta, same value), fp32, one process, the same torch thread count.
+  both (ours: ppo.kl_coef; TRL: beta, same value), fp32 (or `--dtype bf16` on both), one process, the same torch
+  thread count.
 Ours also trains a critic and keeps an EMA actor (its defaults), which GRPO and RLOO do not have.
 
 Each side runs in its own subprocess (TRL's accelerate and our DeepSpeed process group do not share a process)
@@ -51,6 +52,7 @@ def _params(work: Path, size: str, args: argparse.Namespace):
         "ppo.ppo_epochs": 1,
         "ppo.generation_batches": 1,
         "engine.device": "cpu",
+        "engine.dtype": args.dtype,
     }
     if SIZES[size]:
         hidden, layers, heads, inter = SIZES[size]
@@ -146,7 +148,8 @@ def run_trl(work: Path, size: str, args: argparse.Namespace, algo: str) -> dict:
         gradient_accumulation_steps=1, num_generations=args.completions, max_completion_length=args.new_tokens,
         generation_kwargs={"min_new_tokens": args.new_tokens}, temperature=params.ppo.temperature,
         learning_rate=params.ppo.actor_learning_rate, beta=params.ppo.kl_coef, max_steps=args.iters + 1,
-        num_train_epochs=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, logging_steps=10**6,
+        num_train_epochs=1, save_strategy="no", report_to="none", use_cpu=True, bf16=args.dtype == "bf16",
+        logging_steps=10**6,
         disable_tqdm=True, seed=params.seed, dataloader_num_workers=0, shuffle_dataset=False,
     )
     cls, cfg_cls = (trl.GRPOTrainer, trl.GRPOConfig) if algo == "grpo" else (trl.RLOOTrainer, trl.RLOOConfig)
@@ -170,6 +173,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3, help="timed iterations (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="turns each side takes (alternating)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default, the cores)")
+    ap.add_argument("--dtype", default="fp32", help="fp32 and/or bf16, comma-separated: a row each (ours: "
+                    "engine.dtype, DeepSpeed's bf16 engine; TRL: bf16=True, mixed precision)")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
@@ -198,11 +203,11 @@ def main() -> None:
     sides = ["ours", *args.trl.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="rl-bench-") as tmp:
-        for size in args.sizes.split(","):
-            row: dict = {"size": size, "load_before": os.getloadavg()}
+        for size, dtype in [(s, d) for s in args.sizes.split(",") for d in args.dtype.split(",")]:
+            row: dict = {"size": size, "dtype": dtype, "load_before": os.getloadavg()}
             times: dict[str, list[float]] = {s: [] for s in sides}
             for side in ["setup"] + sides * args.rounds:
-                cmd = [sys.executable, __file__, "--side", side, "--work", tmp, "--size", size, *shape]
+                cmd = [sys.executable, __file__, "--side", side, "--work", tmp, "--size", size, "--dtype", dtype, *shape]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode or not lines:
@@ -211,7 +216,7 @@ def main() -> None:
                     out = json.loads(lines[-1][7:])
                     times[side] += out.pop("times")
                     row[side] = out
-                    print(f"[rl] {size} {side}: " + " ".join(f"{t:.2f}" for t in times[side]) + " s/iter", flush=True)
+                    print(f"[rl] {size} {dtype} {side}: " + " ".join(f"{t:.2f}" for t in times[side]) + " s/iter", flush=True)
             for side in sides:
                 row[side].update(s_per_iter=statistics.median(times[side]), fastest_s=min(times[side]),
                                  times=times[side])
@@ -220,7 +225,7 @@ def main() -> None:
                 row[f"speedup_vs_{algo}"] = row[algo]["s_per_iter"] / row["ours"]["s_per_iter"]
             rows.append(row)
     print(json.dumps({"bench": "rl_iteration", "prompts": args.prompts, "completions": args.completions,
-                      "new_tokens": args.new_tokens, "iters": args.iters, "rounds": args.rounds, "threads": args.threads,
+                      "new_tokens": args.new_tokens, "iters": args.iters, "rounds": args.rounds, "threads": args.threads, "dtype": args.dtype,
                       "rows": rows}))
 
 

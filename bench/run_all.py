@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = "PYTHONPATH=. python"
 BENCHES = {  # name: (command as a user types it, smoke arguments that replace its defaults)
-    "rl_iteration": (f"{PY} bench/rl_iteration.py --sizes tiny,50m",
+    "rl_iteration": (f"{PY} bench/rl_iteration.py --sizes tiny,50m --dtype fp32,bf16 --threads 1",
                      "--sizes tiny --trl grpo --prompts 2 --completions 2 --new-tokens 4 --iters 1 --rounds 1"),
     "hybrid_generation": ("DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bench/hybrid_generation.py",
                           "--sizes tiny --batch 2 --new-tokens 4 --repeats 1"),
@@ -84,12 +84,12 @@ def _load(rec: dict) -> str:
 def table_rl_iteration(rec: dict) -> list[str]:
     r = rec["result"]
     algos = [k[len("speedup_vs_"):] for k in r["rows"][0] if k.startswith("speedup_vs_")]
-    head = "| model | params | ours s/iter (gen / score / train) | " + " | ".join(
+    head = "| model | params | dtype | ours s/iter (gen / score / train) | " + " | ".join(
         f"TRL {a.upper()} s/iter | ours vs {a.upper()}" for a in algos) + " |"
-    out = [head, "|" + "---|" * (3 + 2 * len(algos))]
+    out = [head, "|" + "---|" * (4 + 2 * len(algos))]
     for row in r["rows"]:
         o = row["ours"]
-        cells = [row["size"], f"{o['params'] / 1e6:.1f}M",
+        cells = [row["size"], f"{o['params'] / 1e6:.1f}M", row.get("dtype", "fp32"),
                  f"{o['s_per_iter']:.2f} ({o['generate_s']:.2f} / {o['score_s']:.2f} / {o['train_s']:.2f})"]
         for a in algos:
             cells += [f"{row[a]['s_per_iter']:.2f}", f"{row[f'speedup_vs_{a}']:.2f}x"]
