@@ -10,8 +10,8 @@ temporary folder) collated as the sft stage collates them. Useful FLOPs per step
 6 * N * tokens (N = parameters in matmuls: every Linear, lm_head included, embeddings not) plus causal attention
 6 * layers * T * hidden per token (PaLM appendix B, halved for the causal mask). Variants, each a try at what
 keeps the fraction low:
-- `fp32 padded`: the sft stage as it runs (random batches right-padded to their longest row);
-- `fp32 grouped`: batches of rows of similar length (less padding), same rows;
+- `fp32 padded`: the sft stage with `sft.group_by_length: false` (random batches right-padded to their longest row);
+- `fp32 grouped`: the sft stage as it runs (`group_by_length: true`: batches of rows of similar length), same rows;
 - `bf16 grouped`: the same in engine.dtype bf16 (DeepSpeed's bf16 engine, fp32 master weights);
 - `fp32 grouped x4`: 4x the micro batch (fewer, larger matmuls).
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -55,15 +54,15 @@ def matmul_peak(dtype: str, n: int, seconds: float) -> float:
 
 
 def batches(rows: list[dict], size: int, grouped: bool, seed: int) -> list[list[dict]]:
-    """Random batches (the stage's sampler), or batches of similar length in random order (grouped)."""
-    rng = random.Random(seed)
-    rows = list(rows)
-    rng.shuffle(rows)
-    if grouped:
-        rows.sort(key=lambda r: len(r["input_ids"]))
-    out = [rows[i : i + size] for i in range(0, len(rows) - size + 1, size)]
-    rng.shuffle(out)
-    return out
+    """The sft stage's training batches of epoch 0 on one rank (rlhf.trainer.make_loader): random, or grouped by
+    length as sft.group_by_length groups them."""
+    from rlhf.engine import Dist
+    from rlhf.sft import sft_length
+    from rlhf.trainer import make_loader
+
+    lengths = [sft_length(r) for r in rows] if grouped else None
+    one_rank = Dist(rank=0, world_size=1, local_rank=0, device="cpu")
+    return list(make_loader(rows, size, list, one_rank, seed, True, lengths))
 
 
 def sft_step_flops(model, batch) -> float:

@@ -166,6 +166,9 @@ class TrainConfig(_Group):
     adam_beta1: float = Field(0.9, gt=0, lt=1)
     adam_beta2: float = Field(0.95, gt=0, lt=1)
     eval_batch_size: int = Field(64, gt=0)
+    # Training micro batches of rows of similar length (HF transformers' group_by_length): far less padding, the
+    # same rows per epoch; False gives DistributedSampler's random batches. Evaluation order is unaffected.
+    group_by_length: bool = True
     max_steps: int = Field(0, ge=0)  # stop after this many optimizer steps (0 = run all epochs)
     log_every: int = Field(10, gt=0)  # optimizer steps between logged points
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable checkpoints (0 = none)

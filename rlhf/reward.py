@@ -16,6 +16,11 @@ def encode_pair(tok: Any, row: dict[str, Any]) -> dict[str, list[int]]:
     return {"chosen": prompt + encode_answer(tok, row["chosen"]), "rejected": prompt + encode_answer(tok, row["rejected"])}
 
 
+def pair_length(row: dict[str, list[int]]) -> int:
+    """Tokens a pair takes in a batch: chosen and rejected are padded to one width, the longer one's."""
+    return max(len(row["chosen"]), len(row["rejected"]))
+
+
 def collate_pairs(pad_id: int):
     """(2B, T) input_ids/attention_mask: the B chosen sequences first, then the B rejected ones, right-padded."""
     import torch
@@ -111,6 +116,7 @@ def run_reward(
         train_rows=train_rows,
         eval_rows=eval_rows,
         collate=collate_pairs(tok.pad_token_id),
+        length=pair_length,
         loss_fn=_loss,
         evaluate=_evaluate(dist),
         out_dir=out_dir,

@@ -20,6 +20,11 @@ def encode_sft_row(tok: Any, row: dict[str, Any], loss_on_prompt: bool) -> dict[
     return {"input_ids": prompt + answer, "labels": labels}
 
 
+def sft_length(row: dict[str, list[int]]) -> int:
+    """Tokens an encoded row takes in a batch (what length grouping sorts by)."""
+    return len(row["input_ids"])
+
+
 def collate_sft(pad_id: int):
     """Right-pad a list of encoded rows to (B, T) tensors: input_ids, attention_mask, labels (pad -> IGNORE)."""
     import torch
@@ -95,6 +100,7 @@ def run_sft(
         train_rows=train_rows,
         eval_rows=eval_rows,
         collate=collate_sft(tok.pad_token_id),
+        length=sft_length,
         loss_fn=_loss,
         evaluate=_evaluate(dist),
         out_dir=out_dir,

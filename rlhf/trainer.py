@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +75,75 @@ class MetricsLogger:
         self.live.end()
 
 
+MEGA_BATCHES = 50  # micro batches sorted by length together (HF transformers' get_length_grouped_indices)
+
+
+class LengthGroupedSampler:
+    """DistributedSampler's seeded, disjoint slice of one rank, reordered so that each micro batch holds rows of
+    similar length: less padding, the same rows (HF transformers' LengthGroupedSampler).
+
+    The shuffled slice is cut into mega batches of MEGA_BATCHES x batch_size, each sorted longest first, and the
+    micro batches then run in a seeded random order, so the epoch is no sawtooth of lengths. The order is a pure
+    function of seed, epoch, rank and world size, which is what resuming mid-epoch relies on. It wraps the
+    sampler rather than subclassing it so that importing rlhf does not import torch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, rank: int, world_size: int, seed: int):
+        from torch.utils.data import DistributedSampler
+
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.ranks = DistributedSampler(
+            lengths, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.ranks.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def __iter__(self) -> Iterator[int]:
+        import torch
+
+        indices = list(self.ranks)
+        # The ragged end stays last, where the loader's drop_last drops it: the same random rows as ungrouped.
+        full = len(indices) - len(indices) % self.batch_size
+        mega = MEGA_BATCHES * self.batch_size
+        grouped = [
+            i
+            for start in range(0, full, mega)
+            for i in sorted(indices[start : min(start + mega, full)], key=self.lengths.__getitem__, reverse=True)
+        ]
+        batches = [grouped[s : s + self.batch_size] for s in range(0, full, self.batch_size)]
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.ranks.epoch)
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return iter([i for b in order for i in batches[b]] + indices[full:])
+
+
 def make_loader(
-    rows: Sequence[Any], batch_size: int, collate: Callable, dist: Dist, seed: int, shuffle: bool
+    rows: Sequence[Any],
+    batch_size: int,
+    collate: Callable,
+    dist: Dist,
+    seed: int,
+    shuffle: bool,
+    lengths: Sequence[int] | None = None,
 ) -> Any:
     """Each rank gets a disjoint, seeded slice. Training drops the ragged end; evaluation keeps every row, and the
     sampler repeats at most world_size - 1 rows so that all ranks run the same number of forward passes (ZeRO-3
-    gathers parameters collectively: a rank that stopped early would hang the others)."""
+    gathers parameters collectively: a rank that stopped early would hang the others).
+
+    `lengths` (one per row) groups a training loader's micro batches by length (LengthGroupedSampler);
+    evaluation (shuffle False) keeps its order."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    sampler = DistributedSampler(
-        rows, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle, seed=seed, drop_last=shuffle
-    )
+    if shuffle and lengths is not None:
+        sampler = LengthGroupedSampler(lengths, batch_size, dist.rank, dist.world_size, seed)
+    else:
+        sampler = DistributedSampler(
+            rows, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle, seed=seed, drop_last=shuffle
+        )
     return DataLoader(list(rows), batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=shuffle)
 
 
@@ -257,6 +315,7 @@ def train_and_export(
     train_rows: Sequence[dict],
     eval_rows: Sequence[dict],
     collate: Callable[[list[dict]], dict],
+    length: Callable[[dict], int],
     loss_fn: Callable[[Any, Any], tuple[Any, dict[str, float]]],
     evaluate: Callable[[Any, Any], dict[str, float]],
     out_dir: Path,
@@ -268,7 +327,8 @@ def train_and_export(
     """The body every supervised step shares: build, wrap in DeepSpeed, fit, gather and write the HF folder.
 
     `build_model()` must return the same architecture every call (LoRA included): rank 0 calls it again to get a
-    skeleton that receives the gathered weights, so ZeRO-3 shards are never saved as they are.
+    skeleton that receives the gathered weights, so ZeRO-3 shards are never saved as they are. `length(row)` is
+    the width a row is padded to in a batch; train.group_by_length sorts by it.
     """
     from rlhf import engine as eng
     from rlhf.checkpoint import fingerprint
@@ -277,7 +337,8 @@ def train_and_export(
     model = build_model()
     total = optimizer_steps(len(train_rows), train, dist.world_size)
     ds_engine = eng.initialize(model, params.engine, train, total)
-    train_loader = make_loader(train_rows, train.micro_batch_size, collate, dist, params.seed, shuffle=True)
+    lengths = [length(r) for r in train_rows] if train.group_by_length else None
+    train_loader = make_loader(train_rows, train.micro_batch_size, collate, dist, params.seed, True, lengths)
     eval_loader = make_loader(eval_rows, train.eval_batch_size, collate, dist, params.seed, shuffle=False)
     inputs = hash_inputs(manifest_inputs)
     ckpt = Checkpointer(
