@@ -169,6 +169,7 @@ class TrainConfig(_Group):
     # Training micro batches of rows of similar length (HF transformers' group_by_length): far less padding, the
     # same rows per epoch; False gives DistributedSampler's random batches. Evaluation order is unaffected.
     group_by_length: bool = True
+    length_group_batches: int = Field(50, gt=0)  # micro batches sorted by length together (HF uses 50)
     max_steps: int = Field(0, ge=0)  # stop after this many optimizer steps (0 = run all epochs)
     log_every: int = Field(10, gt=0)  # optimizer steps between logged points
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable checkpoints (0 = none)

@@ -75,23 +75,22 @@ class MetricsLogger:
         self.live.end()
 
 
-MEGA_BATCHES = 50  # micro batches sorted by length together (HF transformers' get_length_grouped_indices)
-
-
 class LengthGroupedSampler:
     """DistributedSampler's seeded, disjoint slice of one rank, reordered so that each micro batch holds rows of
     similar length: less padding, the same rows (HF transformers' LengthGroupedSampler).
 
-    The shuffled slice is cut into mega batches of MEGA_BATCHES x batch_size, each sorted longest first, and the
+    The shuffled slice is cut into mega batches of `group_batches` x batch_size, each sorted longest first, and the
     micro batches then run in a seeded random order, so the epoch is no sawtooth of lengths. The order is a pure
     function of seed, epoch, rank and world size, which is what resuming mid-epoch relies on. It wraps the
     sampler rather than subclassing it so that importing rlhf does not import torch.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, rank: int, world_size: int, seed: int, group_batches: int = 50
+    ):
         from torch.utils.data import DistributedSampler
 
-        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.lengths, self.batch_size, self.seed, self.group_batches = lengths, batch_size, seed, group_batches
         self.ranks = DistributedSampler(
             lengths, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
@@ -108,7 +107,7 @@ class LengthGroupedSampler:
         indices = list(self.ranks)
         # The ragged end stays last, where the loader's drop_last drops it: the same random rows as ungrouped.
         full = len(indices) - len(indices) % self.batch_size
-        mega = MEGA_BATCHES * self.batch_size
+        mega = self.group_batches * self.batch_size
         grouped = [
             i
             for start in range(0, full, mega)
@@ -129,17 +128,18 @@ def make_loader(
     seed: int,
     shuffle: bool,
     lengths: Sequence[int] | None = None,
+    group_batches: int = 50,
 ) -> Any:
     """Each rank gets a disjoint, seeded slice. Training drops the ragged end; evaluation keeps every row, and the
     sampler repeats at most world_size - 1 rows so that all ranks run the same number of forward passes (ZeRO-3
     gathers parameters collectively: a rank that stopped early would hang the others).
 
-    `lengths` (one per row) groups a training loader's micro batches by length (LengthGroupedSampler);
-    evaluation (shuffle False) keeps its order."""
+    `lengths` (one per row) groups a training loader's micro batches by length, `group_batches` micro batches
+    at a time (LengthGroupedSampler); evaluation (shuffle False) keeps its order."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     if shuffle and lengths is not None:
-        sampler = LengthGroupedSampler(lengths, batch_size, dist.rank, dist.world_size, seed)
+        sampler = LengthGroupedSampler(lengths, batch_size, dist.rank, dist.world_size, seed, group_batches)
     else:
         sampler = DistributedSampler(
             rows, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle, seed=seed, drop_last=shuffle
@@ -338,7 +338,9 @@ def train_and_export(
     total = optimizer_steps(len(train_rows), train, dist.world_size)
     ds_engine = eng.initialize(model, params.engine, train, total)
     lengths = [length(r) for r in train_rows] if train.group_by_length else None
-    train_loader = make_loader(train_rows, train.micro_batch_size, collate, dist, params.seed, True, lengths)
+    train_loader = make_loader(
+        train_rows, train.micro_batch_size, collate, dist, params.seed, True, lengths, train.length_group_batches
+    )
     eval_loader = make_loader(eval_rows, train.eval_batch_size, collate, dist, params.seed, shuffle=False)
     inputs = hash_inputs(manifest_inputs)
     ckpt = Checkpointer(
