@@ -168,7 +168,7 @@ class TrainConfig(_Group):
     eval_batch_size: int = Field(64, gt=0)
     # Training micro batches of rows of similar length (HF transformers' group_by_length): far less padding, the
     # same rows per epoch; False gives DistributedSampler's random batches. Evaluation order is unaffected.
-    group_by_length: bool = True
+    group_by_length: bool = False
     length_group_batches: int = Field(50, gt=0)  # micro batches sorted by length together (HF uses 50)
     max_steps: int = Field(0, ge=0)  # stop after this many optimizer steps (0 = run all epochs)
     log_every: int = Field(10, gt=0)  # optimizer steps between logged points

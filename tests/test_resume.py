@@ -13,8 +13,9 @@ import torch
 from tests.conftest import run_cli, write_params
 
 # Two epochs of the tiny split (13 batches each), a checkpoint every 8 steps, the kill after step 15: the resumed
-# run starts from step 8, crosses an epoch boundary (and its evaluation) it had already logged once.
-LONGER = {"epochs": 2, "max_steps": 20, "log_every": 1, "checkpoint_every": 8}
+# run starts from step 8, crosses an epoch boundary (and its evaluation) it had already logged once. Batches
+# are grouped by length, whose order must also be rebuilt exactly.
+LONGER = {"epochs": 2, "max_steps": 20, "log_every": 1, "checkpoint_every": 8, "group_by_length": True}
 KILL = {"RLHF_FAULT_KILL_AT_STEP": "15"}
 
 
