@@ -81,20 +81,28 @@ def _load(rec: dict) -> str:
     return "load " + " / ".join(f"{x:.1f}" for x in (rec["load_before"][0], rec["load_after"][0]))
 
 
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table: the header, its rule and one line per row of cells."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return [line(head), "|" + "---|" * len(head), *map(line, rows)]
+
+
 def table_rl_iteration(rec: dict) -> list[str]:
     r = rec["result"]
     algos = [k[len("speedup_vs_"):] for k in r["rows"][0] if k.startswith("speedup_vs_")]
-    head = "| model | params | dtype | ours s/iter (gen / score / train) | " + " | ".join(
-        f"TRL {a.upper()} s/iter | ours vs {a.upper()}" for a in algos) + " |"
-    out = [head, "|" + "---|" * (4 + 2 * len(algos))]
+    head = ["model", "params", "dtype", "ours s/iter (gen / score / train)"]
+    head += [c for a in algos for c in (f"TRL {a.upper()} s/iter", f"ours vs {a.upper()}")]
+    rows = []
     for row in r["rows"]:
         o = row["ours"]
         cells = [row["size"], f"{o['params'] / 1e6:.1f}M", row.get("dtype", "fp32"),
                  f"{o['s_per_iter']:.2f} ({o['generate_s']:.2f} / {o['score_s']:.2f} / {o['train_s']:.2f})"]
         for a in algos:
             cells += [f"{row[a]['s_per_iter']:.2f}", f"{row[f'speedup_vs_{a}']:.2f}x"]
-        out.append("| " + " | ".join(cells) + " |")
-    out.append("")
+        rows.append(cells)
+    out = _table(head, rows) + [""]
     out.append(f"{r['prompts']} prompts x {r['completions']} answers x {r['new_tokens']} tokens per iteration; median "
                f"of {r['iters']} timed iterations x {r['rounds']} alternating rounds per side; {rec['date']}; "
                f"{rec['machine']}; {_load(rec)} (1-min average before / after, the machine is shared). Command: "
@@ -104,10 +112,9 @@ def table_rl_iteration(rec: dict) -> list[str]:
 
 def table_hybrid_generation(rec: dict) -> list[str]:
     r = rec["result"]
-    out = ["| model | params | naive tok/s | hybrid tok/s | ratio |", "|---|---|---|---|---|"]
-    for row in r["rows"]:
-        out.append(f"| {row['size']} | {row['params'] / 1e6:.1f}M | {row['naive_tok_s']:.1f} | "
-                   f"{row['hybrid_tok_s']:.1f} | {row['hybrid_tok_s'] / row['naive_tok_s']:.1f}x |")
+    out = _table(["model", "params", "naive tok/s", "hybrid tok/s", "ratio"], [
+        [row["size"], f"{row['params'] / 1e6:.1f}M", f"{row['naive_tok_s']:.1f}", f"{row['hybrid_tok_s']:.1f}",
+         f"{row['hybrid_tok_s'] / row['naive_tok_s']:.1f}x"] for row in r["rows"]])
     out += ["", f"{r['ranks']} CPU ranks (gloo); {rec['date']}; {rec['machine']}; {_load(rec)}. "
             f"Command: `{rec['command']}`"]
     return out
@@ -118,13 +125,11 @@ def table_matmul_efficiency(rec: dict) -> list[str]:
     peaks = r["peak_flops_per_s"]
     threads = f"{r['threads']} thread" + ("s" if r["threads"] != 1 else "")
     out = [f"Peak (best torch.mm of {r['matmul_n']}x{r['matmul_n']}, {threads}): fp32 "
-           f"{peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s.", "",
-           "| model | params | variant | micro batch | padding | s/step | tokens/s | GFLOP/s | of peak |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-        out.append(f"| {row['size']} | {row['params'] / 1e6:.1f}M | {row['variant']} | {row['micro_batch']} | "
-                   f"{row['padding_fraction']:.0%} | {row['s_per_step']:.2f} | {row['tokens_per_s']:.0f} | "
-                   f"{row['flops_per_s'] / 1e9:.1f} | {row['fraction_of_peak']:.0%} |")
+           f"{peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s.", ""]
+    out += _table(["model", "params", "variant", "micro batch", "padding", "s/step", "tokens/s", "GFLOP/s", "of peak"], [
+        [row["size"], f"{row['params'] / 1e6:.1f}M", row["variant"], str(row["micro_batch"]),
+         f"{row['padding_fraction']:.0%}", f"{row['s_per_step']:.2f}", f"{row['tokens_per_s']:.0f}",
+         f"{row['flops_per_s'] / 1e9:.1f}", f"{row['fraction_of_peak']:.0%}"] for row in r["rows"]])
     out += ["", f"Mean of {r['steps']} timed optimizer steps after a warm-up; {rec['date']}; {rec['machine']}; "
             f"{_load(rec)}. Command: `{rec['command']}`"]
     return out
@@ -133,13 +138,15 @@ def table_matmul_efficiency(rec: dict) -> list[str]:
 def table_dvc_savings(rec: dict) -> list[str]:
     r = rec["result"]
     s, x = r["seconds"], r["speedups"]
-    out = ["| what | seconds | vs | seconds | saved |", "|---|---|---|---|---|",
-           f"| no-op `dvc repro` | {s['noop_repro']:.1f} | full repro | {s['full_repro']:.1f} | {x['noop_vs_full']:.0f}x |",
-           f"| `dvc exp run -S ppo.kl_coef=0.05` | {s['exp_run_kl']:.1f} | full repro | {s['full_repro']:.1f} | "
-           f"{x['exp_vs_full']:.1f}x |",
-           f"| `dvc pull sft reward` (empty cache) | {s['pull_sft_reward']:.1f} | retraining sft + reward | "
-           f"{s['retrain_sft_reward']:.1f} | {x['pull_vs_retrain']:.1f}x |",
-           "", f"Full repro by stage: prepare {s['repro_prepare']:.1f} s, sft {s['repro_sft']:.1f} s, reward "
+    out = _table(["what", "seconds", "vs", "seconds", "saved"], [
+        ["no-op `dvc repro`", f"{s['noop_repro']:.1f}", "full repro", f"{s['full_repro']:.1f}",
+         f"{x['noop_vs_full']:.0f}x"],
+        ["`dvc exp run -S ppo.kl_coef=0.05`", f"{s['exp_run_kl']:.1f}", "full repro", f"{s['full_repro']:.1f}",
+         f"{x['exp_vs_full']:.1f}x"],
+        ["`dvc pull sft reward` (empty cache)", f"{s['pull_sft_reward']:.1f}", "retraining sft + reward",
+         f"{s['retrain_sft_reward']:.1f}", f"{x['pull_vs_retrain']:.1f}x"],
+    ])
+    out += ["", f"Full repro by stage: prepare {s['repro_prepare']:.1f} s, sft {s['repro_sft']:.1f} s, reward "
            f"{s['repro_reward']:.1f} s, ppo + evaluate {s['repro_rest']:.1f} s; `dvc push` {s['push']:.1f} s. "
            f"Params: `{r['size']}`; {rec['date']}; {rec['machine']}; {_load(rec)}. Command: `{rec['command']}`"]
     return out

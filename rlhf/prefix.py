@@ -42,42 +42,46 @@ def prompt_groups(prompt_ids: Any, prompt_mask: Any) -> tuple[Any, Any] | None:
     return first, inverse
 
 
+def _prefill(call: Callable[..., Any], ids: Any, mask: Any, groups: tuple[Any, Any], **kwargs: Any) -> tuple[Any, Any]:
+    """Run each distinct prompt of (B, P) `ids` once into a fresh KV cache, then copy the cache to every row of its
+    prompt: (the output for the distinct prompts, the (B, ...) cache)."""
+    from transformers import DynamicCache
+
+    first, inverse = groups
+    cache = DynamicCache()
+    out = call(input_ids=ids[first], attention_mask=mask[first], position_ids=position_ids(mask[first]),
+               past_key_values=cache, use_cache=True, **kwargs)
+    cache.batch_select_indices(inverse)
+    return out, cache
+
+
 def prefill_shared(model: Any, input_ids: Any, attention_mask: Any) -> Any | None:
     """The KV cache of every prompt but its last token, computed once per distinct prompt and copied to its rows,
     for `generate(..., past_key_values=cache)`; None when no prompt repeats."""
-    from transformers import DynamicCache
-
     groups = prompt_groups(input_ids, attention_mask) if input_ids.shape[1] > 1 else None
     if groups is None:
         return None
-    first, inverse = groups
-    cache = DynamicCache()
-    ids, mask = input_ids[first, :-1], attention_mask[first, :-1]
-    model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), past_key_values=cache, use_cache=True)
-    cache.batch_select_indices(inverse)
-    return cache
+    return _prefill(model, input_ids[:, :-1], attention_mask[:, :-1], groups, logits_to_keep=1)[1]
 
 
 def answer_outputs(call: Callable[..., Any], field: str, sequences: Any, attention_mask: Any, p: int, share: bool = True) -> Any:
     """`call(input_ids=..., attention_mask=..., position_ids=...)`'s output `field` (logits or last_hidden_state)
     at positions p - 1 .. T - 1, the ones that predict or score the answer tokens: (B, R + 1, ...).
 
-    All-padding prompt columns are skipped; with `share` and repeated prompts, each prompt runs once (see the
-    module docstring). `share` must be False where the model drops its cache (gradient checkpointing in training).
+    All-padding prompt columns are skipped, and logits are computed only where they are returned; with `share`
+    and repeated prompts, each prompt runs once (see the module docstring). `share` must be False where the model
+    drops its cache (gradient checkpointing in training).
     """
     import torch
-    from transformers import DynamicCache
 
     start = first_real_column(attention_mask[:, :p])
     seq, mask, p = sequences[:, start:], attention_mask[:, start:], p - start
-    pos = position_ids(mask)
+    keep = (lambda n: {"logits_to_keep": n}) if field == "logits" else (lambda n: {})
     groups = prompt_groups(seq[:, :p], mask[:, :p]) if share else None
     if groups is None:
-        return getattr(call(input_ids=seq, attention_mask=mask, position_ids=pos), field)[:, p - 1 :]
-    first, inverse = groups
-    cache = DynamicCache()
-    head = call(input_ids=seq[first, :p], attention_mask=mask[first, :p], position_ids=pos[first, :p],
+        out = call(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), **keep(seq.shape[1] - p + 1))
+        return getattr(out, field)[:, -(seq.shape[1] - p + 1) :]
+    head, cache = _prefill(call, seq[:, :p], mask[:, :p], groups, **keep(1))
+    tail = call(input_ids=seq[:, p:], attention_mask=mask, position_ids=position_ids(mask)[:, p:],
                 past_key_values=cache, use_cache=True)
-    cache.batch_select_indices(inverse)
-    tail = call(input_ids=seq[:, p:], attention_mask=mask, position_ids=pos[:, p:], past_key_values=cache, use_cache=True)
-    return torch.cat([getattr(head, field)[inverse, -1:], getattr(tail, field)], dim=1)
+    return torch.cat([getattr(head, field)[groups[1], -1:], getattr(tail, field)], dim=1)
