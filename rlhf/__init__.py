@@ -1,11 +1,25 @@
 """RLHF in three steps (SFT, reward model, PPO) on DeepSpeed, each step a DVC stage.
 
 Importing this package stays light: deepspeed, transformers and datasets are imported inside the functions that
-need them.
+need them, and the public names below load rlhf.ppo only when first used (PEP 562), so that `import rlhf.sft` does
+not run rlhf/ppo.py: each DVC stage depends on the code it runs, not on every module (tests/test_dvc_deps.py).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from rlhf.ppo import Experience, PPOTrainer, RLHFEngine  # noqa: E402  (light: heavy imports are inside)
-
 __all__ = ["Experience", "PPOTrainer", "RLHFEngine"]
+
+if TYPE_CHECKING:
+    from rlhf.ppo import Experience, PPOTrainer, RLHFEngine
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from rlhf import ppo
+
+        return getattr(ppo, name)
+    raise AttributeError(f"module 'rlhf' has no attribute {name!r}")
