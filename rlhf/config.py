@@ -123,6 +123,10 @@ class EngineConfig(_Group):
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs a GPU
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU (needs zero_stage >= 1)
     offload_params: bool = False  # ZeRO-Infinity parameter offload (needs zero_stage 3)
+    # ZeRO-3 keeps parameters below this many elements whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold; its default is 1e5): tiny CPU runs then skip per-parameter collectives.
+    # 0 partitions every parameter. Memory and speed only: the results are the same.
+    zero3_persistence_threshold: int = Field(10_000, ge=0)
     gradient_checkpointing: bool = False
     gradient_clipping: float = Field(1.0, ge=0)  # max grad norm; 0 disables
     num_procs: int = Field(1, gt=0)  # ranks per node started by the deepspeed launcher
@@ -302,6 +306,12 @@ class Params(_Group):
                 raise ValueError(f"ppo.{name}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
             if resolved.dtype == "fp16" and resolved.device == "cpu":
                 raise ValueError(f"ppo.{name}.dtype fp16 is not supported on CPU: use bf16 or fp32")
+        for name in ("ref_engine", "reward_engine"):  # frozen: nothing to optimise, so nothing to offload
+            if getattr(self.ppo, name).offload_optimizer:
+                raise ValueError(
+                    f"ppo.{name}.offload_optimizer: this model is frozen and has no optimizer state: set it to null "
+                    f"(ppo.{name}.offload_params with zero_stage 3 offloads its weights)"
+                )
         for name, model in (("model", self.model), ("reward_model", self.reward_model)):
             if model.name_or_path is None and model.max_position_embeddings < self.data.max_seq_tokens:
                 raise ValueError(

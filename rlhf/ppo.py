@@ -114,19 +114,24 @@ def _train_cfg(ppo: PPOConfig, lr: float) -> TrainConfig:
 
 
 def _frozen_engine(model: Any, engine: EngineConfig, micro_batch_size: int) -> Any:
-    """A DeepSpeed inference engine for a frozen model: sharded under ZeRO-3 like the trained ones, else whole."""
+    """A DeepSpeed engine for a frozen model: sharded under ZeRO-3 like the trained ones (weights offloaded with
+    offload_params), else whole."""
     import deepspeed
+
+    from rlhf.engine import report_zero3, zero_config
 
     model.requires_grad_(False)
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "zero_optimization": {"stage": 3 if engine.zero_stage == 3 else 0, "stage3_param_persistence_threshold": 1e4},
+        "zero_optimization": zero_config(engine, trained=False),
         "bf16": {"enabled": engine.dtype == "bf16"},
         "fp16": {"enabled": engine.dtype == "fp16"},
         "steps_per_print": 10**9,
     }
     ds_engine, *_ = deepspeed.initialize(model=model, config=config)
     ds_engine.eval()
+    if engine.zero_stage == 3:
+        report_zero3(f"frozen {type(model).__name__}", ds_engine.module)
     return ds_engine
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf.config import ConfigError, Params, load_params, parse_params
+from rlhf.config import ConfigError, Params, load_params, parse_params, resolve_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -152,6 +152,24 @@ def test_offload_optimizer_needs_zero() -> None:
 def test_offload_params_needs_zero3() -> None:
     msg = config_error({"engine.offload_params": True, "engine.zero_stage": 2})
     assert "engine.offload_params" in msg and "zero_stage: 3" in msg
+
+
+@pytest.mark.parametrize("model", ["ref_engine", "reward_engine"])
+def test_frozen_model_offload_optimizer_is_refused(model: str) -> None:
+    """The reference and reward model are frozen: an optimizer offload for them would be silently ignored."""
+    msg = config_error({f"ppo.{model}.offload_optimizer": True, "engine.zero_stage": 3})
+    assert f"ppo.{model}.offload_optimizer" in msg and "frozen" in msg and "offload_params" in msg
+
+
+def test_zero3_persistence_threshold_reaches_deepspeed() -> None:
+    from rlhf.engine import zero_config
+
+    p = load_params(PARAMS, {"engine.zero_stage": 3, "engine.zero3_persistence_threshold": 0})
+    assert zero_config(p.engine)["stage3_param_persistence_threshold"] == 0
+    frozen = zero_config(resolve_engine(p.engine, p.ppo.ref_engine), trained=False)
+    assert frozen["stage"] == 3 and frozen["stage3_param_persistence_threshold"] == 0
+    p2 = load_params(PARAMS, {"engine.zero_stage": 2, "engine.offload_optimizer": True})
+    assert zero_config(p2.engine, trained=False) == {"stage": 0}  # frozen under ZeRO-2: whole, nothing offloaded
 
 
 @pytest.mark.parametrize("group", ["model", "reward_model"])

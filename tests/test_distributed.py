@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from tests.conftest import run_cli, write_params
+
+# Partition every parameter (the tiny test models are below DeepSpeed's persistence threshold), so that the ranks
+# really hold shards and the gathers are exercised.
+SHARD_ALL = {"zero_stage": 3, "num_procs": 2, "zero3_persistence_threshold": 0}
+
+
+def assert_sharded(stdout: str, model: str) -> None:
+    """The engine's `[zero-3]` line: every parameter partitioned, rank 0 holding about half the elements."""
+    found = re.search(rf"\[zero-3\] {model}: (\d+)/(\d+) parameters partitioned over 2 ranks; rank 0 holds ([\d,]+) of ([\d,]+)", stdout)
+    assert found, stdout[-3000:]
+    parts, total, local, elements = (int(g.replace(",", "")) for g in found.groups())
+    assert parts == total > 0 and local < 0.6 * elements, found.group(0)
 
 
 def test_two_rank_zero3_sft_through_the_launcher(prepared: Path) -> None:
@@ -17,12 +30,13 @@ def test_two_rank_zero3_sft_through_the_launcher(prepared: Path) -> None:
     from rlhf.models import build_causal_lm
     from rlhf.tokenizer import resolve_tokenizer
 
-    write_params(prepared / "zero3.yaml", {"engine": {"zero_stage": 3, "num_procs": 2}})
+    write_params(prepared / "zero3.yaml", {"engine": SHARD_ALL})
     proc = run_cli(
         "sft", "--params", "zero3.yaml", "--out", "models/sft_zero3", "--metrics", "metrics/sft_zero3.json",
         "--live", "dvclive/sft_zero3", cwd=prepared,
     )
     assert "launching 2 ranks" in proc.stderr
+    assert_sharded(proc.stdout, "LlamaForCausalLM")
     saved = AutoModelForCausalLM.from_pretrained(prepared / "models/sft_zero3").state_dict()
     params = load_params(prepared / "zero3.yaml")
     initial = build_causal_lm(params.model, resolve_tokenizer(None, prepared / "data/prepared"), params.seed)
@@ -42,7 +56,7 @@ def test_two_rank_zero3_lora_ppo_through_the_launcher(trained: Path) -> None:
 
     write_params(
         trained / "ppo_zero3.yaml",
-        {"engine": {"zero_stage": 3, "num_procs": 2},
+        {"engine": SHARD_ALL,
          "ppo": {"actor_lora": {"rank": 4, "alpha": 8}, "critic_lora": {"rank": 4, "alpha": 8}}},
     )
     proc = run_cli(
@@ -50,6 +64,9 @@ def test_two_rank_zero3_lora_ppo_through_the_launcher(trained: Path) -> None:
         "--live", "dvclive/ppo_zero3", cwd=trained,
     )
     assert "launching 2 ranks" in proc.stderr and "[ppo] iter 2/2" in proc.stdout
+    for model in ("PeftModelForCausalLM", "PeftModelForSequenceClassification", "frozen LlamaForCausalLM",
+                  "frozen LlamaForSequenceClassification"):
+        assert_sharded(proc.stdout, model)
     sft = AutoModelForCausalLM.from_pretrained(trained / "models/sft").state_dict()
     actor = AutoModelForCausalLM.from_pretrained(trained / "models/ppo_zero3/actor").state_dict()
     assert not any("lora" in k for k in actor)

@@ -79,9 +79,31 @@ def test_reward_trains_and_scores_a_pair(prepared: Path) -> None:
     with torch.no_grad():
         scores = model(**batch).logits.squeeze(-1)
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+    # Training moved the weights away from the seeded build it started from.
+    from rlhf.config import load_params
+    from rlhf.models import build_reward_model
+    from rlhf.tokenizer import resolve_tokenizer
+
+    p = load_params(prepared / "params.yaml")
+    initial = build_reward_model(p.reward_model, resolve_tokenizer(None, prepared / "data/prepared"), p.seed)
+    initial_state = initial.state_dict()
+    assert len(_changed(model.state_dict(), initial_state)) >= len(initial_state) // 2
+    # The reported metrics are the saved model's: recomputed pair by pair, one unpadded sequence at a time.
+    from rlhf.data import read_split
+    from rlhf.reward import encode_pair
+
+    rows = read_split(prepared / "data/prepared/reward_eval.jsonl")
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for row in rows:
+            pair = encode_pair(tok, row)
+            chosen.append(model(input_ids=torch.tensor([pair["chosen"]])).logits.item())
+            rejected.append(model(input_ids=torch.tensor([pair["rejected"]])).logits.item())
     metrics = json.loads((prepared / "metrics/reward.json").read_text())
-    assert {"accuracy", "chosen_mean", "rejected_mean"} <= set(metrics)
-    assert 0.0 <= metrics["accuracy"] <= 1.0
+    accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
+    assert len(rows) >= 10 and metrics["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert metrics["chosen_mean"] == pytest.approx(sum(chosen) / len(rows), abs=1e-4)
+    assert metrics["rejected_mean"] == pytest.approx(sum(rejected) / len(rows), abs=1e-4)
 
 
 @pytest.mark.parametrize("stage", ["sft"])

@@ -11,6 +11,20 @@ import torch
 from tests.conftest import run_cli, write_params
 
 
+# The test models are below DeepSpeed's default persistence threshold: without this, ZeRO-3 would keep every
+# parameter whole and no ZeRO-3 test would exercise a gather.
+SHARD_ALL = {"zero3_persistence_threshold": 0}
+
+
+def assert_sharded(module) -> None:
+    """Every parameter is a ZeRO-3 partition (whole tensors only inside a gather)."""
+    from rlhf.engine import zero3_partitioning
+
+    split = zero3_partitioning(module)
+    assert split["partitioned"] == split["parameters"] > 0, split
+    assert all(p.data.numel() == 0 for p in module.parameters())  # released: nothing whole outside a gather
+
+
 @pytest.fixture(scope="module")
 def dist():
     from rlhf.config import EngineConfig
@@ -35,7 +49,8 @@ def _prompts(tok, texts: list[str]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "engine,lora",
-    [({"zero_stage": 0}, 0), ({"zero_stage": 3}, 0), ({"zero_stage": 2}, 4), ({"zero_stage": 3}, 4)],
+    [({"zero_stage": 0}, 0), ({"zero_stage": 3, **SHARD_ALL}, 0), ({"zero_stage": 2}, 4),
+     ({"zero_stage": 3, **SHARD_ALL}, 4)],
     ids=["zero0", "zero3", "zero2-lora", "zero3-lora"],
 )
 def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: dict, lora: int) -> None:
@@ -60,6 +75,8 @@ def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: d
     plain.load_state_dict(state)
     plain = unwrap_for_saving(plain).eval()
     hybrid = HybridEngine(eng.initialize(model, params.engine, _train_cfg(params.ppo, 1e-3), 10), engine["zero_stage"])
+    if engine["zero_stage"] == 3:
+        assert_sharded(hybrid.module)
     batch = _prompts(tok, ["Sort ascending: 5 2 9", "Sort ascending: 14 3 7 1 22"])
     kwargs = dict(do_sample=True, top_p=1.0, max_new_tokens=10, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
@@ -81,11 +98,15 @@ def test_one_ppo_update_moves_actor_and_critic_not_reference(trained: Path, dist
     from rlhf.engine import full_state_dict
     from rlhf.ppo import PPOTrainer, RLHFEngine
 
-    # Each model its own ZeRO stage, as DeepSpeed-Chat allows for the actor and critic.
-    engines = {"actor_engine": {"zero_stage": 2}, "critic_engine": {"zero_stage": 1}, "ref_engine": {"zero_stage": 3}}
-    params = _params(trained, "ppo_api.yaml", {"ppo": {"ema_beta": 0.5, **engines}})
+    # Each model its own ZeRO stage, as DeepSpeed-Chat allows for the actor and critic; the frozen reference
+    # sharded by ZeRO-3 with its weights offloaded.
+    engines = {"actor_engine": {"zero_stage": 2}, "critic_engine": {"zero_stage": 1},
+               "ref_engine": {"zero_stage": 3, "offload_params": True}}
+    params = _params(trained, "ppo_api.yaml", {"engine": SHARD_ALL, "ppo": {"ema_beta": 0.5, **engines}})
     engine = RLHFEngine(params, dist, trained / "models/sft", trained / "models/reward")
     assert [engine.engines[m].zero_stage for m in ("actor", "critic", "ref", "reward")] == [2, 1, 3, 0]
+    assert_sharded(engine.ref.module)
+    assert engine.ref.zero_offload_param() is not None and engine.reward.zero_offload_param() is None
     trainer = PPOTrainer(engine, params.ppo)
     modules = {"actor": engine.actor.module, "critic": engine.critic.module, "ref": engine.ref.module,
                "reward": engine.reward.module}
@@ -219,8 +240,9 @@ def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
     from rlhf.ppo import PPOTrainer, RLHFEngine
 
     params = _params(trained, "ppo_k.yaml", {"ppo": {"answers_per_prompt": 3, "rollout_batch_size": 2,
-                                                     "micro_batch_size": 6, "actor_engine": {"zero_stage": 3}}})
+                                                     "micro_batch_size": 6, "actor_engine": {"zero_stage": 3}}}, {"engine": SHARD_ALL})
     engine = RLHFEngine(params, dist, trained / "models/sft", trained / "models/reward")
+    assert_sharded(engine.actor.module)
     trainer = PPOTrainer(engine, params.ppo)
     batch = _prompts(engine.tok, ["Sort ascending: 5 2 9", "Sort ascending: 14 3 7 1 22"])
     exp = trainer.generate_experience(batch)
