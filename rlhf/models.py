@@ -93,6 +93,26 @@ def load_reward_model(path: str | Path) -> Any:
     return _from_pretrained(AutoModelForSequenceClassification, str(path), num_labels=1, dtype=torch.float32)
 
 
+def classifier_parts(model: Any) -> tuple[Any, Any]:
+    """(body, score head) of a sequence classifier (LlamaForSequenceClassification and kin), LoRA or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.score
+
+
+def last_token_scores(model: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """(B,) scores of a one-label classifier at each row's last real token, found from attention_mask (B, T), never
+    from the pad id. transformers' own pooling takes the rightmost token that is not pad_token_id: with a tokenizer
+    whose pad token is its eos (SmolLM2, or any we give pad = eos) it skips the eos that ends every answer, so the
+    score would never see whether the answer stopped. Rows may be padded on either side."""
+    import torch
+
+    body, head = classifier_parts(model)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (columns * attention_mask).argmax(-1)  # (B,) the rightmost real position
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
+
+
 def _check_vocab(model: Any, tok: Any, name: str) -> None:
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tok):

@@ -46,8 +46,11 @@ def pairwise_loss(chosen: Any, rejected: Any) -> Any:
 
 
 def _scores(engine: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    from rlhf.models import last_token_scores
+
     batch = {k: v.to(engine.device) for k, v in batch.items()}
-    scores = engine(**batch).logits.squeeze(-1).float()  # (2B,) score at each sequence's last real token
+    # (2B,) score at each sequence's last real token (its eos), by position: PPO and evaluate read it there too
+    scores = last_token_scores(engine.module, batch["input_ids"], batch["attention_mask"])
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
