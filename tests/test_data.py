@@ -287,7 +287,7 @@ def bad_rows() -> dict[str, list[dict]]:
         "chosen_equals_rejected": [{**good(109), "chosen": "same", "rejected": " same "}],
         "prompt_too_long": [{**good(110), "prompt": [user("q" * 50)]}],
         "sequence_too_long": [{**good(111), "chosen": "c" * 80}],
-        "duplicate_prompt": [good(0), good(1)],
+        "duplicate_row": [good(0), good(1)],  # exact copies; the same prompt with other answers is kept
     }
 
 
@@ -364,12 +364,50 @@ def test_split_is_disjoint_and_follows_shares() -> None:
     n = len(rows)
     splits = split_phases(rows, (2.0, 4.0, 4.0), 0.1, seed=7)
     assert list(splits) == list(SPLITS)
+    assert sum(len(s) for s in splits.values()) == n  # every valid row lands in exactly one split
     sets = [prompts(splits[name]) for name in SPLITS]
-    assert sum(len(s) for s in sets) == n == len(set().union(*sets))  # no prompt in two splits
+    assert sum(len(s) for s in sets) == len(prompts(rows)) == len(set().union(*sets))  # no prompt in two splits
     for phase, share in (("sft", 0.2), ("reward", 0.4), ("ppo", 0.4)):
         total = len(splits[f"{phase}_train"]) + len(splits[f"{phase}_eval"])
-        assert abs(total - share * n) <= 1
-        assert len(splits[f"{phase}_eval"]) == round(0.1 * total)
+        assert abs(total - share * n) <= 2  # groups are cut whole: a slice ends within a group of its last prompt
+        held = len(prompts(splits[f"{phase}_eval"]))
+        assert held == round(0.1 * (held + len(prompts(splits[f"{phase}_train"]))))
+
+
+def test_duplicate_prompts_are_kept_and_split_by_prompt_group() -> None:
+    """Several answers/pairs per prompt (a 3,000-pair file over 98 prompts kept 98 rows before): every row is kept,
+    all rows of one prompt land in one split, and the prompt counts are reported."""
+    rows = [
+        norm([user(f"q{p}")], chosen=f"good {p}.{k}", rejected=f"bad {p}.{k}", source="pairs")
+        for p in range(30)
+        for k in range(1 + p % 4)  # 1 to 4 pairs per prompt
+    ]
+    kept, counts = validate_rows(rows + [rows[5]], "drop")
+    assert kept == rows and counts["duplicate_row"] == 1  # an exact copy is the only row dropped
+    splits = split_phases(kept, (2.0, 4.0, 4.0), 0.1, seed=3)
+    assert sum(len(s) for s in splits.values()) == len(rows)
+    home = {}
+    for name, split in splits.items():
+        for r in split:
+            assert home.setdefault(json.dumps(r["prompt"]), name) == name, "one prompt in two splits"
+    assert len(home) == 30
+    for phase in ("sft", "reward", "ppo"):
+        assert splits[f"{phase}_train"] and splits[f"{phase}_eval"]
+    params = Params.model_validate({"data": {"sources": [{"path": "pairs"}]}})
+    _, stats = prepare_data(params, rows)
+    assert stats["rows_valid"] == len(rows) and stats["prompts_valid"] == 30
+    assert sum(stats["prompts"].values()) == 30 and sum(stats["splits"].values()) == len(rows)
+    assert stats["sources"]["pairs"]["rows_valid"] == len(rows)
+    assert sum(stats["sources"]["pairs"][name] for name in SPLITS) == len(rows)
+
+
+def test_group_sizes_weigh_the_cut_by_rows() -> None:
+    """Shares are row shares: one big group and many small ones still give each phase about its share of rows."""
+    rows = [norm([user("big")], completion=f"a{k}", source="s") for k in range(50)]
+    rows += [norm([user(f"q{p}")], completion=f"a{p}", source="s") for p in range(150)]
+    splits = split_phases(rows, (1.0, 0.0, 1.0), 0.1, seed=0)
+    sft = len(splits["sft_train"]) + len(splits["sft_eval"])
+    assert abs(sft - 100) <= 25  # the 50-row group falls on one side; the rest fill to half of 200
 
 
 def test_split_is_deterministic_per_seed() -> None:
