@@ -519,3 +519,154 @@ def test_read_split_errors(tmp_path: Path) -> None:
     broken.write_text('{"prompt": []}\n{not json\n', encoding="utf-8")
     with pytest.raises(UserError, match=r"broken.jsonl:2"):
         read_split(broken)
+
+
+# ------------------------------------------------------------------------------------------------ steps per source
+
+
+def three_dedicated_sources(tmp_path: Path) -> tuple[Params, dict[str, Path]]:
+    """A dedicated SFT file, a preference file and a prompt-only file, each naming its step (the TRL habit)."""
+    files = {
+        "sft": write([{"prompt": f"Say {i}.", "completion": f"{i}"} for i in range(60)], tmp_path, "jsonl", "sft"),
+        "pairs": write(
+            [{"prompt": f"Pick {i}.", "chosen": f"{i}", "rejected": f"{i + 1}"} for i in range(80)],
+            tmp_path, "jsonl", "pairs",
+        ),
+        "prompts": write([{"prompt": f"Count to {i}."} for i in range(40)], tmp_path, "jsonl", "prompts"),
+    }
+    steps = {"sft": ["sft"], "pairs": ["reward"], "prompts": ["ppo"]}
+    params = Params.model_validate(
+        {"data": {"sources": [{"path": str(p), "steps": steps[k]} for k, p in files.items()], "data_split": "2,4,4"}}
+    )
+    return params, files
+
+
+def test_sources_with_steps_feed_only_their_steps(tmp_path: Path) -> None:
+    params, files = three_dedicated_sources(tmp_path)
+    rows, _ = load_sources(params)
+    splits, stats = prepare_data(params, rows)
+    sizes = stats["splits"]
+    assert sizes["sft_train"] + sizes["sft_eval"] == 60 and sizes["sft_eval"] == 6  # every SFT row, minus eval
+    assert sizes["reward_train"] + sizes["reward_eval"] == 80 and sizes["reward_eval"] == 8
+    assert sizes["ppo_train"] + sizes["ppo_eval"] == 40 and sizes["ppo_eval"] == 4
+    for phase, key in (("sft", "sft"), ("reward", "pairs"), ("ppo", "prompts")):
+        assert {r["source"] for name in ("train", "eval") for r in splits[f"{phase}_{name}"]} == {str(files[key])}
+    src = stats["sources"][str(files["sft"])]
+    assert src["steps"] == ["sft"] and src["sft_train"] == 54 and src["sft_eval"] == 6 and src["ppo_train"] == 0
+    assert stats["warnings"] == []
+
+
+def test_steps_share_by_data_split_and_mix_with_shared_sources(tmp_path: Path) -> None:
+    pairs = write([{"prompt": f"Pick {i}.", "chosen": "a", "rejected": "b"} for i in range(100)], tmp_path, "jsonl")
+    params = Params.model_validate(
+        {"task": {"num_rows": 100},
+         "data": {"sources": [{"path": str(pairs), "steps": ["sft", "reward"]}, {"path": "builtin"}],
+                  "data_split": "1,3,4"}}
+    )
+    rows, _ = load_sources(params)
+    splits, stats = prepare_data(params, rows)
+    src = stats["sources"][str(pairs)]
+    assert src["ppo_train"] == src["ppo_eval"] == 0
+    assert src["sft_train"] + src["sft_eval"] == 25  # 1/(1+3) of 100
+    assert stats["sources"]["builtin"]["steps"] == "data_split 1,3,4"
+    assert stats["sources"]["builtin"]["ppo_train"] > 0
+
+
+def test_a_prompt_pinned_by_steps_takes_its_shared_rows_along() -> None:
+    """A shared (data_split) row whose prompt is also in an [sft] source goes to sft: no prompt in two phases."""
+    rows = [norm([user(f"q{i}")], completion=f"a{i}", source="mine") for i in range(20)]
+    rows += [good(i, source="other") for i in range(40)]
+    rows += [norm([user(f"q{i}")], chosen=f"c{i}", rejected=f"r{i}", source="other") for i in range(20)]
+    splits = split_phases(rows, (1.0, 1.0, 1.0), 0.1, 0, steps={"mine": ["sft"], "other": None})
+    sft = prompts(splits["sft_train"] + splits["sft_eval"])
+    assert {json.dumps([user(f"q{i}")]) for i in range(20)} <= sft
+    others = prompts(splits["reward_train"] + splits["reward_eval"] + splits["ppo_train"] + splits["ppo_eval"])
+    assert not sft & others
+
+
+def test_steps_a_source_cannot_feed_are_one_line_errors(tmp_path: Path) -> None:
+    from rlhf.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError, match=r"'data.sources\[0\].steps\[0\]' = 'rm': must be one of"):
+        parse_params({"data": {"sources": [{"path": "x.jsonl", "steps": ["rm"]}]}})
+    with pytest.raises(ConfigError, match=r"names \['reward'\], which format prompt cannot feed"):
+        parse_params({"data": {"sources": [{"path": "x.jsonl", "format": "prompt", "steps": ["reward"]}]}})
+    path = write([{"prompt": "a", "completion": "b"}], tmp_path, "jsonl")  # auto: found when the file is read
+    with pytest.raises(UserError, match=r"reads as format prompt_completion, which cannot feed \['reward'\]"):
+        load_source(SourceConfig(path=str(path), steps=["sft", "reward"]), TASK, 0)
+
+
+# ------------------------------------------------------------------------------------------------ split sizes
+
+
+@pytest.mark.parametrize(
+    ("sources", "data_split", "expect"),
+    [
+        ([{"path": "pc"}], "2,4,4", r"split reward_train would be empty \(0 rows; reward_eval has 0\).*preference pair"),
+        ([{"path": "pairs"}], "0,4,4", r"split sft_train would be empty.*share of 0: give sft a share"),
+        ([{"path": "pairs", "steps": ["reward", "ppo"]}], "2,4,4", r"sft_train.*names other steps: add sft to"),
+        ([{"path": "pairs", "steps": ["sft"]}], "2,4,4", r"reward_train would be empty"),
+    ],
+)
+def test_a_step_with_an_empty_train_split_stops_prepare(sources: list, data_split: str, expect: str) -> None:
+    rows = [norm([user(f"q{i}")], completion=f"a{i}", source="pc") for i in range(20)]
+    rows += [good(i, source="pairs") for i in range(20)]
+    params = Params.model_validate({"data": {"sources": sources, "data_split": data_split}})
+    wanted = [r for r in rows if r["source"] in {s["path"] for s in sources}]
+    with pytest.raises(UserError, match=expect) as err:
+        prepare_data(params, wanted)
+    assert "\n" not in str(err.value)
+
+
+def test_a_far_smaller_train_split_warns() -> None:
+    rows = [good(i, source="pairs") for i in range(200)]
+    params = Params.model_validate({"data": {"sources": [{"path": "pairs"}], "data_split": "0.2,4,4"}})
+    _, stats = prepare_data(params, rows)
+    assert stats["splits"]["sft_train"] > 0
+    (line,) = stats["warnings"]
+    assert line.startswith(f"sft_train has {stats['splits']['sft_train']} rows") and "under 10%" in line
+    params = Params.model_validate({"data": {"sources": [{"path": "pairs"}], "data_split": "2,4,4"}})
+    assert prepare_data(params, rows)[1]["warnings"] == []
+
+
+# ------------------------------------------------------------------------------------------------ tracked sources
+
+
+def test_a_local_source_outside_the_prepare_deps_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlhf.data import check_sources_tracked
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/sources").mkdir(parents=True)
+    (tmp_path / "data/sources/mine.jsonl").write_text("{}\n")
+    (tmp_path / "elsewhere.jsonl").write_text("{}\n")
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text("stages:\n  prepare:\n    cmd: rlhf prepare\n    deps:\n      - data/sources\n      - rlhf/data.py\n")
+    ok = [SourceConfig(path="builtin"), SourceConfig(path="data/sources/mine.jsonl"), SourceConfig(path="a/hub-id")]
+    check_sources_tracked(ok, dvc_yaml)
+    check_sources_tracked([SourceConfig(path=str(tmp_path / "data/sources/mine.jsonl"))], dvc_yaml)  # absolute
+    with pytest.raises(UserError, match=r"'elsewhere.jsonl' is not a dependency of the prepare stage.*data/sources/"):
+        check_sources_tracked([SourceConfig(path="elsewhere.jsonl")], dvc_yaml)
+    check_sources_tracked([SourceConfig(path="elsewhere.jsonl")], tmp_path / "no-dvc.yaml")  # outside DVC: no check
+
+
+def test_source_identity_records_sha256_and_hub_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    from rlhf.data import load_source_info
+
+    path = write([{"prompt": "a", "completion": "b"}], tmp_path, "jsonl")
+    _, info = load_source_info(SourceConfig(path=str(path)), TASK, 0)
+    assert info == {"format": "prompt_completion", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+    # A hub dataset as datasets caches it: .../<owner>___<name>/default/0.0.0/<commit>/<name>-train.arrow
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cached = tmp_path / "cache" / "owner___name" / "default" / "0.0.0" / commit
+    cached.mkdir(parents=True)
+    ds = datasets.Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    ds.save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    (cached / "name-train.arrow").write_bytes(arrow.read_bytes())
+    hub = datasets.Dataset.from_file(str(cached / "name-train.arrow"))
+    monkeypatch.setattr("rlhf.data._read_hub", lambda src: hub)
+    _, info = load_source_info(SourceConfig(path="owner/name"), TASK, 0)
+    assert info["revision"] == commit and info["fingerprint"] == hub._fingerprint and info["format"] == "preference"
