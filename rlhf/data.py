@@ -576,14 +576,16 @@ def split_phases(
 
     DeepSpeed-Chat's data_split, applied to prompt groups (all rows of one prompt, see prompt_key): the groups are cut,
     in one seeded order, into three contiguous slices whose row counts follow the shares, so no prompt feeds two
-    phases and each phase keeps every answer or pair of its prompts. The shares are renormalised over the phases every
+    phases and each phase keeps every answer or pair of its prompts. The shares are renormalised over the phases some
     row of a group can feed (prompt/completion rows skip the reward step; prompt-only rows go to PPO only); groups
-    with the same feedable phases are cut together.
+    with the same feedable phases are cut together. A row that cannot feed its group's phase (a prompt/completion row
+    whose prompt went to the reward step with a pair of another source) is left out: the caller counts it as unused.
 
     `steps` maps a source path to the steps it names (data.sources[].steps; None or missing = shared by data_split).
     A source with one step gives it all its rows; with several, they share it by their data_split shares. A group
-    whose rows' sources name disjoint steps (the same prompt in a dedicated SFT file and a dedicated preference file)
-    is the one case where a prompt feeds two phases: each source's rows go where the user sent them.
+    with rows of such a source goes to the steps that source names, taking the group's other rows along where they
+    can feed it. A group whose sources name disjoint steps (the same prompt in a dedicated SFT file and a dedicated
+    preference file) is the one case where a prompt feeds two phases: each source's rows go where the user sent them.
 
     Then each phase holds out round(eval_fraction * prompts) prompt groups (at least 1 when it has >= 2, never all),
     and a prompt held out by one phase is held out by every phase it feeds: no eval prompt is trained on anywhere.
@@ -607,11 +609,14 @@ def split_phases(
     # A unit is rows that go to one phase together; units with the same feedable phases form a class, cut as one.
     classes: dict[tuple[tuple[str, ...], bool], list[list[int]]] = {}
     for members in groups.values():
-        common = frozenset.intersection(*(allowed[i] for i in members))
-        parts = [(common, members)] if common else _by_allowed(members, allowed)
+        pinned = [i for i in members if rows[i].get("source") in named]
+        if not pinned:
+            parts = [(frozenset.union(*(allowed[i] for i in members)), members)]
+        else:
+            common = frozenset.intersection(*(allowed[i] for i in pinned))
+            parts = [(common, members)] if common else _by_allowed(members, pinned, allowed)
         for able, unit in parts:
-            explicit = any(rows[i].get("source") in named for i in unit)
-            classes.setdefault((tuple(p for p in _PHASES if p in able), explicit), []).append(unit)
+            classes.setdefault((tuple(p for p in _PHASES if p in able), bool(pinned)), []).append(unit)
     phase_of = [""] * len(rows)
     for (able, explicit), units in classes.items():
         local = [share if p in able else 0.0 for p, share in zip(_PHASES, shares)]
@@ -638,7 +643,7 @@ def split_phases(
             middle, done = done + len(units[j]) / 2, done + len(units[j])
             phase = next((p for p, b in zip(_PHASES, bounds) if middle < b), _PHASES[-1])
             for i in units[j]:
-                phase_of[i] = phase
+                phase_of[i] = phase if phase in allowed[i] else ""  # "": unused (its prompt feeds another step)
     held_out: dict[str, bool] = {}  # prompt key -> held out (shared by every phase the prompt feeds)
     splits: dict[str, list[dict]] = {}
     for phase in _PHASES:
@@ -659,11 +664,16 @@ def split_phases(
     return {name: splits[name] for name in SPLITS}
 
 
-def _by_allowed(members: list[int], allowed: list[frozenset]) -> list[tuple[frozenset, list[int]]]:
-    """The rows of one prompt grouped by the phases each may feed (sources that named disjoint steps)."""
+def _by_allowed(
+    members: list[int], pinned: list[int], allowed: list[frozenset]
+) -> list[tuple[frozenset, list[int]]]:
+    """The rows of one prompt whose sources named disjoint steps, grouped by those steps; the prompt's rows from
+    sources without steps go along with the first group."""
     parts: dict[frozenset, list[int]] = {}
-    for i in members:
+    for i in pinned:
         parts.setdefault(allowed[i], []).append(i)
+    first = next(iter(parts))
+    parts[first].extend(i for i in members if i not in set(pinned))
     return list(parts.items())
 
 
@@ -795,6 +805,13 @@ def prepare_data(
     for name, split in splits.items():
         for row in split:
             sources[row.get("source", "")][name] += 1
+    for entry in sources.values():
+        entry["unused"] = entry["rows_valid"] - sum(entry[name] for name in SPLITS)
+    unused = sum(entry["unused"] for entry in sources.values())
+    steps_of: dict[str, set[str]] = {}
+    for name, split in splits.items():
+        for row in split:
+            steps_of.setdefault(prompt_key(row), set()).add(name.rsplit("_", 1)[0])
     stats = {
         "rows_loaded": len(rows),
         "rows_valid": len(valid),
@@ -803,8 +820,10 @@ def prepare_data(
         "splits": {name: len(split) for name, split in splits.items()},
         "prompts": {name: len({prompt_key(r) for r in split}) for name, split in splits.items()},
         "prompts_valid": len({prompt_key(r) for r in valid}),
+        "rows_unused": unused,  # valid rows whose prompt went to a step they cannot feed
+        "prompts_in_several_steps": sum(len(s) > 1 for s in steps_of.values()),  # only where sources' steps say so
         "sources": sources,
-        "warnings": split_warnings(splits),
+        "warnings": split_warnings(splits, unused),
     }
     return splits, stats
 
@@ -829,17 +848,18 @@ def _check_not_empty(
             why, fix = f"data.data_split gives {phase} a share of 0", f"give {phase} a share in data.data_split"
         else:
             n = len({prompt_key(r) for r in feeders})
-            why = f"its rows hold {n} prompt(s), too few to hold one out and train on the rest"
-            fix = f"add rows with more prompts, or raise {phase}'s share in data.data_split"
+            why = f"the {len(feeders)} rows that could feed it ({n} prompts) went to other steps or to {phase}_eval"
+            fix = f"raise {phase}'s share in data.data_split, give a source steps: [{phase}], or add prompts"
         raise UserError(
             f"split {phase}_train would be empty (0 rows; {phase}_eval has {len(splits[f'{phase}_eval'])}), so the "
             f"{phase} stage would train on nothing: {why}: {fix}"
         )
 
 
-def split_warnings(splits: dict[str, list[dict]]) -> list[str]:
+def split_warnings(splits: dict[str, list[dict]], unused: int = 0) -> list[str]:
     """One line per split that will train or measure badly: a train split far smaller than the largest one (under
-    SMALL_SPLIT_FRACTION of its rows), or an empty eval split (a step with one prompt measures nothing)."""
+    SMALL_SPLIT_FRACTION of its rows), or an empty eval split (a step with one prompt measures nothing); and one
+    when valid rows went unused (their prompt went to a step they cannot feed)."""
     sizes = {p: len(splits[f"{p}_train"]) for p in _PHASES}
     largest = max(sizes, key=lambda p: sizes[p])
     out = []
@@ -853,4 +873,9 @@ def split_warnings(splits: dict[str, list[dict]]) -> list[str]:
     for phase in _PHASES:
         if not splits[f"{phase}_eval"]:
             out.append(f"{phase}_eval is empty ({phase} has one prompt): its eval metrics measure nothing; add prompts")
+    if unused:
+        out.append(
+            f"{unused} valid rows unused: their prompt went to a step they cannot feed (a prompt feeds one step); "
+            "name each source's steps (data.sources[].steps) to use them all"
+        )
     return out
