@@ -408,6 +408,8 @@ def test_group_sizes_weigh_the_cut_by_rows() -> None:
     splits = split_phases(rows, (1.0, 0.0, 1.0), 0.1, seed=0)
     sft = len(splits["sft_train"]) + len(splits["sft_eval"])
     assert abs(sft - 100) <= 25  # the 50-row group falls on one side; the rest fill to half of 200
+    (home,) = [name for name, split in splits.items() if any(r["prompt"] == [user("big")] for r in split)]
+    assert sum(r["prompt"] == [user("big")] for r in splits[home]) == 50  # all of it in one split
 
 
 def test_split_is_deterministic_per_seed() -> None:
