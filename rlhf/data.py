@@ -781,8 +781,8 @@ def prepare_data(
 
     stats: rows_loaded, rows_valid, rows_invalid, invalid (reason -> count, all reasons), splits (name -> rows),
     prompts (name -> distinct prompts), sources (path -> {steps, rows_valid, split name -> rows}) and warnings (one
-    line each: a step's train split under SMALL_SPLIT_FRACTION of the largest, an empty eval split).
-    Raises UserError, before anything is written, when a step's train split would be empty.
+    line each: a step's train split under SMALL_SPLIT_FRACTION of the largest, valid rows left unused).
+    Raises UserError, before anything is written, when a step's train or eval split would be empty.
     """
     data = params.data
     valid, invalid = validate_rows(rows, data.invalid_rows, length_fn, data.max_prompt_tokens, data.max_seq_tokens)
@@ -831,7 +831,8 @@ def prepare_data(
 def _check_not_empty(
     splits: dict[str, list[dict]], valid: list[dict], shares: tuple[float, ...], steps: dict[str, list[str] | None]
 ) -> None:
-    """Every step the pipeline runs needs training rows: an empty train split stops prepare with the reason."""
+    """Every step the pipeline runs needs training rows and eval rows: an empty split stops prepare, with the reason
+    and the fix, before anything is written (the training stages would refuse it later, after the wait)."""
     for phase, share in zip(_PHASES, shares):
         if splits[f"{phase}_train"]:
             continue
@@ -850,16 +851,21 @@ def _check_not_empty(
             n = len({prompt_key(r) for r in feeders})
             why = f"the {len(feeders)} rows that could feed it ({n} prompts) went to other steps or to {phase}_eval"
             fix = f"raise {phase}'s share in data.data_split, give a source steps: [{phase}], or add prompts"
-        raise UserError(
-            f"split {phase}_train would be empty (0 rows; {phase}_eval has {len(splits[f'{phase}_eval'])}), so the "
-            f"{phase} stage would train on nothing: {why}: {fix}"
-        )
+        raise UserError(f"{phase}_train is empty (0 rows), so the {phase} stage would train on nothing: {why}: {fix}")
+    for phase in _PHASES:
+        if not splits[f"{phase}_eval"]:  # one prompt: held out it would leave nothing to train on
+            n = len({prompt_key(r) for r in splits[f"{phase}_train"]})
+            raise UserError(
+                f"{phase}_eval is empty (0 rows; {phase} has {n} prompt, all in {phase}_train), so the {phase} stage's "
+                f"eval metrics would measure nothing: give {phase} rows with at least 2 distinct prompts (one is held "
+                "out), e.g. a larger data.data_split share"
+            )
 
 
 def split_warnings(splits: dict[str, list[dict]], unused: int = 0) -> list[str]:
     """One line per split that will train or measure badly: a train split far smaller than the largest one (under
-    SMALL_SPLIT_FRACTION of its rows), or an empty eval split (a step with one prompt measures nothing); and one
-    when valid rows went unused (their prompt went to a step they cannot feed)."""
+    SMALL_SPLIT_FRACTION of its rows), and one when valid rows went unused (their prompt went to a step they cannot
+    feed)."""
     sizes = {p: len(splits[f"{p}_train"]) for p in _PHASES}
     largest = max(sizes, key=lambda p: sizes[p])
     out = []
@@ -870,9 +876,6 @@ def split_warnings(splits: dict[str, list[dict]], unused: int = 0) -> list[str]:
                 f"(under {SMALL_SPLIT_FRACTION:.0%}): {phase} will learn from little; give it a larger data.data_split "
                 f"share or a source with steps: [{phase}]"
             )
-    for phase in _PHASES:
-        if not splits[f"{phase}_eval"]:
-            out.append(f"{phase}_eval is empty ({phase} has one prompt): its eval metrics measure nothing; add prompts")
     if unused:
         out.append(
             f"{unused} valid rows unused: their prompt went to a step they cannot feed (a prompt feeds one step); "

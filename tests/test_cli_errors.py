@@ -142,7 +142,7 @@ BAD_INPUTS = [
     Bad("duplicate row (same prompt, same answer)", ("prepare",), ("row 1", "duplicate_row"),
         source("d.jsonl"), {"d.jsonl": jsonl(GOOD, GOOD)}),
     Bad("a step with an empty train split (no pairs for the reward model)", ("prepare",),
-        ("split reward_train would be empty (0 rows", "no valid row has a preference pair", "prompt/chosen/rejected"),
+        ("reward_train is empty (0 rows)", "no valid row has a preference pair", "prompt/chosen/rejected"),
         source("d.jsonl"), {"d.jsonl": jsonl(*({"prompt": f"Say {i}.", "completion": f"{i}"} for i in range(20)))}),
     Bad("source steps its rows cannot feed", ("prepare",),
         ("'d.jsonl' reads as format prompt_completion", "cannot feed ['reward']", "data.sources[].steps"),

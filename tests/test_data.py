@@ -488,10 +488,10 @@ def test_prepare_data_blends_sources_and_reports_stats(tmp_path: Path) -> None:
 
 def test_prepare_data_with_length_limits() -> None:
     # "Sort ascending: " plus 3 to 6 numbers is 21 to 33 characters: a limit of 26 drops the longer lists only.
-    params = Params.model_validate({"task": {"num_rows": 60}, "data": {"max_prompt_tokens": 26, "max_seq_tokens": 60}})
+    params = Params.model_validate({"task": {"num_rows": 200}, "data": {"max_prompt_tokens": 26, "max_seq_tokens": 60}})
     _, stats = prepare_data(params, load_sources(params)[0], length_fn=chars)
     assert stats["invalid"]["prompt_too_long"] > 0 and stats["rows_valid"] > 0
-    assert stats["rows_valid"] + sum(stats["invalid"].values()) == 60
+    assert stats["rows_valid"] + sum(stats["invalid"].values()) == 200
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -604,10 +604,11 @@ def test_steps_a_source_cannot_feed_are_one_line_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("sources", "data_split", "expect"),
     [
-        ([{"path": "pc"}], "2,4,4", r"split reward_train would be empty \(0 rows; reward_eval has 0\).*preference pair"),
-        ([{"path": "pairs"}], "0,4,4", r"split sft_train would be empty.*share of 0: give sft a share"),
+        ([{"path": "pc"}], "2,4,4", r"^reward_train is empty \(0 rows\), so the reward stage would train on nothing: .*preference pair"),
+        ([{"path": "pairs"}], "0,4,4", r"^sft_train is empty.*share of 0: give sft a share"),
         ([{"path": "pairs", "steps": ["reward", "ppo"]}], "2,4,4", r"sft_train.*names other steps: add sft to"),
-        ([{"path": "pairs", "steps": ["sft"]}], "2,4,4", r"reward_train would be empty"),
+        ([{"path": "pairs", "steps": ["sft"]}], "2,4,4", r"^reward_train is empty"),
+        ([{"path": "pairs"}], "0.5,4,4", r"^sft_eval is empty \(0 rows; sft has 1 prompt, all in sft_train\)"),
     ],
 )
 def test_a_step_with_an_empty_train_split_stops_prepare(sources: list, data_split: str, expect: str) -> None:
