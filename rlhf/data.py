@@ -672,8 +672,8 @@ def _by_allowed(
     parts: dict[frozenset, list[int]] = {}
     for i in pinned:
         parts.setdefault(allowed[i], []).append(i)
-    first = next(iter(parts))
-    parts[first].extend(i for i in members if i not in set(pinned))
+    first, pinned_set = next(iter(parts)), set(pinned)
+    parts[first].extend(i for i in members if i not in pinned_set)
     return list(parts.items())
 
 

@@ -25,8 +25,11 @@ def prepare(
         typer.echo(f"warning: {line}", err=True)
     for path, src in stats["sources"].items():
         steps = ",".join(src["steps"]) if isinstance(src["steps"], list) else src["steps"]
-        went = ", ".join(f"{k}={src[k]}" for k in stats["splits"] if src.get(k))
-        typer.echo(f"prepare: source '{path}' (steps {steps}): {src['rows_valid']} of {src['rows_loaded']} rows -> {went or 'nothing'}")
+        went = ", ".join(f"{k}={src[k]}" for k in (*stats["splits"], "unused") if src.get(k))
+        typer.echo(
+            f"prepare: source '{path}' (steps {steps}): {src['rows_valid']} valid of {src['rows_loaded']} rows -> "
+            + (went or "nothing")
+        )
     typer.echo(
         f"prepare: {stats['rows_valid']} valid rows over {stats['prompts_valid']} prompts "
         f"({stats['rows_invalid']} dropped) -> {out}; "

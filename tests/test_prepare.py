@@ -54,7 +54,7 @@ def test_sources_with_steps_go_only_to_their_steps(tmp_path: Path) -> None:
         assert all(src[f"{other}_{side}"] == 0 for other in ("sft", "reward", "ppo") if other != step
                    for side in ("train", "eval"))
         assert f"prepare: source '{files[key]}' (steps {step}): " in proc.stdout
-    assert "prepare: source 'data/sources/sft.jsonl' (steps sft): 120 of 120 rows -> sft_train=108, sft_eval=12" \
+    assert "prepare: source 'data/sources/sft.jsonl' (steps sft): 120 valid of 120 rows -> sft_train=108, sft_eval=12" \
         in proc.stdout
     assert stats["warnings"] == [] and "warning" not in proc.stderr
     manifest = json.loads((tmp_path / "data/prepared/manifest.json").read_text())
