@@ -57,6 +57,14 @@ def test_sources_with_steps_go_only_to_their_steps(tmp_path: Path) -> None:
     assert "prepare: source 'data/sources/sft.jsonl' (steps sft): 120 valid of 120 rows -> sft_train=108, sft_eval=12" \
         in proc.stdout
     assert stats["warnings"] == [] and "warning" not in proc.stderr
+    # The three files share their 40 prompts, and their steps send them to three steps: the user's choice, counted.
+    # A prompt held out is held out in every step, so no eval prompt is trained on anywhere.
+    assert stats["prompts_in_several_steps"] == 40 and stats["rows_unused"] == 0
+    side = {name: {json.dumps(json.loads(line)["prompt"])
+                   for line in (tmp_path / f"data/prepared/{name}.jsonl").read_text().splitlines()}
+            for name in sizes}
+    assert side["sft_eval"] == side["reward_eval"] == side["ppo_eval"]
+    assert not side["sft_eval"] & (side["sft_train"] | side["reward_train"] | side["ppo_train"])
     manifest = json.loads((tmp_path / "data/prepared/manifest.json").read_text())
     assert manifest["stats"]["sources"][files["pairs"]]["sha256"] == stats["sources"][files["pairs"]]["sha256"]
 
