@@ -44,6 +44,18 @@ class TaskConfig(_Group):
         return self
 
 
+STEPS = ("sft", "reward", "ppo")
+# The steps a row of each format can feed: SFT needs an answer, the reward model a pair, PPO only a prompt.
+FORMAT_STEPS = {
+    "prompt": ("ppo",),
+    "prompt_completion": ("sft", "ppo"),
+    "messages": ("sft", "ppo"),
+    "preference": STEPS,
+    "rm_static": STEPS,
+    "hh_rlhf": STEPS,
+}
+
+
 class SourceConfig(_Group):
     """One data source. `path` is `builtin`, a local file/folder, or a hub dataset id."""
 
@@ -51,6 +63,28 @@ class SourceConfig(_Group):
     split: str = "train"  # split to read from a hub id or a save_to_disk DatasetDict
     weight: float = Field(1.0, gt=0)  # fraction of the source's rows to use (1.0 = all); blends sources
     format: Literal["auto", "prompt_completion", "preference", "messages", "prompt", "rm_static", "hh_rlhf"] = "auto"
+    # The steps this source feeds (TRL/OpenRLHF: one dataset per trainer); null = shared by data.data_split.
+    # Several steps share the source by their data.data_split shares.
+    steps: list[Literal["sft", "reward", "ppo"]] | None = None
+
+    @model_validator(mode="after")
+    def _steps(self) -> SourceConfig:
+        if self.steps is None:
+            return self
+        if not self.steps or len(set(self.steps)) != len(self.steps):
+            raise ValueError(
+                f"steps of '{self.path}' is {self.steps}: list each step once (sft, reward, ppo) "
+                "or leave steps out to share the source by data.data_split"
+            )
+        able = FORMAT_STEPS.get(self.format, STEPS)
+        cannot = [s for s in self.steps if s not in able]
+        if cannot:
+            raise ValueError(
+                f"steps of '{self.path}' names {cannot}, which format {self.format} cannot feed "
+                f"(it feeds {list(able)}): remove them from its steps, or feed them from a source that has "
+                + ("preference pairs" if "reward" in cannot else "answers")
+            )
+        return self
 
 
 class DataConfig(_Group):
@@ -75,6 +109,13 @@ class DataConfig(_Group):
             )
         if self.max_prompt_tokens >= self.max_seq_tokens:
             raise ValueError("data.max_prompt_tokens must be below data.max_seq_tokens: raise max_seq_tokens")
+        steps: dict[str, Any] = {}
+        for src in self.sources:  # rows carry their source's path, so one path has one set of steps
+            if steps.setdefault(src.path, src.steps) != src.steps:
+                raise ValueError(
+                    f"data.sources lists '{src.path}' twice with different steps ({steps[src.path]} and "
+                    f"{src.steps}): give both entries the same steps"
+                )
         return self
 
     @property

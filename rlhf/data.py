@@ -7,7 +7,8 @@ A normalised row is a plain, JSON-serialisable dict::
      "chosen": str | None, "rejected": str | None,    # a preference pair (reward model)
      "source": str}                                   # the SourceConfig.path it came from
 
-The flow is load_source -> validate_rows -> split_phases -> write_splits (prepare_data runs all of it). Loading never
+The flow is load_source -> validate_rows -> split_phases -> write_splits (prepare_data runs all of it). Several rows
+may share a prompt (several answers or pairs per prompt): the split keeps all rows of one prompt together. Loading never
 raises on a bad row: it marks the row with private keys (`_invalid`, `_detail`, `_row`) so that validation counts it
 (drop mode) or names it (error mode); validate_rows returns rows without any private key.
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
-from rlhf.config import Params, SourceConfig, TaskConfig
+from rlhf.config import FORMAT_STEPS, STEPS, Params, SourceConfig, TaskConfig
 from rlhf.errors import UserError
 from rlhf.task import generate_rows
 
@@ -51,11 +52,15 @@ REASONS = (
     "chosen_equals_rejected",  # a pair that teaches the reward model nothing
     "prompt_too_long",  # over data.max_prompt_tokens
     "sequence_too_long",  # prompt + longest answer over data.max_seq_tokens
-    "duplicate_prompt",  # the same prompt seen earlier (the first is kept): no prompt can land in two phases
+    "duplicate_row",  # the same prompt and the same answers seen earlier (the first is kept): a copy adds nothing
 )
 
 SPLITS = ("sft_train", "sft_eval", "reward_train", "reward_eval", "ppo_train", "ppo_eval")
-_PHASES = ("sft", "reward", "ppo")
+_PHASES = STEPS  # sft, reward, ppo
+
+# prepare warns (one line, and metrics/prepare.json `warnings`) when a step's train split holds fewer rows than this
+# fraction of the largest step's: a warning changes no result, so it is a constant, not a param.
+SMALL_SPLIT_FRACTION = 0.1
 _ANSWERS = ("completion", "chosen", "rejected")
 
 # Local file suffix -> datasets packaged builder.
@@ -79,6 +84,7 @@ _FIX = {
     "prompt_too_long": "raise data.max_prompt_tokens or set data.invalid_rows: drop to skip such rows",
     "sequence_too_long": "raise data.max_seq_tokens or set data.invalid_rows: drop to skip such rows",
     "missing_column": "check data.sources[].format against the columns, or set data.invalid_rows: drop",
+    "duplicate_row": "remove the copy or set data.invalid_rows: drop to skip copies",
 }
 _DEFAULT_FIX = "fix the row or set data.invalid_rows: drop to skip such rows"
 
@@ -100,15 +106,29 @@ def load_source(src: SourceConfig, task: TaskConfig, seed: int) -> list[dict]:
     Rows that cannot be normalised come back marked (`_invalid`), never raised, so validate_rows counts them.
     `src.weight` below 1 keeps a seeded random share of the rows (blending several sources).
     """
+    return load_source_info(src, task, seed)[0]
+
+
+def load_source_info(src: SourceConfig, task: TaskConfig, seed: int) -> tuple[list[dict], dict[str, Any]]:
+    """load_source, plus what identifies the source's content (see source_identity)."""
     if src.path == "builtin":
         # The shipped task has all four columns: a demonstration and a labelled pair per prompt.
         knobs = task.model_dump(exclude={"num_rows"})
         raw: list[dict] = list(generate_rows(task.num_rows, seed, **knobs))
         columns, fmt = {"prompt", "completion", "chosen", "rejected"}, "preference"
+        identity: dict[str, Any] = {"format": fmt}  # params.yaml task.* and seed make it
     else:
         ds = _read(src)
         raw, columns = ds.to_list(), set(ds.column_names)
         fmt = src.format if src.format != "auto" else _detect_format(src.path, columns, raw)
+        identity = {"format": fmt, **source_identity(src, ds)}
+        able = FORMAT_STEPS[fmt]
+        cannot = [s for s in src.steps or () if s not in able]
+        if cannot:
+            raise UserError(
+                f"data source '{src.path}' reads as format {fmt}, which cannot feed {cannot} named in its "
+                f"data.sources[].steps (it feeds {list(able)}): remove them from its steps, or set its format"
+            )
     rows = []
     for i in _sample(len(raw), src.weight, seed, src.path):
         try:
@@ -118,7 +138,31 @@ def load_source(src: SourceConfig, task: TaskConfig, seed: int) -> list[dict]:
             row.update(_invalid=bad.reason, _detail=bad.detail)
         row.update(source=src.path, _row=i)
         rows.append(row)
-    return rows
+    return rows, identity
+
+
+def source_identity(src: SourceConfig, ds: Dataset) -> dict[str, Any]:
+    """What says that a source's content changed, for the prepare manifest and metrics/prepare.json.
+
+    A local file or folder: its sha256 (the dvc.yaml dependency on it reruns prepare; this records which content was
+    read). A hub dataset: the resolved revision (the commit its cached arrow files were built from: datasets keeps
+    them under .../<version>/<commit>/), its version and datasets' fingerprint of the loaded split, so a dataset that
+    changed on the hub shows as a changed manifest.
+    """
+    path = Path(src.path).expanduser()
+    if path.exists():
+        from rlhf.outputs import hash_path
+
+        return {"sha256": hash_path(path)}
+    out: dict[str, Any] = {"fingerprint": getattr(ds, "_fingerprint", None)}
+    version = getattr(getattr(ds, "info", None), "version", None)
+    if version is not None:
+        out["version"] = str(version)
+    files = [f.get("filename", "") for f in getattr(ds, "cache_files", None) or []]
+    commits = {Path(f).parent.name for f in files if re.fullmatch(r"[0-9a-f]{40}", Path(f).parent.name)}
+    if len(commits) == 1:
+        out["revision"] = commits.pop()
+    return out
 
 
 def _sample(n: int, weight: float, seed: int, path: str) -> list[int]:
@@ -428,7 +472,9 @@ def validate_rows(
     The counts hold every reason in REASONS, zeros included. `length_fn(row)` gives (prompt tokens, tokens of the
     prompt plus its longest answer); it needs the tokenizer, so the caller supplies it, and None skips length checks.
     mode "error" raises UserError at the first bad row, naming its source, row index, reason and the fix.
-    Duplicates are checked last, so an invalid first copy of a prompt does not shadow a valid later one.
+    Rows that share a prompt are all kept (several answers or pairs per prompt are data; split_phases keeps them
+    together); only an exact copy (same prompt, same answers) is dropped as `duplicate_row`. Duplicates are checked
+    last, so an invalid first copy does not shadow a valid later one.
     """
     counts = dict.fromkeys(REASONS, 0)
     kept: list[dict] = []
@@ -436,9 +482,9 @@ def validate_rows(
     for index, row in enumerate(rows):
         clean = {k: v for k, v in row.items() if not k.startswith("_")}
         problem = _check(row) or _check_length(clean, length_fn, max_prompt_tokens, max_seq_tokens)
-        key = json.dumps(clean.get("prompt"), sort_keys=True, ensure_ascii=False, default=str)
+        key = json.dumps([clean.get(k) for k in ("prompt", *_ANSWERS)], sort_keys=True, ensure_ascii=False, default=str)
         if problem is None and key in seen:
-            problem = ("duplicate_prompt", "the same prompt appears earlier in the data")
+            problem = ("duplicate_row", "the same prompt and answers appear earlier in the data")
         if problem is not None:
             reason, detail = problem
             if mode == "error":
@@ -514,49 +560,121 @@ def _feeds(row: dict) -> tuple[bool, bool, bool]:
     return row.get("completion") is not None or row.get("chosen") is not None, has_pair, True
 
 
-def split_phases(
-    rows: list[dict], shares: tuple[float, float, float], eval_fraction: float, seed: int
-) -> dict[str, list[dict]]:
-    """Cut valid rows into disjoint SFT / reward / PPO sets, each with a held-out eval split.
+def prompt_key(row: dict) -> str:
+    """The prompt group of a row: its normalised prompt messages (rows of one prompt always split together)."""
+    return json.dumps(row.get("prompt"), sort_keys=True, ensure_ascii=False, default=str)
 
-    DeepSpeed-Chat's data_split: per source, one seeded permutation of its rows is cut into three contiguous slices
-    by the shares, so no row feeds two phases. A source's shares are renormalised over the phases all of its rows
-    can feed (prompt/completion rows skip the reward step; prompt-only rows go to PPO only). Then each phase holds out
-    round(eval_fraction * n) rows (at least 1 when it has >= 2, never all). SFT rows without a completion get their
-    chosen answer as completion, so the SFT step always reads `completion`.
+
+def split_phases(
+    rows: list[dict],
+    shares: tuple[float, float, float],
+    eval_fraction: float,
+    seed: int,
+    steps: dict[str, list[str] | None] | None = None,
+) -> dict[str, list[dict]]:
+    """Cut valid rows into SFT / reward / PPO sets, each with a held-out eval split, by prompt group.
+
+    DeepSpeed-Chat's data_split, applied to prompt groups (all rows of one prompt, see prompt_key): the groups are cut,
+    in one seeded order, into three contiguous slices whose row counts follow the shares, so no prompt feeds two
+    phases and each phase keeps every answer or pair of its prompts. The shares are renormalised over the phases some
+    row of a group can feed (prompt/completion rows skip the reward step; prompt-only rows go to PPO only); groups
+    with the same feedable phases are cut together. A row that cannot feed its group's phase (a prompt/completion row
+    whose prompt went to the reward step with a pair of another source) is left out: the caller counts it as unused.
+
+    `steps` maps a source path to the steps it names (data.sources[].steps; None or missing = shared by data_split).
+    A source with one step gives it all its rows; with several, they share it by their data_split shares. A group
+    with rows of such a source goes to the steps that source names, taking the group's other rows along where they
+    can feed it. A group whose sources name disjoint steps (the same prompt in a dedicated SFT file and a dedicated
+    preference file) is the one case where a prompt feeds two phases: each source's rows go where the user sent them.
+
+    Then each phase holds out round(eval_fraction * prompts) prompt groups (at least 1 when it has >= 2, never all),
+    and a prompt held out by one phase is held out by every phase it feeds: no eval prompt is trained on anywhere.
+    SFT rows without a completion get their chosen answer as completion, so the SFT step always reads `completion`.
     """
-    by_source: dict[str, list[dict]] = {}
+    steps = steps or {}
+    named = {src for src, st in steps.items() if st}
+    allowed = []
     for row in rows:
-        by_source.setdefault(row.get("source", ""), []).append(row)
-    phases: dict[str, list[dict]] = {p: [] for p in _PHASES}
-    for source, group in by_source.items():
-        able = [all(_feeds(r)[i] for r in group) for i in range(len(_PHASES))]
-        local = [share if ok else 0.0 for share, ok in zip(shares, able)]
+        can = frozenset(p for p, ok in zip(_PHASES, _feeds(row)) if ok)
+        allowed.append(can & frozenset(steps[row["source"]]) if row.get("source") in named else can)
+        if not allowed[-1]:
+            raise UserError(
+                f"data source '{row['source']}' has rows that cannot feed its data.sources[].steps "
+                f"{steps[row['source']]} (a prompt-only row feeds ppo only, a row without a pair cannot feed reward): "
+                "fix its steps or its format"
+            )
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(prompt_key(row), []).append(i)
+    # A unit is rows that go to one phase together; units with the same feedable phases form a class, cut as one.
+    classes: dict[tuple[tuple[str, ...], bool], list[list[int]]] = {}
+    for members in groups.values():
+        pinned = [i for i in members if rows[i].get("source") in named]
+        if not pinned:
+            parts = [(frozenset.union(*(allowed[i] for i in members)), members)]
+        else:
+            common = frozenset.intersection(*(allowed[i] for i in pinned))
+            parts = [(common, members)] if common else _by_allowed(members, pinned, allowed)
+        for able, unit in parts:
+            classes.setdefault((tuple(p for p in _PHASES if p in able), bool(pinned)), []).append(unit)
+    phase_of = [""] * len(rows)
+    for (able, explicit), units in classes.items():
+        local = [share if p in able else 0.0 for p, share in zip(_PHASES, shares)]
+        if explicit and len(able) == 1:
+            local = [1.0 if p in able else 0.0 for p in _PHASES]  # a source's one named step takes all its rows
         total = sum(local)
         if total <= 0:
-            usable = [p for p, ok in zip(_PHASES, able) if ok]
+            names = sorted({rows[i].get("source", "") for unit in units for i in unit})
+            what = f"data source '{names[0]}'" if len(names) == 1 else f"data sources {names}"
             raise UserError(
-                f"data source '{source}' can only feed {usable}, whose data.data_split shares are all 0: "
+                f"{what} can only feed {list(able)}, whose data.data_split shares are all 0: "
                 "give those steps a share or drop the source"
             )
-        order = list(range(len(group)))
-        random.Random(f"{seed}:split:{source}").shuffle(order)
-        start, cum = 0, 0.0
-        for i, (phase, share) in enumerate(zip(_PHASES, local)):
+        order = list(range(len(units)))
+        random.Random(f"{seed}:split:{'+'.join(able)}:{explicit}").shuffle(order)
+        n_rows = sum(len(u) for u in units)
+        bounds, cum = [], 0.0
+        for share in local:
             cum += share
-            end = len(group) if i == len(_PHASES) - 1 else round(len(group) * cum / total)
-            phases[phase].extend(group[j] for j in order[start:end])
-            start = end
-    phases["sft"] = [r if r.get("completion") is not None else {**r, "completion": r["chosen"]} for r in phases["sft"]]
+            bounds.append(n_rows * cum / total)
+        done = 0
+        for j in order:
+            # A group goes to the slice that holds its middle row: row-count shares even when groups differ in size.
+            middle, done = done + len(units[j]) / 2, done + len(units[j])
+            phase = next((p for p, b in zip(_PHASES, bounds) if middle < b), _PHASES[-1])
+            for i in units[j]:
+                phase_of[i] = phase if phase in allowed[i] else ""  # "": unused (its prompt feeds another step)
+    held_out: dict[str, bool] = {}  # prompt key -> held out (shared by every phase the prompt feeds)
     splits: dict[str, list[dict]] = {}
-    for phase, members in phases.items():
-        # Shuffle before holding out, so eval draws from every source, not only the last one concatenated.
-        members = list(members)
-        random.Random(f"{seed}:eval:{phase}").shuffle(members)
-        n = len(members)
+    for phase in _PHASES:
+        members = [i for i in range(len(rows)) if phase_of[i] == phase]
+        keys = list(dict.fromkeys(prompt_key(rows[i]) for i in members))
+        n = len(keys)
         n_eval = min(max(1, round(eval_fraction * n)), n - 1) if n >= 2 else 0
-        splits[f"{phase}_eval"], splits[f"{phase}_train"] = members[:n_eval], members[n_eval:]
+        free = [k for k in keys if k not in held_out]
+        random.Random(f"{seed}:eval:{phase}").shuffle(free)
+        need = max(0, n_eval - sum(held_out.get(k, False) for k in keys))
+        held_out.update({k: j < need for j, k in enumerate(free)})
+        # Shuffled, so that the first rows of a split (evaluate reads a prefix) come from every source and prompt.
+        random.Random(f"{seed}:order:{phase}").shuffle(members)
+        chosen = [rows[i] if phase != "sft" or rows[i].get("completion") is not None
+                  else {**rows[i], "completion": rows[i]["chosen"]} for i in members]
+        splits[f"{phase}_eval"] = [r for r in chosen if held_out[prompt_key(r)]]
+        splits[f"{phase}_train"] = [r for r in chosen if not held_out[prompt_key(r)]]
     return {name: splits[name] for name in SPLITS}
+
+
+def _by_allowed(
+    members: list[int], pinned: list[int], allowed: list[frozenset]
+) -> list[tuple[frozenset, list[int]]]:
+    """The rows of one prompt whose sources named disjoint steps, grouped by those steps; the prompt's rows from
+    sources without steps go along with the first group."""
+    parts: dict[frozenset, list[int]] = {}
+    for i in pinned:
+        parts.setdefault(allowed[i], []).append(i)
+    first, pinned_set = next(iter(parts)), set(pinned)
+    parts[first].extend(i for i in members if i not in pinned_set)
+    return list(parts.items())
 
 
 # --------------------------------------------------------------------------------------------------------- writing
@@ -610,13 +728,50 @@ def read_split(path: Path) -> list[dict]:
 
 def load_sources(params: Params) -> tuple[list[dict], dict[str, int]]:
     """Every source of params.data, concatenated; also the rows each source gave (after weighting)."""
+    rows, per_source, _ = load_sources_info(params)
+    return rows, per_source
+
+
+def load_sources_info(params: Params) -> tuple[list[dict], dict[str, int], dict[str, dict[str, Any]]]:
+    """load_sources, plus each source's identity (sha256 of a local source, revision of a hub one)."""
     rows: list[dict] = []
     per_source: dict[str, int] = {}
+    identity: dict[str, dict[str, Any]] = {}
     for src in params.data.sources:
-        loaded = load_source(src, params.task, params.seed)
+        loaded, identity[src.path] = load_source_info(src, params.task, params.seed)
         per_source[src.path] = per_source.get(src.path, 0) + len(loaded)
         rows.extend(loaded)
-    return rows, per_source
+    return rows, per_source, identity
+
+
+def check_sources_tracked(sources: list[SourceConfig], dvc_yaml: Path) -> None:
+    """Refuse a local source that the `prepare` stage of dvc_yaml does not depend on: DVC would never rerun prepare
+    when the user edits it (the shipped dvc.yaml depends on data/sources/). No dvc.yaml, or no prepare stage in it,
+    means the stage runs outside DVC and there is nothing to check. A dep covers a source when it is the same path
+    or a folder above it; paths are compared as written (symlinks are not followed: DVC hashes what they point at)."""
+    import yaml
+
+    if not dvc_yaml.is_file():
+        return
+    try:
+        stage = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get("prepare")
+    except (yaml.YAMLError, AttributeError):
+        return  # dvc itself reports a broken dvc.yaml
+    if not isinstance(stage, dict):
+        return
+    wdir = dvc_yaml.parent / str(stage.get("wdir", "."))
+    deps = [Path(os.path.abspath(wdir / d)) for d in stage.get("deps") or [] if isinstance(d, str)]
+    for src in sources:
+        path = Path(src.path).expanduser()
+        if src.path == "builtin" or not path.exists():
+            continue  # builtin is params; a hub id has no file (its revision goes in the manifest)
+        where = Path(os.path.abspath(path))
+        if not any(where == d or d in where.parents for d in deps):
+            raise UserError(
+                f"data source '{src.path}' is not a dependency of the prepare stage in {dvc_yaml}, so DVC would not "
+                "rerun prepare when it changes: move it under data/sources/ (a dependency already) and update "
+                "data.sources[].path, or add its path to the deps of the prepare stage"
+            )
 
 
 def prepare_data(
@@ -624,7 +779,10 @@ def prepare_data(
 ) -> tuple[dict[str, list[dict]], dict]:
     """Validate loaded rows (see load_sources) and split them; return (splits, stats).
 
-    stats: rows_loaded, rows_valid, rows_invalid, invalid (reason -> count, all reasons) and splits (name -> rows).
+    stats: rows_loaded, rows_valid, rows_invalid, invalid (reason -> count, all reasons), splits (name -> rows),
+    prompts (name -> distinct prompts), sources (path -> {steps, rows_valid, split name -> rows}) and warnings (one
+    line each: a step's train split under SMALL_SPLIT_FRACTION of the largest, valid rows left unused).
+    Raises UserError, before anything is written, when a step's train or eval split would be empty.
     """
     data = params.data
     valid, invalid = validate_rows(rows, data.invalid_rows, length_fn, data.max_prompt_tokens, data.max_seq_tokens)
@@ -634,12 +792,93 @@ def prepare_data(
             f"no valid rows in data.sources ({len(rows)} loaded, invalid: {bad}): fix the data, "
             "data.sources[].format or the data.max_*_tokens limits"
         )
-    splits = split_phases(valid, data.split_shares, data.eval_fraction, params.seed)
+    steps = {src.path: src.steps for src in data.sources}
+    splits = split_phases(valid, data.split_shares, data.eval_fraction, params.seed, steps)
+    _check_not_empty(splits, valid, data.split_shares, steps)
+    sources: dict[str, dict[str, Any]] = {}
+    for src in data.sources:
+        entry = sources.setdefault(src.path, {"steps": src.steps or f"data_split {data.data_split}", "rows_valid": 0})
+        entry.update(dict.fromkeys(SPLITS, 0))
+    for row in valid:
+        sources.setdefault(row.get("source", ""), {"steps": None, "rows_valid": 0, **dict.fromkeys(SPLITS, 0)})
+        sources[row.get("source", "")]["rows_valid"] += 1
+    for name, split in splits.items():
+        for row in split:
+            sources[row.get("source", "")][name] += 1
+    for entry in sources.values():
+        entry["unused"] = entry["rows_valid"] - sum(entry[name] for name in SPLITS)
+    unused = sum(entry["unused"] for entry in sources.values())
+    steps_of: dict[str, set[str]] = {}
+    for name, split in splits.items():
+        for row in split:
+            steps_of.setdefault(prompt_key(row), set()).add(name.rsplit("_", 1)[0])
     stats = {
         "rows_loaded": len(rows),
         "rows_valid": len(valid),
         "rows_invalid": len(rows) - len(valid),
         "invalid": invalid,
         "splits": {name: len(split) for name, split in splits.items()},
+        "prompts": {name: len({prompt_key(r) for r in split}) for name, split in splits.items()},
+        "prompts_valid": len({prompt_key(r) for r in valid}),
+        "rows_unused": unused,  # valid rows whose prompt went to a step they cannot feed
+        "prompts_in_several_steps": sum(len(s) > 1 for s in steps_of.values()),  # only where sources' steps say so
+        "sources": sources,
+        "warnings": split_warnings(splits, unused),
     }
     return splits, stats
+
+
+def _check_not_empty(
+    splits: dict[str, list[dict]], valid: list[dict], shares: tuple[float, ...], steps: dict[str, list[str] | None]
+) -> None:
+    """Every step the pipeline runs needs training rows and eval rows: an empty split stops prepare, with the reason
+    and the fix, before anything is written (the training stages would refuse it later, after the wait)."""
+    for phase, share in zip(_PHASES, shares):
+        if splits[f"{phase}_train"]:
+            continue
+        index = _PHASES.index(phase)
+        feeders = [r for r in valid if _feeds(r)[index]]
+        named = [p for p, st in steps.items() if st and phase in st]
+        if not feeders:
+            what = "a preference pair" if phase == "reward" else "an answer (a completion, or a pair's chosen)"
+            kind = "prompt/chosen/rejected" if phase == "reward" else "prompt/completion, messages or preference"
+            why, fix = f"no valid row has {what}", f"add a {kind} source"
+        elif not named and all(steps.get(r.get("source", "")) for r in feeders):
+            why, fix = "every source that could feed it names other steps", f"add {phase} to a data.sources[].steps"
+        elif not named and share <= 0:
+            why, fix = f"data.data_split gives {phase} a share of 0", f"give {phase} a share in data.data_split"
+        else:
+            n = len({prompt_key(r) for r in feeders})
+            why = f"the {len(feeders)} rows that could feed it ({n} prompts) went to other steps or to {phase}_eval"
+            fix = f"raise {phase}'s share in data.data_split, give a source steps: [{phase}], or add prompts"
+        raise UserError(f"{phase}_train is empty (0 rows), so the {phase} stage would train on nothing: {why}: {fix}")
+    for phase in _PHASES:
+        if not splits[f"{phase}_eval"]:  # one prompt: held out it would leave nothing to train on
+            n = len({prompt_key(r) for r in splits[f"{phase}_train"]})
+            raise UserError(
+                f"{phase}_eval is empty (0 rows; {phase} has {n} prompt, all in {phase}_train), so the {phase} stage's "
+                f"eval metrics would measure nothing: give {phase} rows with at least 2 distinct prompts (one is held "
+                "out), e.g. a larger data.data_split share"
+            )
+
+
+def split_warnings(splits: dict[str, list[dict]], unused: int = 0) -> list[str]:
+    """One line per split that will train or measure badly: a train split far smaller than the largest one (under
+    SMALL_SPLIT_FRACTION of its rows), and one when valid rows went unused (their prompt went to a step they cannot
+    feed)."""
+    sizes = {p: len(splits[f"{p}_train"]) for p in _PHASES}
+    largest = max(sizes, key=lambda p: sizes[p])
+    out = []
+    for phase, n in sizes.items():
+        if n < SMALL_SPLIT_FRACTION * sizes[largest]:
+            out.append(
+                f"{phase}_train has {n} rows, {100 * n / sizes[largest]:.1f}% of {largest}_train's {sizes[largest]} "
+                f"(under {SMALL_SPLIT_FRACTION:.0%}): {phase} will learn from little; give it a larger data.data_split "
+                f"share or a source with steps: [{phase}]"
+            )
+    if unused:
+        out.append(
+            f"{unused} valid rows unused: their prompt went to a step they cannot feed (a prompt feeds one step); "
+            "name each source's steps (data.sources[].steps) to use them all"
+        )
+    return out

@@ -21,7 +21,17 @@ def prepare(
     params = read_params(params_path)
     stats = guarded(run_prepare, params, out)
     write_json(metrics, {k: v for k, v in stats.items() if k != "hashes"})
+    for line in stats["warnings"]:
+        typer.echo(f"warning: {line}", err=True)
+    for path, src in stats["sources"].items():
+        steps = ",".join(src["steps"]) if isinstance(src["steps"], list) else src["steps"]
+        went = ", ".join(f"{k}={src[k]}" for k in (*stats["splits"], "unused") if src.get(k))
+        typer.echo(
+            f"prepare: source '{path}' (steps {steps}): {src['rows_valid']} valid of {src['rows_loaded']} rows -> "
+            + (went or "nothing")
+        )
     typer.echo(
-        f"prepare: {stats['rows_valid']} valid rows ({stats['rows_invalid']} dropped) -> {out}; "
-        + ", ".join(f"{k}={v}" for k, v in stats["splits"].items())
+        f"prepare: {stats['rows_valid']} valid rows over {stats['prompts_valid']} prompts "
+        f"({stats['rows_invalid']} dropped) -> {out}; "
+        + ", ".join(f"{k}={v} ({stats['prompts'][k]} prompts)" for k, v in stats["splits"].items())
     )

@@ -287,7 +287,7 @@ def bad_rows() -> dict[str, list[dict]]:
         "chosen_equals_rejected": [{**good(109), "chosen": "same", "rejected": " same "}],
         "prompt_too_long": [{**good(110), "prompt": [user("q" * 50)]}],
         "sequence_too_long": [{**good(111), "chosen": "c" * 80}],
-        "duplicate_prompt": [good(0), good(1)],
+        "duplicate_row": [good(0), good(1)],  # exact copies; the same prompt with other answers is kept
     }
 
 
@@ -364,12 +364,52 @@ def test_split_is_disjoint_and_follows_shares() -> None:
     n = len(rows)
     splits = split_phases(rows, (2.0, 4.0, 4.0), 0.1, seed=7)
     assert list(splits) == list(SPLITS)
+    assert sum(len(s) for s in splits.values()) == n  # every valid row lands in exactly one split
     sets = [prompts(splits[name]) for name in SPLITS]
-    assert sum(len(s) for s in sets) == n == len(set().union(*sets))  # no prompt in two splits
+    assert sum(len(s) for s in sets) == len(prompts(rows)) == len(set().union(*sets))  # no prompt in two splits
     for phase, share in (("sft", 0.2), ("reward", 0.4), ("ppo", 0.4)):
         total = len(splits[f"{phase}_train"]) + len(splits[f"{phase}_eval"])
-        assert abs(total - share * n) <= 1
-        assert len(splits[f"{phase}_eval"]) == round(0.1 * total)
+        assert abs(total - share * n) <= 2  # groups are cut whole: a slice ends within a group of its last prompt
+        held = len(prompts(splits[f"{phase}_eval"]))
+        assert held == round(0.1 * (held + len(prompts(splits[f"{phase}_train"]))))
+
+
+def test_duplicate_prompts_are_kept_and_split_by_prompt_group() -> None:
+    """Several answers/pairs per prompt (a 3,000-pair file over 98 prompts kept 98 rows before): every row is kept,
+    all rows of one prompt land in one split, and the prompt counts are reported."""
+    rows = [
+        norm([user(f"q{p}")], chosen=f"good {p}.{k}", rejected=f"bad {p}.{k}", source="pairs")
+        for p in range(30)
+        for k in range(1 + p % 4)  # 1 to 4 pairs per prompt
+    ]
+    kept, counts = validate_rows(rows + [rows[5]], "drop")
+    assert kept == rows and counts["duplicate_row"] == 1  # an exact copy is the only row dropped
+    splits = split_phases(kept, (2.0, 4.0, 4.0), 0.1, seed=3)
+    assert sum(len(s) for s in splits.values()) == len(rows)
+    home = {}
+    for name, split in splits.items():
+        for r in split:
+            assert home.setdefault(json.dumps(r["prompt"]), name) == name, "one prompt in two splits"
+    assert len(home) == 30
+    for phase in ("sft", "reward", "ppo"):
+        assert splits[f"{phase}_train"] and splits[f"{phase}_eval"]
+    params = Params.model_validate({"data": {"sources": [{"path": "pairs"}]}})
+    _, stats = prepare_data(params, rows)
+    assert stats["rows_valid"] == len(rows) and stats["prompts_valid"] == 30
+    assert sum(stats["prompts"].values()) == 30 and sum(stats["splits"].values()) == len(rows)
+    assert stats["sources"]["pairs"]["rows_valid"] == len(rows)
+    assert sum(stats["sources"]["pairs"][name] for name in SPLITS) == len(rows)
+
+
+def test_group_sizes_weigh_the_cut_by_rows() -> None:
+    """Shares are row shares: one big group and many small ones still give each phase about its share of rows."""
+    rows = [norm([user("big")], completion=f"a{k}", source="s") for k in range(50)]
+    rows += [norm([user(f"q{p}")], completion=f"a{p}", source="s") for p in range(150)]
+    splits = split_phases(rows, (1.0, 0.0, 1.0), 0.1, seed=0)
+    sft = len(splits["sft_train"]) + len(splits["sft_eval"])
+    assert abs(sft - 100) <= 25  # the 50-row group falls on one side; the rest fill to half of 200
+    (home,) = [name for name, split in splits.items() if any(r["prompt"] == [user("big")] for r in split)]
+    assert sum(r["prompt"] == [user("big")] for r in splits[home]) == 50  # all of it in one split
 
 
 def test_split_is_deterministic_per_seed() -> None:
@@ -448,10 +488,10 @@ def test_prepare_data_blends_sources_and_reports_stats(tmp_path: Path) -> None:
 
 def test_prepare_data_with_length_limits() -> None:
     # "Sort ascending: " plus 3 to 6 numbers is 21 to 33 characters: a limit of 26 drops the longer lists only.
-    params = Params.model_validate({"task": {"num_rows": 60}, "data": {"max_prompt_tokens": 26, "max_seq_tokens": 60}})
+    params = Params.model_validate({"task": {"num_rows": 200}, "data": {"max_prompt_tokens": 26, "max_seq_tokens": 60}})
     _, stats = prepare_data(params, load_sources(params)[0], length_fn=chars)
     assert stats["invalid"]["prompt_too_long"] > 0 and stats["rows_valid"] > 0
-    assert stats["rows_valid"] + sum(stats["invalid"].values()) == 60
+    assert stats["rows_valid"] + sum(stats["invalid"].values()) == 200
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -481,3 +521,155 @@ def test_read_split_errors(tmp_path: Path) -> None:
     broken.write_text('{"prompt": []}\n{not json\n', encoding="utf-8")
     with pytest.raises(UserError, match=r"broken.jsonl:2"):
         read_split(broken)
+
+
+# ------------------------------------------------------------------------------------------------ steps per source
+
+
+def three_dedicated_sources(tmp_path: Path) -> tuple[Params, dict[str, Path]]:
+    """A dedicated SFT file, a preference file and a prompt-only file, each naming its step (the TRL habit)."""
+    files = {
+        "sft": write([{"prompt": f"Say {i}.", "completion": f"{i}"} for i in range(60)], tmp_path, "jsonl", "sft"),
+        "pairs": write(
+            [{"prompt": f"Pick {i}.", "chosen": f"{i}", "rejected": f"{i + 1}"} for i in range(80)],
+            tmp_path, "jsonl", "pairs",
+        ),
+        "prompts": write([{"prompt": f"Count to {i}."} for i in range(40)], tmp_path, "jsonl", "prompts"),
+    }
+    steps = {"sft": ["sft"], "pairs": ["reward"], "prompts": ["ppo"]}
+    params = Params.model_validate(
+        {"data": {"sources": [{"path": str(p), "steps": steps[k]} for k, p in files.items()], "data_split": "2,4,4"}}
+    )
+    return params, files
+
+
+def test_sources_with_steps_feed_only_their_steps(tmp_path: Path) -> None:
+    params, files = three_dedicated_sources(tmp_path)
+    rows, _ = load_sources(params)
+    splits, stats = prepare_data(params, rows)
+    sizes = stats["splits"]
+    assert sizes["sft_train"] + sizes["sft_eval"] == 60 and sizes["sft_eval"] == 6  # every SFT row, minus eval
+    assert sizes["reward_train"] + sizes["reward_eval"] == 80 and sizes["reward_eval"] == 8
+    assert sizes["ppo_train"] + sizes["ppo_eval"] == 40 and sizes["ppo_eval"] == 4
+    for phase, key in (("sft", "sft"), ("reward", "pairs"), ("ppo", "prompts")):
+        assert {r["source"] for name in ("train", "eval") for r in splits[f"{phase}_{name}"]} == {str(files[key])}
+    src = stats["sources"][str(files["sft"])]
+    assert src["steps"] == ["sft"] and src["sft_train"] == 54 and src["sft_eval"] == 6 and src["ppo_train"] == 0
+    assert stats["warnings"] == []
+
+
+def test_steps_share_by_data_split_and_mix_with_shared_sources(tmp_path: Path) -> None:
+    pairs = write([{"prompt": f"Pick {i}.", "chosen": "a", "rejected": "b"} for i in range(100)], tmp_path, "jsonl")
+    params = Params.model_validate(
+        {"task": {"num_rows": 100},
+         "data": {"sources": [{"path": str(pairs), "steps": ["sft", "reward"]}, {"path": "builtin"}],
+                  "data_split": "1,3,4"}}
+    )
+    rows, _ = load_sources(params)
+    splits, stats = prepare_data(params, rows)
+    src = stats["sources"][str(pairs)]
+    assert src["ppo_train"] == src["ppo_eval"] == 0
+    assert src["sft_train"] + src["sft_eval"] == 25  # 1/(1+3) of 100
+    assert stats["sources"]["builtin"]["steps"] == "data_split 1,3,4"
+    assert stats["sources"]["builtin"]["ppo_train"] > 0
+
+
+def test_a_prompt_pinned_by_steps_takes_its_shared_rows_along() -> None:
+    """A shared (data_split) row whose prompt is also in an [sft] source goes to sft: no prompt in two phases."""
+    rows = [norm([user(f"q{i}")], completion=f"a{i}", source="mine") for i in range(20)]
+    rows += [good(i, source="other") for i in range(40)]
+    rows += [norm([user(f"q{i}")], chosen=f"c{i}", rejected=f"r{i}", source="other") for i in range(20)]
+    splits = split_phases(rows, (1.0, 1.0, 1.0), 0.1, 0, steps={"mine": ["sft"], "other": None})
+    sft = prompts(splits["sft_train"] + splits["sft_eval"])
+    assert {json.dumps([user(f"q{i}")]) for i in range(20)} <= sft
+    others = prompts(splits["reward_train"] + splits["reward_eval"] + splits["ppo_train"] + splits["ppo_eval"])
+    assert not sft & others
+
+
+def test_steps_a_source_cannot_feed_are_one_line_errors(tmp_path: Path) -> None:
+    from rlhf.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError, match=r"'data.sources\[0\].steps\[0\]' = 'rm': must be one of"):
+        parse_params({"data": {"sources": [{"path": "x.jsonl", "steps": ["rm"]}]}})
+    with pytest.raises(ConfigError, match=r"names \['reward'\], which format prompt cannot feed"):
+        parse_params({"data": {"sources": [{"path": "x.jsonl", "format": "prompt", "steps": ["reward"]}]}})
+    path = write([{"prompt": "a", "completion": "b"}], tmp_path, "jsonl")  # auto: found when the file is read
+    with pytest.raises(UserError, match=r"reads as format prompt_completion, which cannot feed \['reward'\]"):
+        load_source(SourceConfig(path=str(path), steps=["sft", "reward"]), TASK, 0)
+
+
+# ------------------------------------------------------------------------------------------------ split sizes
+
+
+@pytest.mark.parametrize(
+    ("sources", "data_split", "expect"),
+    [
+        ([{"path": "pc"}], "2,4,4", r"^reward_train is empty \(0 rows\), so the reward stage would train on nothing: .*preference pair"),
+        ([{"path": "pairs"}], "0,4,4", r"^sft_train is empty.*share of 0: give sft a share"),
+        ([{"path": "pairs", "steps": ["reward", "ppo"]}], "2,4,4", r"sft_train.*names other steps: add sft to"),
+        ([{"path": "pairs", "steps": ["sft"]}], "2,4,4", r"^reward_train is empty"),
+        ([{"path": "pairs"}], "0.5,4,4", r"^sft_eval is empty \(0 rows; sft has 1 prompt, all in sft_train\)"),
+    ],
+)
+def test_a_step_with_an_empty_train_split_stops_prepare(sources: list, data_split: str, expect: str) -> None:
+    rows = [norm([user(f"q{i}")], completion=f"a{i}", source="pc") for i in range(20)]
+    rows += [good(i, source="pairs") for i in range(20)]
+    params = Params.model_validate({"data": {"sources": sources, "data_split": data_split}})
+    wanted = [r for r in rows if r["source"] in {s["path"] for s in sources}]
+    with pytest.raises(UserError, match=expect) as err:
+        prepare_data(params, wanted)
+    assert "\n" not in str(err.value)
+
+
+def test_a_far_smaller_train_split_warns() -> None:
+    rows = [good(i, source="pairs") for i in range(200)]
+    params = Params.model_validate({"data": {"sources": [{"path": "pairs"}], "data_split": "0.2,4,4"}})
+    _, stats = prepare_data(params, rows)
+    assert stats["splits"]["sft_train"] > 0
+    (line,) = stats["warnings"]
+    assert line.startswith(f"sft_train has {stats['splits']['sft_train']} rows") and "under 10%" in line
+    params = Params.model_validate({"data": {"sources": [{"path": "pairs"}], "data_split": "2,4,4"}})
+    assert prepare_data(params, rows)[1]["warnings"] == []
+
+
+# ------------------------------------------------------------------------------------------------ tracked sources
+
+
+def test_a_local_source_outside_the_prepare_deps_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlhf.data import check_sources_tracked
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/sources").mkdir(parents=True)
+    (tmp_path / "data/sources/mine.jsonl").write_text("{}\n")
+    (tmp_path / "elsewhere.jsonl").write_text("{}\n")
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text("stages:\n  prepare:\n    cmd: rlhf prepare\n    deps:\n      - data/sources\n      - rlhf/data.py\n")
+    ok = [SourceConfig(path="builtin"), SourceConfig(path="data/sources/mine.jsonl"), SourceConfig(path="a/hub-id")]
+    check_sources_tracked(ok, dvc_yaml)
+    check_sources_tracked([SourceConfig(path=str(tmp_path / "data/sources/mine.jsonl"))], dvc_yaml)  # absolute
+    with pytest.raises(UserError, match=r"'elsewhere.jsonl' is not a dependency of the prepare stage.*data/sources/"):
+        check_sources_tracked([SourceConfig(path="elsewhere.jsonl")], dvc_yaml)
+    check_sources_tracked([SourceConfig(path="elsewhere.jsonl")], tmp_path / "no-dvc.yaml")  # outside DVC: no check
+
+
+def test_source_identity_records_sha256_and_hub_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    from rlhf.data import load_source_info
+
+    path = write([{"prompt": "a", "completion": "b"}], tmp_path, "jsonl")
+    _, info = load_source_info(SourceConfig(path=str(path)), TASK, 0)
+    assert info == {"format": "prompt_completion", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+    # A hub dataset as datasets caches it: .../<owner>___<name>/default/0.0.0/<commit>/<name>-train.arrow
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cached = tmp_path / "cache" / "owner___name" / "default" / "0.0.0" / commit
+    cached.mkdir(parents=True)
+    ds = datasets.Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    ds.save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    (cached / "name-train.arrow").write_bytes(arrow.read_bytes())
+    hub = datasets.Dataset.from_file(str(cached / "name-train.arrow"))
+    monkeypatch.setattr("rlhf.data._read_hub", lambda src: hub)
+    _, info = load_source_info(SourceConfig(path="owner/name"), TASK, 0)
+    assert info["revision"] == commit and info["fingerprint"] == hub._fingerprint and info["format"] == "preference"

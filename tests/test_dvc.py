@@ -3,6 +3,7 @@ experiment that reruns only ppo and evaluate."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ def _reproduced_repo(tmp_path: Path) -> Path:
     """A fresh git + DVC repo with the project's stages and tiny params, committed, after a first `dvc repro`."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("rlhf", "stages"):
+    for name in ("rlhf", "stages", "data/sources"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     write_params(repo / "params.yaml")
@@ -145,7 +146,7 @@ def test_killed_stage_leaves_lock_and_cache_untouched_then_resumes(tmp_path: Pat
     the checkpoint and succeeds. Then a corrupted cache object is detected, not checked out as the model."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("rlhf", "stages"):
+    for name in ("rlhf", "stages", "data/sources"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     write_params(repo / "params.yaml", {"sft": {"max_steps": 12, "checkpoint_every": 4}})
@@ -187,3 +188,32 @@ def test_killed_stage_leaves_lock_and_cache_untouched_then_resumes(tmp_path: Pat
     shutil.rmtree(repo / "models/sft")
     proc = subprocess.run(["dvc", "checkout", "models/sft"], cwd=repo, env=cli_env(), capture_output=True, text=True)
     assert proc.returncode != 0 and "Checkout failed" in proc.stderr  # and from then on will not hand it out
+
+
+def test_editing_a_row_of_a_local_source_makes_prepare_stale(tmp_path: Path) -> None:
+    """A local file under data/sources/ is a dependency of prepare: after `dvc repro prepare`, changing one row of it
+    shows prepare as changed (and a rerun records the new file's sha256)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("rlhf", "stages", "data/sources"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    mine = repo / "data/sources/mine.jsonl"
+    mine.write_text("".join(json.dumps({"prompt": f"Pick {i}.", "chosen": f"{i}", "rejected": f"{i + 1}"}) + "\n"
+                            for i in range(30)))
+    write_params(repo / "params.yaml", {"data": {"sources": [{"path": "data/sources/mine.jsonl"}]}})
+    _run("git", "init", "-q", cwd=repo)
+    _run("dvc", "init", "-q", cwd=repo)
+    _commit(repo, "init")
+    _run("dvc", "repro", "prepare", cwd=repo)
+    assert json.loads(_run("dvc", "status", "prepare", "--json", cwd=repo)) == {}
+    before = json.loads((repo / "metrics/prepare.json").read_text())["sources"]["data/sources/mine.jsonl"]["sha256"]
+
+    lines = mine.read_text().splitlines()
+    lines[7] = json.dumps({"prompt": "Pick 7.", "chosen": "7", "rejected": "9"})
+    mine.write_text("\n".join(lines) + "\n")
+    status = json.loads(_run("dvc", "status", "prepare", "--json", cwd=repo))
+    assert {"changed deps": {"data/sources": "modified"}} in status["prepare"], status
+    _run("dvc", "repro", "prepare", cwd=repo)
+    after = json.loads((repo / "metrics/prepare.json").read_text())["sources"]["data/sources/mine.jsonl"]["sha256"]
+    assert after != before and after == hashlib.sha256(mine.read_bytes()).hexdigest()
