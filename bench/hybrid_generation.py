@@ -59,8 +59,8 @@ def main() -> None:
         prompts = torch.randint(3, vocab, (args.batch, args.prompt_tokens), generator=g).to(device)
         mask = torch.ones_like(prompts)
         kwargs = dict(
-            do_sample=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
-            eos_token_id=2,
+            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=2,
         )
 
         def naive() -> None:

@@ -25,6 +25,7 @@ class Chat:
         max_new_tokens: int = 64,
         do_sample: bool = True,
         seed: int | None = None,
+        top_k: int = 0,
     ):
         import torch
 
@@ -35,10 +36,13 @@ class Chat:
             raise UserError(f"'{model_path}' has no config.json: point --model at an HF model folder")
         self.tok = load_tokenizer(model_path)
         self.model = load_causal_lm(model_path).eval()
+        # every sampling knob explicit (top_k 0 = off): none comes from the model's generation_config or from
+        # transformers' defaults (its top_k=50), see rlhf.models.generate_tokens
         self.gen = dict(
             do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
             max_new_tokens=max_new_tokens,
             pad_token_id=self.tok.pad_token_id,
             eos_token_id=self.tok.eos_token_id,
@@ -59,8 +63,10 @@ class Chat:
             self.history, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         streamer = _streamer(self.tok, on_text) if on_text is not None else None
+        from rlhf.models import generate_tokens
+
         with torch.no_grad():
-            out = self.model.generate(**ids, streamer=streamer, **self.gen)
+            out = generate_tokens(self.model, ids["input_ids"], ids["attention_mask"], streamer=streamer, **self.gen)
         answer = self.tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         self.history.append({"role": "assistant", "content": answer})
         return answer

@@ -272,8 +272,15 @@ class PPOConfig(_Group):
     gamma: float = Field(1.0, ge=0, le=1)  # discount
     lam: float = Field(0.95, ge=0, le=1)  # GAE lambda
     whiten_advantages: bool = True
-    temperature: float = Field(1.0, gt=0)  # sampling temperature of rollouts
-    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling of rollouts
+    # Rollout sampling; every knob is passed to generate, none comes from the model's generation_config or from
+    # transformers' defaults (its top_k=50). log pi_old, log pi (update) and log pi_ref are all log_softmax(logits /
+    # temperature) over the whole vocabulary (OpenRLHF's and verl's convention): the ratio and the KL compare one
+    # distribution, the sampler's exactly while top_k and top_p are off. top_k/top_p truncate the sampler only;
+    # the drawn tokens are scored untruncated, because a truncated reference (or the actor after an update) can
+    # give a drawn token probability 0: an infinite KL, a zero ratio.
+    temperature: float = Field(1.0, gt=0)  # sampling temperature of rollouts, and of every PPO log-probability
+    top_k: int = Field(0, ge=0)  # sample among the k most likely tokens only; 0 = off
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling of rollouts; 1.0 = off
     max_answer_tokens: int = Field(32, gt=0)  # longest generated answer; prompts are capped by data.max_prompt_tokens
     # log pi_old: from the rollout's own logits ("generation"), or from one more actor forward ("recompute"; the
     # two differ by float rounding only, which bf16/fp16 make larger)
@@ -313,8 +320,9 @@ class EvaluateConfig(_Group):
 
     num_prompts: int = Field(500, gt=0)  # held-out PPO prompts (and SFT demonstrations for perplexity)
     do_sample: bool = True  # sample as the policy does (False: greedy)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)  # sampling temperature; kl_to_sft compares both models at it
+    top_k: int = Field(0, ge=0)  # sample among the k most likely tokens only; 0 = off (never transformers' 50)
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling; 1.0 = off
     max_answer_tokens: int = Field(32, gt=0)
     batch_size: int = Field(64, gt=0)
     num_samples: int = Field(8, ge=0)  # sample answers shown side by side

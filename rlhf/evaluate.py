@@ -29,10 +29,13 @@ def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
 
 
 def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig, seed: int) -> list[list[int]]:
-    """Sampled (or greedy) answer token ids for each prompt, eos excluded."""
+    """Sampled (or greedy) answer token ids for each prompt: up to and including the first eos, or every generated
+    token of an answer that never stopped (by position: the pad after the eos may be the eos itself)."""
     import torch
 
+    from rlhf.models import generate_tokens
     from rlhf.ppo import collate_prompts
+    from rlhf.ppo_math import answer_mask
 
     out: list[list[int]] = []
     torch.manual_seed(seed)
@@ -40,27 +43,29 @@ def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig
         chunk = prompts[i : i + cfg.batch_size]
         batch = collate_prompts(max(map(len, chunk)), tok.pad_token_id)(chunk)
         with torch.no_grad():
-            seq = model.generate(
-                **batch,
+            seq = generate_tokens(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
                 do_sample=cfg.do_sample,
-                temperature=cfg.temperature if cfg.do_sample else None,
-                top_p=cfg.top_p if cfg.do_sample else None,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
                 max_new_tokens=cfg.max_answer_tokens,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
             )
-        for row in seq[:, batch["input_ids"].shape[1] :].tolist():
-            ids = []
-            for t in row:
-                if t in (tok.eos_token_id, tok.pad_token_id):
-                    break
-                ids.append(t)
-            out.append(ids)
+        answer = seq[:, batch["input_ids"].shape[1] :]
+        lengths = answer_mask(answer, tok.eos_token_id).sum(-1).long().tolist()
+        out += [row[:n] for row, n in zip(answer.tolist(), lengths)]
     return out
 
 
-def _answer_logprobs(model: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]], batch_size: int) -> list[float]:
-    """Sum of log p(answer tokens + eos | prompt) under `model`, per row."""
+def _answer_logprobs(
+    model: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]], batch_size: int, temperature: float = 1.0
+) -> list[float]:
+    """Sum of log p_T(answer tokens | prompt) under `model` at `temperature`, per row; each answer is scored as
+    given (its eos included when it has one)."""
     import torch
 
     from rlhf.prefix import position_ids
@@ -68,14 +73,14 @@ def _answer_logprobs(model: Any, tok: Any, prompts: list[list[int]], answers: li
 
     sums: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        rows = [p + a + [tok.eos_token_id] for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size])]
+        rows = [p + a for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size])]
         ids, mask = _right_pad(rows, tok.pad_token_id)
         answer_mask = torch.zeros(ids.shape)
         for j, (r, p) in enumerate(zip(rows, prompts[i : i + batch_size])):
             answer_mask[j, len(p) : len(r)] = 1
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-        lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:]) * answer_mask[:, 1:]
+        lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature) * answer_mask[:, 1:]
         sums += lp.sum(-1).tolist()
     return sums
 
@@ -85,9 +90,9 @@ def _perplexity(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size: in
 
     encoded = [encode_sft_row(tok, r, loss_on_prompt=False) for r in rows]
     prompts = [[t for t, lab in zip(e["input_ids"], e["labels"]) if lab == -100] for e in encoded]
-    answers = [e["input_ids"][len(p) : -1] for e, p in zip(encoded, prompts)]  # the scorer adds eos back
+    answers = [e["input_ids"][len(p) :] for e, p in zip(encoded, prompts)]  # each ends with its eos
     nll = -sum(_answer_logprobs(model, tok, prompts, answers, batch_size))
-    tokens = sum(len(a) + 1 for a in answers)
+    tokens = sum(len(a) for a in answers)
     return math.exp(nll / max(tokens, 1))
 
 
@@ -119,14 +124,15 @@ def evaluate_actors(
         decoded = [tok.decode(a, skip_special_tokens=True) for a in answers]
         gold = [gold_reward(t, d) for t, d in zip(texts, decoded)]
         scores = _reward_scores(reward, tok, prompts, answers, cfg.batch_size)
-        own = _answer_logprobs(model, tok, prompts, answers, cfg.batch_size)
-        ref = _answer_logprobs(baseline, tok, prompts, answers, cfg.batch_size)
-        tokens = sum(len(a) + 1 for a in answers)
+        temperature = cfg.temperature if cfg.do_sample else 1.0  # the distribution the answers were drawn from
+        own = _answer_logprobs(model, tok, prompts, answers, cfg.batch_size, temperature)
+        ref = _answer_logprobs(baseline, tok, prompts, answers, cfg.batch_size, temperature)
+        tokens = sum(len(a) for a in answers)
         metrics[name] = {
             "gold_reward": sum(gold) / len(gold),
             "rm_reward": sum(scores) / len(scores),
             "kl_to_sft": (sum(own) - sum(ref)) / max(tokens, 1),  # k1 estimate of KL(actor || sft) per token
-            "response_length": sum(len(a) for a in answers) / len(answers),
+            "response_length": sum(len(a) - (a[-1:] == [tok.eos_token_id]) for a in answers) / len(answers),
             "perplexity": _perplexity(model, tok, demos, cfg.batch_size),
             "num_prompts": len(answers),
         }
@@ -136,14 +142,16 @@ def evaluate_actors(
 
 
 def _reward_scores(reward: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]], batch_size: int) -> list[float]:
+    """Reward-model score of each prompt + answer at its last real token (the eos, when the answer has one), found
+    by position as PPO's reward_scores does."""
     import torch
 
-    from rlhf.prefix import position_ids
+    from rlhf.models import last_token_scores
 
     scores: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        rows = [p + a + [tok.eos_token_id] for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size])]
+        rows = [p + a for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size])]
         ids, mask = _right_pad(rows, tok.pad_token_id)
         with torch.no_grad():
-            scores += reward(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits.squeeze(-1).tolist()
+            scores += last_token_scores(reward, ids, mask).tolist()
     return scores

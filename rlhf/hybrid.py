@@ -94,18 +94,19 @@ class HybridEngine:
 
     def generate(self, input_ids: Any, attention_mask: Any, **kwargs: Any) -> Any:
         """(B, P) left-padded prompts -> (B, P + R) sequences, R <= max_new_tokens, padded with pad_token_id.
-        Columns that are padding in every prompt are not fed to the model, and a prompt that several rows repeat
-        is prefilled once (rlhf.prefix)."""
+        kwargs: those of `rlhf.models.generate_tokens` (every sampling knob explicit). Columns that are padding in
+        every prompt are not fed to the model, and a prompt that several rows repeat is prefilled once (rlhf.prefix)."""
         import torch
 
+        from rlhf.models import generate_tokens
         from rlhf.prefix import first_real_column, prefill_shared
 
         start = first_real_column(attention_mask)
         ids, mask = input_ids[:, start:], attention_mask[:, start:]
         with self.generation_mode() as model:
             cache = prefill_shared(model, ids, mask)
-            out = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, past_key_values=cache, **kwargs)
-        pad = kwargs.get("pad_token_id", model.generation_config.pad_token_id)
+            out = generate_tokens(model, ids, mask, use_cache=True, past_key_values=cache, **kwargs)
+        pad = kwargs["pad_token_id"]
         if torch.is_tensor(out):
             return torch.nn.functional.pad(out, (start, 0), value=pad)
         out.sequences = torch.nn.functional.pad(out.sequences, (start, 0), value=pad)  # return_dict_in_generate

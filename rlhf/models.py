@@ -93,24 +93,70 @@ def load_reward_model(path: str | Path) -> Any:
     return _from_pretrained(AutoModelForSequenceClassification, str(path), num_labels=1, dtype=torch.float32)
 
 
-def classifier_parts(model: Any) -> tuple[Any, Any]:
+def classifier_parts(module: Any) -> tuple[Any, Any]:
     """(body, score head) of a sequence classifier (LlamaForSequenceClassification and kin), LoRA or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
     return getattr(base, base.base_model_prefix), base.score
 
 
-def last_token_scores(model: Any, input_ids: Any, attention_mask: Any) -> Any:
-    """(B,) scores of a one-label classifier at each row's last real token, found from attention_mask (B, T), never
-    from the pad id. transformers' own pooling takes the rightmost token that is not pad_token_id: with a tokenizer
-    whose pad token is its eos (SmolLM2, or any we give pad = eos) it skips the eos that ends every answer, so the
-    score would never see whether the answer stopped. Rows may be padded on either side."""
+def last_token_scores(module: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """(B,) a sequence classifier's score at each row's last real token, found by the attention mask.
+
+    transformers' own pooling takes the last token that is not pad_token_id: when the pad is the eos (a tokenizer
+    without a pad), that is the token before the eos, not the eos that ends the answer. Rows may be left- or
+    right-padded; position ids start at each row's first real token."""
     import torch
 
-    body, head = classifier_parts(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    last = (columns * attention_mask).argmax(-1)  # (B,) the rightmost real position
-    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
+    from rlhf.prefix import position_ids
+
+    body, score = classifier_parts(module)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (cols * attention_mask.long()).argmax(-1)  # (B,) the rightmost real position
+    rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
+    return score(hidden.last_hidden_state[rows, last]).squeeze(-1).float()
+
+
+def generate_tokens(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any,
+    *,
+    do_sample: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int,
+    **kwargs: Any,
+) -> Any:
+    """`model.generate` with every knob that decides which tokens are drawn given here and none taken elsewhere.
+
+    transformers fills each knob a call leaves unset from the model's generation_config (a hub model's may set
+    temperature, top_k, top_p, repetition_penalty, min_p ...), then from its own defaults, top_k=50 among them. So
+    the model's generation_config is set aside for the call (restored after), and temperature/top_k/top_p
+    (0 = off, 1.0 = off) are always passed when sampling. kwargs: the rest (past_key_values, return_dict_in_generate,
+    output_logits, streamer ...)."""
+    from transformers import GenerationConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = base.generation_config
+    base.generation_config = GenerationConfig()
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
+    try:
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=do_sample,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            **sampling,
+            **kwargs,
+        )
+    finally:
+        base.generation_config = saved
 
 
 def _check_vocab(model: Any, tok: Any, name: str) -> None:

@@ -24,6 +24,7 @@ from rlhf import faults
 from rlhf.config import EngineConfig, Params, PPOConfig, TrainConfig, resolve_engine
 from rlhf.engine import Dist
 from rlhf.errors import UserError
+from rlhf.models import classifier_parts as _classifier
 from rlhf.prefix import answer_outputs
 from rlhf.trainer import NonFiniteGuard
 
@@ -61,12 +62,6 @@ class Experience:
             ts = [getattr(p, f.name) for p in parts]
             out[f.name] = torch.cat(ts) if ts[0].dim() == 1 else pad(ts, 0)
         return Experience(**out)
-
-
-def _classifier(module: Any) -> tuple[Any, Any]:
-    """(body, score head) of a sequence classifier (LlamaForSequenceClassification and kin), LoRA or not."""
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return getattr(base, base.base_model_prefix), base.score
 
 
 def shares_cache(module: Any) -> bool:
@@ -239,18 +234,19 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------ the phases
 
     def _logprobs(self, model: Any, sequences: Any, attention_mask: Any, prompt_len: int) -> Any:
-        """(B, R) log-probabilities of the answer tokens under `model`."""
+        """(B, R) log-probabilities of the answer tokens under `model` at the rollout temperature, over the whole
+        vocabulary: the one processing log pi_old, log pi and log pi_ref share (see PPOConfig.temperature)."""
         from rlhf.ppo_math import logprobs_from_logits
 
         module = getattr(model, "module", model)
         logits = answer_outputs(model, "logits", sequences, attention_mask, prompt_len, shares_cache(module))
-        return logprobs_from_logits(logits[:, :-1], sequences[:, prompt_len:])
+        return logprobs_from_logits(logits[:, :-1], sequences[:, prompt_len:], self.config.temperature)
 
     def generate(self, prompt_ids: Any, prompt_mask: Any) -> tuple[Any, Any, Any]:
         """Rollout in the hybrid engine's generation mode -> (sequences (B, T), attention_mask, action_mask)."""
         import torch
 
-        from rlhf.ppo_math import logprobs_from_logits
+        from rlhf.ppo_math import answer_mask, logprobs_from_logits
 
         cfg = self.config
         self.prompt_width = prompt_ids.shape[1]
@@ -260,21 +256,22 @@ class PPOTrainer:
             prompt_mask,
             do_sample=True,
             temperature=cfg.temperature,
+            top_k=cfg.top_k,
             top_p=cfg.top_p,
             max_new_tokens=cfg.max_answer_tokens,
             pad_token_id=self.tok.pad_token_id,
             eos_token_id=self.tok.eos_token_id,
             return_dict_in_generate=keep,
-            output_logits=keep,  # raw logits, before temperature and top-p: log pi_old as the update computes it
+            output_logits=keep,  # raw logits, before any processing: log pi_old is taken from them as _logprobs does
         )
         seq = out.sequences if keep else out
         answer = seq[:, prompt_ids.shape[1] :]
         # (B, R) log pi_old of the sampled tokens, or None: generate_experience then runs the actor once more
-        self.rollout_logprobs = logprobs_from_logits(torch.stack(out.logits, dim=1), answer) if keep else None
-        # Real answer tokens: everything up to and including the first eos (generate pads after it).
-        is_eos = answer == self.tok.eos_token_id
-        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-        action_mask = (~after_eos & (answer != self.tok.pad_token_id)).float()
+        logits = torch.stack(out.logits, dim=1) if keep else None
+        self.rollout_logprobs = logprobs_from_logits(logits, answer, cfg.temperature) if keep else None
+        # Real answer tokens by position: everything up to and including the first eos (generate pads after it,
+        # with a pad that may be the eos itself). The prompt's own mask stays as the collate built it.
+        action_mask = answer_mask(answer, self.tok.eos_token_id)
         attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
         return seq, attention_mask, action_mask
 

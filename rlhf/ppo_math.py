@@ -22,16 +22,32 @@ from typing import Any
 import torch
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] at every position, computed in float32.
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[label] at every position, computed in float32.
 
-    logits: (B, T, V); labels: (B, T) int64 token ids -> (B, T) float32 log p(label).
+    logits: (B, T, V); labels: (B, T) int64 token ids -> (B, T) float32 log p_T(label).
     The caller aligns them (logits at position t predict the token at t + 1).
+    temperature: the sampler's; PPO scores log pi_old, log pi and log pi_ref all at the rollout temperature, over the
+    whole vocabulary (OpenRLHF's and verl's convention), so the ratio and the KL compare the same distribution.
     Written as gather - logsumexp so no second (B, T, V) tensor of log-probabilities is kept.
     """
     logits = logits.float()  # (B, T, V) bf16/fp16 logits lose too much precision in the softmax
+    if temperature != 1.0:
+        logits = logits / temperature  # (B, T, V) a new tensor: the caller's logits are left as they were
     picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T) logit of the label
     return picked - torch.logsumexp(logits, dim=-1)  # (B, T)
+
+
+def answer_mask(answer: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, R) float 1 on every answer position up to and including the first eos, 0 after it.
+
+    answer: (B, R) generated token ids. By position, never by token id: generate pads after the eos with
+    pad_token_id, which is the eos itself for many tokenizers (and for any that `load_tokenizer` gave a pad), so
+    `answer != pad_token_id` would drop the eos, the decision to stop. A row without eos is real throughout.
+    """
+    is_eos = (answer == eos_token_id).long()  # (B, R)
+    eos_before = is_eos.cumsum(-1) - is_eos  # (B, R) eos tokens strictly before position t
+    return (eos_before == 0).float()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ def chat(
     prompt: Optional[str] = typer.Option(None, help="answer this one message and exit (for scripts)"),
     temperature: float = typer.Option(0.7, help="sampling temperature"),
     top_p: float = typer.Option(0.9, help="nucleus sampling"),
+    top_k: int = typer.Option(0, help="sample among the k likeliest tokens (0 = off)"),
     max_new_tokens: int = typer.Option(64, help="longest answer"),
     greedy: bool = typer.Option(False, help="greedy decoding instead of sampling"),
     seed: Optional[int] = typer.Option(None, help="seed the sampler"),
@@ -23,7 +24,7 @@ def chat(
     """Multi-turn chat with streaming; type `clear` to forget the conversation, `quit` (or Ctrl-D) to leave."""
     from rlhf.chat import Chat
 
-    session = guarded(Chat, model, temperature, top_p, max_new_tokens, not greedy, seed)
+    session = guarded(Chat, model, temperature, top_p, max_new_tokens, not greedy, seed, top_k)
 
     def stream(text: str) -> None:
         sys.stdout.write(text)

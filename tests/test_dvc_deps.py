@@ -119,3 +119,36 @@ def test_importing_a_step_module_does_not_load_ppo() -> None:
     code = "import sys, rlhf.sft; assert 'rlhf.ppo' not in sys.modules; from rlhf import PPOTrainer; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+MARKER = "      # the stage's code: its import closure (tests/test_dvc_deps.py checks this list)\n"
+
+
+def rewrite_code_deps(dvc_yaml: Path) -> None:
+    """Replace every stage's code deps in dvc.yaml with its import closure, keeping the other deps and comments
+    (`python -m tests.test_dvc_deps` after changing imports)."""
+    import re
+
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    lines, out, stage, i = dvc_yaml.read_text().splitlines(keepends=True), [], None, 0
+    while i < len(lines):
+        line = lines[i]
+        if found := re.match(r"^  (\w+):", line):
+            stage = found.group(1)
+        out.append(line)
+        i += 1
+        if line.strip() != "deps:":
+            continue
+        while i < len(lines) and lines[i].startswith("      ") and lines[i].strip()[:1] in ("-", "#"):
+            item = lines[i].strip()
+            code = item.startswith("- ") and item[2:].split()[0].split("/")[0] in PACKAGES
+            if not code and item != MARKER.strip():  # other deps and their comments stay
+                out.append(lines[i])
+            i += 1
+        out.append(MARKER)
+        out += [f"      - {f}\n" for f in sorted(stage_code(dvc_yaml.parent, stages[stage]["cmd"]))]
+    dvc_yaml.write_text("".join(out))
+
+
+if __name__ == "__main__":
+    rewrite_code_deps(ROOT / "dvc.yaml")

@@ -24,3 +24,100 @@ def test_evaluate_writes_metrics_per_actor_plot_rows_and_samples(ppo_trained: Pa
     assert table[0] == "| prompt | sft | ppo | ema |" and len(table) == 2 + 3
     assert all("[gold " in line for line in table[2:])
 
+
+
+# ------------------------------------------------------------------- pad == eos: answers and scores by position
+
+
+def _pad_is_eos_tokenizer():
+    """A tiny trained tokenizer whose pad is its eos (what load_tokenizer gives a tokenizer without a pad)."""
+    from rlhf.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["Sort ascending: 3 1 2", "1 2 3", "Sort descending: 9 4"] * 4, vocab_size=300)
+    tok.pad_token = tok.eos_token
+    assert tok.pad_token_id == tok.eos_token_id
+    return tok
+
+
+def _tiny(tok, kind: str):
+    import torch
+
+    from rlhf.config import ModelConfig
+    from rlhf.models import build_causal_lm, build_reward_model
+
+    cfg = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    model = (build_causal_lm if kind == "lm" else build_reward_model)(cfg, tok, 0).eval()
+    torch.nn.init.normal_(model.score.weight if kind == "rm" else model.lm_head.weight, std=1.0)
+    return model
+
+
+def test_answers_are_cut_after_the_first_eos_and_keep_it(monkeypatch) -> None:
+    """eos kept, an answer that never stopped kept whole; every sampling knob reaches generate explicitly and the
+    model's own generation_config is set aside for the call."""
+    import torch
+
+    from rlhf.config import EvaluateConfig
+    from rlhf.evaluate import _answers
+
+    tok = _pad_is_eos_tokenizer()
+    eos = tok.eos_token_id
+    generated = torch.tensor([[20, 21, eos, eos], [20, 21, 22, 23], [eos, eos, eos, eos]])
+    calls = []
+
+    class Scripted:  # generate returns prompt + known answers, padded after the eos with the pad (the eos)
+        generation_config = "the model's own"
+
+        def generate(self, input_ids, attention_mask, **kwargs):
+            calls.append((self.generation_config, kwargs))
+            return torch.cat([input_ids, generated[: input_ids.shape[0]]], dim=1)
+
+    cfg = EvaluateConfig(batch_size=8, temperature=0.7, top_k=3, top_p=0.9, max_answer_tokens=4)
+    got = _answers(Scripted(), tok, [[5, 6, 7], [5, 6], [8]], cfg, seed=0)
+    assert got == [[20, 21, eos], [20, 21, 22, 23], [eos]]
+    config, kwargs = calls[0]
+    assert config != "the model's own" and config.top_k is None  # a blank GenerationConfig during the call
+    assert (kwargs["temperature"], kwargs["top_k"], kwargs["top_p"]) == (0.7, 3, 0.9)
+
+
+def test_reward_scores_are_read_at_the_eos_when_pad_is_eos() -> None:
+    """transformers' own pooling takes the last token that is not the pad: with pad == eos, the token before the
+    eos. The evaluate scorer reads the last real token by position, as PPO's reward_scores does."""
+    import torch
+
+    from rlhf.evaluate import _reward_scores
+    from rlhf.models import classifier_parts
+
+    tok = _pad_is_eos_tokenizer()
+    eos = tok.eos_token_id
+    reward = _tiny(tok, "rm")
+    prompts, answers = [[5, 6, 7], [5, 6], [8, 9]], [[20, 21, eos], [20, 21, 22, 23], [eos]]
+    got = _reward_scores(reward, tok, prompts, answers, batch_size=8)
+    body, head = classifier_parts(reward)
+    with torch.no_grad():
+        want, before = [], []
+        for p, a in zip(prompts, answers):
+            hidden = body(input_ids=torch.tensor([p + a])).last_hidden_state[0]
+            want.append(head(hidden[-1]).item())
+            before.append(head(hidden[-2]).item())
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-5)
+    assert abs(want[0] - before[0]) > 1e-4  # the eos and the token before it score differently
+
+
+def test_answer_logprobs_score_each_answer_as_given_at_the_temperature() -> None:
+    """Sum of log softmax(logits / T) over the answer's own tokens: the eos when it was emitted, no eos added to an
+    answer that never stopped."""
+    import torch
+
+    from rlhf.evaluate import _answer_logprobs
+
+    tok = _pad_is_eos_tokenizer()
+    eos = tok.eos_token_id
+    model = _tiny(tok, "lm")
+    prompts, answers = [[5, 6, 7], [5, 6]], [[20, 21, eos], [20, 21, 22, 23]]
+    got = _answer_logprobs(model, tok, prompts, answers, batch_size=8, temperature=0.7)
+    want = []
+    with torch.no_grad():
+        for p, a in zip(prompts, answers):
+            logits = model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1 : -1] / 0.7
+            want.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(a)[:, None]).sum().item())
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-4)

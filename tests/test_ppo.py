@@ -78,7 +78,8 @@ def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: d
     if engine["zero_stage"] == 3:
         assert_sharded(hybrid.module)
     batch = _prompts(tok, ["Sort ascending: 5 2 9", "Sort ascending: 14 3 7 1 22"])
-    kwargs = dict(do_sample=True, top_p=1.0, max_new_tokens=10, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id)
 
     hybrid.engine.train()
     torch.manual_seed(123)
@@ -239,8 +240,15 @@ def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
     from rlhf.engine import full_state_dict
     from rlhf.ppo import PPOTrainer, RLHFEngine
 
+    from rlhf.models import load_causal_lm
+    from rlhf.prefix import position_ids
+
+    # Sampled at temperature 0.7 among the 5 likeliest tokens: log pi_old, log pi_ref and the update's log pi are
+    # all log_softmax(logits / 0.7) over the whole vocabulary (PPOConfig's convention); top_k truncates sampling only.
+    temperature, top_k = 0.7, 5
     params = _params(trained, "ppo_k.yaml", {"ppo": {"answers_per_prompt": 3, "rollout_batch_size": 2,
-                                                     "micro_batch_size": 6, "actor_engine": {"zero_stage": 3}}}, {"engine": SHARD_ALL})
+                                                     "micro_batch_size": 6, "actor_engine": {"zero_stage": 3},
+                                                     "temperature": temperature, "top_k": top_k}}, {"engine": SHARD_ALL})
     engine = RLHFEngine(params, dist, trained / "models/sft", trained / "models/reward")
     assert_sharded(engine.actor.module)
     trainer = PPOTrainer(engine, params.ppo)
@@ -253,8 +261,123 @@ def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
         recomputed = trainer._logprobs(engine.actor.engine, exp.sequences, exp.attention_mask, p) * exp.action_mask
     torch.testing.assert_close(exp.logprobs, recomputed, rtol=0, atol=1e-4)
     assert exp.action_mask.sum() > 0 and exp.logprobs.abs().sum() > 0
+
+    # Independently: a plain copy of the SFT weights (the actor before its first update), one full forward pass.
+    plain = load_causal_lm(trained / "models/sft").eval()
+    with torch.no_grad():
+        logits = plain(input_ids=exp.sequences, attention_mask=exp.attention_mask,
+                       position_ids=position_ids(exp.attention_mask)).logits[:, p - 1 : -1]  # (B, R, V)
+    answer, real = exp.sequences[:, p:], exp.action_mask.bool()
+    at_t = torch.log_softmax(logits / temperature, -1).gather(-1, answer[..., None])[..., 0] * exp.action_mask
+    at_1 = torch.log_softmax(logits, -1).gather(-1, answer[..., None])[..., 0] * exp.action_mask
+    torch.testing.assert_close(exp.logprobs, at_t, rtol=0, atol=1e-4)
+    assert (exp.logprobs - at_1).abs().max() > 1e-2  # the temperature is in it: not the raw softmax
+    torch.testing.assert_close(exp.ref_logprobs, at_t, rtol=0, atol=1e-4)  # the reference: same processing
+    # top_k reached the sampler (transformers' default would be 50): every drawn token is among the 5 likeliest.
+    rank = (logits > logits.gather(-1, answer[..., None])).sum(-1)  # (B, R) tokens strictly more likely
+    assert rank[real].max() < top_k
+
     before = full_state_dict(engine.actor.module, 3, is_main=True)
-    a_loss, c_loss, _ = trainer.train_rlhf(exp)
+    a_loss, c_loss, stats = trainer.train_rlhf(exp)
     after = full_state_dict(engine.actor.module, 3, is_main=True)
     assert a_loss == a_loss and c_loss == c_loss
+    # The update's log pi uses the same processing: before the step pi = pi_old, a ratio of 1 on every token.
+    assert abs(stats["ratio"] - 1) < 1e-4 and stats["approx_kl"] < 1e-8 and stats["clip_fraction"] == 0
     assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
+
+
+def _pad_is_eos_copies(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the SFT and reward models whose tokenizer's pad token is its eos (as SmolLM2's, or any tokenizer
+    `load_tokenizer` gave a pad), as a model folder from elsewhere (no manifest)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = []
+    for name in ("sft", "reward"):
+        dst = tmp_path / name
+        shutil.copytree(trained / "models" / name, dst, ignore=shutil.ignore_patterns("COMPLETE.json", "manifest*"))
+        tok = AutoTokenizer.from_pretrained(dst)
+        tok.pad_token = tok.eos_token
+        tok.save_pretrained(dst)
+        cfg = AutoConfig.from_pretrained(dst)
+        cfg.pad_token_id = tok.eos_token_id
+        cfg.save_pretrained(dst)
+        out.append(dst)
+    return out[0], out[1]
+
+
+def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: Path, dist, tmp_path: Path) -> None:
+    """With pad == eos, the action mask is by position: every answer token up to and including the first eos, the
+    eos itself (the decision to stop) included; rows that never stop are real throughout; the reward model's score
+    is the one at the eos (or at the last token of an answer that never stopped)."""
+    from rlhf.models import classifier_parts
+    from rlhf.ppo import PPOTrainer, RLHFEngine
+
+    sft, reward = _pad_is_eos_copies(trained, tmp_path)
+    params = _params(trained, "ppo_eos.yaml", {"ppo": {"rollout_logprobs": "recompute", "kl_coef": 0.0,
+                                                       "reward_clip": 0.0, "ema_beta": 0.0}})
+    engine = RLHFEngine(params, dist, sft, reward)
+    tok = engine.tok
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos
+    batch = _prompts(tok, ["Sort ascending: 5 2 9", "Sort ascending: 14 3 7 1 22", "Sort descending: 8 1",
+                           "Sort ascending: 4 4"])
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == eos).all()  # the prompts' left padding is eos too
+    # What generate returns: each answer padded after its first eos with the pad, here the eos.
+    answers = torch.tensor([[20, 21, eos, eos, eos], [20, 21, 22, 23, 24], [eos, eos, eos, eos, eos],
+                            [25, eos, eos, eos, eos]])
+    want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.float32)
+    seq = torch.cat([batch["input_ids"], answers], dim=1)
+    engine.actor.generate = lambda ids, mask, **kwargs: seq  # a rollout with known answers, through the real models
+    trainer = PPOTrainer(engine, params.ppo)
+    exp = trainer.generate_experience(batch)
+
+    assert torch.equal(exp.action_mask, want)
+    assert torch.equal(exp.attention_mask, torch.cat([batch["attention_mask"], want.long()], dim=1))
+    assert (exp.logprobs[:, 0] != 0).all() and exp.logprobs[0, 2] != 0 and exp.logprobs[2, 0] != 0  # eos scored
+    assert (exp.values[0, :3] != 0).all() and exp.values[0, 2] != 0
+
+    # Independently: each row's real tokens alone (no padding at all) through the reward model's body and head.
+    body, head = classifier_parts(engine.reward.module)
+    at_last, before_last = [], []
+    with torch.no_grad():
+        for row, m in zip(exp.sequences, exp.attention_mask):
+            hidden = body(input_ids=row[m.bool()][None]).last_hidden_state[0]
+            at_last.append(head(hidden[-1]).item())
+            before_last.append(head(hidden[-2]).item())
+    torch.testing.assert_close(exp.scores, torch.tensor(at_last), rtol=0, atol=1e-4)
+    assert abs(at_last[0] - before_last[0]) > 1e-5  # the test can tell the eos from the token before it
+    # kl_coef 0: the only reward is the score, at the eos (row 0: index 2; row 2: index 0; row 1: the last token).
+    last = want.cumsum(-1).argmax(-1)
+    onehot = torch.nn.functional.one_hot(last, 5).float()
+    torch.testing.assert_close(exp.rewards, onehot * exp.scores[:, None], rtol=0, atol=1e-6)
+
+
+def test_generate_tokens_takes_no_knob_from_the_models_generation_config(trained: Path) -> None:
+    """A hub model's generation_config may set temperature, top_k, repetition penalties...; transformers fills every
+    knob a call leaves unset from it (and then top_k=50). generate_tokens draws what a model with an empty
+    generation_config draws under the same explicit knobs, and leaves the model's own config as it was."""
+    from transformers import GenerationConfig
+
+    from rlhf.models import generate_tokens
+    from rlhf.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(trained / "models/sft")
+    model = _tiny_lm(tok).eval()
+    ids, mask = _grouped_batch(tok, 2)
+    knobs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8, pad_token_id=tok.pad_token_id,
+                 eos_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        model.generation_config = GenerationConfig()
+        torch.manual_seed(5)
+        want = model.generate(input_ids=ids, attention_mask=mask, **knobs)
+        sneaky = GenerationConfig(temperature=0.05, top_k=2, top_p=0.5, repetition_penalty=50.0, no_repeat_ngram_size=1)
+        model.generation_config = sneaky
+        torch.manual_seed(5)
+        got = generate_tokens(model, ids, mask, **knobs)
+        torch.manual_seed(5)
+        leaked = model.generate(input_ids=ids, attention_mask=mask, **knobs)  # what a plain call would have drawn
+    assert torch.equal(got, want)
+    assert not torch.equal(leaked, want)  # the sneaky config does change a plain call's tokens
+    assert model.generation_config is sneaky and model.generation_config.top_k == 2

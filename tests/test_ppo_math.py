@@ -13,6 +13,7 @@ from torch.testing import assert_close
 from rlhf import ppo_math
 from rlhf.ppo_math import (
     AdaptiveKLController,
+    answer_mask,
     ema_update,
     gae_advantages,
     kl_shaped_rewards,
@@ -55,6 +56,39 @@ def test_logprobs_from_logits_is_float32_for_bf16_logits() -> None:
     out = logprobs_from_logits(torch.zeros(2, 1, 3, dtype=torch.bfloat16), torch.tensor([[0], [2]]))
     assert out.dtype == torch.float32
     assert_close(out, torch.full((2, 1), math.log(1 / 3)))
+
+
+def test_logprobs_from_logits_at_a_temperature() -> None:
+    # Temperature 0.5 doubles the logits. Position 0: [0, ln 2, ln 3] / 0.5 = [0, ln 4, ln 9] -> exp = [1, 4, 9],
+    # sum 14 -> p = [1/14, 4/14, 9/14]; label 2: log(9/14) = -0.441833 (at temperature 1 it was log(3/6)).
+    # Temperature 2 halves them. Position 1: [0, 2 ln 2, 0] / 2 = [0, ln 2, 0] -> exp = [1, 2, 1], sum 4;
+    # label 1: log(2/4) = -0.693147 (at temperature 1: exp = [1, 4, 1], log(4/6)).
+    logits = torch.tensor([[[0.0, math.log(2), math.log(3)], [0.0, 2 * math.log(2), 0.0]]])  # (1, 2, 3)
+    labels = torch.tensor([[2, 1]])
+    assert_close(logprobs_from_logits(logits, labels, 0.5)[0, 0], torch.tensor(math.log(9 / 14)))
+    assert_close(logprobs_from_logits(logits, labels, 2.0)[0, 1], torch.tensor(math.log(2 / 4)))
+    assert_close(logprobs_from_logits(logits, labels, 1.0), torch.tensor([[math.log(3 / 6), math.log(4 / 6)]]))
+    # The caller's logits are not divided in place.
+    assert_close(logits[0, 1, 1], torch.tensor(2 * math.log(2)))
+
+
+# ----------------------------------------------------------------------------------------------- answer_mask
+
+
+def test_answer_mask_is_by_position_and_keeps_the_eos_when_pad_is_eos() -> None:
+    # eos = pad = 2, as for a tokenizer without a pad token. generate pads after the first eos with 2 as well.
+    # Row 0: 5 7 eos | pad pad   -> 1 1 1 0 0  (the eos, the decision to stop, is an action)
+    # Row 1: 5 7 8 9 4           -> 1 1 1 1 1  (never stopped: every token real)
+    # Row 2: eos | pad pad pad pad -> 1 0 0 0 0
+    # Row 3: 0 3 eos | pad pad with 0 a token like any other (it is not the pad here) -> 1 1 1 0 0
+    answer = torch.tensor([[5, 7, 2, 2, 2], [5, 7, 8, 9, 4], [2, 2, 2, 2, 2], [0, 3, 2, 2, 2]])
+    want = t([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+    got = answer_mask(answer, eos_token_id=2)
+    assert got.dtype == torch.float32
+    assert_close(got, want)
+    # pad != eos (pad 0 here): the same positions; a pad id the model emitted mid-answer is still a real token.
+    answer = torch.tensor([[5, 0, 2, 0, 0]])
+    assert_close(answer_mask(answer, eos_token_id=2), t([[1, 1, 1, 0, 0]]))
 
 
 # ----------------------------------------------------------------------------------- masked_mean / whiten
