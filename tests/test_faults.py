@@ -115,10 +115,13 @@ def test_half_written_and_foreign_checkpoints_are_removed_not_loaded(prepared: P
     shutil.copytree(good, root / "step-00000005")
     (root / "step-00000005/rank0.pt").write_bytes(b"torn")
     (root / ".tmp-step-00000007").mkdir()
+    (root / "notes").mkdir()  # not a checkpoint: not ours to remove
+    (root / "notes/todo.txt").write_text("mine")
     proc = run_cli("sft", "--params", "params.yaml", cwd=work)
     assert "resumed from checkpoints/sft/step-00000004" in proc.stdout
     for junk in ("step-00000006", "step-00000005", ".tmp-step-00000007"):
         assert f"removing checkpoints/sft/{junk}" in proc.stdout and not (root / junk).exists()
+    assert (root / "notes/todo.txt").read_text() == "mine"
 
     # other params: the old checkpoint is not resumed, it is removed, and training starts from step 0
     write_params(work / "params.yaml", {"sft": {"checkpoint_every": 2, "learning_rate": 0.002}})
