@@ -115,8 +115,8 @@ def write_output_dir(out_dir: Path, fill: Callable[[Path], None], manifest: dict
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)$")
 
 
-def _leftover(out: Path, kind: str, pid: int | None = None) -> Path:
-    return out.with_name(f".{out.name}.{kind}-{os.getpid() if pid is None else pid}")
+def _leftover(out: Path, kind: str) -> Path:
+    return out.with_name(f".{out.name}.{kind}-{os.getpid()}")
 
 
 def _alive(pid: int) -> bool:
