@@ -91,8 +91,8 @@ class Checkpointer:
                 break
         barrier()
         if self.dist.is_main:
-            for path in self.root.iterdir():
-                if path != found and path.is_dir():
+            for path in self.root.iterdir():  # only checkpoints: whatever else is in the folder is not ours
+                if path != found and path.is_dir() and path.name.startswith((PREFIX, f".tmp-{PREFIX}")):
                     why = "half-written" if path.name.startswith(".tmp-") else "incomplete, or of other params"
                     print(f"[checkpoint] removing {path} ({why})", flush=True)
                     shutil.rmtree(path, ignore_errors=True)

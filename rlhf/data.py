@@ -707,10 +707,14 @@ def write_splits(out_dir: Path, splits: dict[str, list[dict]]) -> dict[str, str]
 
 
 def read_split(path: Path) -> list[dict]:
-    """Read one split written by write_splits."""
+    """Read one split written by write_splits. The prepared folder is checked against its COMPLETE.json first
+    (once per process, as model folders are): a split edited by hand or half copied is refused, not trained on."""
+    from rlhf.outputs import verify_output_dir
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such split file: run the prepare stage first (dvc repro prepare)")
+    verify_output_dir(path.parent)
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -4,6 +4,8 @@ SIGKILL itself or see a non-finite loss at a chosen step. Unset (normal use) the
     RLHF_FAULT_KILL_AT_STEP=N     SIGKILL this process right after step (PPO: iteration) N is logged
     RLHF_FAULT_NAN_AT_STEPS=3,4   the loss of the 3rd and 4th micro-batches (PPO: of iterations 3 and 4) is NaN
     RLHF_FAULT_RANK=R             only rank R is affected (default: every rank)
+    RLHF_FAULT_KILL_AT_POINT=P    SIGKILL this process at the named point P, e.g. `replace:aside` (in
+                                  rlhf/outputs.py write_output_dir: the old folder moved aside, the new not yet in)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 KILL_AT_STEP = "RLHF_FAULT_KILL_AT_STEP"
 NAN_AT_STEPS = "RLHF_FAULT_NAN_AT_STEPS"
 RANK = "RLHF_FAULT_RANK"
+KILL_AT_POINT = "RLHF_FAULT_KILL_AT_POINT"
 
 
 def _this_rank() -> bool:
@@ -24,6 +27,11 @@ def _this_rank() -> bool:
 
 def kill_at(step: int) -> None:
     if os.environ.get(KILL_AT_STEP) == str(step) and _this_rank():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_at_point(point: str) -> None:
+    if os.environ.get(KILL_AT_POINT) == point and _this_rank():
         os.kill(os.getpid(), signal.SIGKILL)
 
 

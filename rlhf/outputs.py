@@ -7,8 +7,9 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -77,19 +78,215 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_output_dir(out_dir: Path, fill: Callable[[Path], None], manifest: dict[str, Any]) -> None:
-    """Build an output folder under a temporary name, seal it with COMPLETE.json, then rename it into place."""
+    """Build an output folder under a temporary name, seal it with COMPLETE.json, then swap it into place.
+
+    The swap never leaves `out_dir` missing or half deleted: the previous folder is renamed aside
+    (`.NAME.old-PID`), the new one renamed in, and only then is the old one deleted. A run killed anywhere in
+    between leaves leftovers that the next write (or stage start, see check_output_dir) sweeps up: the previous
+    folder is put back if the kill came between the two renames. A folder this project did not write is refused
+    (check_output_dir), never replaced."""
+    from rlhf import faults
+
     out_dir = Path(out_dir)
+    check_output_dir(out_dir)  # the stage checked at its start; this guards library callers
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    sweep_leftovers(out_dir)
+    tmp, old = _leftover(out_dir, "tmp"), _leftover(out_dir, "old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    fill(tmp)
-    write_json(tmp / MANIFEST, manifest)
-    files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    write_json(tmp / COMPLETE, {"files": files})
+    try:
+        fill(tmp)
+        write_json(tmp / MANIFEST, manifest)
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        write_json(tmp / COMPLETE, {"files": files})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    faults.kill_at_point("replace:sealed")
     if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+        os.rename(out_dir, old)
+    faults.kill_at_point("replace:aside")
+    os.rename(tmp, out_dir)
+    faults.kill_at_point("replace:renamed")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# .NAME.tmp-PID (being built) and .NAME.old-PID (the previous folder, moved aside) beside an output
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)$")
+
+
+def _leftover(out: Path, kind: str) -> Path:
+    return out.with_name(f".{out.name}.{kind}-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():  # this process writes one output at a time: its own leftovers are from an earlier try
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (alive), or not a pid we can ask about: leave it alone
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def sweep_leftovers(out: Path) -> None:
+    """Remove what killed writes of `out` (by this project, whose process is gone) left beside it. If the kill
+    came between moving the previous folder aside and renaming the new one in, `out` is missing: the previous folder
+    is put back (the run that was killed did not finish, so what it built is discarded). Leftovers of a process
+    that is still running are left alone."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    found = []
+    for entry in out.parent.iterdir():
+        m = _LEFTOVER.match(entry.name)
+        if m and m["name"] == out.name and not _alive(int(m["pid"])):
+            found.append((m["kind"] != "old", entry))  # the previous folders first
+    for _, entry in sorted(found):
+        if entry.name.startswith(f".{out.name}.old-") and not out.exists() and not out.is_symlink():
+            try:
+                os.rename(entry, out)
+            except OSError:  # another rank put it back first
+                continue
+            print(f"[outputs] put back {out} from {entry.name} (a run was killed while replacing it)", flush=True)
+        else:
+            _remove(entry)
+
+
+def _is_manifest(path: Path) -> bool:
+    """Whether `path` is a manifest this project wrote (make_manifest), not some other tool's manifest.json."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"step", "versions"} <= set(data)
+
+
+def _foreign(folder: Path) -> Path | None:
+    """The first entry of `folder` that this project did not write, or None: a folder is ours when it holds our
+    manifest, or holds only folders that are ours and our own leftovers (models/ppo: actor/, critic/, actor_ema/)."""
+    if _is_manifest(folder / MANIFEST):
+        return None
+    for entry in sorted(folder.iterdir()):
+        if _LEFTOVER.match(entry.name) and entry.is_dir():
+            continue
+        if not entry.is_dir() or entry.is_symlink():
+            return entry
+        inner = _foreign(entry)
+        if inner is not None:
+            return inner
+    return None
+
+
+def _resolved(path: Path | str) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+
+
+def _check_path(path: Path, option: str, inputs: Iterable[Path | str | None], folder: bool) -> Path:
+    """The rules every output path obeys; returns it resolved."""
+    from rlhf.errors import UserError
+
+    path = Path(path)
+    for p in path.parents:
+        if p.exists() and not p.is_dir():
+            raise UserError(f"{option} '{path}' is inside '{p}', which is a file: give a path under a folder")
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{option} '{path}' is a file, not a folder: give a folder path (or move the file away)")
+    if not folder and path.is_dir():
+        raise UserError(f"{option} '{path}' is a folder, not a file: give a file path, e.g. {path / 'out.json'}")
+    res, cwd = _resolved(path), Path.cwd().resolve()
+    if res == cwd or cwd.is_relative_to(res):
+        raise UserError(
+            f"{option} '{path}' is the working folder or a folder above it, and writing it would replace or clear "
+            "what it holds: give the output a folder of its own below the working folder"
+        )
+    if folder and any((res / marker).exists() for marker in (".git", ".dvc", "dvc.yaml")):
+        raise UserError(f"{option} '{path}' is the root of a repository: give a folder of its own inside it")
+    for inp in inputs:
+        if inp is None or str(inp) == "" or not Path(inp).exists():
+            continue  # not a local path (a hub id, an unset model)
+        ires = _resolved(inp)
+        if ires == res or ires.is_relative_to(res):
+            what = "is" if ires == res else "holds"
+            raise UserError(
+                f"{option} '{path}' {what} this stage's input '{inp}': writing it would destroy what the stage "
+                "reads; give another path"
+            )
+        if res.is_relative_to(ires):
+            raise UserError(
+                f"{option} '{path}' is inside this stage's input '{inp}': writing it would change what the stage "
+                "reads; give a path outside it"
+            )
+    return res
+
+
+def check_output_dir(
+    out: Path, inputs: Iterable[Path | str | None] = (), *, option: str = "--out", owned: bool = True
+) -> None:
+    """Refuse, before any work, an output folder whose replacement would destroy what this project did not write:
+    a file, the working folder (or one above it), a repository root, an input of the stage (or a folder holding
+    one, or one inside one), or (`owned`, for folders write_output_dir replaces whole) a folder holding anything
+    without our manifest. Leftovers of killed writes beside it are swept first (sweep_leftovers), on rank 0.
+    `owned=False` is for folders that are written into, not replaced (dvclive, checkpoints)."""
+    from rlhf.errors import UserError
+
+    out = Path(out)
+    _check_path(out, option, inputs, folder=True)
+    if owned and os.environ.get("RANK", "0") == "0":
+        sweep_leftovers(out)
+    if owned and out.is_dir():
+        stray = _foreign(out)
+        if stray is not None:
+            raise UserError(
+                f"{option} '{out}' holds files this project did not write (e.g. '{stray}', no {MANIFEST} of ours "
+                "beside it) and would be replaced: give a new or empty folder, or move those files away"
+            )
+
+
+def check_output_file(path: Path, inputs: Iterable[Path | str | None] = (), *, option: str = "--metrics") -> None:
+    """Refuse, before any work, an output file path that names a folder, lies inside a file, or is (or lies inside)
+    an input of the stage."""
+    _check_path(Path(path), option, inputs, folder=False)
+
+
+def check_outputs(
+    inputs: Iterable[Path | str | None],
+    folders: Iterable[tuple[str, Path]] = (),
+    files: Iterable[tuple[str, Path]] = (),
+    scratch: Iterable[tuple[str, Path | None]] = (),
+) -> None:
+    """Every output check a stage makes at its start, in one call, before any work: `folders` are replaced whole
+    (write_output_dir), `files` are JSON/Markdown outputs, `scratch` folders are written into (dvclive,
+    checkpoints). Each output is (option that named it, path); no two of different options may be one path or one
+    inside another (models/ppo and its actor/ are both --out)."""
+    from rlhf.errors import UserError
+
+    inputs = list(inputs)
+    named: list[tuple[str, Path]] = []
+    for option, path in folders:
+        check_output_dir(path, inputs, option=option)
+        named.append((option, Path(path)))
+    for option, path in scratch:
+        if path is not None:
+            check_output_dir(path, inputs, option=option, owned=False)
+            named.append((option, Path(path)))
+    for option, path in files:
+        check_output_file(path, inputs, option=option)
+        named.append((option, Path(path)))
+    for i, (a, pa) in enumerate(named):
+        for b, pb in named[i + 1 :]:
+            ra, rb = _resolved(pa), _resolved(pb)
+            if a != b and (ra == rb or ra.is_relative_to(rb) or rb.is_relative_to(ra)):
+                raise UserError(f"{a} '{pa}' and {b} '{pb}' overlap: give each output a path of its own")
 
 
 _verified: set[tuple[str, int]] = set()  # (folder, COMPLETE.json mtime) already checked in this process
@@ -97,8 +294,9 @@ _verified: set[tuple[str, int]] = set()  # (folder, COMPLETE.json mtime) already
 
 def verify_output_dir(path: Path) -> None:
     """Refuse a folder this project wrote (it has a manifest) that is unfinished or whose files no longer match the
-    hashes in its COMPLETE.json: a half-copied checkout, a corrupted cache object. Folders from elsewhere pass.
-    Each folder is hashed once per process: PPO loads the SFT folder for the actor, the reference and the EMA."""
+    hashes in its COMPLETE.json: a half-copied checkout, a corrupted cache object, a split file edited by hand.
+    Folders from elsewhere pass. Each folder is hashed once per process: PPO loads the SFT folder for the actor,
+    the reference and the EMA; a stage reads several splits of data/prepared."""
     from rlhf.errors import UserError
 
     path = Path(path)
@@ -107,7 +305,12 @@ def verify_output_dir(path: Path) -> None:
     key = (str(path.resolve()), (path / COMPLETE).stat().st_mtime_ns if (path / COMPLETE).is_file() else -1)
     if key in _verified:
         return
-    fix = f"restore it with `dvc checkout {path}` or `dvc pull {path}`, or rebuild it with `dvc repro -f`"
+    try:
+        step = json.loads((path / MANIFEST).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        step = None
+    rebuild = f"`dvc repro -f {step}` (or `rlhf {step.replace('_', '-')}`)" if isinstance(step, str) else "`dvc repro -f`"
+    fix = f"restore it with `dvc checkout {path}` (or `dvc pull {path}`), or rebuild it with {rebuild}"
     try:
         files = json.loads((path / COMPLETE).read_text())["files"]
     except (OSError, ValueError, KeyError):

@@ -383,6 +383,9 @@ class Cycle:
         try:
             batch = next(self._it)
         except StopIteration:
+            if self.index == 0:  # a whole epoch without a batch: recursing would never end
+                raise UserError("a PPO data loader gives no batch (its split has fewer rows than one batch per rank): "
+                                "lower the batch size or bring more data") from None
             self.epoch, self.index, self._it = self.epoch + 1, 0, None
             return next(self)
         self.index += 1
@@ -442,7 +445,7 @@ def run_ppo(
     from rlhf.outputs import hash_inputs, make_manifest
     from rlhf.sft import collate_sft, encode_sft_row
     from rlhf.tokenizer import encode_prompt, load_tokenizer
-    from rlhf.trainer import MetricsLogger, all_reduce_sum, export_model, make_loader
+    from rlhf.trainer import MetricsLogger, all_reduce_sum, check_ppo_splits, export_model, launch_world_size, make_loader
 
     ppo = params.ppo
     for path, what in ((sft_path, "SFT actor"), (reward_path, "reward model")):
@@ -458,6 +461,7 @@ def run_ppo(
     ptx_rows = []
     if ppo.ptx_coef > 0:
         ptx_rows = [encode_sft_row(tok, r, False) for r in read_split(data_dir / "sft_train.jsonl")]
+    check_ppo_splits(data_dir, len(train_prompts), len(eval_prompts), len(ptx_rows), ppo, launch_world_size())
 
     dist = init_distributed(params.engine)
     seed_everything(params.seed)

@@ -96,13 +96,16 @@ def run_reward(
     from rlhf.engine import init_distributed, seed_everything
     from rlhf.models import add_lora, build_reward_model
     from rlhf.tokenizer import resolve_tokenizer
-    from rlhf.trainer import train_and_export
+    from rlhf.trainer import check_eval_split, check_train_split, launch_world_size, train_and_export
 
-    # Bad input (no tokenizer, a missing split) fails here, before DeepSpeed is imported or a process group started.
+    # Bad input (no tokenizer, a missing or too small split) fails here, before DeepSpeed is imported or a process
+    # group started.
     tok = resolve_tokenizer(params.reward_model.name_or_path, data_dir)
     cfg = params.reward
     train_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_train.jsonl")]
     eval_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_eval.jsonl")]
+    check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "reward", launch_world_size())
+    check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")
     dist = init_distributed(params.engine)
     seed_everything(params.seed)
 

@@ -77,13 +77,16 @@ def run_sft(
     from rlhf.engine import init_distributed, seed_everything
     from rlhf.models import add_lora, build_causal_lm
     from rlhf.tokenizer import resolve_tokenizer
-    from rlhf.trainer import train_and_export
+    from rlhf.trainer import check_eval_split, check_train_split, launch_world_size, train_and_export
 
-    # Bad input (no tokenizer, a missing split) fails here, before DeepSpeed is imported or a process group started.
+    # Bad input (no tokenizer, a missing or too small split) fails here, before DeepSpeed is imported or a process
+    # group started.
     tok = resolve_tokenizer(params.model.name_or_path, data_dir)
     cfg = params.sft
     train_rows = [encode_sft_row(tok, r, cfg.loss_on_prompt) for r in read_split(data_dir / "sft_train.jsonl")]
     eval_rows = [encode_sft_row(tok, r, cfg.loss_on_prompt) for r in read_split(data_dir / "sft_eval.jsonl")]
+    check_train_split(data_dir / "sft_train.jsonl", len(train_rows), cfg, "sft", launch_world_size())
+    check_eval_split(data_dir / "sft_eval.jsonl", len(eval_rows), "perplexity")
     dist = init_distributed(params.engine)
     seed_everything(params.seed)
 

@@ -7,6 +7,7 @@ what evaluation measures; they hand those to :func:`fit` as plain functions (com
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -14,13 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.checkpoint import Checkpointer
-from rlhf.config import TrainConfig
+from rlhf.config import PPOConfig, TrainConfig
 from rlhf.engine import Dist
 from rlhf.errors import UserError
 
 
 class MetricsLogger:
     """Per-step curves through dvclive on rank 0; a no-op on other ranks.
+
+    Nothing is touched until the first point is logged: opening dvclive clears the folder's previous curves, so a
+    stage that stops before training (bad input, or non-finite losses from the first step) leaves the last run's
+    curves as they were.
 
     `resume_rows` (from a checkpoint's `rows()`) continues an interrupted run: each curve is cut back to the rows
     it had when the checkpoint was taken, so the points logged between that checkpoint and the crash are not
@@ -30,22 +35,28 @@ class MetricsLogger:
     def __init__(self, live_dir: Path | None, dist: Dist, resume_rows: dict[str, int] | None = None):
         self.live = None
         self.dir = Path(live_dir) if live_dir is not None else None
-        if dist.is_main and live_dir is not None:
+        self.resume_rows = resume_rows
+        self.enabled = dist.is_main and live_dir is not None
+
+    def _open(self) -> bool:
+        """Open dvclive on the first use (rank 0); whether there is a live logger."""
+        if self.live is None and self.enabled:
             from dvclive import Live
 
-            if resume_rows is not None:
-                self._truncate(resume_rows)
+            if self.resume_rows is not None:
+                self._truncate(self.resume_rows)
             # dvcyaml=False: dvc.yaml is ours and declares the plots; save_dvc_exp=False: `dvc exp run` owns exps.
             self.live = Live(
-                dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume_rows is not None
+                dir=str(self.dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=self.resume_rows is not None
             )
+        return self.live is not None
 
     def _curves(self) -> list[Path]:
         return sorted((self.dir / "plots" / "metrics").rglob("*.tsv")) if self.dir is not None else []
 
     def rows(self) -> dict[str, int]:
         """Lines in each curve file now (rank 0; empty elsewhere)."""
-        if self.live is None:
+        if not self._open():
             return {}
         return {str(f.relative_to(self.dir)): len(f.read_text().splitlines()) for f in self._curves()}
 
@@ -59,7 +70,7 @@ class MetricsLogger:
                 f.write_text("".join(lines[:keep]))
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        if self.live is None:
+        if not self._open():
             return
         self.live.step = step
         for k, v in values.items():
@@ -67,7 +78,7 @@ class MetricsLogger:
         self.live.make_summary()
 
     def close(self, summary: dict[str, float]) -> None:
-        if self.live is None:
+        if not self._open():
             return
         for k, v in summary.items():
             self.live.summary[k] = v
@@ -145,6 +156,67 @@ def make_loader(
             rows, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle, seed=seed, drop_last=shuffle
         )
     return DataLoader(list(rows), batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=shuffle)
+
+
+def launch_world_size() -> int:
+    """The ranks this run has (the launcher's WORLD_SIZE; 1 alone), known before the process group starts."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_rows(split: Path | str, rows: int, need: int, batch: str, fix: str) -> None:
+    """Refuse, before DeepSpeed starts, a split with fewer rows than one batch (`batch` says how `need` is made):
+    training loaders drop the ragged end (make_loader), so such a split gives no step at all, and a stage that
+    trains on nothing must not write an untrained model with exit code 0."""
+    if rows == 0:
+        raise UserError(f"{split} is empty (0 rows), so there is nothing to train on: {fix}")
+    if rows < need:
+        raise UserError(
+            f"{split} has {rows} row{'s' if rows != 1 else ''}, fewer than one batch of {need} ({batch}), so no "
+            f"step would run: {fix}"
+        )
+
+
+def check_train_split(split: Path | str, rows: int, train: TrainConfig, group: str, world_size: int) -> None:
+    """A training split must fill one global batch (micro_batch_size x gradient_accumulation_steps x ranks): with
+    fewer rows `fit` takes 0 optimizer steps."""
+    batch = (
+        f"{group}.micro_batch_size {train.micro_batch_size} x {group}.gradient_accumulation_steps "
+        f"{train.gradient_accumulation_steps} x {world_size} rank(s)"
+    )
+    fix = (
+        f"lower {group}.micro_batch_size or {group}.gradient_accumulation_steps (and {group}.global_batch_size), "
+        f"bring more data, or give {group} a larger share (data.data_split)"
+    )
+    check_rows(split, rows, train.micro_batch_size * train.gradient_accumulation_steps * world_size, batch, fix)
+
+
+def check_eval_split(split: Path | str, rows: int, metric: str, or_else: str = "") -> None:
+    """An empty evaluation split would report a `metric` of nothing (NaN, 0.000): refuse it before training."""
+    if rows == 0:
+        raise UserError(
+            f"{split} is empty (0 rows), so the {metric} reported after training would measure nothing: raise "
+            f"data.eval_fraction, bring more data, or give this step a larger share (data.data_split){or_else}"
+        )
+
+
+def check_ppo_splits(data_dir: Path, train: int, held_out: int, ptx: int, ppo: PPOConfig, world_size: int) -> None:
+    """PPO's splits, before DeepSpeed starts: each iteration draws ppo.rollout_batch_size prompts per rank from
+    ppo_train (its loader drops the ragged end, so fewer prompts give no rollout at all); the held-out score needs
+    ppo_eval unless ppo.eval_prompts is 0; the ptx mix (ppo.ptx_coef > 0) draws micro batches of sft_train."""
+    data_dir = Path(data_dir)
+    check_rows(
+        data_dir / "ppo_train.jsonl", train, ppo.rollout_batch_size * world_size,
+        f"ppo.rollout_batch_size {ppo.rollout_batch_size} x {world_size} rank(s)",
+        "lower ppo.rollout_batch_size, bring more prompts, or give ppo a larger share (data.data_split)",
+    )
+    if ppo.eval_prompts > 0:
+        check_eval_split(data_dir / "ppo_eval.jsonl", held_out, "reward-model score", ", or set ppo.eval_prompts: 0")
+    if ppo.ptx_coef > 0:
+        check_rows(
+            data_dir / "sft_train.jsonl", ptx, ppo.micro_batch_size * world_size,
+            f"ppo.micro_batch_size {ppo.micro_batch_size} x {world_size} rank(s), for ppo.ptx_coef > 0",
+            "lower ppo.micro_batch_size, set ppo.ptx_coef: 0, or give sft a larger share (data.data_split)",
+        )
 
 
 def optimizer_steps(num_rows: int, train: TrainConfig, world_size: int) -> int:

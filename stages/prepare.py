@@ -15,10 +15,15 @@ def prepare(
     metrics: Path = typer.Option(Path("metrics/prepare.json"), help="row counts, invalid rows by reason"),
 ) -> None:
     """Load, validate and split the data; train the tokenizer when no pretrained model is named."""
-    from rlhf.outputs import write_json
+    from rlhf.outputs import check_outputs, write_json
     from rlhf.prepare import run_prepare
 
     params = read_params(params_path)
+    sources = [s.path for s in params.data.sources]  # local files and folders among them are inputs
+    guarded(
+        check_outputs, [params_path, *sources, params.model.name_or_path], folders=[("--out", out)],
+        files=[("--metrics", metrics)],
+    )
     stats = guarded(run_prepare, params, out)
     write_json(metrics, {k: v for k, v in stats.items() if k != "hashes"})
     for line in stats["warnings"]:

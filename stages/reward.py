@@ -20,10 +20,14 @@ def reward(
     ),
 ) -> None:
     """Step 2: train the reward model on chosen/rejected pairs."""
-    from rlhf.outputs import write_json
+    from rlhf.outputs import check_outputs, write_json
     from rlhf.reward import run_reward
 
     params = read_params(params_path)
+    guarded(
+        check_outputs, [params_path, data, params.reward_model.name_or_path], folders=[("--out", out)],
+        files=[("--metrics", metrics)], scratch=[("--live", live), ("--checkpoints", checkpoints)],
+    )
     relaunch_if_distributed(params)
     result = guarded(run_reward, params, data, out, live, checkpoints)
     if is_main_rank():

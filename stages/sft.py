@@ -20,10 +20,14 @@ def sft(
     ),
 ) -> None:
     """Step 1: fine-tune the actor on demonstrations."""
-    from rlhf.outputs import write_json
+    from rlhf.outputs import check_outputs, write_json
     from rlhf.sft import run_sft
 
     params = read_params(params_path)
+    guarded(
+        check_outputs, [params_path, data, params.model.name_or_path], folders=[("--out", out)],
+        files=[("--metrics", metrics)], scratch=[("--live", live), ("--checkpoints", checkpoints)],
+    )
     relaunch_if_distributed(params)
     result = guarded(run_sft, params, data, out, live, checkpoints)
     if is_main_rank():

@@ -18,21 +18,30 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import cli_env, write_params
+from tests.conftest import cli_env, merge, run_cli, write_params
 
 TINY_TASK = {"task": {"num_rows": 50}}  # prepare on 50 rows takes seconds
 
-# Outputs a previous, successful run left behind; a failing stage must not touch them.
+# Outputs a previous, successful run left behind (each output folder with the manifest that marks it as ours); a
+# failing stage must not touch them.
+EARLIER_MANIFEST = '{"step": "earlier", "versions": {}}\n'
 EARLIER_OUTPUTS = {
     "data/prepared/sft_train.jsonl": '{"prompt": "earlier"}\n',
+    "data/prepared/manifest.json": EARLIER_MANIFEST,
     "data/prepared/COMPLETE.json": '{"files": {}}\n',
     "data/prepared/tokenizer/tokenizer.json": "{}\n",
     "metrics/prepare.json": '{"rows_valid": 1}\n',
     "models/sft/model.safetensors": "not really weights",
+    "models/sft/manifest.json": EARLIER_MANIFEST,
     "metrics/sft.json": '{"perplexity": 1.0}\n',
     "dvclive/sft/metrics.json": "{}\n",
+    "dvclive/sft/plots/metrics/train/loss.tsv": "step\tloss\n1\t0.5\n",
     "models/reward/model.safetensors": "not really weights",
+    "models/reward/manifest.json": EARLIER_MANIFEST,
     "metrics/reward.json": '{"accuracy": 1.0}\n',
+    "dvclive/reward/metrics.json": "{}\n",
+    "models/ppo/actor/manifest.json": EARLIER_MANIFEST,
+    "dvclive/ppo/metrics.json": "{}\n",
 }
 
 
@@ -97,6 +106,16 @@ def source(path: str, fmt: str = "auto", **data: Any) -> dict[str, Any]:
 
 
 GOOD = {"prompt": "Sort 3 1 2.", "completion": "1 2 3"}
+# A small dataset of the user's own (not the sorting task), in TRL's prompt/completion format: 30 rows over 30
+# prompts. Prompt/completion rows feed SFT and PPO, never the reward model.
+CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"),
+            ("Spain", "Madrid"), ("Egypt", "Cairo"), ("Italy", "Rome"), ("Cuba", "Havana"), ("Nepal", "Kathmandu")]
+MINE = jsonl(*({"prompt": f"{q} {country}?", "completion": f"{city}."} for country, city in CAPITALS
+               for q in ("What is the capital of", "Which city is the capital of", "Name the capital of")))
+
+
+def mine(**data: Any) -> dict[str, Any]:
+    return {"data": {"sources": [{"path": "mine.jsonl", "format": "prompt_completion"}], **data}}
 PAIR = {"prompt": "Sort 3 1 2.", "chosen": "1 2 3", "rejected": "3 2 1"}
 
 
@@ -111,6 +130,7 @@ class Bad:
     files: dict[str, str | bytes] = field(default_factory=dict)
     trained: bool = False  # copy the session's trained tokenizer, data and models into the folder first
     takes_params: bool = True  # the command reads params.yaml (chat does not)
+    setup: tuple[tuple[str, ...], ...] = ()  # commands that must succeed first (`prepare` of the case's own data)
 
 
 BAD_INPUTS = [
@@ -200,6 +220,44 @@ BAD_INPUTS = [
         takes_params=False),
     Bad("hostfile that does not exist", ("sft",), ("engine.hostfile 'hosts.txt' does not exist",),
         {"engine": {"hostfile": "hosts.txt"}}),
+    Bad("split file edited by hand", ("sft",),
+        ("data/prepared/sft_train.jsonl' does not match the hash", "dvc checkout data/prepared", "dvc repro -f prepare"),
+        files={"data/prepared/sft_train.jsonl": jsonl({"prompt": [{"role": "user", "content": "Sort 2 1."}],
+                                                      "completion": "1 2", "source": "edited by hand"})},
+        trained=True),
+    # ------------------------------------------------------------------- outputs never destroy what we did not write
+    Bad("--out a folder holding the user's files", ("prepare", "--out", "data"),
+        ("--out 'data' holds files this project did not write", "data/README.md"),
+        files={"data/README.md": "the user's notes\n"}),
+    Bad("--out the folder of the stage's own source", ("prepare", "--out", "data"),
+        ("--out 'data' holds this stage's input 'data/my_rows.jsonl'",),
+        source("data/my_rows.jsonl"), {"data/my_rows.jsonl": jsonl(GOOD)}),
+    Bad("--out the stage's own input", ("sft", "--out", "data/prepared"), ("--out 'data/prepared' is this stage's input",)),
+    Bad("--out the working folder", ("reward", "--out", "."), ("--out '.' is the working folder",)),
+    Bad("--out a file", ("sft", "--out", "notes.txt"), ("--out 'notes.txt' is a file",), files={"notes.txt": "mine\n"}),
+    Bad("--out whose actor/ holds the user's files", ("ppo", "--out", "mine"),
+        ("--out 'mine/actor' holds files this project did not write", "mine/actor/notes.txt"),
+        files={"mine/actor/notes.txt": "mine\n"}),
+    Bad("--metrics naming a folder", ("evaluate", "--metrics", "metrics"), ("--metrics 'metrics' is a folder",)),
+    Bad("--live the working folder", ("sft", "--live", "."), ("--live '.' is the working folder",)),
+    Bad("--checkpoints a folder above the input", ("sft", "--checkpoints", "data"),
+        ("--checkpoints 'data' holds this stage's input 'data/prepared'",)),
+    # ---------------------------------------------------------------------------- a step with nothing to learn from
+    Bad("SFT split smaller than one micro batch (prepared from the user's 30 rows)", ("sft",),
+        ("data/prepared/sft_train.jsonl has", "fewer than one batch of 32", "sft.micro_batch_size 32", "data.data_split"),
+        merge(mine(), {"sft": {"micro_batch_size": 32}}), {"mine.jsonl": MINE}, setup=(("prepare",),)),
+    Bad("SFT split smaller than one global batch (gradient accumulation)", ("sft",),
+        ("fewer than one batch of 40", "sft.gradient_accumulation_steps 5"),
+        merge(mine(), {"sft": {"gradient_accumulation_steps": 5}}), {"mine.jsonl": MINE}, setup=(("prepare",),)),
+    Bad("reward split empty (prompt/completion rows only)", ("reward",),
+        ("data/prepared/reward_train.jsonl is empty", "nothing to train on"),
+        mine(), {"mine.jsonl": MINE}, setup=(("prepare",),)),
+    Bad("SFT eval split empty", ("sft",), ("data/prepared/sft_eval.jsonl is empty", "perplexity", "data.eval_fraction"),
+        merge(mine(data_split="1,0,0"), {"sft": {"micro_batch_size": 1}}), {"mine.jsonl": jsonl(GOOD)},
+        setup=(("prepare",),)),
+    Bad("PPO prompts fewer than one rollout batch", ("ppo",),
+        ("data/prepared/ppo_train.jsonl has", "fewer than one batch of 32", "ppo.rollout_batch_size 32"),
+        merge(mine(), {"ppo": {"rollout_batch_size": 32}}), {"mine.jsonl": MINE}, trained=True, setup=(("prepare",),)),
 ]
 
 
@@ -225,6 +283,8 @@ def arrange(work: Path, bad: Bad, trained: Path | None) -> None:
         else:
             path.write_text(content)
     with_params(work, bad.params)
+    for command in bad.setup:
+        run_cli(*command, "--params", "params.yaml", cwd=work)
 
 
 @pytest.mark.parametrize("bad", BAD_INPUTS, ids=[b.what for b in BAD_INPUTS])

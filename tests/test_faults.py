@@ -70,13 +70,23 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_as_if_the_batch_were_
 
 
 def test_consecutive_non_finite_steps_abort_with_nothing_written(prepared: Path, tmp_path: Path) -> None:
+    """...and nothing of the previous run lost: its dvclive curves are still there. This stage fails after DeepSpeed
+    started and the loop ran, where no bad-input case of tests/test_cli_errors.py reaches (they all stop while
+    loading params, data or models): dvclive, opened before the loop, used to clear dvclive/sft here."""
     work = _copy(prepared, tmp_path / "abort", {"sft": {"max_bad_steps": 2}})
+    earlier = {"metrics.json": '{"train": {"loss": 0.5}}\n', "plots/metrics/train/loss.tsv": "step\tloss\n2\t0.5\n"}
+    for rel, text in earlier.items():
+        (work / "dvclive/sft" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / "dvclive/sft" / rel).write_text(text)
+    # step 1 trains (no point is logged before step 2: log_every 2), then two NaN losses in a row abort
     proc = run_cli("sft", "--params", "params.yaml", cwd=work, check=False, env={"RLHF_FAULT_NAN_AT_STEPS": "2,3,4"})
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "2 consecutive steps had a non-finite loss" in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (work / "models/sft").exists() and not (work / "metrics/sft.json").exists()
+    assert {rel: (work / "dvclive/sft" / rel).read_text() for rel in earlier} == earlier
+    assert sorted(str(p.relative_to(work / "dvclive/sft")) for p in (work / "dvclive/sft").rglob("*.*")) == sorted(earlier)
 
 
 def test_ppo_stops_early_when_kl_exceeds_max_kl(trained: Path, tmp_path: Path) -> None:
@@ -105,10 +115,13 @@ def test_half_written_and_foreign_checkpoints_are_removed_not_loaded(prepared: P
     shutil.copytree(good, root / "step-00000005")
     (root / "step-00000005/rank0.pt").write_bytes(b"torn")
     (root / ".tmp-step-00000007").mkdir()
+    (root / "notes").mkdir()  # not a checkpoint: not ours to remove
+    (root / "notes/todo.txt").write_text("mine")
     proc = run_cli("sft", "--params", "params.yaml", cwd=work)
     assert "resumed from checkpoints/sft/step-00000004" in proc.stdout
     for junk in ("step-00000006", "step-00000005", ".tmp-step-00000007"):
         assert f"removing checkpoints/sft/{junk}" in proc.stdout and not (root / junk).exists()
+    assert (root / "notes/todo.txt").read_text() == "mine"
 
     # other params: the old checkpoint is not resumed, it is removed, and training starts from step 0
     write_params(work / "params.yaml", {"sft": {"checkpoint_every": 2, "learning_rate": 0.002}})
