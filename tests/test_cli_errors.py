@@ -114,8 +114,17 @@ MINE = jsonl(*({"prompt": f"{q} {country}?", "completion": f"{city}."} for count
                for q in ("What is the capital of", "Which city is the capital of", "Name the capital of")))
 
 
+# And preference pairs over the same prompts (the right city chosen, a wrong one rejected), so that prepare can
+# feed every step.
+MINE_PAIRS = jsonl(*({"prompt": f"{q} {country}?", "chosen": f"{city}.", "rejected": f"{CAPITALS[i - 1][1]}."}
+                     for i, (country, city) in enumerate(CAPITALS)
+                     for q in ("What is the capital of", "Which city is the capital of", "Name the capital of")))
+MINE_FILES = {"mine.jsonl": MINE, "mine_pairs.jsonl": MINE_PAIRS}
+
+
 def mine(**data: Any) -> dict[str, Any]:
-    return {"data": {"sources": [{"path": "mine.jsonl", "format": "prompt_completion"}], **data}}
+    sources = [{"path": "mine.jsonl", "format": "prompt_completion"}, {"path": "mine_pairs.jsonl", "format": "auto"}]
+    return {"data": {"sources": sources, **data}}
 PAIR = {"prompt": "Sort 3 1 2.", "chosen": "1 2 3", "rejected": "3 2 1"}
 
 
@@ -245,19 +254,18 @@ BAD_INPUTS = [
     # ---------------------------------------------------------------------------- a step with nothing to learn from
     Bad("SFT split smaller than one micro batch (prepared from the user's 30 rows)", ("sft",),
         ("data/prepared/sft_train.jsonl has", "fewer than one batch of 32", "sft.micro_batch_size 32", "data.data_split"),
-        merge(mine(), {"sft": {"micro_batch_size": 32}}), {"mine.jsonl": MINE}, setup=(("prepare",),)),
+        merge(mine(), {"sft": {"micro_batch_size": 32}}), MINE_FILES, setup=(("prepare",),)),
     Bad("SFT split smaller than one global batch (gradient accumulation)", ("sft",),
         ("fewer than one batch of 40", "sft.gradient_accumulation_steps 5"),
-        merge(mine(), {"sft": {"gradient_accumulation_steps": 5}}), {"mine.jsonl": MINE}, setup=(("prepare",),)),
-    Bad("reward split empty (prompt/completion rows only)", ("reward",),
-        ("data/prepared/reward_train.jsonl is empty", "nothing to train on"),
-        mine(), {"mine.jsonl": MINE}, setup=(("prepare",),)),
-    Bad("SFT eval split empty", ("sft",), ("data/prepared/sft_eval.jsonl is empty", "perplexity", "data.eval_fraction"),
-        merge(mine(data_split="1,0,0"), {"sft": {"micro_batch_size": 1}}), {"mine.jsonl": jsonl(GOOD)},
-        setup=(("prepare",),)),
+        merge(mine(), {"sft": {"gradient_accumulation_steps": 5}}), MINE_FILES, setup=(("prepare",),)),
+    Bad("reward pairs fewer than one micro batch", ("reward",),
+        ("data/prepared/reward_train.jsonl has", "fewer than one batch of 32", "reward.micro_batch_size 32"),
+        merge(mine(), {"reward": {"micro_batch_size": 32}}), MINE_FILES, setup=(("prepare",),)),
+    # (An empty eval split, or an empty reward split, stops prepare itself: "a step with an empty train split"
+    # above; the training stages check again, tests/test_outputs.py.)
     Bad("PPO prompts fewer than one rollout batch", ("ppo",),
         ("data/prepared/ppo_train.jsonl has", "fewer than one batch of 32", "ppo.rollout_batch_size 32"),
-        merge(mine(), {"ppo": {"rollout_batch_size": 32}}), {"mine.jsonl": MINE}, trained=True, setup=(("prepare",),)),
+        merge(mine(), {"ppo": {"rollout_batch_size": 32}}), MINE_FILES, trained=True, setup=(("prepare",),)),
 ]
 
 
