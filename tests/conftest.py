@@ -43,6 +43,23 @@ def write_params(path: Path, *overrides: dict[str, Any]) -> Path:
     return path
 
 
+# What a DVC repo of the project needs besides params.yaml: the code, the pipeline and the (empty) sources folder.
+PROJECT_FILES = ("rlhf", "stages", "data/sources", "dvc.yaml")
+
+
+def copy_project(repo: Path) -> Path:
+    """The project's pipeline and code copied into a new folder `repo` (for tests that run `dvc` there)."""
+    import shutil
+
+    repo.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, repo / name)
+    return repo
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
     # An in-process DeepSpeed test leaves rank variables behind; a child must start as a fresh single process.

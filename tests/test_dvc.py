@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT, cli_env, write_params
+from tests.conftest import ROOT, cli_env, copy_project, write_params
 
 
 def _run(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -28,11 +28,7 @@ def _commit(repo: Path, message: str) -> None:
 
 def _reproduced_repo(tmp_path: Path) -> Path:
     """A fresh git + DVC repo with the project's stages and tiny params, committed, after a first `dvc repro`."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("rlhf", "stages", "data/sources"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    repo = copy_project(tmp_path / "repo")
     write_params(repo / "params.yaml")
     _run("git", "init", "-q", cwd=repo)
     _run("dvc", "init", "-q", cwd=repo)
@@ -144,11 +140,7 @@ def _snapshot(repo: Path) -> dict[str, bytes]:
 def test_killed_stage_leaves_lock_and_cache_untouched_then_resumes(tmp_path: Path) -> None:
     """SIGKILL `dvc repro`'s sft mid-run: dvc.lock and the cache are as before; the next `dvc repro` resumes from
     the checkpoint and succeeds. Then a corrupted cache object is detected, not checked out as the model."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("rlhf", "stages", "data/sources"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    repo = copy_project(tmp_path / "repo")
     write_params(repo / "params.yaml", {"sft": {"max_steps": 12, "checkpoint_every": 4}})
     _run("git", "init", "-q", cwd=repo)
     _run("dvc", "init", "-q", cwd=repo)
@@ -193,11 +185,7 @@ def test_killed_stage_leaves_lock_and_cache_untouched_then_resumes(tmp_path: Pat
 def test_editing_a_row_of_a_local_source_makes_prepare_stale(tmp_path: Path) -> None:
     """A local file under data/sources/ is a dependency of prepare: after `dvc repro prepare`, changing one row of it
     shows prepare as changed (and a rerun records the new file's sha256)."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("rlhf", "stages", "data/sources"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    repo = copy_project(tmp_path / "repo")
     mine = repo / "data/sources/mine.jsonl"
     mine.write_text("".join(json.dumps({"prompt": f"Pick {i}.", "chosen": f"{i}", "rejected": f"{i + 1}"}) + "\n"
                             for i in range(30)))

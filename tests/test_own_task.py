@@ -6,14 +6,13 @@ rows, the eos must count, and editing one row of their data must make DVC rerun 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, write_params
+from tests.conftest import copy_project, write_params
 from tests.test_dvc import _commit, _run
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "rock", "leaf"]
@@ -58,11 +57,7 @@ def _pretrained_folder(path: Path, texts: list[str]) -> None:
 def test_own_task_through_dvc_repro_with_pad_equal_to_eos(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("rlhf", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    repo = copy_project(tmp_path / "repo")
     rows = _rows()
     for name, items in rows.items():
         (repo / "data/sources").mkdir(parents=True, exist_ok=True)
