@@ -108,9 +108,15 @@ def evaluate_actors(
     for name, path in {**actors, "reward": reward_path}.items():
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"{name} model folder '{path}' has no config.json: run the earlier stages (dvc repro)")
-    tok = load_tokenizer(next(iter(actors.values())))
     rows = read_split(data_dir / "ppo_eval.jsonl")[: cfg.num_prompts]
     demos = read_split(data_dir / "sft_eval.jsonl")[: cfg.num_prompts]
+    for split, got in (("ppo_eval", rows), ("sft_eval", demos)):
+        if not got:  # prepare refuses empty eval splits; a folder made some other way may still have one
+            raise UserError(
+                f"{data_dir / split}.jsonl is empty, so evaluate has nothing to measure: rerun prepare with data that "
+                "fills it (data.eval_fraction > 0)"
+            )
+    tok = load_tokenizer(next(iter(actors.values())))
     prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
     texts = [r["prompt"][-1]["content"] for r in rows]
     reward = load_reward_model(reward_path).eval()

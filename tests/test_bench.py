@@ -25,7 +25,7 @@ def test_run_all_smoke(tmp_path: Path) -> None:
     assert set(records) == {"rl_iteration", "hybrid_generation", "matmul_efficiency", "dvc_savings"}
     rl = records["rl_iteration"]["result"]["rows"][0]
     assert rl["ours"]["s_per_iter"] > 0 and rl["speedup_vs_grpo"] > 0
-    assert 0 < rl["ours"]["answer_tokens"] <= 4  # --new-tokens (fewer only where a random model sampled <pad>)
+    assert 0 < rl["ours"]["answer_tokens"] <= 4  # --new-tokens (fewer only where a random model sampled its eos)
     assert records["hybrid_generation"]["result"]["rows"][0]["hybrid_tok_s"] > 0
     mm = records["matmul_efficiency"]["result"]
     assert mm["peak_flops_per_s"]["fp32"] > 0 and 0 < mm["rows"][0]["fraction_of_peak"]

@@ -121,3 +121,21 @@ def test_answer_logprobs_score_each_answer_as_given_at_the_temperature() -> None
             logits = model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1 : -1] / 0.7
             want.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(a)[:, None]).sum().item())
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-4)
+
+
+def test_an_empty_held_out_split_is_one_line_not_a_division_by_zero(tmp_path: Path) -> None:
+    import pytest
+
+    from rlhf.config import EvaluateConfig
+    from rlhf.errors import UserError
+    from rlhf.evaluate import evaluate_actors
+
+    for name in ("sft", "reward"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "ppo_eval.jsonl").write_text("")
+    (data / "sft_eval.jsonl").write_text('{"prompt": [{"role": "user", "content": "hi"}], "completion": "hello"}\n')
+    with pytest.raises(UserError, match=r"ppo_eval.jsonl is empty, so evaluate has nothing to measure"):
+        evaluate_actors({"sft": tmp_path / "sft"}, tmp_path / "reward", data, EvaluateConfig(), seed=0)
