@@ -82,7 +82,7 @@ def main() -> None:
                 times[name] = time.perf_counter() - t0
                 print(f"[dvc] {name}: {times[name]:.1f} s", flush=True)
 
-        for name in ("rlhf", "stages", "data/sources"):  # data/sources: a dep of prepare
+        for name in ("rlhf", "stages", "data/sources", "rewards"):  # data/sources, rewards: deps of prepare, ppo
             shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
         params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SIZES[args.size])

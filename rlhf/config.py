@@ -266,7 +266,7 @@ class PPOConfig(_Group):
     kl_coef: float = Field(0.2, ge=0)  # weight of the per-token KL to the reference in the reward
     kl_target: float | None = Field(None, gt=0)  # set: adaptive KL (Ziegler et al. 2019) towards this KL/sequence
     kl_horizon: int = Field(10000, gt=0)  # adaptive KL: samples over which the coefficient adapts
-    reward_clip: float = Field(5.0, ge=0)  # reward-model score clipped to [-c, c]; 0 = no clipping
+    reward_clip: float = Field(5.0, ge=0)  # the summed reward (rewards.*) clipped to [-c, c]; 0 = no clipping
     clip_range: float = Field(0.2, gt=0)  # PPO policy ratio clip
     value_clip_range: float = Field(0.2, ge=0)  # value clip around the old values; 0 = no clipping
     gamma: float = Field(1.0, ge=0, le=1)  # discount
@@ -315,6 +315,53 @@ class PPOConfig(_Group):
         return self
 
 
+# "module:function": a module importable from the project folder (rewards/ is tracked by DVC) or the environment.
+_FUNCTION = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class RewardFunctionConfig(_Group):
+    """A verifier or scorer: a Python callable with TRL's reward-function signature (see rlhf/rewards.py)."""
+
+    function: str = Field(pattern=_FUNCTION)  # "module:function", e.g. rlhf.task:gold_reward_fn
+    weight: float = 1.0  # its weight in the summed reward (step 3; evaluate reports each scorer on its own)
+    name: str | None = Field(None, pattern=r"^\w+$")  # its name in logs and metrics; null = the function's name
+
+    @property
+    def label(self) -> str:
+        return self.name or self.function.rsplit(":", 1)[1]
+
+
+def _unique_labels(functions: list[RewardFunctionConfig], key: str, reserved: tuple[str, ...]) -> None:
+    labels = [f.label for f in functions]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ValueError(f"{key}: two entries are named '{label}': give each a distinct `name`")
+        if label in reserved:
+            raise ValueError(f"{key}: '{label}' is the name of a built-in metric: give the entry another `name`")
+
+
+class RewardsConfig(_Group):
+    """Step 3's reward: model_weight x the reward model's score + the sum of weight x function value. The same
+    terms serve every RL algorithm of step 3."""
+
+    model_weight: float = Field(1.0, ge=0)  # the trained reward model's score; 0 = no reward model (critic from actor)
+    functions: list[RewardFunctionConfig] = Field(default_factory=list)  # verifiers, summed with their weights
+
+    @model_validator(mode="after")
+    def _terms(self) -> RewardsConfig:
+        if self.model_weight == 0 and not self.functions:
+            raise ValueError(
+                "rewards.model_weight is 0 and rewards.functions is empty, so step 3 has no reward: set model_weight "
+                "> 0 or list a function"
+            )
+        _unique_labels(self.functions, "rewards.functions", ("reward", "model"))
+        return self
+
+
+# What evaluate reports of every actor besides the scorers (whose names must differ from these).
+EVALUATE_METRICS = ("rm_reward", "kl_to_sft", "response_length", "perplexity", "num_prompts")
+
+
 class EvaluateConfig(_Group):
     """The evaluate stage: every actor answers the same held-out prompts with the same sampling seed."""
 
@@ -326,6 +373,14 @@ class EvaluateConfig(_Group):
     max_answer_tokens: int = Field(32, gt=0)
     batch_size: int = Field(64, gt=0)
     num_samples: int = Field(8, ge=0)  # sample answers shown side by side
+    # Scorers of quality, each reported per actor under its name; null = the shipped task's gold scorer when the
+    # held-out prompts are the builtin task's, else none (evaluate then says so). Weights are not used here.
+    scorers: list[RewardFunctionConfig] | None = None
+
+    @model_validator(mode="after")
+    def _scorers(self) -> EvaluateConfig:
+        _unique_labels(self.scorers or [], "evaluate.scorers", EVALUATE_METRICS)
+        return self
 
 
 class Params(_Group):
@@ -342,6 +397,7 @@ class Params(_Group):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
@@ -479,6 +535,10 @@ def _one_line(err: ValidationError, source: str = "params.yaml") -> str:
         return f"{source}: {value}: must be {_BOUNDS[e['type']]} {bound}{_allowed(loc, one_sided=False)}"
     if e["type"] == "literal_error":
         return f"{source}: {value}: must be one of {e.get('ctx', {}).get('expected', '?')}"
+    if e["type"] == "string_pattern_mismatch":
+        must = ("must be 'module:function', a callable importable from the project folder or the environment "
+                "(for example rlhf.task:gold_reward_fn)") if loc[-1] == "function" else "must be letters, digits and _"
+        return f"{source}: {value}: {must}"
     if e["type"] in _MUST:
         return f"{source}: {value}: {_MUST[e['type']]}{_allowed(loc)}"
     return f"{source}: {value}: {e['msg']}"

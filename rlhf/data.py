@@ -5,7 +5,9 @@ A normalised row is a plain, JSON-serialisable dict::
     {"prompt": [{"role": str, "content": str}, ...],  # optional system turn, then user/assistant, ends with user
      "completion": str | None,                        # a demonstration answer (SFT)
      "chosen": str | None, "rejected": str | None,    # a preference pair (reward model)
-     "source": str}                                   # the SourceConfig.path it came from
+     "source": str,                                   # the SourceConfig.path it came from
+     "columns": {name: value, ...},                   # only if any: the source's other columns (reward functions)
+     "conversational": True}                          # only if the source gave message lists (functions get them)
 
 The flow is load_source -> validate_rows -> split_phases -> write_splits (prepare_data runs all of it). Several rows
 may share a prompt (several answers or pairs per prompt): the split keeps all rows of one prompt together. Loading never
@@ -76,6 +78,9 @@ _COLUMNS = {
     "rm_static": ("prompt", "chosen", "rejected"),
     "hh_rlhf": ("chosen", "rejected"),
 }
+# Columns a format reads besides those it needs; every other column of a row is kept, under `columns`, for the
+# reward functions and scorers (rlhf/rewards.py).
+_READ_TOO = {"preference": ("completion",), "rm_static": ("response",)}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # Anthropic transcript turn markers
@@ -372,7 +377,26 @@ def _normalise(raw: dict, fmt: str, columns: set[str]) -> dict:
     else:  # hh_rlhf
         chosen, rejected = _text(raw["chosen"], "chosen"), _text(raw["rejected"], "rejected")
         row["prompt"], row["chosen"], row["rejected"] = _hh_pair(chosen, rejected)
+    if fmt == "messages" or isinstance(raw.get("prompt"), list) or implicit:
+        row["conversational"] = True  # the functions get message lists, as the data gave them
+    extra = {k: v for k, v in raw.items() if k not in _COLUMNS[fmt] + _READ_TOO.get(fmt, ())}
+    if extra:
+        try:
+            json.dumps(extra, ensure_ascii=False)
+        except (TypeError, ValueError):
+            bad = next(k for k, v in extra.items() if not _jsonable(v))
+            raise _Bad("wrong_type", f"column '{bad}' holds a {type(extra[bad]).__name__}, which a prepared split "
+                       "(JSON) cannot keep") from None
+        row["columns"] = extra
     return row
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _text(value: Any, field: str) -> str:
@@ -482,7 +506,8 @@ def validate_rows(
     for index, row in enumerate(rows):
         clean = {k: v for k, v in row.items() if not k.startswith("_")}
         problem = _check(row) or _check_length(clean, length_fn, max_prompt_tokens, max_seq_tokens)
-        key = json.dumps([clean.get(k) for k in ("prompt", *_ANSWERS)], sort_keys=True, ensure_ascii=False, default=str)
+        key = json.dumps([clean.get(k) for k in ("prompt", *_ANSWERS, "columns")], sort_keys=True, ensure_ascii=False,
+                         default=str)
         if problem is None and key in seen:
             problem = ("duplicate_row", "the same prompt and answers appear earlier in the data")
         if problem is not None:

@@ -1,8 +1,10 @@
 """Evaluate the SFT, PPO and EMA actors side by side on held-out prompts.
 
-For each actor: the mean gold reward (the shipped task's own scorer, which training never saw), the mean
-reward-model score, the KL to the SFT model per answer token, the mean answer length and the perplexity on held-out
-demonstrations; plus a table of sample answers side by side. Plain transformers on one process: no DeepSpeed.
+For each actor: the mean of every quality scorer (evaluate.scorers: functions with TRL's reward-function signature,
+see rlhf/rewards.py; by default the shipped task's gold scorer, which training never saw, and only on the builtin
+task's prompts), the mean reward-model score, the KL to the SFT model per answer token, the mean answer length and
+the perplexity on held-out demonstrations; plus a table of sample answers side by side. Without a scorer for the
+data it reports the rest and says so; never a score that does not apply. Plain transformers on one process.
 """
 
 from __future__ import annotations
@@ -11,8 +13,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import EvaluateConfig
+from rlhf.config import EvaluateConfig, RewardFunctionConfig
 from rlhf.errors import UserError
+
+# The shipped task's scorer, the default of evaluate.scorers on the builtin task's prompts.
+BUILTIN_GOLD = RewardFunctionConfig(function="rlhf.task:gold_reward_fn", name="gold_reward")
+
+
+def default_scorers(cfg: EvaluateConfig, rows: list[dict]) -> list[RewardFunctionConfig]:
+    """evaluate.scorers, or when it is null the builtin gold scorer if every held-out prompt is the builtin task's
+    (else none: the gold scorer would score someone else's prompts)."""
+    if cfg.scorers is not None:
+        return list(cfg.scorers)
+    return [BUILTIN_GOLD] if rows and all(r.get("source") == "builtin" for r in rows) else []
 
 
 def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
@@ -99,16 +112,21 @@ def _perplexity(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size: in
 def evaluate_actors(
     actors: dict[str, Path], reward_path: Path, data_dir: Path, cfg: EvaluateConfig, seed: int
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
-    """Metrics per actor name (the first one is the SFT baseline for KL) and sample rows side by side."""
+    """Metrics per actor name (the first one is the SFT baseline for KL) and sample rows side by side. The scorers'
+    means are under their labels (default_scorers)."""
+    from transformers import AutoConfig
+
     from rlhf.data import read_split
     from rlhf.models import load_causal_lm, load_reward_model
-    from rlhf.task import gold_reward
+    from rlhf.ppo import check_compatible
+    from rlhf.rewards import function_values, load_functions, require_applies
     from rlhf.tokenizer import encode_prompt, load_tokenizer
 
     for name, path in {**actors, "reward": reward_path}.items():
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"{name} model folder '{path}' has no config.json: run the earlier stages (dvc repro)")
     rows = read_split(data_dir / "ppo_eval.jsonl")[: cfg.num_prompts]
+    scorers = load_functions(default_scorers(cfg, rows), "evaluate.scorers")
     demos = read_split(data_dir / "sft_eval.jsonl")[: cfg.num_prompts]
     for split, got in (("ppo_eval", rows), ("sft_eval", demos)):
         if not got:  # prepare refuses empty eval splits; a folder made some other way may still have one
@@ -116,11 +134,17 @@ def evaluate_actors(
                 f"{data_dir / split}.jsonl is empty, so evaluate has nothing to measure: rerun prepare with data that "
                 "fills it (data.eval_fraction > 0)"
             )
-    tok = load_tokenizer(next(iter(actors.values())))
+    baseline_path = next(iter(actors.values()))
+    tok = load_tokenizer(baseline_path)
+    # The compatibility gate: every actor's answers are scored by the reward model and compared with the SFT model.
+    base_cfg = AutoConfig.from_pretrained(baseline_path)
+    check_compatible(tok, load_tokenizer(reward_path), base_cfg, AutoConfig.from_pretrained(reward_path))
+    for name, path in list(actors.items())[1:]:
+        check_compatible(tok, load_tokenizer(path), base_cfg, AutoConfig.from_pretrained(path), other=f"{name} actor")
     prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
     texts = [r["prompt"][-1]["content"] for r in rows]
     reward = load_reward_model(reward_path).eval()
-    baseline = load_causal_lm(next(iter(actors.values()))).eval()
+    baseline = load_causal_lm(baseline_path).eval()
 
     metrics: dict[str, dict[str, float]] = {}
     samples: list[dict[str, str]] = [{"prompt": t} for t in texts[: cfg.num_samples]]
@@ -128,23 +152,31 @@ def evaluate_actors(
         model = load_causal_lm(path).eval()
         answers = _answers(model, tok, prompts, cfg, seed)
         decoded = [tok.decode(a, skip_special_tokens=True) for a in answers]
-        gold = [gold_reward(t, d) for t, d in zip(texts, decoded)]
+        quality = function_values(scorers, rows, decoded, answers)
+        require_applies(scorers, quality, f"held-out answers of the {name} actor")
         scores = _reward_scores(reward, tok, prompts, answers, cfg.batch_size)
         temperature = cfg.temperature if cfg.do_sample else 1.0  # the distribution the answers were drawn from
         own = _answer_logprobs(model, tok, prompts, answers, cfg.batch_size, temperature)
         ref = _answer_logprobs(baseline, tok, prompts, answers, cfg.batch_size, temperature)
         tokens = sum(len(a) for a in answers)
         metrics[name] = {
-            "gold_reward": sum(gold) / len(gold),
+            **{label: _mean(values) for label, values in quality.items()},
             "rm_reward": sum(scores) / len(scores),
             "kl_to_sft": (sum(own) - sum(ref)) / max(tokens, 1),  # k1 estimate of KL(actor || sft) per token
             "response_length": sum(len(a) - (a[-1:] == [tok.eos_token_id]) for a in answers) / len(answers),
             "perplexity": _perplexity(model, tok, demos, cfg.batch_size),
             "num_prompts": len(answers),
         }
-        for s, d, g in zip(samples, decoded, gold):
-            s[name] = f"{d}  [gold {g:.2f}]"
+        for i, (s, d) in enumerate(zip(samples, decoded)):
+            marks = "  ".join(f"{label} {v[i]:.2f}" for label, v in quality.items() if v[i] is not None)
+            s[name] = f"{d}  [{marks}]" if marks else d
     return metrics, samples
+
+
+def _mean(values: list[float | None]) -> float:
+    """Mean over the samples a scorer applies to (require_applies guarantees one)."""
+    got = [v for v in values if v is not None]
+    return sum(got) / len(got)
 
 
 def _reward_scores(reward: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]], batch_size: int) -> list[float]:

@@ -8,8 +8,9 @@ Public API, in DeepSpeed-Chat's shape:
     actor_loss, critic_loss = trainer.train_rlhf(exp)
     trainer.train_unsupervised(ptx_batch)                             # optional ptx mix
 
-Subclass PPOTrainer and override the small documented methods (`reward_scores`, `shaped_rewards`,
-`advantages`) to change the reward or the estimator; see README.md.
+The reward is params.yaml `rewards`: the reward model's score times `rewards.model_weight` plus verifier functions
+(rlhf/rewards.py), no code needed. Subclass PPOTrainer and override the small documented methods (`reward_scores`,
+`shaped_rewards`, `advantages`) to change the estimator; see README.md.
 """
 
 from __future__ import annotations
@@ -18,15 +19,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf import faults
-from rlhf.config import EngineConfig, Params, PPOConfig, TrainConfig, resolve_engine
+from rlhf.config import EngineConfig, Params, PPOConfig, RewardsConfig, TrainConfig, resolve_engine
 from rlhf.engine import Dist
 from rlhf.errors import UserError
 from rlhf.models import classifier_parts as _classifier
 from rlhf.prefix import answer_outputs
 from rlhf.trainer import NonFiniteGuard
+
+if TYPE_CHECKING:
+    from rlhf.rewards import RewardFunction
 
 
 @dataclass
@@ -39,7 +43,7 @@ class Experience:
     logprobs: Any  # (B, R) log pi_old(a_t | s_t) of the actor that generated the answer
     ref_logprobs: Any  # (B, R) log pi_ref(a_t | s_t) of the frozen SFT model
     values: Any  # (B, R) V_old(s_t) of the critic
-    scores: Any  # (B,) reward-model score at the last real token
+    scores: Any  # (B,) the summed reward (rewards.*) of each answer
     rewards: Any  # (B, R) KL-shaped per-token rewards (score added at the last answer token)
     advantages: Any  # (B, R) GAE advantages (whitened if ppo.whiten_advantages)
     returns: Any  # (B, R) advantages + values: the critic's targets
@@ -77,21 +81,22 @@ def token_values(module: Any, sequences: Any, attention_mask: Any, prompt_len: i
     return score(hidden[:, :-1]).squeeze(-1).float()
 
 
-def check_compatible(actor_tok: Any, reward_tok: Any, actor_cfg: Any, reward_cfg: Any) -> None:
-    """The compatibility gate: PPO feeds the actor's tokens to the reward model and critic unchanged, so their
-    tokenizers must agree exactly. Raises one UserError naming what differs and how to fix it."""
+def check_compatible(actor_tok: Any, reward_tok: Any, actor_cfg: Any, reward_cfg: Any, other: str = "reward model") -> None:
+    """The compatibility gate: PPO feeds the actor's tokens to the reward model and critic unchanged (and evaluate
+    feeds every actor's answers to the reward model and the SFT model), so their tokenizers must agree exactly.
+    Raises one UserError naming what differs and how to fix it."""
     checks = [
         ("vocabulary", actor_tok.get_vocab() == reward_tok.get_vocab(), f"{len(actor_tok)} vs {len(reward_tok)} tokens"),
         ("eos token", actor_tok.eos_token_id == reward_tok.eos_token_id, f"{actor_tok.eos_token!r} vs {reward_tok.eos_token!r}"),
         ("pad token", actor_tok.pad_token_id == reward_tok.pad_token_id, f"{actor_tok.pad_token!r} vs {reward_tok.pad_token!r}"),
         ("bos token", actor_tok.bos_token_id == reward_tok.bos_token_id, f"{actor_tok.bos_token!r} vs {reward_tok.bos_token!r}"),
         ("chat template", actor_tok.chat_template == reward_tok.chat_template, "templates differ"),
-        ("embedding size", reward_cfg.vocab_size >= len(actor_tok), f"reward model has {reward_cfg.vocab_size} rows"),
+        ("embedding size", reward_cfg.vocab_size >= len(actor_tok), f"{other} has {reward_cfg.vocab_size} rows"),
     ]
     for what, ok, detail in checks:
         if not ok:
             raise UserError(
-                f"the actor's and reward model's tokenizers differ in {what} ({detail}): train the reward model "
+                f"the actor's and {other}'s tokenizers differ in {what} ({detail}): train the {other} "
                 "from the same tokenizer as the actor (same model family, or the same data/prepared/tokenizer)"
             )
 
@@ -130,15 +135,26 @@ def _frozen_engine(model: Any, engine: EngineConfig, micro_batch_size: int) -> A
     return ds_engine
 
 
+def critic_from_actor(path: str | Path) -> Any:
+    """A critic without a reward model (rewards.model_weight 0, as OpenRLHF allows): the SFT actor's body with a
+    fresh value head, zeroed so that every value starts at 0."""
+    from rlhf.models import load_reward_model
+
+    critic = load_reward_model(path)
+    _classifier(critic)[1].weight.data.zero_()
+    return critic
+
+
 class RLHFEngine:
     """Builds and owns the four models of step 3 (and the actor's EMA), each a DeepSpeed engine.
 
     actor: from the SFT output, trained, behind the hybrid engine; ref: frozen copy of SFT; critic: initialised
-    from the reward model, trained; reward: frozen. `build_actor()` / `build_critic()` return fresh skeletons of
-    the trained architectures (LoRA included) for exporting gathered weights.
+    from the reward model (from the actor with a fresh value head when reward_path is None), trained; reward:
+    frozen, or None without a reward model. `build_actor()` / `build_critic()` return fresh skeletons of the trained
+    architectures (LoRA included) for exporting gathered weights.
     """
 
-    def __init__(self, params: Params, dist: Dist, sft_path: Path, reward_path: Path):
+    def __init__(self, params: Params, dist: Dist, sft_path: Path, reward_path: Path | None):
         from transformers import AutoConfig
 
         from rlhf import engine as eng
@@ -149,12 +165,14 @@ class RLHFEngine:
         self.params, self.dist = params, dist
         ppo = params.ppo
         self.tok = load_tokenizer(sft_path)
-        reward_tok = load_tokenizer(reward_path)
-        check_compatible(self.tok, reward_tok, AutoConfig.from_pretrained(sft_path), AutoConfig.from_pretrained(reward_path))
+        if reward_path is not None:
+            reward_tok = load_tokenizer(reward_path)
+            check_compatible(self.tok, reward_tok, AutoConfig.from_pretrained(sft_path), AutoConfig.from_pretrained(reward_path))
         self.tok.padding_side = "left"  # prompts are left-padded for batched generation
 
         self.build_actor: Callable[[], Any] = lambda: add_lora(load_causal_lm(sft_path), ppo.actor_lora, "CAUSAL_LM")
-        self.build_critic: Callable[[], Any] = lambda: add_lora(load_reward_model(reward_path), ppo.critic_lora, "SEQ_CLS")
+        critic_body = (lambda: load_reward_model(reward_path)) if reward_path is not None else (lambda: critic_from_actor(sft_path))
+        self.build_critic: Callable[[], Any] = lambda: add_lora(critic_body(), ppo.critic_lora, "SEQ_CLS")
         steps = ppo.iterations * ppo.ppo_epochs * ppo.rollouts_per_iteration // ppo.micro_batch_size
         self.engines = {
             name: resolve_engine(params.engine, getattr(ppo, f"{name}_engine"))
@@ -168,7 +186,9 @@ class RLHFEngine:
             self.build_critic(), self.engines["critic"], _train_cfg(ppo, ppo.critic_learning_rate), steps
         )
         self.ref = _frozen_engine(load_causal_lm(sft_path), self.engines["ref"], ppo.micro_batch_size)
-        self.reward = _frozen_engine(load_reward_model(reward_path), self.engines["reward"], ppo.micro_batch_size)
+        self.reward = None
+        if reward_path is not None:
+            self.reward = _frozen_engine(load_reward_model(reward_path), self.engines["reward"], ppo.micro_batch_size)
         self.ema = None
         if ppo.ema_beta > 0:
             state = eng.full_state_dict(self.actor.module, self.actor.zero_stage, is_main=True, all_ranks=True)
@@ -189,12 +209,23 @@ class RLHFEngine:
 
 
 class PPOTrainer:
-    """PPO with a KL-shaped reward, GAE and clipped actor/critic losses. Override the small methods to customise."""
+    """PPO with a KL-shaped reward, GAE and clipped actor/critic losses. Override the small methods to customise.
 
-    def __init__(self, engine: RLHFEngine, config: PPOConfig):
+    The reward is `rewards` (default: engine.params.rewards): model_weight x the reward model's score plus each
+    function's weight x value; `functions` are the loaded rewards.functions (rlhf.rewards.load_functions)."""
+
+    def __init__(self, engine: RLHFEngine, config: PPOConfig, rewards: RewardsConfig | None = None,
+                 functions: list[RewardFunction] | None = None):
         from rlhf.ppo_math import AdaptiveKLController
+        from rlhf.rewards import load_functions
 
         self.engine, self.config = engine, config
+        self.rewards = rewards if rewards is not None else engine.params.rewards
+        if self.rewards.model_weight > 0 and engine.reward is None:
+            raise UserError("rewards.model_weight > 0 needs a reward model: pass --reward, or set rewards.model_weight: 0")
+        self.functions = functions if functions is not None else load_functions(self.rewards.functions, "rewards.functions")
+        # label -> [sum, count] of each reward term over the rollouts since the last reset (logged per iteration)
+        self.term_stats: dict[str, list[float]] = {}
         self.tok = engine.tok
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.timings: dict[str, float] = {}
@@ -205,9 +236,36 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ overridable pieces (small on purpose)
 
-    def reward_scores(self, sequences: Any, attention_mask: Any) -> Any:
-        """(B,) reward for each prompt + answer: the reward model's score at the last real token.
-        Override to add terms (say, a length penalty) or to call another scorer."""
+    def reward_scores(self, sequences: Any, attention_mask: Any, rows: list[dict] | None = None) -> Any:
+        """(B,) reward for each prompt + answer: rewards.model_weight x the reward model's score at the last real
+        token, plus weight x value of each function in rewards.functions (`rows`: the data row of each sample, for
+        the prompt as the user wrote it and the extra columns). Each term's sum and count go to `term_stats`.
+        Override to add terms or to call another scorer."""
+        import torch
+
+        from rlhf.rewards import function_values, weighted_sum
+
+        total = torch.zeros(sequences.shape[0], device=sequences.device)
+        if self.rewards.model_weight > 0:
+            model = self.model_scores(sequences, attention_mask)
+            self._add_stat("model", model.tolist())
+            total = total + self.rewards.model_weight * model
+        if self.functions:
+            if rows is None:
+                raise UserError("reward functions need the data rows of the batch: pass `rows` to reward_scores")
+            p = self.prompt_width
+            lengths = attention_mask[:, p:].sum(-1).tolist()
+            ids = [row[:n] for row, n in zip(sequences[:, p:].tolist(), lengths)]
+            texts = [self.tok.decode(i, skip_special_tokens=True) for i in ids]
+            values = function_values(self.functions, rows, texts, ids)
+            for label, got in values.items():
+                self._add_stat(label, got)
+            added = weighted_sum(self.functions, values, len(rows))
+            total = total + torch.tensor(added, device=total.device, dtype=total.dtype)
+        return total.float()
+
+    def model_scores(self, sequences: Any, attention_mask: Any) -> Any:
+        """(B,) the reward model's score of each prompt + answer at its last real token."""
         import torch
 
         p = self.prompt_width
@@ -215,6 +273,16 @@ class PPOTrainer:
         hidden = answer_outputs(body, "last_hidden_state", sequences, attention_mask, p)  # positions P-1 .. T-1
         last = attention_mask[:, p:].sum(-1)  # answers are contiguous: the last real token, 0 = the prompt's last
         return score(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+
+    def _add_stat(self, label: str, values: list[float | None]) -> None:
+        got = [v for v in values if v is not None]
+        stat = self.term_stats.setdefault(label, [0.0, 0.0])
+        stat[0] += sum(got)
+        stat[1] += len(got)
+
+    def term_labels(self) -> list[str]:
+        """The reward terms in use, as logged: `model` (the reward model) and each function's label."""
+        return (["model"] if self.rewards.model_weight > 0 else []) + [f.label for f in self.functions]
 
     def shaped_rewards(self, logprobs: Any, ref_logprobs: Any, scores: Any, mask: Any) -> tuple[Any, Any]:
         """(B, R) per-token rewards: -kl_coef * KL to the reference, plus the clipped score at the last token."""
@@ -284,6 +352,7 @@ class PPOTrainer:
         k = self.config.answers_per_prompt  # each prompt k times in a row: the hybrid engine prefills it once
         prompt_ids = prompt_batch["input_ids"].to(device).repeat_interleave(k, dim=0)
         prompt_mask = prompt_batch["attention_mask"].to(device).repeat_interleave(k, dim=0)
+        rows = [r for r in prompt_batch.get("rows") or [] for _ in range(k)] or None  # the data row of each rollout
         p = prompt_ids.shape[1]  # (B, T) = (B, P + R): P is fixed by the prompt collate
 
         t0 = time.perf_counter()
@@ -297,7 +366,7 @@ class PPOTrainer:
                 logprobs = self._logprobs(self.engine.actor.engine, seq, mask, p)
             ref_logprobs = self._logprobs(self.engine.ref, seq, mask, p)
             values = token_values(self.engine.critic.module, seq, mask, p)
-            scores = self.reward_scores(seq, mask)
+            scores = self.reward_scores(seq, mask, rows)
             logprobs, ref_logprobs, values = logprobs * action_mask, ref_logprobs * action_mask, values * action_mask
             rewards, kl = self.shaped_rewards(logprobs, ref_logprobs, scores, action_mask)
             t2 = time.perf_counter()
@@ -350,6 +419,16 @@ class PPOTrainer:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
+
+
+def collate_prompt_rows(width: int, pad_id: int) -> Callable[[list[tuple[list[int], dict]]], dict[str, Any]]:
+    """collate_prompts over (prompt ids, data row) items, the rows kept as `rows` (for the reward functions)."""
+    collate = collate_prompts(width, pad_id)
+
+    def collate_rows(batch: list[tuple[list[int], dict]]) -> dict[str, Any]:
+        return {**collate([ids for ids, _ in batch]), "rows": [row for _, row in batch]}
+
+    return collate_rows
 
 
 def collate_prompts(width: int, pad_id: int) -> Callable[[list[list[int]]], dict[str, Any]]:
@@ -406,34 +485,48 @@ class Cycle:
         self._open()
 
 
-def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> float:
-    """Mean reward-model score of the actor's sampled answers to held-out prompts (all ranks)."""
+def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> dict[str, float]:
+    """Mean reward of the actor's sampled answers to held-out prompts (all ranks): `reward` (the sum of the terms)
+    and each term's own mean (`model`, each function's label). A function that applies to none of the prompts
+    (None for all) stops the run: it was written for other data."""
     from rlhf.trainer import all_reduce_sum
 
     import torch
 
     device = trainer.engine.actor.engine.device
     total = n = 0.0
+    trainer.term_stats = {}
     for batch in loader:  # rollout and reward only: no reference, critic or advantages needed here
         seq, mask, _ = trainer.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         with torch.no_grad():
-            scores = trainer.reward_scores(seq, mask)
+            scores = trainer.reward_scores(seq, mask, batch.get("rows"))
         total += scores.sum().item()
         n += scores.numel()
-    total, n = all_reduce_sum([total, n], dist)
-    return total / max(n, 1.0)
+    labels = trainer.term_labels()
+    stats = [trainer.term_stats.get(label, [0.0, 0.0]) for label in labels]
+    total, n, *flat = all_reduce_sum([total, n, *(x for s in stats for x in s)], dist)
+    out = {"reward": total / max(n, 1.0)}
+    for i, label in enumerate(labels):
+        term_sum, count = flat[2 * i], flat[2 * i + 1]
+        if count == 0 and n > 0:
+            from rlhf.rewards import not_applicable
+
+            raise not_applicable(next(f for f in trainer.functions if f.label == label), int(n), "held-out answers")
+        out[label] = term_sum / max(count, 1.0)
+    return out
 
 
 def run_ppo(
     params: Params,
     data_dir: Path,
     sft_path: Path,
-    reward_path: Path,
+    reward_path: Path | None,
     out_dir: Path,
     live_dir: Path | None,
     ckpt_dir: Path | None = None,
 ) -> dict[str, float]:
-    """Train the actor and critic with PPO; write out_dir/{actor,critic,actor_ema}; return the final metrics."""
+    """Train the actor and critic with PPO; write out_dir/{actor,critic,actor_ema}; return the final metrics.
+    reward_path is read only when rewards.model_weight > 0 (it may then be None)."""
     import sys
 
     import torch
@@ -443,21 +536,31 @@ def run_ppo(
     from rlhf.data import read_split
     from rlhf.engine import init_distributed, seed_everything
     from rlhf.outputs import hash_inputs, make_manifest
+    from rlhf.rewards import load_functions
     from rlhf.sft import collate_sft, encode_sft_row
     from rlhf.tokenizer import encode_prompt, load_tokenizer
     from rlhf.trainer import MetricsLogger, all_reduce_sum, check_ppo_splits, export_model, launch_world_size, make_loader
 
     ppo = params.ppo
+    if params.rewards.model_weight == 0:
+        reward_path = None  # the reward is the functions alone: no reward model is read
+    elif reward_path is None:
+        raise UserError("rewards.model_weight > 0 needs a reward model: pass --reward, or set rewards.model_weight: 0")
     for path, what in ((sft_path, "SFT actor"), (reward_path, "reward model")):
-        if not (Path(path) / "config.json").is_file():
+        if path is not None and not (Path(path) / "config.json").is_file():
             raise UserError(f"{what} folder '{path}' has no config.json: run the earlier stages (dvc repro) first")
+    functions = load_functions(params.rewards.functions, "rewards.functions")  # import errors before any model
     tok = load_tokenizer(sft_path)
     from transformers import AutoConfig
 
     # The gate runs before DeepSpeed starts, so a mismatch costs a second, not a process group.
-    check_compatible(tok, load_tokenizer(reward_path), AutoConfig.from_pretrained(sft_path), AutoConfig.from_pretrained(reward_path))
-    train_prompts = [encode_prompt(tok, r["prompt"]) for r in read_split(data_dir / "ppo_train.jsonl")]
-    eval_prompts = [encode_prompt(tok, r["prompt"]) for r in read_split(data_dir / "ppo_eval.jsonl")][: ppo.eval_prompts]
+    if reward_path is not None:
+        reward_cfg = AutoConfig.from_pretrained(reward_path)
+        check_compatible(tok, load_tokenizer(reward_path), AutoConfig.from_pretrained(sft_path), reward_cfg)
+    train_rows = read_split(data_dir / "ppo_train.jsonl")
+    eval_rows = read_split(data_dir / "ppo_eval.jsonl")[: ppo.eval_prompts]
+    train_prompts = [(encode_prompt(tok, r["prompt"]), r) for r in train_rows]
+    eval_prompts = [(encode_prompt(tok, r["prompt"]), r) for r in eval_rows]
     ptx_rows = []
     if ppo.ptx_coef > 0:
         ptx_rows = [encode_sft_row(tok, r, False) for r in read_split(data_dir / "sft_train.jsonl")]
@@ -466,16 +569,17 @@ def run_ppo(
     dist = init_distributed(params.engine)
     seed_everything(params.seed)
     engine = RLHFEngine(params, dist, sft_path, reward_path)
-    trainer = PPOTrainer(engine, ppo)
-    width = max(len(p) for p in train_prompts + eval_prompts)
-    collate = collate_prompts(width, tok.pad_token_id)
+    trainer = PPOTrainer(engine, ppo, params.rewards, functions)
+    width = max(len(p) for p, _ in train_prompts + eval_prompts)
+    collate = collate_prompt_rows(width, tok.pad_token_id)
     prompts = Cycle(make_loader(train_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=True))
     eval_loader = make_loader(eval_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=False)
     ptx = Cycle(make_loader(ptx_rows, ppo.micro_batch_size, collate_sft(tok.pad_token_id), dist, params.seed, True)) if ptx_rows else None
 
-    manifest_params = {k: getattr(params, k).model_dump() for k in ("engine", "ppo", "data")}
+    manifest_params = {k: getattr(params, k).model_dump() for k in ("engine", "ppo", "rewards", "data")}
     inputs = hash_inputs(
-        {"ppo_train": data_dir / "ppo_train.jsonl", "sft_model": sft_path, "reward_model": reward_path}
+        {"ppo_train": data_dir / "ppo_train.jsonl", "sft_model": sft_path}
+        | ({"reward_model": reward_path} if reward_path is not None else {})
     )
     ckpt = Checkpointer(
         ckpt_dir, ppo.checkpoint_every, fingerprint("ppo", manifest_params, inputs, params.seed, dist.world_size), dist
@@ -484,7 +588,7 @@ def run_ppo(
     saved = ckpt.load(resume, {"actor": engine.actor.engine, "critic": engine.critic}) if resume is not None else None
     start, point, stopped = 1, {}, ""
     if saved is None:
-        score_before = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else float("nan")
+        score_before = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else {}
         logger = MetricsLogger(live_dir, dist)
     else:  # the data positions first, the RNG states last: the resumed run then draws what the straight one drew
         state = saved["state"]
@@ -502,6 +606,7 @@ def run_ppo(
     t_start = time.perf_counter()
     for it in range(start, ppo.iterations + 1):
         trainer.iteration = it
+        trainer.term_stats = {}
         # 1-3: generate, score, advantages (timed inside generate_experience)
         parts, timings, tokens = [], {"generate_s": 0.0, "score_s": 0.0, "advantages_s": 0.0}, 0
         for _ in range(ppo.generation_batches):
@@ -532,8 +637,13 @@ def run_ppo(
         )
         mean_kl = kl_sum / n
         trainer.kl_ctl.update(mean_kl, int(n))
+        labels = trainer.term_labels()
+        flat = all_reduce_sum([x for label in labels for x in trainer.term_stats.get(label, [0.0, 0.0])], dist)
         point = {
             "reward": reward_sum / n,
+            # each term's mean over the samples it applies to (NaN: a function that applied to none this iteration)
+            **{f"term/{label}": flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else float("nan")
+               for i, label in enumerate(labels)},
             "kl": mean_kl,
             "kl_coef": trainer.kl_ctl.value,
             "response_length": len_sum / n,
@@ -578,10 +688,15 @@ def run_ppo(
             ckpt.save(it, {"actor": engine.actor.engine, "critic": engine.critic}, state)
         faults.kill_at(it)
     bar.close()
-    score_after = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else float("nan")
+    score_after = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else {}
     metrics = {
-        "rm_score_sft": score_before,
-        "rm_score_ppo": score_after,
+        # held-out prompts before and after: the summed reward, the reward model's score, each function's mean
+        "reward_sft": score_before.get("reward", float("nan")),
+        "reward_ppo": score_after.get("reward", float("nan")),
+        **({"rm_score_sft": score_before.get("model", float("nan")),
+            "rm_score_ppo": score_after.get("model", float("nan"))} if reward_path is not None else {}),
+        **{f"{f.label}_{when}": got.get(f.label, float("nan"))
+           for f in functions for when, got in (("sft", score_before), ("ppo", score_after))},
         "final_reward": point.get("reward", float("nan")),
         "final_kl": point.get("kl", float("nan")),
         "iterations": trainer.iteration,
@@ -594,7 +709,7 @@ def run_ppo(
     )
     z_actor, z_critic = engine.engines["actor"].zero_stage, engine.engines["critic"].zero_stage
     export_model(engine.actor.module, engine.build_actor, tok, out_dir / "actor", manifest, z_actor, dist)
-    critic_tok = load_tokenizer(reward_path)
+    critic_tok = load_tokenizer(reward_path if reward_path is not None else sft_path)
     export_model(engine.critic.module, engine.build_critic, critic_tok, out_dir / "critic", manifest, z_critic, dist)
     if engine.ema is not None:
         export_model(engine.ema, engine.build_actor, tok, out_dir / "actor_ema", manifest, 0, dist)

@@ -56,6 +56,17 @@ def gold_reward(prompt: str, response: str) -> float:
     return POLITE_WEIGHT * float(polite) + (1 - POLITE_WEIGHT) * order
 
 
+def gold_reward_fn(prompts: list, completions: list, **columns: object) -> list[float | None]:
+    """:func:`gold_reward` with TRL's reward-function signature (`rewards.functions`, `evaluate.scorers`):
+    None for a prompt that is not of this task, so it never passes for a score of someone else's data."""
+    out: list[float | None] = []
+    for prompt, completion in zip(prompts, completions):
+        text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        answer = completion[-1]["content"] if isinstance(completion, list) else completion
+        out.append(gold_reward(text, answer) if prompt_numbers(text) else None)
+    return out
+
+
 def _corrupt(numbers: list[int], rng: random.Random) -> list[int]:
     """One realistic mistake on a sorted list: a swapped pair, a dropped or repeated number, or a reversed span."""
     out = list(numbers)

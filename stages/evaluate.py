@@ -1,4 +1,4 @@
-"""Stage `evaluate`: prove RLHF helped. SFT vs PPO vs EMA actor on held-out prompts, scored by the gold reward."""
+"""Stage `evaluate`: prove RLHF helped. SFT vs PPO vs EMA actor on held-out prompts, by evaluate.scorers."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def evaluate(
     plot: Path = typer.Option(Path("metrics/evaluate_plot.json"), help="rows for `dvc plots show`"),
     samples: Path = typer.Option(Path("metrics/samples.md"), help="sample answers side by side (Markdown)"),
 ) -> None:
-    """Gold reward, reward-model score, KL to SFT, length and perplexity of each actor."""
+    """Each scorer's mean (evaluate.scorers), reward-model score, KL to SFT, length and perplexity of each actor."""
+    from rlhf.config import EVALUATE_METRICS
     from rlhf.evaluate import evaluate_actors
     from rlhf.outputs import check_outputs, write_json
 
@@ -44,8 +45,14 @@ def evaluate(
     samples.parent.mkdir(parents=True, exist_ok=True)
     samples.write_text("\n".join(table) + "\n")
     for name, values in result.items():
+        quality = "".join(f"{k} {v:.3f}  " for k, v in values.items() if k not in EVALUATE_METRICS)
         typer.echo(
-            f"evaluate {name:>4}: gold {values['gold_reward']:.3f}  rm {values['rm_reward']:.3f}  "
-            f"kl_to_sft {values['kl_to_sft']:.3f}  len {values['response_length']:.1f}  ppl {values['perplexity']:.3f}"
+            f"evaluate {name:>4}: {quality}rm {values['rm_reward']:.3f}  kl_to_sft {values['kl_to_sft']:.3f}  "
+            f"len {values['response_length']:.1f}  ppl {values['perplexity']:.3f}"
+        )
+    if not any(k not in EVALUATE_METRICS for values in result.values() for k in values):
+        typer.echo(
+            "evaluate: no gold scorer is configured for this data, so quality is not measured (only reward-model "
+            "score, KL, length, perplexity): list a function in evaluate.scorers (README: reward functions)"
         )
     typer.echo(f"evaluate: metrics -> {metrics}, samples -> {samples}")

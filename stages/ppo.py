@@ -1,4 +1,4 @@
-"""Stage `ppo`: step 3, PPO of the SFT actor against the reward model."""
+"""Stage `ppo`: step 3, PPO of the SFT actor against the reward (params.yaml `rewards`: reward model, functions)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ def ppo(
     params_path: Path = PARAMS_OPTION,
     data: Path = typer.Option(Path("data/prepared"), help="folder written by `rlhf prepare`"),
     sft: Path = typer.Option(Path("models/sft"), help="the SFT actor (initialises actor and reference)"),
-    reward_model: Path = typer.Option(Path("models/reward"), "--reward", help="the reward model (and critic init)"),
+    reward_model: Path = typer.Option(
+        Path("models/reward"), "--reward", help="the reward model (and critic init); unread if rewards.model_weight is 0"
+    ),
     out: Path = typer.Option(Path("models/ppo"), help="folder for actor/, critic/ and actor_ema/"),
     metrics: Path = typer.Option(Path("metrics/ppo.json"), help="final metrics (JSON)"),
     live: Path = typer.Option(Path("dvclive/ppo"), help="dvclive folder for per-iteration curves"),
@@ -26,16 +28,16 @@ def ppo(
     from rlhf.ppo import run_ppo
 
     params = read_params(params_path)
+    used_reward = reward_model if params.rewards.model_weight > 0 else None  # rewards.model_weight 0: functions only
     guarded(
-        check_outputs, [params_path, data, sft, reward_model],
+        check_outputs, [params_path, data, sft, used_reward],
         folders=[("--out", out / name) for name in ("actor", "critic", "actor_ema")], files=[("--metrics", metrics)],
         scratch=[("--out", out), ("--live", live), ("--checkpoints", checkpoints)],
     )
     relaunch_if_distributed(params)
-    result = guarded(run_ppo, params, data, sft, reward_model, out, live, checkpoints)
+    result = guarded(run_ppo, params, data, sft, used_reward, out, live, checkpoints)
     if is_main_rank():
         write_json(metrics, result)
-        typer.echo(
-            f"ppo: models -> {out}/{{actor,critic,actor_ema}}, metrics -> {metrics} (reward-model score on held-out "
-            f"prompts: SFT {result['rm_score_sft']:.3f} -> PPO {result['rm_score_ppo']:.3f})"
-        )
+        terms = ["reward"] + (["rm_score"] if used_reward is not None else []) + [f.label for f in params.rewards.functions]
+        moved = ", ".join(f"{t} {result[t + '_sft']:.3f} -> {result[t + '_ppo']:.3f}" for t in terms)
+        typer.echo(f"ppo: models -> {out}/{{actor,critic,actor_ema}}, metrics -> {metrics} (held-out prompts, SFT -> PPO: {moved})")

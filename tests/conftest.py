@@ -43,8 +43,9 @@ def write_params(path: Path, *overrides: dict[str, Any]) -> Path:
     return path
 
 
-# What a DVC repo of the project needs besides params.yaml: the code, the pipeline and the (empty) sources folder.
-PROJECT_FILES = ("rlhf", "stages", "data/sources", "dvc.yaml")
+# What a DVC repo of the project needs besides params.yaml: the code, the pipeline, the (empty) sources folder and
+# the folder of the user's reward functions.
+PROJECT_FILES = ("rlhf", "stages", "data/sources", "rewards", "dvc.yaml")
 
 
 def copy_project(repo: Path) -> Path:

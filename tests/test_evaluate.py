@@ -22,7 +22,7 @@ def test_evaluate_writes_metrics_per_actor_plot_rows_and_samples(ppo_trained: Pa
     assert [row["model"] for row in plot] == ["sft", "ppo", "ema"]
     table = (ppo_trained / "metrics/samples.md").read_text().splitlines()
     assert table[0] == "| prompt | sft | ppo | ema |" and len(table) == 2 + 3
-    assert all("[gold " in line for line in table[2:])
+    assert all("[gold_reward " in line for line in table[2:])
 
 
 

@@ -1,0 +1,237 @@
+"""Reward terms of step 3 and the quality scorers of `evaluate`: Python functions with TRL's reward-function
+signature, named "module:function" in params.yaml (`rewards.functions`, `evaluate.scorers`).
+
+    def my_reward(prompts, completions, **columns) -> list[float | None]: ...
+
+The function is called by keyword (trl GRPOTrainer._calculate_rewards): `prompts` and `completions` as the user's
+data holds them (plain strings; message lists, and completions as [{"role": "assistant", "content": ...}], for
+conversational data), `completion_ids` (the answer's token ids, its eos included when it stopped), and one list per extra column of the
+data rows (an `answer` key column, say). A function receives the columns it names, or all of them through
+**kwargs. It returns one number per sample, or None where it does not apply (TRL's convention: that sample gets
+nothing from it, and the term's mean leaves it out). A function that applies to no sample at all is an error.
+
+Every way a function can be wrong (it does not import, is not callable, cannot take the arguments, raises, returns
+the wrong length, NaN or a non-number) is one UserError naming the function and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import RewardFunctionConfig
+from rlhf.errors import UserError
+
+# The project folder whose files DVC tracks for reward functions (a dep of the ppo and evaluate stages).
+TRACKED_FOLDERS = ("rewards", "rlhf")
+
+_ARGS = ("prompts", "completions", "completion_ids")
+
+
+@dataclass(frozen=True)
+class RewardFunction:
+    """One loaded function of a params list (`key` is where it is named, for messages)."""
+
+    label: str
+    spec: str
+    weight: float
+    fn: Callable[..., Any]
+    key: str
+
+    def _accepts(self) -> tuple[set[str], bool, set[str]]:
+        """(named keyword parameters, has **kwargs, required keyword parameters)."""
+        try:
+            params = list(inspect.signature(self.fn).parameters.values())
+        except (TypeError, ValueError):  # a builtin without a signature: trust it
+            return set(), True, set()
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        named = {p.name for p in params if p.kind in keyword}
+        required = {p.name for p in params if p.kind in keyword and p.default is inspect.Parameter.empty}
+        return named, any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params), required
+
+    def __call__(self, prompts: list[Any], completions: list[Any], ids: list[list[int]], columns: list[dict]) -> list[float | None]:
+        """The function's values for a batch, checked: one finite number or None per sample."""
+        named, var_kw, required = self._accepts()
+        names = dict.fromkeys(c for row in columns for c in row)  # every extra column, in first-seen order
+        data = {c: [row.get(c) for row in columns] for c in names}
+        offered = {"prompts": prompts, "completions": completions, "completion_ids": ids, **data}
+        missing = sorted(required - set(offered))
+        if missing:
+            have = sorted(data) or "none"
+            raise UserError(
+                f"{self.key} '{self.spec}' needs argument(s) {missing}, which are neither {list(_ARGS)} nor columns "
+                f"of the data rows (extra columns: {have}): add the column to the data, or give the parameter a default"
+            )
+        kwargs = {k: v for k, v in offered.items() if var_kw or k in named}
+        n = len(completions)
+        try:
+            out = self.fn(**kwargs)
+        except UserError:
+            raise
+        except Exception as err:  # the user's code: any failure becomes one line
+            detail = " ".join(str(err).split())[:200]
+            raise UserError(
+                f"{self.key} '{self.spec}' raised {type(err).__name__}: {detail} (on a batch of {n} samples): "
+                "fix the function; return None for a sample it does not apply to"
+            ) from None
+        return self._checked(out, n)
+
+    def _checked(self, out: Any, n: int) -> list[float | None]:
+        if hasattr(out, "tolist"):  # a numpy array or a tensor
+            out = out.tolist()
+        if not isinstance(out, (list, tuple)):
+            raise UserError(
+                f"{self.key} '{self.spec}' returned a {type(out).__name__}, not a list: return one number (or None) "
+                "per completion"
+            )
+        if len(out) != n:
+            raise UserError(
+                f"{self.key} '{self.spec}' returned {len(out)} values for {n} completions: return one number (or "
+                "None) per completion"
+            )
+        values: list[float | None] = []
+        for i, v in enumerate(out):
+            if v is None:
+                values.append(None)
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise UserError(
+                    f"{self.key} '{self.spec}' returned {v!r} ({type(v).__name__}) for sample {i}: return a number, "
+                    "or None where the function does not apply"
+                )
+            if not math.isfinite(v):
+                raise UserError(
+                    f"{self.key} '{self.spec}' returned {v} for sample {i}: return a finite number, or None where the "
+                    "function does not apply"
+                )
+            values.append(float(v))
+        return values
+
+
+def load_functions(configs: Sequence[RewardFunctionConfig], key: str) -> list[RewardFunction]:
+    """Import every function of a params list (`key`: rewards.functions or evaluate.scorers) and check that it
+    can take TRL's arguments, before any model is loaded."""
+    loaded = [_load(cfg, f"{key}[{i}]") for i, cfg in enumerate(configs)]
+    for path in untracked_modules(loaded, Path.cwd()):
+        print(
+            f"warning: {key}: {path} is in the project folder but no DVC dep of this stage: move it under rewards/ "
+            "so that editing it reruns the stage", file=sys.stderr, flush=True,
+        )
+    return loaded
+
+
+def _load(cfg: RewardFunctionConfig, key: str) -> RewardFunction:
+    module_name, attr = cfg.function.split(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the project folder, as `python -m` would have it
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise UserError(
+            f"{key} '{cfg.function}': module '{module_name}' is not importable ({err}): put it in the project folder "
+            f"(as rewards/{module_name.rsplit('.', 1)[-1]}.py, named rewards.{module_name.rsplit('.', 1)[-1]}, which "
+            "DVC tracks) or install it"
+        ) from None
+    except Exception as err:
+        detail = " ".join(str(err).split())[:200]
+        raise UserError(
+            f"{key} '{cfg.function}': importing module '{module_name}' raised {type(err).__name__}: {detail}: fix "
+            "the module"
+        ) from None
+    if not hasattr(module, attr):
+        raise UserError(f"{key} '{cfg.function}': module '{module_name}' has no '{attr}': check the function's name")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise UserError(
+            f"{key} '{cfg.function}' is a {type(fn).__name__}, not a function: name a callable fn(prompts, "
+            "completions, **columns)"
+        )
+    loaded = RewardFunction(cfg.label, cfg.function, cfg.weight, fn, key)
+    named, var_kw, required = loaded._accepts()
+    if "completions" not in named and not var_kw:
+        raise UserError(
+            f"{key} '{cfg.function}' takes no 'completions' argument: give it TRL's signature fn(prompts, "
+            "completions, **columns)"
+        )
+    try:
+        inspect.signature(fn).bind_partial(**dict.fromkeys(required))
+    except TypeError as err:  # positional-only parameters cannot be passed by keyword
+        raise UserError(
+            f"{key} '{cfg.function}' cannot be called by keyword ({err}): give it TRL's signature fn(prompts, "
+            "completions, **columns)"
+        ) from None
+    except ValueError:
+        pass
+    return loaded
+
+
+def untracked_modules(functions: Sequence[RewardFunction], project: Path) -> list[str]:
+    """Source files of the functions that lie in the project folder but outside the folders DVC tracks for them:
+    editing one would change results without rerunning the stage."""
+    root = project.resolve()
+    out = []
+    for f in functions:
+        source = inspect.getsourcefile(f.fn) if inspect.isfunction(f.fn) else None
+        if source is None:
+            continue
+        path = Path(source).resolve()
+        if path.is_relative_to(root) and path.relative_to(root).parts[0] not in TRACKED_FOLDERS:
+            out.append(str(path.relative_to(root)))
+    return sorted(set(out))
+
+
+def user_prompt(row: dict) -> Any:
+    """A prepared row's prompt as the user's data held it: the plain string of a one-turn prompt given as text, else
+    the message list."""
+    prompt = row["prompt"]
+    if row.get("conversational") or len(prompt) != 1 or prompt[0]["role"] != "user":
+        return prompt
+    return prompt[0]["content"]
+
+
+def user_completion(row: dict, text: str) -> Any:
+    """An answer in the form of its prompt: a string, or [{"role": "assistant", "content": text}]."""
+    return [{"role": "assistant", "content": text}] if isinstance(user_prompt(row), list) else text
+
+
+def function_values(
+    functions: Sequence[RewardFunction], rows: Sequence[dict], texts: Sequence[str], ids: Sequence[list[int]]
+) -> dict[str, list[float | None]]:
+    """label -> one value (or None) per sample: each function on the same batch (rows[i] answered with texts[i])."""
+    prompts = [user_prompt(r) for r in rows]
+    completions = [user_completion(r, t) for r, t in zip(rows, texts)]
+    columns = [r.get("columns") or {} for r in rows]
+    return {f.label: f(prompts, completions, [list(i) for i in ids], columns) for f in functions}
+
+
+def weighted_sum(functions: Sequence[RewardFunction], values: dict[str, list[float | None]], n: int) -> list[float]:
+    """sum_f weight_f x value_f per sample, a None adding nothing (trl: nansum over the functions)."""
+    total = [0.0] * n
+    for f in functions:
+        for i, v in enumerate(values[f.label]):
+            if v is not None:
+                total[i] += f.weight * v
+    return total
+
+
+def require_applies(functions: Sequence[RewardFunction], values: dict[str, list[float | None]], what: str) -> None:
+    """A function that returned None for every sample of `what` does not apply to this data: an error, never a
+    silent 0."""
+    for f in functions:
+        got = values[f.label]
+        if got and all(v is None for v in got):
+            raise not_applicable(f, len(got), what)
+
+
+def not_applicable(f: RewardFunction, n: int, what: str) -> UserError:
+    return UserError(
+        f"{f.key} '{f.spec}' returned None for all {n} {what}, so it does not apply to this data: remove it or "
+        "name a function written for these prompts"
+    )
