@@ -43,8 +43,11 @@ def public(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
 
-def norm(prompt: list[dict], completion=None, chosen=None, rejected=None, source: str = "") -> dict:
-    return {"prompt": prompt, "completion": completion, "chosen": chosen, "rejected": rejected, "source": source}
+def norm(
+    prompt: list[dict], completion=None, chosen=None, rejected=None, source: str = "", conversational: bool = False
+) -> dict:
+    row = {"prompt": prompt, "completion": completion, "chosen": chosen, "rejected": rejected, "source": source}
+    return {**row, "conversational": True} if conversational else row
 
 
 def write(rows: list[dict], tmp_path: Path, kind: str, name: str = "d") -> Path:
@@ -98,7 +101,10 @@ FORMATS = {
             {"prompt": [system("Be brief."), user("2+2?")], "completion": [assistant("4")]},
             {"prompt": [user("3+3?")], "completion": [assistant("6")]},
         ],
-        [norm([system("Be brief."), user("2+2?")], completion="4"), norm([user("3+3?")], completion="6")],
+        [
+            norm([system("Be brief."), user("2+2?")], completion="4", conversational=True),
+            norm([user("3+3?")], completion="6", conversational=True),
+        ],
     ),
     "preference": (
         [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}],
@@ -106,7 +112,7 @@ FORMATS = {
     ),
     "preference_conversational": (
         [{"prompt": [user("Capital?")], "chosen": [assistant("Paris.")], "rejected": [assistant("Rome.")]}],
-        [norm([user("Capital?")], chosen="Paris.", rejected="Rome.")],
+        [norm([user("Capital?")], chosen="Paris.", rejected="Rome.", conversational=True)],
     ),
     "preference_implicit": (
         [
@@ -115,11 +121,11 @@ FORMATS = {
                 "rejected": [user("Hi"), assistant("Hey"), user("Capital?"), assistant("Rome.")],
             }
         ],
-        [norm([user("Hi"), assistant("Hey"), user("Capital?")], chosen="Paris.", rejected="Rome.")],
+        [norm([user("Hi"), assistant("Hey"), user("Capital?")], chosen="Paris.", rejected="Rome.", conversational=True)],
     ),
     "messages": (
         [{"messages": [system("S"), user("hi"), assistant("hello"), user("how are you"), assistant("fine")]}],
-        [norm([system("S"), user("hi"), assistant("hello"), user("how are you")], completion="fine")],
+        [norm([system("S"), user("hi"), assistant("hello"), user("how are you")], completion="fine", conversational=True)],
     ),
     "prompt": (
         [{"prompt": "Write a haiku."}, {"prompt": "Name a colour."}],
