@@ -154,21 +154,22 @@ def _load(cfg: RewardFunctionConfig, key: str) -> RewardFunction:
             "completions, **columns)"
         )
     loaded = RewardFunction(cfg.label, cfg.function, cfg.weight, fn, key)
-    named, var_kw, required = loaded._accepts()
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: trust it
+        params = []
+    positional = [p.name for p in params if p.kind == p.POSITIONAL_ONLY and p.default is p.empty]
+    if positional:
+        raise UserError(
+            f"{key} '{cfg.function}' cannot be called by keyword (positional-only {positional}): give it TRL's "
+            "signature fn(prompts, completions, **columns)"
+        )
+    named, var_kw, _ = loaded._accepts()
     if "completions" not in named and not var_kw:
         raise UserError(
             f"{key} '{cfg.function}' takes no 'completions' argument: give it TRL's signature fn(prompts, "
             "completions, **columns)"
         )
-    try:
-        inspect.signature(fn).bind_partial(**dict.fromkeys(required))
-    except TypeError as err:  # positional-only parameters cannot be passed by keyword
-        raise UserError(
-            f"{key} '{cfg.function}' cannot be called by keyword ({err}): give it TRL's signature fn(prompts, "
-            "completions, **columns)"
-        ) from None
-    except ValueError:
-        pass
     return loaded
 
 
