@@ -1,0 +1,82 @@
+"""Verifier-only RLHF on a user's own task, through `dvc repro` as they would run it: their data (TRL formats, an
+extra `answer` column on the PPO prompts), their "pretrained" model whose tokenizer has pad = eos, and a verifier of
+their own in rewards/ as the only reward (`rewards.model_weight: 0`: no reward model is read, the critic starts from
+the SFT actor with a fresh value head). PPO must raise the verifier's held-out mean; evaluate reports it as a scorer;
+editing the verifier makes DVC rerun ppo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import copy_project, write_params
+from tests.test_dvc import _commit, _run
+from tests.test_own_task import _pretrained_folder, _rows
+
+VERIFIER = '''
+def reversed_words(prompts, completions, answer, **columns):
+    """0.5 for the "Reversed:" form, and 0.5 for the answer's first word first (after that prefix)."""
+    out = []
+    for completion, want in zip(completions, answer):
+        words = completion.split()
+        prefixed = words[:1] == ["Reversed:"]
+        body = words[1:] if prefixed else words
+        out.append(0.5 * prefixed + 0.5 * (body[:1] == want.split()[:1]))
+    return out
+'''
+
+
+@pytest.mark.slow
+def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    repo = copy_project(tmp_path / "repo")
+    rows = _rows()
+    for r in rows["prompts.jsonl"]:  # the reference answer, for the verifier only
+        r["answer"] = " ".join(reversed(r["prompt"].removeprefix("Reverse the words: ").split()))
+    for name, items in rows.items():
+        (repo / "data/sources" / name).write_text("".join(json.dumps(r) + "\n" for r in items))
+    (repo / "rewards/reverse.py").write_text(VERIFIER)
+    texts = [r["prompt"] for r in rows["prompts.jsonl"]] + [r["completion"] for r in rows["sft.jsonl"]]
+    _pretrained_folder(repo / "pretrained", texts)
+    steps = {"sft.jsonl": ["sft"], "pairs.jsonl": ["reward"], "prompts.jsonl": ["ppo"]}
+    verifier = {"function": "rewards.reverse:reversed_words", "name": "reversed"}
+    write_params(repo / "params.yaml", {
+        "data": {"sources": [{"path": f"data/sources/{n}", "steps": s} for n, s in steps.items()]},
+        "model": {"name_or_path": "pretrained"},
+        "sft": {"micro_batch_size": 8, "max_steps": 400, "epochs": 100},
+        "reward": {"micro_batch_size": 8, "max_steps": 4, "epochs": 1},
+        "rewards": {"model_weight": 0.0, "functions": [verifier]},
+        "ppo": {"rollout_batch_size": 16, "micro_batch_size": 8, "iterations": 20, "eval_prompts": 12,
+                "answers_per_prompt": 4, "actor_learning_rate": 0.001},
+        "evaluate": {"scorers": [verifier]},
+    })
+    _run("git", "init", "-q", cwd=repo)
+    _run("dvc", "init", "-q", cwd=repo)
+    _commit(repo, "own task, own verifier")
+    out = _run("dvc", "repro", cwd=repo)
+    assert "Running stage 'evaluate'" in out, out
+
+    metrics = json.loads((repo / "metrics/ppo.json").read_text())
+    print({k: v for k, v in metrics.items() if "reward" in k or "reversed" in k})
+    assert "rm_score_sft" not in metrics  # model_weight 0: the reward model is not read
+    assert metrics["reversed_ppo"] >= metrics["reversed_sft"] + 0.1, metrics
+    curve = (repo / "dvclive/ppo/plots/metrics/ppo/term/reversed.tsv").read_text().splitlines()
+    assert len(curve) == 1 + 20  # the verifier's mean logged each iteration
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert evaluate["ppo"]["reversed"] > evaluate["sft"]["reversed"], evaluate
+    assert "gold_reward" not in evaluate["sft"]  # not the builtin task: no builtin gold scorer
+
+    sft = AutoModelForCausalLM.from_pretrained(repo / "models/sft").state_dict()
+    actor = AutoModelForCausalLM.from_pretrained(repo / "models/ppo/actor").state_dict()
+    assert sum(not torch.equal(sft[k], actor[k]) for k in sft) >= len(sft) // 2
+    critic = AutoModelForSequenceClassification.from_pretrained(repo / "models/ppo/critic")
+    assert critic.config.num_labels == 1
+
+    # The verifier is code DVC tracks: editing it makes ppo (and evaluate) stale, not prepare or sft.
+    (repo / "rewards/reverse.py").write_text(VERIFIER.replace("0.5 * prefixed", "0.4 * prefixed"))
+    status = json.loads(_run("dvc", "status", "--json", cwd=repo))
+    assert {"ppo", "evaluate"} <= set(status) and not {"prepare", "sft"} & set(status), status
