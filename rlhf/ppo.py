@@ -704,6 +704,12 @@ def run_ppo(
         "skipped_steps": trainer.guard.skipped,
         "train_seconds": time.perf_counter() - t_start,
     }
+    from rlhf.watch import ppo_warnings
+
+    metrics["warnings"] = ppo_warnings(  # reward hacking made visible (the stage prints them)
+        metrics, [f.label for f in functions], point.get("kl", 0.0), point.get("response_length", 0.0),
+        ppo.max_answer_tokens,
+    )
     manifest = make_manifest(
         "ppo", manifest_params, inputs, seed=params.seed, world_size=dist.world_size, metrics=metrics
     )

@@ -55,4 +55,9 @@ def evaluate(
             "evaluate: no gold scorer is configured for this data, so quality is not measured (only reward-model "
             "score, KL, length, perplexity): list a function in evaluate.scorers (README: reward functions)"
         )
+    from rlhf.watch import evaluate_warnings
+
+    scorers = sorted({k for values in result.values() for k in values if k not in EVALUATE_METRICS})
+    for line in evaluate_warnings(result, scorers):
+        typer.echo(f"warning: {line}", err=True)
     typer.echo(f"evaluate: metrics -> {metrics}, samples -> {samples}")

@@ -40,4 +40,6 @@ def ppo(
         write_json(metrics, result)
         terms = ["reward"] + (["rm_score"] if used_reward is not None else []) + [f.label for f in params.rewards.functions]
         moved = ", ".join(f"{t} {result[t + '_sft']:.3f} -> {result[t + '_ppo']:.3f}" for t in terms)
+        for line in result["warnings"]:
+            typer.echo(f"warning: {line}", err=True)
         typer.echo(f"ppo: models -> {out}/{{actor,critic,actor_ema}}, metrics -> {metrics} (held-out prompts, SFT -> PPO: {moved})")
