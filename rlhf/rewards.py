@@ -22,7 +22,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,21 +44,30 @@ class RewardFunction:
     weight: float
     fn: Callable[..., Any]
     key: str
+    # from the signature (__post_init__): keyword parameters, the required ones, positional-only ones, **kwargs
+    named: set[str] = field(init=False, repr=False)
+    required: set[str] = field(init=False, repr=False)
+    positional_only: list[str] = field(init=False, repr=False)
+    var_kw: bool = field(init=False, repr=False)
 
-    def _accepts(self) -> tuple[set[str], bool, set[str]]:
-        """(named keyword parameters, has **kwargs, required keyword parameters)."""
+    def __post_init__(self) -> None:
+        """Read the function's signature once: which arguments it takes by keyword, and whether **kwargs."""
         try:
             params = list(inspect.signature(self.fn).parameters.values())
         except (TypeError, ValueError):  # a builtin without a signature: trust it
-            return set(), True, set()
+            params, var_kw = [], True
+        else:
+            var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
         keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        named = {p.name for p in params if p.kind in keyword}
-        required = {p.name for p in params if p.kind in keyword and p.default is inspect.Parameter.empty}
-        return named, any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params), required
+        set_ = object.__setattr__  # frozen: derived once here
+        set_(self, "named", {p.name for p in params if p.kind in keyword})
+        set_(self, "required", {p.name for p in params if p.kind in keyword and p.default is p.empty})
+        set_(self, "positional_only", [p.name for p in params if p.kind == p.POSITIONAL_ONLY and p.default is p.empty])
+        set_(self, "var_kw", var_kw)
 
     def __call__(self, prompts: list[Any], completions: list[Any], ids: list[list[int]], columns: list[dict]) -> list[float | None]:
         """The function's values for a batch, checked: one finite number or None per sample."""
-        named, var_kw, required = self._accepts()
+        named, var_kw, required = self.named, self.var_kw, self.required
         names = dict.fromkeys(c for row in columns for c in row)  # every extra column, in first-seen order
         data = {c: [row.get(c) for row in columns] for c in names}
         offered = {"prompts": prompts, "completions": completions, "completion_ids": ids, **data}
@@ -154,18 +163,12 @@ def _load(cfg: RewardFunctionConfig, key: str) -> RewardFunction:
             "completions, **columns)"
         )
     loaded = RewardFunction(cfg.label, cfg.function, cfg.weight, fn, key)
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # a builtin without a signature: trust it
-        params = []
-    positional = [p.name for p in params if p.kind == p.POSITIONAL_ONLY and p.default is p.empty]
-    if positional:
+    if loaded.positional_only:
         raise UserError(
-            f"{key} '{cfg.function}' cannot be called by keyword (positional-only {positional}): give it TRL's "
-            "signature fn(prompts, completions, **columns)"
+            f"{key} '{cfg.function}' cannot be called by keyword (positional-only {loaded.positional_only}): give it "
+            "TRL's signature fn(prompts, completions, **columns)"
         )
-    named, var_kw, _ = loaded._accepts()
-    if "completions" not in named and not var_kw:
+    if "completions" not in loaded.named and not loaded.var_kw:
         raise UserError(
             f"{key} '{cfg.function}' takes no 'completions' argument: give it TRL's signature fn(prompts, "
             "completions, **columns)"

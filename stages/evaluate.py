@@ -50,14 +50,14 @@ def evaluate(
             f"evaluate {name:>4}: {quality}rm {values['rm_reward']:.3f}  kl_to_sft {values['kl_to_sft']:.3f}  "
             f"len {values['response_length']:.1f}  ppl {values['perplexity']:.3f}"
         )
-    if not any(k not in EVALUATE_METRICS for values in result.values() for k in values):
+    scorers = sorted({k for values in result.values() for k in values if k not in EVALUATE_METRICS})
+    if not scorers:
         typer.echo(
             "evaluate: no gold scorer is configured for this data, so quality is not measured (only reward-model "
             "score, KL, length, perplexity): list a function in evaluate.scorers (README: reward functions)"
         )
     from rlhf.watch import evaluate_warnings
 
-    scorers = sorted({k for values in result.values() for k in values if k not in EVALUATE_METRICS})
     for line in evaluate_warnings(result, scorers):
         typer.echo(f"warning: {line}", err=True)
     typer.echo(f"evaluate: metrics -> {metrics}, samples -> {samples}")
