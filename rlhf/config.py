@@ -266,7 +266,11 @@ class PPOConfig(_Group):
     kl_coef: float = Field(0.2, ge=0)  # weight of the per-token KL to the reference in the reward
     kl_target: float | None = Field(None, gt=0)  # set: adaptive KL (Ziegler et al. 2019) towards this KL/sequence
     kl_horizon: int = Field(10000, gt=0)  # adaptive KL: samples over which the coefficient adapts
-    reward_clip: float = Field(5.0, ge=0)  # the summed reward (rewards.*) clipped to [-c, c]; 0 = no clipping
+    # running: the summed reward (rewards.*) z-scored by the mean and std of every reward so far before the KL
+    # penalty is added, so kl_coef weighs the same whatever the reward's scale (a verifier's 0..1 or a reward
+    # model's logits); none: the raw sum (DeepSpeed-Chat)
+    reward_normalization: Literal["running", "none"] = "running"
+    reward_clip: float = Field(5.0, ge=0)  # the (normalised) reward clipped to [-c, c]; 0 = no clipping
     clip_range: float = Field(0.2, gt=0)  # PPO policy ratio clip
     value_clip_range: float = Field(0.2, ge=0)  # value clip around the old values; 0 = no clipping
     gamma: float = Field(1.0, ge=0, le=1)  # discount

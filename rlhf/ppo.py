@@ -216,7 +216,7 @@ class PPOTrainer:
 
     def __init__(self, engine: RLHFEngine, config: PPOConfig, rewards: RewardsConfig | None = None,
                  functions: list[RewardFunction] | None = None):
-        from rlhf.ppo_math import AdaptiveKLController
+        from rlhf.ppo_math import AdaptiveKLController, RunningMoments
         from rlhf.rewards import load_functions
 
         self.engine, self.config = engine, config
@@ -228,6 +228,7 @@ class PPOTrainer:
         self.term_stats: dict[str, list[float]] = {}
         self.tok = engine.tok
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.reward_moments = RunningMoments()  # of every summed reward so far (ppo.reward_normalization: running)
         self.timings: dict[str, float] = {}
         self.iteration = 0  # the PPO iteration under way (1-based), for messages and fault injection
         self.guard = NonFiniteGuard(config.max_bad_steps, "ppo")
@@ -283,6 +284,20 @@ class PPOTrainer:
     def term_labels(self) -> list[str]:
         """The reward terms in use, as logged: `model` (the reward model) and each function's label."""
         return (["model"] if self.rewards.model_weight > 0 else []) + [f.label for f in self.functions]
+
+    def normalized(self, scores: Any) -> Any:
+        """(B,) the summed rewards as the KL-shaped reward takes them: under ppo.reward_normalization: running,
+        z-scored by the moments of every reward so far, this batch's included (summed over ranks, so each rank
+        normalises alike); under none, unchanged."""
+        if self.config.reward_normalization == "none":
+            return scores
+        from rlhf.trainer import all_reduce_sum
+
+        total, total_sq, n = all_reduce_sum(
+            [scores.sum().item(), scores.double().pow(2).sum().item(), float(scores.numel())], self.engine.dist
+        )
+        self.reward_moments.update(total, total_sq, n)
+        return self.reward_moments.normalize(scores)
 
     def shaped_rewards(self, logprobs: Any, ref_logprobs: Any, scores: Any, mask: Any) -> tuple[Any, Any]:
         """(B, R) per-token rewards: -kl_coef * KL to the reference, plus the clipped score at the last token."""
@@ -368,7 +383,7 @@ class PPOTrainer:
             values = token_values(self.engine.critic.module, seq, mask, p)
             scores = self.reward_scores(seq, mask, rows)
             logprobs, ref_logprobs, values = logprobs * action_mask, ref_logprobs * action_mask, values * action_mask
-            rewards, kl = self.shaped_rewards(logprobs, ref_logprobs, scores, action_mask)
+            rewards, kl = self.shaped_rewards(logprobs, ref_logprobs, self.normalized(scores), action_mask)
             t2 = time.perf_counter()
             advantages, returns = self.advantages(values, rewards, action_mask)
         t3 = time.perf_counter()
@@ -597,6 +612,7 @@ def run_ppo(
         if ptx is not None:
             ptx.load_state_dict(state["ptx"])
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+        trainer.reward_moments.load_state_dict(state["reward_moments"])
         trainer.guard.skipped = state["skipped"]
         if engine.ema is not None:
             engine.ema.load_state_dict(state["ema"])
@@ -646,6 +662,8 @@ def run_ppo(
                for i, label in enumerate(labels)},
             "kl": mean_kl,
             "kl_coef": trainer.kl_ctl.value,
+            **({"reward_mean": trainer.reward_moments.mean, "reward_std": trainer.reward_moments.std}
+               if ppo.reward_normalization == "running" else {}),
             "response_length": len_sum / n,
             **{k: v / steps for k, v in sums.items()},
             "gen_tokens_per_s": tok_sum / max(gen_s / dist.world_size, 1e-9),
@@ -681,6 +699,7 @@ def run_ppo(
                 "prompts": prompts.state_dict(),
                 "ptx": ptx.state_dict() if ptx is not None else None,
                 "kl_ctl": trainer.kl_ctl.state_dict(),
+                "reward_moments": trainer.reward_moments.state_dict(),
                 "skipped": trainer.guard.skipped,
                 "ema": engine.ema.state_dict() if engine.ema is not None else None,
                 "log_rows": logger.rows(),

@@ -244,6 +244,43 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
+class RunningMoments:
+    """Mean and standard deviation of every reward seen so far, merged batch by batch (Chan et al. 1979's parallel
+    update, as TRL's RunningMoments), for ppo.reward_normalization: running.
+
+    update(total, total_sq, n) takes a batch's sum, sum of squares and count (summed over ranks by the caller, so
+    every rank holds the same moments); normalize(scores) is (scores - mean) / std with the moments so far.
+    """
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0.0
+
+    def update(self, total: float, total_sq: float, n: float) -> None:
+        if n <= 0:
+            return
+        batch_mean = total / n
+        batch_var = max(total_sq / n - batch_mean**2, 0.0)
+        count = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / count
+        self.mean += delta * n / count
+        self.var, self.count = m2 / count, count
+
+    @property
+    def std(self) -> float:
+        """The unbiased standard deviation (1.0 until two rewards were seen)."""
+        return (self.var * self.count / (self.count - 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def normalize(self, scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        return (scores - self.mean) / (self.std + eps)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
+
 @torch.no_grad()
 def ema_update(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor], beta: float) -> None:
     """In place, parameter by parameter: ema = beta * ema + (1 - beta) * param (DeepSpeed-Chat moving_average).

@@ -316,7 +316,8 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
 
     sft, reward = _pad_is_eos_copies(trained, tmp_path)
     params = _params(trained, "ppo_eos.yaml", {"ppo": {"rollout_logprobs": "recompute", "kl_coef": 0.0,
-                                                       "reward_clip": 0.0, "ema_beta": 0.0}})
+                                                       "reward_clip": 0.0, "ema_beta": 0.0,
+                                                       "reward_normalization": "none"}})
     engine = RLHFEngine(params, dist, sft, reward)
     tok = engine.tok
     eos = tok.eos_token_id
@@ -352,6 +353,13 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
     last = want.cumsum(-1).argmax(-1)
     onehot = torch.nn.functional.one_hot(last, 5).float()
     torch.testing.assert_close(exp.rewards, onehot * exp.scores[:, None], rtol=0, atol=1e-6)
+
+    # reward_normalization running: the first batch is z-scored by its own mean and (unbiased) std.
+    running = PPOTrainer(engine, params.ppo.model_copy(update={"reward_normalization": "running"}))
+    exp = running.generate_experience(batch)
+    z = (exp.scores - exp.scores.mean()) / exp.scores.std()
+    torch.testing.assert_close(exp.rewards, onehot * z[:, None], rtol=0, atol=1e-5)
+    assert running.reward_moments.count == 4
 
 
 def test_generate_tokens_takes_no_knob_from_the_models_generation_config(trained: Path) -> None:

@@ -145,6 +145,28 @@ def test_kl_shaped_rewards_no_clip_when_reward_clip_not_positive() -> None:
     assert_close(rewards, t([[6.9, 0.0]]))
 
 
+def test_running_moments_merged_batch_by_batch_equal_those_of_all_rewards_at_once() -> None:
+    from rlhf.ppo_math import RunningMoments
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, generator=gen, dtype=torch.float64) * 3 + 2 for n in (4, 7, 1, 16)]
+    moments = RunningMoments()
+    assert moments.std == 1.0 and moments.normalize(t([3.0])).item() == 3.0  # nothing seen: unchanged
+    for b in batches:
+        moments.update(b.sum().item(), b.pow(2).sum().item(), b.numel())
+    every = torch.cat(batches)
+    assert moments.count == every.numel()
+    assert math.isclose(moments.mean, every.mean().item(), rel_tol=1e-9)
+    assert math.isclose(moments.std, every.std().item(), rel_tol=1e-9)  # unbiased, as torch.std
+    x = t([0.0, 5.0])
+    assert_close(moments.normalize(x), (x - every.mean().float()) / every.std().float())
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())  # the checkpoint's record
+    assert restored.state_dict() == moments.state_dict()
+    moments.update(0.0, 0.0, 0)  # an empty batch changes nothing
+    assert restored.state_dict() == moments.state_dict()
+
+
 # ------------------------------------------------------------------------------------------------------ GAE
 
 
