@@ -31,7 +31,7 @@ import os
 import random
 import re
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
@@ -823,7 +823,9 @@ def prepare_data(
         )
     steps = {src.path: src.steps for src in data.sources}
     splits = split_phases(valid, data.split_shares, data.eval_fraction, params.seed, steps)
-    _check_not_empty(splits, valid, data.split_shares, steps)
+    # A reward from rewards.functions alone needs no reward model: with no preference pair at all, step 2 is skipped
+    not_needed = ("reward",) if params.rewards.model_weight == 0 else ()
+    skipped = _check_not_empty(splits, valid, data.split_shares, steps, not_needed)
     sources: dict[str, dict[str, Any]] = {}
     for src in data.sources:
         entry = sources.setdefault(src.path, {"steps": src.steps or f"data_split {data.data_split}", "rows_valid": 0})
@@ -852,26 +854,38 @@ def prepare_data(
         "rows_unused": unused,  # valid rows whose prompt went to a step they cannot feed
         "prompts_in_several_steps": sum(len(s) > 1 for s in steps_of.values()),  # only where sources' steps say so
         "sources": sources,
-        "warnings": split_warnings(splits, unused),
+        "skipped_steps": skipped,  # steps with no data that the run does not need (read by their stages)
+        "warnings": split_warnings(splits, unused, skipped),
     }
     return splits, stats
 
 
 def _check_not_empty(
-    splits: dict[str, list[dict]], valid: list[dict], shares: tuple[float, ...], steps: dict[str, list[str] | None]
-) -> None:
+    splits: dict[str, list[dict]],
+    valid: list[dict],
+    shares: tuple[float, ...],
+    steps: dict[str, list[str] | None],
+    not_needed: tuple[str, ...] = (),
+) -> list[str]:
     """Every step the pipeline runs needs training rows and eval rows: an empty split stops prepare, with the reason
-    and the fix, before anything is written (the training stages would refuse it later, after the wait)."""
+    and the fix, before anything is written (the training stages would refuse it later, after the wait). A step in
+    `not_needed` that no valid row can feed is skipped instead: the skipped steps are returned."""
+    skipped: list[str] = []
     for phase, share in zip(_PHASES, shares):
         if splits[f"{phase}_train"]:
             continue
         index = _PHASES.index(phase)
         feeders = [r for r in valid if _feeds(r)[index]]
         named = [p for p, st in steps.items() if st and phase in st]
+        if not feeders and phase in not_needed:
+            skipped.append(phase)
+            continue
         if not feeders:
             what = "a preference pair" if phase == "reward" else "an answer (a completion, or a pair's chosen)"
             kind = "prompt/chosen/rejected" if phase == "reward" else "prompt/completion, messages or preference"
             why, fix = f"no valid row has {what}", f"add a {kind} source"
+            if phase == "reward":
+                fix += " (or, for a reward from rewards.functions alone, set rewards.model_weight: 0)"
         elif not named and all(steps.get(r.get("source", "")) for r in feeders):
             why, fix = "every source that could feed it names other steps", f"add {phase} to a data.sources[].steps"
         elif not named and share <= 0:
@@ -882,20 +896,21 @@ def _check_not_empty(
             fix = f"raise {phase}'s share in data.data_split, give a source steps: [{phase}], or add prompts"
         raise UserError(f"{phase}_train is empty (0 rows), so the {phase} stage would train on nothing: {why}: {fix}")
     for phase in _PHASES:
-        if not splits[f"{phase}_eval"]:  # one prompt: held out it would leave nothing to train on
+        if phase not in skipped and not splits[f"{phase}_eval"]:  # one prompt: held out it leaves nothing to train
             n = len({prompt_key(r) for r in splits[f"{phase}_train"]})
             raise UserError(
                 f"{phase}_eval is empty (0 rows; {phase} has {n} prompt, all in {phase}_train), so the {phase} stage's "
                 f"eval metrics would measure nothing: give {phase} rows with at least 2 distinct prompts (one is held "
                 "out), e.g. a larger data.data_split share"
             )
+    return skipped
 
 
-def split_warnings(splits: dict[str, list[dict]], unused: int = 0) -> list[str]:
+def split_warnings(splits: dict[str, list[dict]], unused: int = 0, skipped: Sequence[str] = ()) -> list[str]:
     """One line per split that will train or measure badly: a train split far smaller than the largest one (under
-    SMALL_SPLIT_FRACTION of its rows), and one when valid rows went unused (their prompt went to a step they cannot
-    feed)."""
-    sizes = {p: len(splits[f"{p}_train"]) for p in _PHASES}
+    SMALL_SPLIT_FRACTION of its rows; a skipped step has none by design), and one when valid rows went unused (their
+    prompt went to a step they cannot feed)."""
+    sizes = {p: len(splits[f"{p}_train"]) for p in _PHASES if p not in skipped}
     largest = max(sizes, key=lambda p: sizes[p])
     out = []
     for phase, n in sizes.items():

@@ -122,11 +122,19 @@ def evaluate_actors(
     from rlhf.rewards import function_values, load_functions, require_applies
     from rlhf.tokenizer import encode_prompt, load_tokenizer
 
-    for name, path in {**actors, "reward": reward_path}.items():
-        if not (Path(path) / "config.json").is_file():
-            raise UserError(f"{name} model folder '{path}' has no config.json: run the earlier stages (dvc repro)")
+    from rlhf.reward import is_placeholder
+
+    with_rm = not is_placeholder(reward_path)  # the reward stage's placeholder: no reward model was needed
     rows = read_split(data_dir / "ppo_eval.jsonl")[: cfg.num_prompts]
     scorers = load_functions(default_scorers(cfg, rows), "evaluate.scorers")
+    if not with_rm and not scorers:
+        raise UserError(
+            f"'{reward_path}' is a placeholder (no reward model was trained) and evaluate.scorers lists no scorer for "
+            "this data, so nothing would measure the answers: list your verifier in evaluate.scorers"
+        )
+    for name, path in {**actors, **({"reward": reward_path} if with_rm else {})}.items():
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"{name} model folder '{path}' has no config.json: run the earlier stages (dvc repro)")
     demos = read_split(data_dir / "sft_eval.jsonl")[: cfg.num_prompts]
     for split, got in (("ppo_eval", rows), ("sft_eval", demos)):
         if not got:  # prepare refuses empty eval splits; a folder made some other way may still have one
@@ -138,12 +146,13 @@ def evaluate_actors(
     tok = load_tokenizer(baseline_path)
     # The compatibility gate: every actor's answers are scored by the reward model and compared with the SFT model.
     base_cfg = AutoConfig.from_pretrained(baseline_path)
-    check_compatible(tok, load_tokenizer(reward_path), base_cfg, AutoConfig.from_pretrained(reward_path))
+    if with_rm:
+        check_compatible(tok, load_tokenizer(reward_path), base_cfg, AutoConfig.from_pretrained(reward_path))
     for name, path in list(actors.items())[1:]:
         check_compatible(tok, load_tokenizer(path), base_cfg, AutoConfig.from_pretrained(path), other=f"{name} actor")
     prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
     texts = [r["prompt"][-1]["content"] for r in rows]
-    reward = load_reward_model(reward_path).eval()
+    reward = load_reward_model(reward_path).eval() if with_rm else None
     baseline = load_causal_lm(baseline_path).eval()
 
     metrics: dict[str, dict[str, float]] = {}
@@ -154,14 +163,14 @@ def evaluate_actors(
         decoded = [tok.decode(a, skip_special_tokens=True) for a in answers]
         quality = function_values(scorers, rows, decoded, answers)
         require_applies(scorers, quality, f"held-out answers of the {name} actor")
-        scores = _reward_scores(reward, tok, prompts, answers, cfg.batch_size)
+        scores = _reward_scores(reward, tok, prompts, answers, cfg.batch_size) if with_rm else []
         temperature = cfg.temperature if cfg.do_sample else 1.0  # the distribution the answers were drawn from
         own = _answer_logprobs(model, tok, prompts, answers, cfg.batch_size, temperature)
         ref = _answer_logprobs(baseline, tok, prompts, answers, cfg.batch_size, temperature)
         tokens = sum(len(a) for a in answers)
         metrics[name] = {
             **{label: _mean(values) for label, values in quality.items()},
-            "rm_reward": sum(scores) / len(scores),
+            **({"rm_reward": sum(scores) / len(scores)} if with_rm else {}),
             "kl_to_sft": (sum(own) - sum(ref)) / max(tokens, 1),  # k1 estimate of KL(actor || sft) per token
             "response_length": sum(len(a) - (a[-1:] == [tok.eos_token_id]) for a in answers) / len(answers),
             "perplexity": _perplexity(model, tok, demos, cfg.batch_size),

@@ -561,6 +561,14 @@ def run_ppo(
         reward_path = None  # the reward is the functions alone: no reward model is read
     elif reward_path is None:
         raise UserError("rewards.model_weight > 0 needs a reward model: pass --reward, or set rewards.model_weight: 0")
+    from rlhf.reward import is_placeholder
+
+    if reward_path is not None and is_placeholder(reward_path):
+        raise UserError(
+            f"'{reward_path}' is a placeholder (prepare found no preference pair, so no reward model was trained) but "
+            "rewards.model_weight is > 0: set rewards.model_weight: 0 for a reward from rewards.functions alone, or "
+            "add a prompt/chosen/rejected source"
+        )
     for path, what in ((sft_path, "SFT actor"), (reward_path, "reward model")):
         if path is not None and not (Path(path) / "config.json").is_file():
             raise UserError(f"{what} folder '{path}' has no config.json: run the earlier stages (dvc repro) first")

@@ -88,10 +88,63 @@ def _evaluate(dist: Dist):
     return evaluate
 
 
+NO_REWARD_MODEL = (
+    "No reward model: prepare found no preference pair and rewards.model_weight is 0, so step 3's reward is\n"
+    "rewards.functions alone. Add a prompt/chosen/rejected source to train one (then rewards.model_weight > 0).\n"
+)
+
+
+def skipped_steps(data_dir: Path) -> list[str]:
+    """The steps prepare skipped for want of data the run does not need (its manifest's stats.skipped_steps)."""
+    import json
+
+    manifest = Path(data_dir) / "manifest.json"
+    if not manifest.is_file():
+        return []
+    return list(json.loads(manifest.read_text()).get("stats", {}).get("skipped_steps", []))
+
+
+def is_placeholder(path: Path | str) -> bool:
+    """Whether `path` is the reward stage's placeholder (no reward model was needed), not a model."""
+    import json
+
+    manifest = Path(path) / "manifest.json"
+    if (Path(path) / "config.json").is_file() or not manifest.is_file():
+        return False
+    made = json.loads(manifest.read_text())
+    return made.get("step") == "reward" and made.get("metrics", {}).get("trained") is False
+
+
+def _write_placeholder(
+    params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None, ckpt_dir: Path | None
+) -> dict[str, Any]:
+    import os
+    import shutil
+
+    from rlhf.outputs import hash_inputs, make_manifest, write_output_dir
+
+    metrics: dict[str, Any] = {"trained": False, "pairs": 0}
+    if os.environ.get("RANK", "0") == "0":
+        # The stage's other outputs exist too, empty: no curve (an earlier model's are dropped), no checkpoint (DVC
+        # requires every declared output)
+        if live_dir is not None:
+            shutil.rmtree(live_dir, ignore_errors=True)
+            (live_dir / "plots" / "metrics").mkdir(parents=True)
+        if ckpt_dir is not None:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        manifest = make_manifest(
+            "reward", {"reward": params.reward.model_dump()}, hash_inputs({"reward_train": data_dir / "reward_train.jsonl"}),
+            seed=params.seed, world_size=1, metrics=metrics,
+        )
+        write_output_dir(out_dir, lambda tmp: (tmp / "README.txt").write_text(NO_REWARD_MODEL), manifest)
+    return metrics
+
+
 def run_reward(
     params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None, ckpt_dir: Path | None = None
-) -> dict[str, float]:
-    """Train the reward model on data_dir/reward_train.jsonl and write the HF folder out_dir."""
+) -> dict[str, Any]:
+    """Train the reward model on data_dir/reward_train.jsonl and write the HF folder out_dir. When prepare skipped
+    step 2 (no preference pair, rewards.model_weight 0), write the placeholder instead (metrics trained: false)."""
     from rlhf.data import read_split
     from rlhf.engine import init_distributed, seed_everything
     from rlhf.models import add_lora, build_reward_model
@@ -103,6 +156,8 @@ def run_reward(
     tok = resolve_tokenizer(params.reward_model.name_or_path, data_dir)
     cfg = params.reward
     train_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_train.jsonl")]
+    if not train_rows and "reward" in skipped_steps(data_dir):
+        return _write_placeholder(params, data_dir, out_dir, live_dir, ckpt_dir)
     eval_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_eval.jsonl")]
     check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "reward", launch_world_size())
     check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")

@@ -47,7 +47,8 @@ def evaluate(
     for name, values in result.items():
         quality = "".join(f"{k} {v:.3f}  " for k, v in values.items() if k not in EVALUATE_METRICS)
         typer.echo(
-            f"evaluate {name:>4}: {quality}rm {values['rm_reward']:.3f}  kl_to_sft {values['kl_to_sft']:.3f}  "
+            f"evaluate {name:>4}: {quality}" + (f"rm {values['rm_reward']:.3f}  " if "rm_reward" in values else "")
+            + f"kl_to_sft {values['kl_to_sft']:.3f}  "
             f"len {values['response_length']:.1f}  ppl {values['perplexity']:.3f}"
         )
     scorers = sorted({k for values in result.values() for k in values if k not in EVALUATE_METRICS})

@@ -40,3 +40,8 @@ def prepare(
         f"({stats['rows_invalid']} dropped) -> {out}; "
         + ", ".join(f"{k}={v} ({stats['prompts'][k]} prompts)" for k, v in stats["splits"].items())
     )
+    if "reward" in stats["skipped_steps"]:
+        typer.echo(
+            "prepare: no row has a preference pair and rewards.model_weight is 0, so no reward model is trained "
+            "(the reward stage writes a placeholder; the reward is rewards.functions alone)"
+        )

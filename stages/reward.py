@@ -32,4 +32,7 @@ def reward(
     result = guarded(run_reward, params, data, out, live, checkpoints)
     if is_main_rank():
         write_json(metrics, result)
-        typer.echo(f"reward: model -> {out}, metrics -> {metrics} (held-out accuracy {result['accuracy']:.3f})")
+        if not result.get("trained", True):
+            typer.echo(f"reward: no reward model to train (no preference pairs, rewards.model_weight 0): placeholder -> {out}")
+        else:
+            typer.echo(f"reward: model -> {out}, metrics -> {metrics} (held-out accuracy {result['accuracy']:.3f})")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import cli_env, merge, run_cli, write_params
 
@@ -126,6 +127,10 @@ def mine(**data: Any) -> dict[str, Any]:
     sources = [{"path": "mine.jsonl", "format": "prompt_completion"}, {"path": "mine_pairs.jsonl", "format": "auto"}]
     return {"data": {"sources": sources, **data}}
 PAIR = {"prompt": "Sort 3 1 2.", "chosen": "1 2 3", "rejected": "3 2 1"}
+SAY = jsonl(*({"prompt": f"Say {i}.", "completion": f"{i}"} for i in range(20)))  # demonstrations, no pairs
+# No pairs, a reward from a function alone: prepare skips step 2 and the reward stage writes its placeholder.
+VERIFIER_ONLY = merge(source("d.jsonl"), {"rewards": {"model_weight": 0.0,
+                                                      "functions": [{"function": "rlhf.task:gold_reward_fn"}]}})
 
 
 @dataclass(frozen=True)
@@ -171,8 +176,9 @@ BAD_INPUTS = [
     Bad("duplicate row (same prompt, same answer)", ("prepare",), ("row 1", "duplicate_row"),
         source("d.jsonl"), {"d.jsonl": jsonl(GOOD, GOOD)}),
     Bad("a step with an empty train split (no pairs for the reward model)", ("prepare",),
-        ("reward_train is empty (0 rows)", "no valid row has a preference pair", "prompt/chosen/rejected"),
-        source("d.jsonl"), {"d.jsonl": jsonl(*({"prompt": f"Say {i}.", "completion": f"{i}"} for i in range(20)))}),
+        ("reward_train is empty (0 rows)", "no valid row has a preference pair", "prompt/chosen/rejected",
+         "rewards.model_weight: 0"),
+        source("d.jsonl"), {"d.jsonl": SAY}),
     Bad("source steps its rows cannot feed", ("prepare",),
         ("'d.jsonl' reads as format prompt_completion", "cannot feed ['reward']", "data.sources[].steps"),
         {"data": {"sources": [{"path": "d.jsonl", "steps": ["reward"]}]}}, {"d.jsonl": jsonl(GOOD)}),
@@ -275,6 +281,13 @@ BAD_INPUTS = [
     Bad("reward pairs fewer than one micro batch", ("reward",),
         ("data/prepared/reward_train.jsonl has", "fewer than one batch of 32", "reward.micro_batch_size 32"),
         merge(mine(), {"reward": {"micro_batch_size": 32}}), MINE_FILES, setup=(("prepare",),)),
+    Bad("ppo with rewards.model_weight > 0 on the reward stage's placeholder", ("ppo", "--params", "p1.yaml"),
+        ("'models/reward' is a placeholder", "no reward model was trained", "rewards.model_weight: 0"),
+        VERIFIER_ONLY, {"d.jsonl": SAY, "p1.yaml": yaml.safe_dump(merge(source("d.jsonl"), {"rewards": {"model_weight": 1.0}}))},
+        setup=(("prepare",), ("reward",))),
+    Bad("evaluate with neither a reward model nor a scorer", ("evaluate",),
+        ("'models/reward' is a placeholder", "evaluate.scorers lists no scorer", "list your verifier"),
+        VERIFIER_ONLY, {"d.jsonl": SAY}, setup=(("prepare",), ("reward",))),
     # (An empty eval split, or an empty reward split, stops prepare itself: "a step with an empty train split"
     # above; the training stages check again, tests/test_outputs.py.)
     Bad("PPO prompts fewer than one rollout batch", ("ppo",),

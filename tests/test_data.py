@@ -627,6 +627,23 @@ def test_a_step_with_an_empty_train_split_stops_prepare(sources: list, data_spli
     assert "\n" not in str(err.value)
 
 
+def test_no_pairs_with_a_reward_from_functions_alone_skips_the_reward_step() -> None:
+    """rewards.model_weight 0 needs no reward model: with no preference pair at all prepare skips step 2 (its splits
+    empty, stats.skipped_steps names it) instead of stopping; with pairs, or with model_weight > 0, nothing changes."""
+    rows = [norm([user(f"q{i}")], completion=f"a{i}", source="pc") for i in range(20)]
+    verifier = {"model_weight": 0.0, "functions": [{"function": "rlhf.task:gold_reward_fn"}]}
+    params = Params.model_validate({"data": {"sources": [{"path": "pc"}]}, "rewards": verifier})
+    splits, stats = prepare_data(params, rows)
+    assert stats["skipped_steps"] == ["reward"]
+    assert splits["reward_train"] == splits["reward_eval"] == []
+    assert splits["sft_train"] and splits["ppo_train"] and splits["ppo_eval"]
+    with_pairs = rows + [good(i, source="pc") for i in range(20)]
+    assert prepare_data(params, with_pairs)[1]["skipped_steps"] == []
+    with pytest.raises(UserError, match=r"^reward_train is empty.*or, for a reward from rewards.functions alone, set "
+                                        r"rewards.model_weight: 0"):
+        prepare_data(Params.model_validate({"data": {"sources": [{"path": "pc"}]}}), rows)
+
+
 def test_a_far_smaller_train_split_warns() -> None:
     rows = [good(i, source="pairs") for i in range(200)]
     params = Params.model_validate({"data": {"sources": [{"path": "pairs"}], "data_split": "0.2,4,4"}})

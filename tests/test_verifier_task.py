@@ -1,8 +1,9 @@
 """Verifier-only RLHF on a user's own task, through `dvc repro` as they would run it: their data (TRL formats, an
-extra `answer` column on the PPO prompts), their "pretrained" model whose tokenizer has pad = eos, and a verifier of
-their own in rewards/ as the only reward (`rewards.model_weight: 0`: no reward model is read, the critic starts from
-the SFT actor with a fresh value head). PPO must raise the verifier's held-out mean; evaluate reports it as a scorer;
-editing the verifier makes DVC rerun ppo."""
+extra `answer` column on the PPO prompts, demonstrations but no preference pair), their "pretrained" model whose
+tokenizer has pad = eos, and a verifier of their own in rewards/ as the only reward (`rewards.model_weight: 0`:
+prepare skips step 2, the reward stage writes its placeholder, the critic starts from the SFT actor with a fresh
+value head). PPO must raise the verifier's held-out mean; evaluate reports it as a scorer; editing the verifier
+makes DVC rerun ppo."""
 
 from __future__ import annotations
 
@@ -37,18 +38,18 @@ def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path)
     rows = _rows()
     for r in rows["prompts.jsonl"]:  # the reference answer, for the verifier only
         r["answer"] = " ".join(reversed(r["prompt"].removeprefix("Reverse the words: ").split()))
+    del rows["pairs.jsonl"]  # no preference data at all: nothing for a reward model to learn from
     for name, items in rows.items():
         (repo / "data/sources" / name).write_text("".join(json.dumps(r) + "\n" for r in items))
     (repo / "rewards/reverse.py").write_text(VERIFIER)
     texts = [r["prompt"] for r in rows["prompts.jsonl"]] + [r["completion"] for r in rows["sft.jsonl"]]
     _pretrained_folder(repo / "pretrained", texts)
-    steps = {"sft.jsonl": ["sft"], "pairs.jsonl": ["reward"], "prompts.jsonl": ["ppo"]}
+    steps = {"sft.jsonl": ["sft"], "prompts.jsonl": ["ppo"]}
     verifier = {"function": "rewards.reverse:reversed_words", "name": "reversed"}
     write_params(repo / "params.yaml", {
         "data": {"sources": [{"path": f"data/sources/{n}", "steps": s} for n, s in steps.items()]},
         "model": {"name_or_path": "pretrained"},
         "sft": {"micro_batch_size": 8, "max_steps": 400, "epochs": 100},
-        "reward": {"micro_batch_size": 8, "max_steps": 4, "epochs": 1},
         "rewards": {"model_weight": 0.0, "functions": [verifier]},
         "ppo": {"rollout_batch_size": 16, "micro_batch_size": 8, "iterations": 20, "eval_prompts": 12,
                 "answers_per_prompt": 4, "actor_learning_rate": 0.001},
@@ -59,6 +60,11 @@ def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path)
     _commit(repo, "own task, own verifier")
     out = _run("dvc", "repro", cwd=repo)
     assert "Running stage 'evaluate'" in out, out
+    assert "no reward model to train (no preference pairs, rewards.model_weight 0): placeholder" in out, out
+    from rlhf.reward import is_placeholder
+
+    assert is_placeholder(repo / "models/reward") and not (repo / "models/reward/config.json").exists()
+    assert json.loads((repo / "metrics/prepare.json").read_text())["skipped_steps"] == ["reward"]
 
     metrics = json.loads((repo / "metrics/ppo.json").read_text())
     print({k: v for k, v in metrics.items() if "reward" in k or "reversed" in k})
@@ -69,6 +75,7 @@ def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path)
     evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
     assert evaluate["ppo"]["reversed"] > evaluate["sft"]["reversed"], evaluate
     assert "gold_reward" not in evaluate["sft"]  # not the builtin task: no builtin gold scorer
+    assert "rm_reward" not in evaluate["sft"]  # and no reward model to score with
 
     sft = AutoModelForCausalLM.from_pretrained(repo / "models/sft").state_dict()
     actor = AutoModelForCausalLM.from_pretrained(repo / "models/ppo/actor").state_dict()
