@@ -163,14 +163,15 @@ def evaluate_actors(
         decoded = [tok.decode(a, skip_special_tokens=True) for a in answers]
         quality = function_values(scorers, rows, decoded, answers)
         require_applies(scorers, quality, f"held-out answers of the {name} actor")
-        scores = _reward_scores(reward, tok, prompts, answers, cfg.batch_size) if with_rm else []
+        scores = _reward_scores(reward, tok, prompts, answers, cfg.batch_size) if reward is not None else None
+        rm = {"rm_reward": _mean(scores)} if scores is not None else {}
         temperature = cfg.temperature if cfg.do_sample else 1.0  # the distribution the answers were drawn from
         own = _answer_logprobs(model, tok, prompts, answers, cfg.batch_size, temperature)
         ref = _answer_logprobs(baseline, tok, prompts, answers, cfg.batch_size, temperature)
         tokens = sum(len(a) for a in answers)
         metrics[name] = {
             **{label: _mean(values) for label, values in quality.items()},
-            **({"rm_reward": sum(scores) / len(scores)} if with_rm else {}),
+            **rm,
             "kl_to_sft": (sum(own) - sum(ref)) / max(tokens, 1),  # k1 estimate of KL(actor || sft) per token
             "response_length": sum(len(a) - (a[-1:] == [tok.eos_token_id]) for a in answers) / len(answers),
             "perplexity": _perplexity(model, tok, demos, cfg.batch_size),

@@ -162,13 +162,19 @@ def sweep_leftovers(out: Path) -> None:
             _remove(entry)
 
 
+def read_manifest(folder: Path | str) -> dict[str, Any]:
+    """The manifest this project wrote in `folder` (make_manifest), or {} when there is none, it does not parse, or it
+    is some other tool's manifest.json."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and {"step", "versions"} <= set(data) else {}
+
+
 def _is_manifest(path: Path) -> bool:
     """Whether `path` is a manifest this project wrote (make_manifest), not some other tool's manifest.json."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and {"step", "versions"} <= set(data)
+    return path.name == MANIFEST and bool(read_manifest(path.parent))
 
 
 def _foreign(folder: Path) -> Path | None:

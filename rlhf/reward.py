@@ -96,23 +96,19 @@ NO_REWARD_MODEL = (
 
 def skipped_steps(data_dir: Path) -> list[str]:
     """The steps prepare skipped for want of data the run does not need (its manifest's stats.skipped_steps)."""
-    import json
+    from rlhf.outputs import read_manifest
 
-    manifest = Path(data_dir) / "manifest.json"
-    if not manifest.is_file():
-        return []
-    return list(json.loads(manifest.read_text()).get("stats", {}).get("skipped_steps", []))
+    return list(read_manifest(data_dir).get("stats", {}).get("skipped_steps", []))
 
 
 def is_placeholder(path: Path | str) -> bool:
     """Whether `path` is the reward stage's placeholder (no reward model was needed), not a model."""
-    import json
+    from rlhf.outputs import read_manifest
 
-    manifest = Path(path) / "manifest.json"
-    if (Path(path) / "config.json").is_file() or not manifest.is_file():
-        return False
-    made = json.loads(manifest.read_text())
-    return made.get("step") == "reward" and made.get("metrics", {}).get("trained") is False
+    made = read_manifest(path)
+    return not (Path(path) / "config.json").is_file() and made.get("step") == "reward" and (
+        made.get("metrics", {}).get("trained") is False
+    )
 
 
 def _write_placeholder(
@@ -133,7 +129,8 @@ def _write_placeholder(
         if ckpt_dir is not None:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         manifest = make_manifest(
-            "reward", {"reward": params.reward.model_dump()}, hash_inputs({"reward_train": data_dir / "reward_train.jsonl"}),
+            "reward", {"reward": params.reward.model_dump()},
+            hash_inputs({"reward_train": data_dir / "reward_train.jsonl"}),
             seed=params.seed, world_size=1, metrics=metrics,
         )
         write_output_dir(out_dir, lambda tmp: (tmp / "README.txt").write_text(NO_REWARD_MODEL), manifest)
