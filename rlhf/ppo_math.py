@@ -1,4 +1,5 @@
-"""Pure PPO math for RLHF: plain tensors and floats in, tensors (and float stats) out; no config objects.
+"""Pure math of step 3 (PPO and the critic-free family) and of DPO: plain tensors and floats in, tensors (and float
+stats) out; no config objects.
 
 Conventions used throughout:
     B  batch size (rollouts);  T  sequence length;  V  vocabulary size
@@ -12,6 +13,15 @@ References:
     Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (clipped surrogate).
     DeepSpeed-Chat, applications/DeepSpeed-Chat/dschat/rlhf/ppo_trainer.py (compute_rewards, get_advantages_and_returns,
     actor_loss_fn, critic_loss_fn) and dschat/utils/utils.py moving_average.
+    Shao et al. 2024, "DeepSeekMath" (GRPO: group-relative advantages, the k3 KL loss, per-sequence loss averaging).
+    Liu et al. 2025, "Understanding R1-Zero-Like Training" (Dr. GRPO: no std division, a constant length normaliser).
+    Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization" (RLOO's leave-one-out baseline).
+    Hu 2025, "REINFORCE++" (token-level KL in the reward, returns whitened over the global batch).
+    Yu et al. 2025, "DAPO" (token-mean loss aggregation, asymmetric clipping "clip-higher").
+    Rafailov et al. 2023, "Direct Preference Optimization" (DPO); Mitchell 2023, "A note on DPO with noisy
+    preferences" (cDPO, label smoothing); Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning
+    from Human Preferences" (IPO).
+    Schulman 2020, "Approximating KL Divergence" (the k1, k2, k3 estimators).
 """
 
 from __future__ import annotations
@@ -151,29 +161,65 @@ def gae_advantages(
     return advantages, returns
 
 
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: int | None = None) -> torch.Tensor:
+    """One scalar from per-token losses (B, A) over the real tokens of mask (B, A):
+
+        token_mean               sum_{i,t} l_it / sum_{i,t} m_it    every token weighs the same (DAPO; PPO's
+                                                                    masked mean)
+        seq_mean_token_mean      1/B sum_i (sum_t l_it / sum_t m_it)  each answer weighs the same, its tokens
+                                                                    averaged (GRPO's 1/G sum_i 1/|o_i| sum_t)
+        seq_mean_token_sum_norm  1/B sum_i (sum_t l_it / L)           Dr. GRPO: a constant L (norm_length, the
+                                                                    longest answer allowed) instead of |o_i|, so
+                                                                    the loss has no length bias
+
+    Padding entries are replaced by 0 (not multiplied), so inf/NaN there cannot leak in; an answer with no real
+    token counts as 0 in the sequence means.
+    """
+    keep = mask.bool()
+    per_token = torch.where(keep, loss, torch.zeros_like(loss))  # (B, A)
+    if mode == "token_mean":
+        return per_token.sum() / keep.sum().clamp(min=1)
+    if mode == "seq_mean_token_mean":
+        return (per_token.sum(-1) / keep.sum(-1).clamp(min=1)).mean()
+    if mode == "seq_mean_token_sum_norm":
+        if not norm_length or norm_length <= 0:
+            raise ValueError("seq_mean_token_sum_norm needs norm_length > 0 (the longest answer allowed)")
+        return (per_token.sum(-1) / norm_length).mean()
+    raise ValueError(f"unknown loss aggregation {mode!r}: use one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    clip_range_high: float | None = None,
+    aggregation: str = "token_mean",
+    norm_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate (Schulman et al. 2017 eq. 7; DeepSpeed-Chat actor_loss_fn), as a loss to minimise.
 
     logprobs: (B, A) log pi_theta(a_t|s_t) with gradient; old_logprobs: (B, A) at rollout time;
-    advantages: (B, A); mask: (B, A); clip_range: epsilon.
+    advantages: (B, A); mask: (B, A); clip_range: epsilon (the low side, eps_low); clip_range_high: eps_high
+    (None = clip_range: the symmetric clip; larger lets unlikely tokens grow, DAPO's clip-higher).
         ratio = exp(logprobs - old_logprobs)
-        loss  = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - eps, 1 + eps)))
+        loss  = aggregate(max(-A * ratio, -A * clamp(ratio, 1 - eps_low, 1 + eps_high)))
+    aggregation, norm_length: see aggregate_loss (token_mean is the masked mean over every real token).
     Returns (loss (), stats) with stats:
         clip_fraction  share of real tokens where the clipped term is the active (strictly larger) one
         approx_kl      masked_mean(0.5 * (logprobs - old_logprobs)^2), Schulman's k2 estimator of KL(old || new)
         ratio          masked mean of the ratio
     """
+    high = clip_range if clip_range_high is None else clip_range_high
     log_ratio = logprobs - old_logprobs  # (B, A)
     ratio = torch.exp(log_ratio)  # (B, A)
     unclipped = -advantages * ratio  # (B, A)
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)  # (B, A)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)  # ()
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)  # (B, A)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, aggregation, norm_length)  # ()
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
@@ -181,6 +227,100 @@ def policy_loss(
             "ratio": masked_mean(ratio, mask).item(),
         }
     return loss, stats
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """(B, A) per-token k3 estimate of KL(pi || pi_ref) at tokens sampled from pi (Schulman 2020; GRPO eq. 4):
+
+        k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1     (>= 0, unbiased, low variance)
+
+    Differentiable in logprobs: GRPO adds beta * k3 to the loss instead of putting the KL in the reward.
+    """
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) entropy of softmax(logits / temperature) at each position, in float32 (logits: (B, T, V))."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@torch.no_grad()
+def group_advantages(scores: torch.Tensor, group_size: int, baseline: str, scale: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """(B,) per-answer advantage from the scores of G = group_size answers to each prompt (rows i*G .. i*G+G-1
+    share a prompt; B must be a multiple of G):
+
+        grpo   A_i = (r_i - mean_g(r)) / (std_g(r) + eps)    (GRPO eq. 3, std unbiased as torch.std and TRL);
+               scale False: A_i = r_i - mean_g(r)             (Dr. GRPO: no std division, no difficulty bias)
+        rloo   A_i = r_i - 1/(G-1) sum_{j != i} r_j           (RLOO; = G/(G-1) (r_i - mean_g(r)))
+
+    A group whose answers all scored alike gets advantage 0 (nothing to learn from it).
+    """
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"group advantages need groups of >= 2 answers dividing the batch, got {group_size} "
+                         f"for {scores.numel()} scores")
+    groups = scores.float().view(-1, group_size)  # (B / G, G)
+    mean = groups.mean(-1, keepdim=True)
+    if baseline == "rloo":
+        out = (groups * group_size - groups.sum(-1, keepdim=True)) / (group_size - 1)
+    elif baseline == "grpo":
+        out = groups - mean
+        if scale:
+            out = out / (groups.std(-1, keepdim=True) + eps)
+    else:
+        raise ValueError(f"unknown group baseline {baseline!r}: grpo or rloo")
+    return out.view(-1)
+
+
+@torch.no_grad()
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """(B, A) reward-to-go G_t = sum_{s >= t} gamma^(s-t) r_s over the real tokens (REINFORCE; the critic-free
+    family's advantage before any normalisation); 0 where mask is 0, which padding rewards never reach."""
+    keep = mask.bool()
+    rewards = torch.where(keep, rewards.float(), torch.zeros_like(rewards, dtype=torch.float32))
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0]) if rewards.shape[-1] else None
+    for t in reversed(range(rewards.shape[-1])):
+        running = rewards[:, t] + gamma * running
+        out[:, t] = running
+    return torch.where(keep, out, torch.zeros_like(out))
+
+
+@torch.no_grad()
+def critic_free_advantages(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    algorithm: str,
+    group_size: int,
+    kl_coef: float,
+    gamma: float = 1.0,
+    scale_group: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) advantages and the (B, A) per-token rewards they came from, for the critic-free family (OpenRLHF's and
+    verl's layout): the sequence score gets its baseline first, then the KL penalty is added per token, then the
+    rewards are summed to go.
+
+        grpo / rloo    score_i -> group_advantages(score, G)     (the baseline of each prompt's answers)
+        reinforce_pp   score_i unchanged                          (no baseline; returns whitened below)
+        r_it = -kl_coef * (log pi_old - log pi_ref)_it + [t = last] * score_i     (k1; kl_coef 0 with the KL loss)
+        A_it = sum_{s >= t} gamma^(s-t) r_is                      reinforce_pp: then whitened over the whole batch
+    """
+    if algorithm in ("grpo", "rloo"):
+        scores = group_advantages(scores, group_size, algorithm, scale_group)
+    elif algorithm != "reinforce_pp":
+        raise ValueError(f"unknown critic-free algorithm {algorithm!r}")
+    rewards, _ = kl_shaped_rewards(logprobs, ref_logprobs, scores, mask, kl_coef, 0.0)
+    advantages = discounted_returns(rewards, mask, gamma)
+    if algorithm == "reinforce_pp":
+        advantages = masked_whiten(advantages, mask)
+    return advantages, rewards
 
 
 def value_loss(
@@ -290,3 +430,44 @@ def ema_update(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor
     """
     for ema, param in zip(ema_params, params, strict=True):
         ema.mul_(beta).add_(param.to(device=ema.device, dtype=ema.dtype), alpha=1.0 - beta)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Preference loss on (B,) summed answer log-probabilities of the policy and the frozen reference.
+
+        h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))       the implicit reward margin / beta
+        sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)    DPO eq. 7; eps > 0 is cDPO: a label
+                                                                              flipped with probability eps
+        ipo      (h - 1 / (2 beta))^2                                          IPO eq. 17 (beta is its tau)
+
+    Returns (mean loss, stats): rewards_chosen / rewards_rejected (mean beta x log-ratio, DPO's implicit rewards),
+    margin (their difference) and accuracy (share of pairs whose chosen implicit reward is the larger).
+    """
+    import torch.nn.functional as F
+
+    chosen = policy_chosen - ref_chosen  # (B,)
+    rejected = policy_rejected - ref_rejected  # (B,)
+    h = chosen - rejected
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}: sigmoid or ipo")
+    with torch.no_grad():
+        r_c, r_r = beta * chosen, beta * rejected
+        stats = {
+            "rewards_chosen": r_c.mean().item(),
+            "rewards_rejected": r_r.mean().item(),
+            "margin": (r_c - r_r).mean().item(),
+            "accuracy": (r_c > r_r).float().mean().item(),
+        }
+    return losses.mean(), stats

@@ -1,0 +1,205 @@
+"""The critic-free family's and DPO's math in rlhf/ppo_math.py, on tiny tensors whose expected values are derived by
+hand from each paper's formula in the comments."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from rlhf.ppo_math import (
+    aggregate_loss,
+    critic_free_advantages,
+    discounted_returns,
+    dpo_loss,
+    entropy_from_logits,
+    group_advantages,
+    k3_kl,
+    policy_loss,
+)
+
+
+def t(rows: list) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- group advantages
+
+
+def test_grpo_advantages_with_std() -> None:
+    # GRPO eq. 3: A_i = (r_i - mean(r)) / std(r), per group of G = 3 answers to one prompt.
+    # Group 1: r = [1, 2, 3] -> mean 2, unbiased std sqrt(((1)^2 + 0 + 1^2) / 2) = 1 -> A = [-1, 0, 1].
+    # Group 2: r = [0, 0, 6] -> mean 2, std sqrt((4 + 4 + 16) / 2) = sqrt(12) = 3.4641 -> A = [-2, -2, 4] / 3.4641
+    #          = [-0.57735, -0.57735, 1.15470].
+    out = group_advantages(t([1, 2, 3, 0, 0, 6]), 3, "grpo", scale=True, eps=0.0)
+    assert_close(out, t([-1, 0, 1, -2 / math.sqrt(12), -2 / math.sqrt(12), 4 / math.sqrt(12)]))
+
+
+def test_dr_grpo_advantages_without_std() -> None:
+    # Dr. GRPO: A_i = r_i - mean(r), no std division. Group 2 above: [0, 0, 6] - 2 = [-2, -2, 4].
+    out = group_advantages(t([1, 2, 3, 0, 0, 6]), 3, "grpo", scale=False)
+    assert_close(out, t([-1, 0, 1, -2, -2, 4]))
+
+
+def test_grpo_group_of_equal_scores_has_zero_advantage() -> None:
+    # r = [0.5, 0.5]: mean 0.5, std 0 -> (0) / (0 + eps) = 0, not NaN.
+    assert_close(group_advantages(t([0.5, 0.5]), 2, "grpo"), t([0, 0]))
+
+
+def test_rloo_leave_one_out_baseline() -> None:
+    # RLOO: A_i = r_i - 1/(G-1) sum_{j != i} r_j, G = 3. r = [1, 2, 6]:
+    # A_0 = 1 - (2 + 6) / 2 = -3; A_1 = 2 - (1 + 6) / 2 = -1.5; A_2 = 6 - (1 + 2) / 2 = 4.5.
+    # (= G/(G-1) (r_i - mean): mean 3 -> 1.5 x [-2, -1, 3] = [-3, -1.5, 4.5].)
+    assert_close(group_advantages(t([1, 2, 6]), 3, "rloo"), t([-3, -1.5, 4.5]))
+
+
+def test_group_advantages_refuse_a_ragged_group() -> None:
+    with pytest.raises(ValueError, match="groups"):
+        group_advantages(t([1, 2, 3]), 2, "grpo")
+    with pytest.raises(ValueError, match="groups"):
+        group_advantages(t([1, 2]), 1, "rloo")
+
+
+# -------------------------------------------------------------------------------------- returns, REINFORCE++
+
+
+def test_discounted_returns_reward_to_go_and_padding() -> None:
+    # Row 0: r = [1, 2, 3], gamma 0.5: G_2 = 3, G_1 = 2 + 0.5 * 3 = 3.5, G_0 = 1 + 0.5 * 3.5 = 2.75.
+    # Row 1: r = [1, 1, 100] with the last position padding: the 100 never reaches G_1 = 1, G_0 = 1 + 0.5 = 1.5.
+    out = discounted_returns(t([[1, 2, 3], [1, 1, 100]]), t([[1, 1, 1], [1, 1, 0]]), gamma=0.5)
+    assert_close(out, t([[2.75, 3.5, 3], [1.5, 1, 0]]))
+
+
+def test_reinforce_pp_token_kl_in_reward_then_global_whitening() -> None:
+    # REINFORCE++: r_t = -beta * (log pi - log ref)_t + [t = last] * score; A = reward-to-go, whitened over the batch.
+    # beta = 0.5, two answers of 2 tokens; log pi - log ref = [[0.2, 0.4], [0, 0]]; scores [1, 3].
+    # Row 0 rewards: [-0.1, -0.2 + 1] = [-0.1, 0.8] -> returns [0.7, 0.8]. Row 1: [0, 3] -> returns [3, 3].
+    # Whitening over the 4 tokens [0.7, 0.8, 3, 3]: mean 1.875, deviations [-1.175, -1.075, 1.125, 1.125], biased
+    # var = (1.380625 + 1.155625 + 1.265625 * 2) / 4 = 1.266875 -> std 1.125555;
+    # A = [-1.043929, -0.955083, 0.999506, 0.999506].
+    logprobs, ref = t([[0.2, 0.4], [0.0, 0.0]]), t([[0.0, 0.0], [0.0, 0.0]])
+    mask = t([[1, 1], [1, 1]])
+    adv, rewards = critic_free_advantages(logprobs, ref, t([1, 3]), mask, "reinforce_pp", 1, kl_coef=0.5)
+    assert_close(rewards, t([[-0.1, 0.8], [0.0, 3.0]]))
+    assert_close(adv, t([[-1.043929, -0.955083], [0.999506, 0.999506]]), atol=1e-5, rtol=1e-5)
+
+
+def test_grpo_outcome_advantage_on_every_token() -> None:
+    # GRPO (outcome supervision, KL as a loss: kl_coef 0 in the reward): every token of answer i gets A_i.
+    # G = 2, scores [0, 1] -> mean 0.5, unbiased std sqrt((0.25 + 0.25) / 1) = 0.7071 -> A = [-0.7071, 0.7071];
+    # answer 0 has 3 tokens, answer 1 has 2 (its third position is padding, 0).
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    zeros = torch.zeros(2, 3)
+    adv, _ = critic_free_advantages(zeros, zeros, t([0, 1]), mask, "grpo", 2, kl_coef=0.0)
+    a = 0.5 / math.sqrt(0.5)
+    assert_close(adv, t([[-a, -a, -a], [a, a, 0]]), atol=1e-5, rtol=1e-5)
+
+
+def test_rloo_with_kl_in_the_reward() -> None:
+    # RLOO with k1 KL in the reward (OpenRLHF's rloo): baseline first, then -beta * kl per token, summed to go.
+    # G = 2, scores [2, 4] -> A = [2 - 4, 4 - 2] = [-2, 2]; beta 1, kl = [[0.5], [0.25]] -> r = [-2.5, 1.75].
+    adv, _ = critic_free_advantages(t([[0.5], [0.25]]), t([[0.0], [0.0]]), t([2, 4]), t([[1], [1]]), "rloo", 2, 1.0)
+    assert_close(adv, t([[-2.5], [1.75]]))
+
+
+# ---------------------------------------------------------------------------------------- loss aggregations
+
+
+def test_loss_aggregations() -> None:
+    # l = [[1, 2, 3], [4, 0, 0]] with mask [[1, 1, 1], [1, 0, 0]] (the 9 is padding and never counts).
+    # token_mean: (1 + 2 + 3 + 4) / 4 = 2.5.
+    # seq_mean_token_mean: ((1 + 2 + 3) / 3 + 4 / 1) / 2 = (2 + 4) / 2 = 3.
+    # seq_mean_token_sum_norm, L = 4: ((1 + 2 + 3) / 4 + 4 / 4) / 2 = (1.5 + 1) / 2 = 1.25.
+    loss, mask = t([[1, 2, 3], [4, 9, float("nan")]]), t([[1, 1, 1], [1, 0, 0]])
+    assert_close(aggregate_loss(loss, mask, "token_mean"), torch.tensor(2.5))
+    assert_close(aggregate_loss(loss, mask, "seq_mean_token_mean"), torch.tensor(3.0))
+    assert_close(aggregate_loss(loss, mask, "seq_mean_token_sum_norm", 4), torch.tensor(1.25))
+    with pytest.raises(ValueError, match="norm_length"):
+        aggregate_loss(loss, mask, "seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="unknown"):
+        aggregate_loss(loss, mask, "sum")
+
+
+def test_asymmetric_clipping_clip_higher() -> None:
+    # DAPO clip-higher: clamp(ratio, 1 - eps_low, 1 + eps_high), eps_low 0.2, eps_high 0.28.
+    # Token 0: A = +1, ratio e^0.5 = 1.6487 -> clipped at 1.28: max(-1.6487, -1.28) = -1.28 (clip active).
+    #          The symmetric clip would give -1.2.
+    # Token 1: A = -1, ratio e^-0.5 = 0.6065 -> clipped at 0.8: max(0.6065, 0.8) = 0.8 (clip active).
+    # loss (token_mean) = (-1.28 + 0.8) / 2 = -0.24; symmetric: (-1.2 + 0.8) / 2 = -0.2.
+    logprobs, old, adv, mask = t([[0.5, -0.5]]), t([[0.0, 0.0]]), t([[1.0, -1.0]]), t([[1, 1]])
+    loss, stats = policy_loss(logprobs, old, adv, mask, 0.2, clip_range_high=0.28)
+    assert_close(loss, torch.tensor(-0.24))
+    assert stats["clip_fraction"] == 1.0
+    assert_close(policy_loss(logprobs, old, adv, mask, 0.2)[0], torch.tensor(-0.2))
+
+
+def test_policy_loss_sequence_mean_aggregation() -> None:
+    # ratio 1 everywhere (logprobs = old): per-token loss = -A. A = [[1, 1, 1], [4, 0, 0]], mask [[1,1,1],[1,0,0]].
+    # token_mean: -(1 + 1 + 1 + 4) / 4 = -1.75; seq_mean_token_mean: -((3 / 3) + 4) / 2 = -2.5.
+    zeros, mask = torch.zeros(2, 3), t([[1, 1, 1], [1, 0, 0]])
+    adv = t([[1, 1, 1], [4, 0, 0]])
+    assert_close(policy_loss(zeros, zeros, adv, mask, 0.2)[0], torch.tensor(-1.75))
+    assert_close(policy_loss(zeros, zeros, adv, mask, 0.2, aggregation="seq_mean_token_mean")[0], torch.tensor(-2.5))
+
+
+# ------------------------------------------------------------------------------------------------ KL, entropy
+
+
+def test_k3_kl() -> None:
+    # k3 = e^(ref - logp) - (ref - logp) - 1. logp = ref: 1 - 0 - 1 = 0.
+    # ref - logp = ln 2: 2 - 0.693147 - 1 = 0.306853. ref - logp = -ln 2: 0.5 + 0.693147 - 1 = 0.193147.
+    out = k3_kl(t([0.0, 0.0, 0.0]), t([0.0, math.log(2), -math.log(2)]))
+    assert_close(out, t([0.0, 1 - math.log(2), math.log(2) - 0.5]))
+
+
+def test_k3_kl_gradient_pulls_towards_the_reference() -> None:
+    # d k3 / d logp = -e^(ref - logp) + 1: at ref - logp = ln 2 it is 1 - 2 = -1 (raising logp lowers the KL).
+    logp = torch.zeros(1, requires_grad=True)
+    k3_kl(logp, torch.tensor([math.log(2)])).sum().backward()
+    assert_close(logp.grad, torch.tensor([-1.0]))
+
+
+def test_entropy_from_logits() -> None:
+    # Uniform over 4 tokens: H = ln 4 = 1.386294. Logits [ln 1, ln 3] -> p = [0.25, 0.75]:
+    # H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.346574 + 0.215762 = 0.562335. At T = 2, logits [0, 0] stay uniform.
+    out = entropy_from_logits(torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3), -1e9, -1e9]]]))
+    assert_close(out, t([[math.log(4), 0.5623351]]))
+    assert_close(entropy_from_logits(torch.zeros(1, 1, 2), 2.0), t([[math.log(2)]]))
+
+
+# ------------------------------------------------------------------------------------------------------- DPO
+
+
+def test_dpo_sigmoid_loss() -> None:
+    # DPO eq. 7: -log sigmoid(beta h), h = (pi_w - ref_w) - (pi_l - ref_l).
+    # pi_w - ref_w = -1 - (-2) = 1; pi_l - ref_l = -3 - (-2) = -1; h = 2; beta = 0.5 -> beta h = 1.
+    # loss = -log sigmoid(1) = log(1 + e^-1) = 0.313262. Implicit rewards: 0.5 x 1 = 0.5 and 0.5 x -1 = -0.5.
+    loss, stats = dpo_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]), beta=0.5)
+    assert_close(loss, torch.tensor(math.log(1 + math.exp(-1))))
+    assert stats == pytest.approx({"rewards_chosen": 0.5, "rewards_rejected": -0.5, "margin": 1.0, "accuracy": 1.0})
+
+
+def test_cdpo_label_smoothing() -> None:
+    # cDPO, eps = 0.1, beta h = 1 (as above): 0.9 x -log sigmoid(1) + 0.1 x -log sigmoid(-1)
+    # = 0.9 x 0.313262 + 0.1 x 1.313262 = 0.281936 + 0.131326 = 0.413262.
+    loss, _ = dpo_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]), beta=0.5, label_smoothing=0.1)
+    assert_close(loss, torch.tensor(0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.e)))
+
+
+def test_ipo_loss() -> None:
+    # IPO eq. 17: (h - 1 / (2 tau))^2 with tau = beta = 0.5: target 1. Pair 1: h = 2 -> 1. Pair 2: h = 0 -> 1.
+    # Pair 3: h = 1 -> 0. Mean (1 + 1 + 0) / 3 = 0.666667.
+    loss, stats = dpo_loss(t([-1.0, -2, -1]), t([-3.0, -2, -2]), t([-2.0, -2, -2]), t([-2.0, -2, -2]), 0.5, "ipo")
+    assert_close(loss, torch.tensor(2 / 3))
+    assert stats["accuracy"] == pytest.approx(2 / 3)  # pairs 1 and 3 rank chosen above rejected; pair 2 ties
+
+
+def test_dpo_loss_gradient_raises_chosen_and_lowers_rejected() -> None:
+    pc, pr = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    loss, _ = dpo_loss(pc, pr, torch.zeros(1), torch.zeros(1), beta=0.1)
+    loss.backward()
+    # d/d pc of -log sigmoid(beta (pc - pr)) at 0 = -beta x sigmoid(0)... = -beta / 2 = -0.05; d/d pr = +0.05.
+    assert_close(pc.grad, torch.tensor([-0.05]))
+    assert_close(pr.grad, torch.tensor([0.05]))
