@@ -86,7 +86,8 @@ def run_ours(work: Path, size: str, args: argparse.Namespace) -> dict:
     import torch
 
     from rlhf.engine import init_distributed, seed_everything
-    from rlhf.ppo import PPOTrainer, RLHFEngine, collate_prompts
+    from rlhf.batching import collate_prompts
+    from rlhf.ppo import PPOTrainer, RLHFEngine
     from rlhf.tokenizer import encode_prompt
 
     params = _params(work, size, args)
@@ -103,7 +104,7 @@ def run_ours(work: Path, size: str, args: argparse.Namespace) -> dict:
         batch = collate(prompts[it * args.prompts : (it + 1) * args.prompts])  # answers_per_prompt repeats them
         t0 = time.perf_counter()
         trainer.iteration = it + 1
-        exp = trainer.generate_experience(batch)
+        exp, info = trainer.generate_experience(batch)
         t1 = time.perf_counter()
         mb = params.ppo.micro_batch_size
         for i in range(0, exp.sequences.shape[0], mb):
@@ -112,10 +113,10 @@ def run_ours(work: Path, size: str, args: argparse.Namespace) -> dict:
         t2 = time.perf_counter()
         if it:  # the first iteration warms up
             times.append(t2 - t0)
-            phases["generate_s"] += trainer.timings["generate_s"]
-            phases["score_s"] += trainer.timings["score_s"] + trainer.timings["advantages_s"]
+            phases["generate_s"] += info["generate_s"]
+            phases["score_s"] += info["score_s"] + info["advantages_s"]
             phases["train_s"] += t2 - t1
-            tokens += trainer.generated_tokens
+            tokens += info["tokens"]
     n_params = sum(p.numel() for p in engine.actor.module.parameters())
     return {"times": times, "params": n_params,
             "answer_tokens": tokens / len(times) / (args.prompts * args.completions),

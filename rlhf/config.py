@@ -230,6 +230,15 @@ class RewardConfig(TrainConfig):
     pass
 
 
+class DPOConfig(TrainConfig):
+    """Step 2's alternative (DeepSpeed-Chat step2_dpo): the SFT actor trained on the preference pairs against itself
+    frozen as the reference, no reward model and no RL."""
+
+    beta: float = Field(0.1, gt=0)  # DPO's beta: the strength of the KL to the reference (IPO: its tau)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO (cDPO with label_smoothing > 0); ipo: IPO
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO: the probability that a preference label is flipped
+
+
 class ModelEngineConfig(_Group):
     """Per-model overrides of the `engine` group for one model of step 3; null inherits the engine group's value.
     (DeepSpeed-Chat gives the actor and critic their own ZeRO stage and offload; so do we, for all four.)"""
@@ -246,13 +255,31 @@ def resolve_engine(base: EngineConfig, override: ModelEngineConfig) -> EngineCon
     return EngineConfig.model_validate({**base.model_dump(), **changes})
 
 
+GROUP_ALGORITHMS = ("grpo", "rloo")  # step 3 algorithms whose baseline is the group of answers to one prompt
+
+
 class PPOConfig(_Group):
     """Step 3. Every constant of the algorithm is here; none is hidden in the trainer (DeepSpeed-Chat hard-codes
     kl_ctl, clip ranges, gamma and lambda in ppo_trainer.py)."""
 
+    # ppo: critic + GAE; grpo: group-relative advantages (no critic); rloo: leave-one-out baseline over the group (no
+    # critic); reinforce_pp: REINFORCE++, token-level KL in the reward and batch-whitened returns (no critic)
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
+    # your PPOTrainer subclass, "module:Class" importable from the project folder or the environment (null = ours)
+    trainer: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     iterations: int = Field(100, gt=0)  # PPO iterations; each generates `rollout_batch_size` answers per rank
     rollout_batch_size: int = Field(32, gt=0)  # prompts per rank per iteration
-    answers_per_prompt: int = Field(1, gt=0)  # answers sampled per prompt (OpenRLHF's n_samples_per_prompt)
+    # answers sampled per prompt (OpenRLHF's n_samples_per_prompt; GRPO's group size G); null: 4 for grpo and rloo,
+    # which compare the answers to one prompt, 1 otherwise
+    answers_per_prompt: int | None = Field(None, gt=0)
+    group_std: bool = True  # grpo: divide by the group's std (GRPO); false: mean-centred only (Dr. GRPO)
+    # how per-token losses become one: token_mean (every token alike: DAPO, PPO's masked mean), seq_mean_token_mean
+    # (each answer alike: GRPO), seq_mean_token_sum_norm (token sums over max_answer_tokens: Dr. GRPO)
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    # reward: k1 KL per token in the reward (InstructGPT, PPO, REINFORCE++); loss: k3 KL as a loss term (GRPO).
+    # kl_coef (adapted when kl_target is set) weighs it either way
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    entropy_coef: float = Field(0.0, ge=0)  # entropy bonus in the actor loss (0 = off)
     generation_batches: int = Field(1, gt=0)  # rollouts gathered before the PPO epochs (DeepSpeed-Chat's flag)
     ppo_epochs: int = Field(1, gt=0)  # passes over the gathered experience
     micro_batch_size: int = Field(16, gt=0)  # experiences per rank per training forward
@@ -271,7 +298,9 @@ class PPOConfig(_Group):
     # model's logits); none: the raw sum (DeepSpeed-Chat)
     reward_normalization: Literal["running", "none"] = "running"
     reward_clip: float = Field(5.0, ge=0)  # the (normalised) reward clipped to [-c, c]; 0 = no clipping
-    clip_range: float = Field(0.2, gt=0)  # PPO policy ratio clip
+    clip_range: float = Field(0.2, gt=0)  # PPO policy ratio clip: ratio in [1 - low, 1 + high]
+    clip_range_low: float | None = Field(None, gt=0, lt=1)  # null = clip_range
+    clip_range_high: float | None = Field(None, gt=0)  # null = clip_range; DAPO's clip-higher uses 0.28 over 0.2
     value_clip_range: float = Field(0.2, ge=0)  # value clip around the old values; 0 = no clipping
     gamma: float = Field(1.0, ge=0, le=1)  # discount
     lam: float = Field(0.95, ge=0, le=1)  # GAE lambda
@@ -306,10 +335,38 @@ class PPOConfig(_Group):
     @property
     def rollouts_per_iteration(self) -> int:
         """Answers per rank per iteration: prompts x answers per prompt x generation batches."""
-        return self.rollout_batch_size * self.answers_per_prompt * self.generation_batches
+        return self.rollout_batch_size * self.group_size * self.generation_batches
+
+    @property
+    def group_size(self) -> int:
+        """answers_per_prompt, resolved (null: 4 for grpo and rloo, else 1)."""
+        if self.answers_per_prompt is not None:
+            return self.answers_per_prompt
+        return 4 if self.algorithm in GROUP_ALGORITHMS else 1
+
+    @property
+    def needs_critic(self) -> bool:
+        """Only ppo learns a value function; the critic-free family builds, steps and saves no critic."""
+        return self.algorithm == "ppo"
+
+    @property
+    def clip_low(self) -> float:
+        return self.clip_range if self.clip_range_low is None else self.clip_range_low
+
+    @property
+    def clip_high(self) -> float:
+        return self.clip_range if self.clip_range_high is None else self.clip_range_high
 
     @model_validator(mode="after")
     def _batches(self) -> PPOConfig:
+        if self.algorithm in GROUP_ALGORITHMS and self.group_size < 2:
+            raise ValueError(
+                f"ppo.algorithm {self.algorithm} compares the answers to one prompt, so ppo.answers_per_prompt must be "
+                f">= 2 (got {self.answers_per_prompt}; null picks 4)"
+            )
+        if self.clip_low >= 1:
+            raise ValueError(f"ppo.clip_range ({self.clip_range}) must be < 1 when clip_range_low is null: the ratio's "
+                             "lower bound 1 - clip_range must stay positive")
         if self.rollouts_per_iteration % self.micro_batch_size:
             raise ValueError(
                 "ppo.rollout_batch_size x ppo.answers_per_prompt x ppo.generation_batches "
@@ -400,6 +457,7 @@ class Params(_Group):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

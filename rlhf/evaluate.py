@@ -13,8 +13,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rlhf.batching import right_pad
 from rlhf.config import EvaluateConfig, RewardFunctionConfig
 from rlhf.errors import UserError
+from rlhf.scoring import answer_logprobs
 
 # The shipped task's scorer, the default of evaluate.scorers on the builtin task's prompts.
 BUILTIN_GOLD = RewardFunctionConfig(function="rlhf.task:gold_reward_fn", name="gold_reward")
@@ -28,26 +30,13 @@ def default_scorers(cfg: EvaluateConfig, rows: list[dict]) -> list[RewardFunctio
     return [BUILTIN_GOLD] if rows and all(r.get("source") == "builtin" for r in rows) else []
 
 
-def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
-    """(B, T) ids and attention mask of right-padded rows."""
-    import torch
-
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        ids[j, : len(r)] = torch.tensor(r)
-        mask[j, : len(r)] = 1
-    return ids, mask
-
-
 def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig, seed: int) -> list[list[int]]:
     """Sampled (or greedy) answer token ids for each prompt: up to and including the first eos, or every generated
     token of an answer that never stopped (by position: the pad after the eos may be the eos itself)."""
     import torch
 
     from rlhf.models import generate_tokens
-    from rlhf.ppo import collate_prompts
+    from rlhf.batching import collate_prompts
     from rlhf.ppo_math import answer_mask
 
     out: list[list[int]] = []
@@ -74,37 +63,13 @@ def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig
     return out
 
 
-def _answer_logprobs(
-    model: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]], batch_size: int, temperature: float = 1.0
-) -> list[float]:
-    """Sum of log p_T(answer tokens | prompt) under `model` at `temperature`, per row; each answer is scored as
-    given (its eos included when it has one)."""
-    import torch
-
-    from rlhf.prefix import position_ids
-    from rlhf.ppo_math import logprobs_from_logits
-
-    sums: list[float] = []
-    for i in range(0, len(prompts), batch_size):
-        rows = [p + a for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size])]
-        ids, mask = _right_pad(rows, tok.pad_token_id)
-        answer_mask = torch.zeros(ids.shape)
-        for j, (r, p) in enumerate(zip(rows, prompts[i : i + batch_size])):
-            answer_mask[j, len(p) : len(r)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-        lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature) * answer_mask[:, 1:]
-        sums += lp.sum(-1).tolist()
-    return sums
-
-
 def _perplexity(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size: int) -> float:
     from rlhf.sft import encode_sft_row
 
     encoded = [encode_sft_row(tok, r, loss_on_prompt=False) for r in rows]
     prompts = [[t for t, lab in zip(e["input_ids"], e["labels"]) if lab == -100] for e in encoded]
     answers = [e["input_ids"][len(p) :] for e, p in zip(encoded, prompts)]  # each ends with its eos
-    nll = -sum(_answer_logprobs(model, tok, prompts, answers, batch_size))
+    nll = -sum(answer_logprobs(model, tok.pad_token_id, prompts, answers, batch_size))
     tokens = sum(len(a) for a in answers)
     return math.exp(nll / max(tokens, 1))
 
@@ -166,8 +131,8 @@ def evaluate_actors(
         scores = _reward_scores(reward, tok, prompts, answers, cfg.batch_size) if reward is not None else None
         rm = {"rm_reward": _mean(scores)} if scores is not None else {}
         temperature = cfg.temperature if cfg.do_sample else 1.0  # the distribution the answers were drawn from
-        own = _answer_logprobs(model, tok, prompts, answers, cfg.batch_size, temperature)
-        ref = _answer_logprobs(baseline, tok, prompts, answers, cfg.batch_size, temperature)
+        own = answer_logprobs(model, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
+        ref = answer_logprobs(baseline, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
         tokens = sum(len(a) for a in answers)
         metrics[name] = {
             **{label: _mean(values) for label, values in quality.items()},
@@ -199,7 +164,7 @@ def _reward_scores(reward: Any, tok: Any, prompts: list[list[int]], answers: lis
     scores: list[float] = []
     for i in range(0, len(prompts), batch_size):
         rows = [p + a for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size])]
-        ids, mask = _right_pad(rows, tok.pad_token_id)
+        ids, mask = right_pad(rows, tok.pad_token_id)
         with torch.no_grad():
             scores += last_token_scores(reward, ids, mask).tolist()
     return scores

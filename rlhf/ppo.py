@@ -1,27 +1,32 @@
-"""Step 3: PPO against the reward model (InstructGPT section 3.5; DeepSpeed-Chat step 3), on our hybrid engine.
+"""Step 3: RL against the reward (InstructGPT section 3.5; DeepSpeed-Chat step 3), on our hybrid engine: PPO (critic,
+GAE) or the critic-free family (GRPO, RLOO, REINFORCE++), chosen by `ppo.algorithm`.
 
 Public API, in DeepSpeed-Chat's shape:
 
-    engine = RLHFEngine(params, dist, tok, sft_path, reward_path)   # actor, ref, critic, reward (+ EMA)
+    engine = RLHFEngine(params, dist, sft_path, reward_path)   # actor, ref, critic (ppo only), reward (+ EMA)
     trainer = PPOTrainer(engine, params.ppo)
-    exp = trainer.generate_experience(prompt_batch)                   # -> Experience
-    actor_loss, critic_loss = trainer.train_rlhf(exp)
-    trainer.train_unsupervised(ptx_batch)                             # optional ptx mix
+    exp, info = trainer.generate_experience(prompt_batch)       # -> Experience, timings and token count
+    actor_loss, critic_loss, stats = trainer.train_rlhf(exp)
+    trainer.train_unsupervised(ptx_batch)                       # optional ptx mix
 
-The reward is params.yaml `rewards`: the reward model's score times `rewards.model_weight` plus verifier functions
+Every algorithm shares one rollout and scoring path (`generate` -> Rollout, `reward_scores`, reference log-probs);
+what differs is the estimator (`advantages`, on rlhf/ppo_math.py's pure functions) and whether a critic exists. The
+reward is params.yaml `rewards`: the reward model's score times `rewards.model_weight` plus verifier functions
 (rlhf/rewards.py), no code needed. Subclass PPOTrainer and override the small documented methods (`reward_scores`,
-`shaped_rewards`, `advantages`) to change the estimator; see README.md.
+`advantages`) to change the estimator, and name it in `ppo.trainer` for the stage to use it; see README.md.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf import faults
+from rlhf.batching import Cycle, collate_prompt_rows, collate_prompts
 from rlhf.config import EngineConfig, Params, PPOConfig, RewardsConfig, TrainConfig, resolve_engine
 from rlhf.engine import Dist
 from rlhf.errors import UserError
@@ -30,24 +35,43 @@ from rlhf.prefix import answer_outputs
 from rlhf.trainer import NonFiniteGuard
 
 if TYPE_CHECKING:
+    import torch
+
     from rlhf.rewards import RewardFunction
+
+
+@dataclass
+class Rollout:
+    """What `generate` returns: B answers to left-padded prompts of P = prompt_width tokens."""
+
+    sequences: torch.Tensor  # (B, P + R) prompt + answer ids, padded after each answer's first eos
+    attention_mask: torch.Tensor  # (B, P + R) the prompt's mask, then 1 on answer tokens up to the first eos
+    action_mask: torch.Tensor  # (B, R) float 1 on answer tokens up to and including the first eos
+    logprobs: torch.Tensor | None  # (B, R) log pi_old from the rollout's own logits; None: to be recomputed
+    prompt_width: int  # P: answers start at sequences[:, P:]
+
+    def answers(self) -> list[list[int]]:
+        """Each answer's real token ids (up to and including its eos)."""
+        lengths = self.action_mask.sum(-1).long().tolist()
+        return [row[:n] for row, n in zip(self.sequences[:, self.prompt_width :].tolist(), lengths)]
 
 
 @dataclass
 class Experience:
     """One rollout batch. B = rollouts, T = P + R (left-padded prompt of P tokens, answer of R tokens)."""
 
-    sequences: Any  # (B, T) prompt + answer token ids, pad_token_id in the padding
-    attention_mask: Any  # (B, T) 1 on real tokens
-    action_mask: Any  # (B, R) 1 on answer tokens up to and including eos, 0 after
-    logprobs: Any  # (B, R) log pi_old(a_t | s_t) of the actor that generated the answer
-    ref_logprobs: Any  # (B, R) log pi_ref(a_t | s_t) of the frozen SFT model
-    values: Any  # (B, R) V_old(s_t) of the critic
-    scores: Any  # (B,) the summed reward (rewards.*) of each answer
-    rewards: Any  # (B, R) KL-shaped per-token rewards (score added at the last answer token)
-    advantages: Any  # (B, R) GAE advantages (whitened if ppo.whiten_advantages)
-    returns: Any  # (B, R) advantages + values: the critic's targets
-    kl: Any  # (B, R) per-token log pi_old - log pi_ref
+    sequences: torch.Tensor  # (B, T) prompt + answer token ids, pad_token_id in the padding
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    action_mask: torch.Tensor  # (B, R) 1 on answer tokens up to and including eos, 0 after
+    logprobs: torch.Tensor  # (B, R) log pi_old(a_t | s_t) of the actor that generated the answer
+    ref_logprobs: torch.Tensor  # (B, R) log pi_ref(a_t | s_t) of the frozen SFT model
+    values: torch.Tensor  # (B, R) V_old(s_t) of the critic (0 without one)
+    scores: torch.Tensor  # (B,) the summed reward (rewards.*) of each answer, raw
+    rewards: torch.Tensor  # (B, R) per-token rewards the advantages came from (score, baselined for grpo/rloo, at
+                           # the last answer token; minus kl_coef x KL per token under kl_penalty: reward)
+    advantages: torch.Tensor  # (B, R) GAE (ppo) or reward-to-go of the critic-free family
+    returns: torch.Tensor  # (B, R) advantages + values: the critic's targets (ppo)
+    kl: torch.Tensor  # (B, R) per-token log pi_old - log pi_ref
 
     def slice(self, start: int, stop: int) -> Experience:
         return Experience(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
@@ -148,9 +172,9 @@ def critic_from_actor(path: str | Path) -> Any:
 class RLHFEngine:
     """Builds and owns the four models of step 3 (and the actor's EMA), each a DeepSpeed engine.
 
-    actor: from the SFT output, trained, behind the hybrid engine; ref: frozen copy of SFT; critic: initialised
-    from the reward model (from the actor with a fresh value head when reward_path is None), trained; reward:
-    frozen, or None without a reward model. `build_actor()` / `build_critic()` return fresh skeletons of the trained
+    actor: from the SFT output, trained, behind the hybrid engine; ref: frozen copy of SFT; critic (ppo only, else
+    None): initialised from the reward model (from the actor with a fresh value head when reward_path is None),
+    trained; reward: frozen, or None without a reward model. `build_actor()` / `build_critic()` return fresh skeletons of the trained
     architectures (LoRA included) for exporting gathered weights.
     """
 
@@ -172,7 +196,9 @@ class RLHFEngine:
 
         self.build_actor: Callable[[], Any] = lambda: add_lora(load_causal_lm(sft_path), ppo.actor_lora, "CAUSAL_LM")
         critic_body = (lambda: load_reward_model(reward_path)) if reward_path is not None else (lambda: critic_from_actor(sft_path))
-        self.build_critic: Callable[[], Any] = lambda: add_lora(critic_body(), ppo.critic_lora, "SEQ_CLS")
+        self.build_critic: Callable[[], Any] | None = None
+        if ppo.needs_critic:
+            self.build_critic = lambda: add_lora(critic_body(), ppo.critic_lora, "SEQ_CLS")
         steps = ppo.iterations * ppo.ppo_epochs * ppo.rollouts_per_iteration // ppo.micro_batch_size
         self.engines = {
             name: resolve_engine(params.engine, getattr(ppo, f"{name}_engine"))
@@ -182,9 +208,11 @@ class RLHFEngine:
             eng.initialize(self.build_actor(), self.engines["actor"], _train_cfg(ppo, ppo.actor_learning_rate), steps),
             self.engines["actor"].zero_stage,
         )
-        self.critic = eng.initialize(
-            self.build_critic(), self.engines["critic"], _train_cfg(ppo, ppo.critic_learning_rate), steps
-        )
+        self.critic = None  # the critic-free family has none: nothing built, stepped or saved
+        if self.build_critic is not None:
+            self.critic = eng.initialize(
+                self.build_critic(), self.engines["critic"], _train_cfg(ppo, ppo.critic_learning_rate), steps
+            )
         self.ref = _frozen_engine(load_causal_lm(sft_path), self.engines["ref"], ppo.micro_batch_size)
         self.reward = None
         if reward_path is not None:
@@ -209,7 +237,9 @@ class RLHFEngine:
 
 
 class PPOTrainer:
-    """PPO with a KL-shaped reward, GAE and clipped actor/critic losses. Override the small methods to customise.
+    """Step 3's trainer: one rollout and scoring path, the estimator of `ppo.algorithm`, a clipped policy loss
+    (asymmetric clip, loss aggregation, k3 KL loss and entropy bonus as configured) and, for ppo, a clipped value
+    loss. Override the small methods to customise.
 
     The reward is `rewards` (default: engine.params.rewards): model_weight x the reward model's score plus each
     function's weight x value; `functions` are the loaded rewards.functions (rlhf.rewards.load_functions)."""
@@ -223,21 +253,20 @@ class PPOTrainer:
         self.rewards = rewards if rewards is not None else engine.params.rewards
         if self.rewards.model_weight > 0 and engine.reward is None:
             raise UserError("rewards.model_weight > 0 needs a reward model: pass --reward, or set rewards.model_weight: 0")
+        if config.needs_critic and engine.critic is None:
+            raise UserError(f"ppo.algorithm {config.algorithm} needs a critic, but the engine was built without one")
         self.functions = functions if functions is not None else load_functions(self.rewards.functions, "rewards.functions")
         # label -> [sum, count] of each reward term over the rollouts since the last reset (logged per iteration)
         self.term_stats: dict[str, list[float]] = {}
         self.tok = engine.tok
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.reward_moments = RunningMoments()  # of every summed reward so far (ppo.reward_normalization: running)
-        self.timings: dict[str, float] = {}
-        self.iteration = 0  # the PPO iteration under way (1-based), for messages and fault injection
+        self.iteration = 0  # the iteration under way (1-based), for messages and fault injection
         self.guard = NonFiniteGuard(config.max_bad_steps, "ppo")
-        self.prompt_width = 0  # P of the current rollout: answers start at sequences[:, prompt_width:]
-        self.rollout_logprobs: Any = None  # (B, R) log pi_old kept from the current rollout's generation
 
     # ------------------------------------------------------------------ overridable pieces (small on purpose)
 
-    def reward_scores(self, sequences: Any, attention_mask: Any, rows: list[dict] | None = None) -> Any:
+    def reward_scores(self, rollout: Rollout, rows: list[dict] | None = None) -> torch.Tensor:
         """(B,) reward for each prompt + answer: rewards.model_weight x the reward model's score at the last real
         token, plus weight x value of each function in rewards.functions (`rows`: the data row of each sample, for
         the prompt as the user wrote it and the extra columns). Each term's sum and count go to `term_stats`.
@@ -246,17 +275,16 @@ class PPOTrainer:
 
         from rlhf.rewards import function_values, weighted_sum
 
+        sequences = rollout.sequences
         total = torch.zeros(sequences.shape[0], device=sequences.device)
         if self.rewards.model_weight > 0:
-            model = self.model_scores(sequences, attention_mask)
+            model = self.model_scores(rollout)
             self._add_stat("model", model.tolist())
             total = total + self.rewards.model_weight * model
         if self.functions:
             if rows is None:
                 raise UserError("reward functions need the data rows of the batch: pass `rows` to reward_scores")
-            p = self.prompt_width
-            lengths = attention_mask[:, p:].sum(-1).tolist()
-            ids = [row[:n] for row, n in zip(sequences[:, p:].tolist(), lengths)]
+            ids = rollout.answers()
             texts = [self.tok.decode(i, skip_special_tokens=True) for i in ids]
             values = function_values(self.functions, rows, texts, ids)
             for label, got in values.items():
@@ -265,14 +293,14 @@ class PPOTrainer:
             total = total + torch.tensor(added, device=total.device, dtype=total.dtype)
         return total.float()
 
-    def model_scores(self, sequences: Any, attention_mask: Any) -> Any:
+    def model_scores(self, rollout: Rollout) -> torch.Tensor:
         """(B,) the reward model's score of each prompt + answer at its last real token."""
         import torch
 
-        p = self.prompt_width
+        p = rollout.prompt_width
         body, score = _classifier(self.engine.reward.module)
-        hidden = answer_outputs(body, "last_hidden_state", sequences, attention_mask, p)  # positions P-1 .. T-1
-        last = attention_mask[:, p:].sum(-1)  # answers are contiguous: the last real token, 0 = the prompt's last
+        hidden = answer_outputs(body, "last_hidden_state", rollout.sequences, rollout.attention_mask, p)  # P-1 .. T-1
+        last = rollout.attention_mask[:, p:].sum(-1)  # answers are contiguous: the last real token, 0 = the prompt's
         return score(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
 
     def _add_stat(self, label: str, values: list[float | None]) -> None:
@@ -285,54 +313,67 @@ class PPOTrainer:
         """The reward terms in use, as logged: `model` (the reward model) and each function's label."""
         return (["model"] if self.rewards.model_weight > 0 else []) + [f.label for f in self.functions]
 
-    def normalized(self, scores: Any) -> Any:
-        """(B,) the summed rewards as the KL-shaped reward takes them: under ppo.reward_normalization: running,
-        z-scored by the moments of every reward so far, this batch's included (summed over ranks, so each rank
-        normalises alike); under none, unchanged."""
-        if self.config.reward_normalization == "none":
-            return scores
-        from rlhf.trainer import all_reduce_sum
+    def normalized(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B,) the summed rewards as the estimator takes them: under ppo.reward_normalization: running, z-scored by
+        the moments of every reward so far, this batch's included (summed over ranks, so each rank normalises
+        alike); under none, unchanged. Then clipped to [-reward_clip, reward_clip] (0: no clip)."""
+        if self.config.reward_normalization == "running":
+            from rlhf.trainer import all_reduce_sum
 
-        total, total_sq, n = all_reduce_sum(
-            [scores.sum().item(), scores.double().pow(2).sum().item(), float(scores.numel())], self.engine.dist
+            total, total_sq, n = all_reduce_sum(
+                [scores.sum().item(), scores.double().pow(2).sum().item(), float(scores.numel())], self.engine.dist
+            )
+            self.reward_moments.update(total, total_sq, n)
+            scores = self.reward_moments.normalize(scores)
+        clip = self.config.reward_clip
+        return scores.clamp(-clip, clip) if clip > 0 else scores
+
+    def advantages(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor,
+                   scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The estimator of ppo.algorithm -> (rewards, advantages, returns), each (B, R). scores: (B,) normalised.
+
+        ppo: the KL-shaped reward (score at the last token, -kl_coef x KL per token) and GAE (Schulman et al. 2015),
+        whitened over real tokens if configured; returns = advantages + values. grpo / rloo / reinforce_pp: the
+        score's group baseline first, then the per-token KL, summed to go (REINFORCE++ whitens over the batch);
+        returns = advantages (no critic learns them). Under kl_penalty: loss the reward has no KL term."""
+        from rlhf.ppo_math import critic_free_advantages, gae_advantages, kl_shaped_rewards, masked_whiten
+
+        cfg = self.config
+        kl_coef = self.kl_ctl.value if cfg.kl_penalty == "reward" else 0.0
+        if cfg.algorithm == "ppo":
+            rewards, _ = kl_shaped_rewards(logprobs, ref_logprobs, scores, mask, kl_coef, 0.0)
+            adv, ret = gae_advantages(values, rewards, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                adv = masked_whiten(adv, mask) * mask
+            return rewards, adv, ret
+        adv, rewards = critic_free_advantages(
+            logprobs, ref_logprobs, scores, mask, cfg.algorithm, cfg.group_size, kl_coef, cfg.gamma, cfg.group_std
         )
-        self.reward_moments.update(total, total_sq, n)
-        return self.reward_moments.normalize(scores)
-
-    def shaped_rewards(self, logprobs: Any, ref_logprobs: Any, scores: Any, mask: Any) -> tuple[Any, Any]:
-        """(B, R) per-token rewards: -kl_coef * KL to the reference, plus the clipped score at the last token."""
-        from rlhf.ppo_math import kl_shaped_rewards
-
-        return kl_shaped_rewards(logprobs, ref_logprobs, scores, mask, self.kl_ctl.value, self.config.reward_clip)
-
-    def advantages(self, values: Any, rewards: Any, mask: Any) -> tuple[Any, Any]:
-        """(B, R) advantages and returns: GAE (Schulman et al. 2015), whitened over real tokens if configured."""
-        from rlhf.ppo_math import gae_advantages, masked_whiten
-
-        adv, ret = gae_advantages(values, rewards, mask, self.config.gamma, self.config.lam)
-        if self.config.whiten_advantages:
-            adv = masked_whiten(adv, mask) * mask
-        return adv, ret
+        return rewards, adv, adv
 
     # ------------------------------------------------------------------------------------------ the phases
 
-    def _logprobs(self, model: Any, sequences: Any, attention_mask: Any, prompt_len: int) -> Any:
+    def _logprobs(self, model: Any, sequences: Any, attention_mask: Any, prompt_len: int,
+                  entropy: bool = False) -> Any:
         """(B, R) log-probabilities of the answer tokens under `model` at the rollout temperature, over the whole
-        vocabulary: the one processing log pi_old, log pi and log pi_ref share (see PPOConfig.temperature)."""
-        from rlhf.ppo_math import logprobs_from_logits
+        vocabulary: the one processing log pi_old, log pi and log pi_ref share (see PPOConfig.temperature). With
+        `entropy`, also the (B, R) entropy of each position's distribution: (logprobs, entropy)."""
+        from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
 
         module = getattr(model, "module", model)
-        logits = answer_outputs(model, "logits", sequences, attention_mask, prompt_len, shares_cache(module))
-        return logprobs_from_logits(logits[:, :-1], sequences[:, prompt_len:], self.config.temperature)
+        logits = answer_outputs(model, "logits", sequences, attention_mask, prompt_len, shares_cache(module))[:, :-1]
+        logprobs = logprobs_from_logits(logits, sequences[:, prompt_len:], self.config.temperature)
+        if entropy:
+            return logprobs, entropy_from_logits(logits, self.config.temperature)
+        return logprobs
 
-    def generate(self, prompt_ids: Any, prompt_mask: Any) -> tuple[Any, Any, Any]:
-        """Rollout in the hybrid engine's generation mode -> (sequences (B, T), attention_mask, action_mask)."""
+    def generate(self, prompt_ids: Any, prompt_mask: Any) -> Rollout:
+        """Rollout in the hybrid engine's generation mode."""
         import torch
 
         from rlhf.ppo_math import answer_mask, logprobs_from_logits
 
         cfg = self.config
-        self.prompt_width = prompt_ids.shape[1]
         keep = cfg.rollout_logprobs == "generation"
         out = self.engine.actor.generate(
             prompt_ids,
@@ -350,65 +391,77 @@ class PPOTrainer:
         seq = out.sequences if keep else out
         answer = seq[:, prompt_ids.shape[1] :]
         # (B, R) log pi_old of the sampled tokens, or None: generate_experience then runs the actor once more
-        logits = torch.stack(out.logits, dim=1) if keep else None
-        self.rollout_logprobs = logprobs_from_logits(logits, answer, cfg.temperature) if keep else None
+        logprobs = logprobs_from_logits(torch.stack(out.logits, dim=1), answer, cfg.temperature) if keep else None
         # Real answer tokens by position: everything up to and including the first eos (generate pads after it,
         # with a pad that may be the eos itself). The prompt's own mask stays as the collate built it.
         action_mask = answer_mask(answer, self.tok.eos_token_id)
         attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
-        return seq, attention_mask, action_mask
+        return Rollout(seq, attention_mask, action_mask, logprobs, prompt_ids.shape[1])
 
-    def generate_experience(self, prompt_batch: dict[str, Any]) -> Experience:
+    def generate_experience(self, prompt_batch: dict[str, Any]) -> tuple[Experience, dict[str, float]]:
         """Phases 1-3 of an iteration: generate, score, advantages. prompt_batch: input_ids/attention_mask (N, P);
-        the experience has B = N x ppo.answers_per_prompt rollouts."""
+        the experience has B = N x answers per prompt rollouts (each prompt's answers in a row: a group). Returns
+        the experience and {generate_s, score_s, advantages_s, tokens} (seconds per phase, answer tokens)."""
         import torch
 
         device = self.engine.actor.engine.device
-        k = self.config.answers_per_prompt  # each prompt k times in a row: the hybrid engine prefills it once
+        k = self.config.group_size  # each prompt k times in a row: the hybrid engine prefills it once
         prompt_ids = prompt_batch["input_ids"].to(device).repeat_interleave(k, dim=0)
         prompt_mask = prompt_batch["attention_mask"].to(device).repeat_interleave(k, dim=0)
         rows = [r for r in prompt_batch.get("rows") or [] for _ in range(k)] or None  # the data row of each rollout
-        p = prompt_ids.shape[1]  # (B, T) = (B, P + R): P is fixed by the prompt collate
 
         t0 = time.perf_counter()
-        seq, mask, action_mask = self.generate(prompt_ids, prompt_mask)
+        rollout = self.generate(prompt_ids, prompt_mask)
         t1 = time.perf_counter()
-        with torch.no_grad():
-            self.engine.actor.engine.eval()
-            self.engine.critic.eval()
-            logprobs = self.rollout_logprobs
+        seq, mask, action_mask, p = rollout.sequences, rollout.attention_mask, rollout.action_mask, rollout.prompt_width
+        actor, critic = self.engine.actor.engine, self.engine.critic
+        with torch.no_grad(), evaluating(actor, critic):
+            logprobs = rollout.logprobs
             if logprobs is None:
-                logprobs = self._logprobs(self.engine.actor.engine, seq, mask, p)
+                logprobs = self._logprobs(actor, seq, mask, p)
             ref_logprobs = self._logprobs(self.engine.ref, seq, mask, p)
-            values = token_values(self.engine.critic.module, seq, mask, p)
-            scores = self.reward_scores(seq, mask, rows)
+            values = token_values(critic.module, seq, mask, p) if critic is not None else torch.zeros_like(logprobs)
+            scores = self.reward_scores(rollout, rows)
             logprobs, ref_logprobs, values = logprobs * action_mask, ref_logprobs * action_mask, values * action_mask
-            rewards, kl = self.shaped_rewards(logprobs, ref_logprobs, self.normalized(scores), action_mask)
+            kl = (logprobs - ref_logprobs) * action_mask
             t2 = time.perf_counter()
-            advantages, returns = self.advantages(values, rewards, action_mask)
+            rewards, advantages, returns = self.advantages(logprobs, ref_logprobs, values, self.normalized(scores),
+                                                           action_mask)
         t3 = time.perf_counter()
-        self.timings = {"generate_s": t1 - t0, "score_s": t2 - t1, "advantages_s": t3 - t2}
-        self.generated_tokens = int(action_mask.sum().item())
-        return Experience(seq, mask, action_mask, logprobs, ref_logprobs, values, scores, rewards, advantages, returns, kl)
+        info = {"generate_s": t1 - t0, "score_s": t2 - t1, "advantages_s": t3 - t2, "tokens": action_mask.sum().item()}
+        exp = Experience(seq, mask, action_mask, logprobs, ref_logprobs, values, scores, rewards, advantages, returns, kl)
+        return exp, info
 
     def train_rlhf(self, exp: Experience) -> tuple[float, float, dict[str, float]]:
-        """Phase 4 on one micro-batch: one clipped-PPO step of the actor and one of the critic.
-        Returns (actor_loss, critic_loss, stats)."""
-        from rlhf.ppo_math import policy_loss, value_loss
+        """Phase 4 on one micro-batch: one clipped policy step of the actor and (ppo) one of the critic.
+        Returns (actor_loss, critic_loss (0 without a critic), stats)."""
+        from rlhf.ppo_math import aggregate_loss, k3_kl, policy_loss, value_loss
 
         cfg = self.config
         p = exp.sequences.shape[1] - exp.action_mask.shape[1]
         actor, critic = self.engine.actor.engine, self.engine.critic
-        actor.train()
-        logprobs = self._logprobs(actor, exp.sequences, exp.attention_mask, p)
-        a_loss, a_stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.clip_range)
-        self._step(actor, faults.poison(a_loss, self.iteration))
-
-        critic.train()
-        values = token_values(critic.module, exp.sequences, exp.attention_mask, p)
-        c_loss, c_stats = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.value_clip_range)
-        self._step(critic, c_loss)
-        return a_loss.item(), c_loss.item(), {**a_stats, **c_stats}
+        agg, norm = cfg.loss_aggregation, cfg.max_answer_tokens
+        with training(actor):
+            out = self._logprobs(actor, exp.sequences, exp.attention_mask, p, entropy=cfg.entropy_coef > 0)
+            logprobs, entropy = out if cfg.entropy_coef > 0 else (out, None)
+            a_loss, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.clip_low,
+                                        cfg.clip_high, agg, norm)
+            if cfg.kl_penalty == "loss":
+                kl_loss = aggregate_loss(k3_kl(logprobs, exp.ref_logprobs), exp.action_mask, agg, norm)
+                a_loss = a_loss + self.kl_ctl.value * kl_loss
+                stats["kl_loss"] = kl_loss.item()
+            if entropy is not None:
+                mean_entropy = aggregate_loss(entropy, exp.action_mask, agg, norm)
+                a_loss = a_loss - cfg.entropy_coef * mean_entropy
+                stats["entropy"] = mean_entropy.item()
+            self._step(actor, faults.poison(a_loss, self.iteration))
+        if critic is None:
+            return a_loss.item(), 0.0, stats
+        with training(critic):
+            values = token_values(critic.module, exp.sequences, exp.attention_mask, p)
+            c_loss, c_stats = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.value_clip_range)
+            self._step(critic, c_loss)
+        return a_loss.item(), c_loss.item(), {**stats, **c_stats}
 
     def _step(self, engine: Any, loss: Any) -> None:
         """backward + step, unless the loss or the gradients are not finite on some rank: then the update is
@@ -426,78 +479,64 @@ class PPOTrainer:
     def train_unsupervised(self, batch: dict[str, Any]) -> float:
         """The ptx step (InstructGPT's PPO-ptx): ptx_coef x language-model loss on demonstrations, its own step."""
         actor = self.engine.actor.engine
-        actor.train()
-        batch = {k: v.to(actor.device) for k, v in batch.items()}
-        loss = actor(**batch).loss
-        self._step(actor, self.config.ptx_coef * loss)
+        with training(actor):
+            batch = {k: v.to(actor.device) for k, v in batch.items()}
+            loss = actor(**batch).loss
+            self._step(actor, self.config.ptx_coef * loss)
         return loss.item()
+
+
+@contextmanager
+def evaluating(*modules: Any) -> Iterator[None]:
+    """Modules (None skipped) in eval mode inside the block, each back in its previous mode after it."""
+    with _mode(False, modules):
+        yield
+
+
+@contextmanager
+def training(*modules: Any) -> Iterator[None]:
+    """Modules (None skipped) in train mode inside the block, each back in its previous mode after it."""
+    with _mode(True, modules):
+        yield
+
+
+@contextmanager
+def _mode(train: bool, modules: tuple[Any, ...]) -> Iterator[None]:
+    present = [m for m in modules if m is not None]
+    before = [m.training for m in present]
+    for m in present:
+        m.train(train)
+    try:
+        yield
+    finally:
+        for m, was in zip(present, before):
+            m.train(was)
 
 
 # ---------------------------------------------------------------------------------------------- the stage
 
 
-def collate_prompt_rows(width: int, pad_id: int) -> Callable[[list[tuple[list[int], dict]]], dict[str, Any]]:
-    """collate_prompts over (prompt ids, data row) items, the rows kept as `rows` (for the reward functions)."""
-    collate = collate_prompts(width, pad_id)
+def _drop_stale(folder: Path) -> None:
+    """Remove `folder` when an earlier run of this stage wrote it (its manifest says step ppo); leave anything else."""
+    import shutil
 
-    def collate_rows(batch: list[tuple[list[int], dict]]) -> dict[str, Any]:
-        return {**collate([ids for ids, _ in batch]), "rows": [row for _, row in batch]}
+    from rlhf.outputs import read_manifest
 
-    return collate_rows
-
-
-def collate_prompts(width: int, pad_id: int) -> Callable[[list[list[int]]], dict[str, Any]]:
-    """Left-pad prompts to a fixed width P, so every rollout of the run has the same prompt/answer boundary."""
-    import torch
-
-    def collate(batch: list[list[int]]) -> dict[str, Any]:
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, p in enumerate(batch):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-    return collate
+    if folder.is_dir() and read_manifest(folder).get("step") == "ppo":
+        shutil.rmtree(folder)
 
 
-class Cycle:
-    """Batches from a loader, epoch after epoch without end, that can report and restore its position (for
-    resuming), reshuffling each epoch as the DistributedSampler's seed + epoch dictates."""
+def trainer_class(name: str | None) -> type[PPOTrainer]:
+    """PPOTrainer, or the subclass `ppo.trainer` names ("module:Class", importable from the project folder or the
+    environment); one UserError when it does not import or is not a PPOTrainer."""
+    if name is None:
+        return PPOTrainer
+    from rlhf.rewards import import_object
 
-    def __init__(self, loader: Any):
-        self.loader, self.epoch, self.index, self._it = loader, 0, 0, None
-
-    def __iter__(self) -> Cycle:
-        return self
-
-    def __next__(self) -> Any:
-        if self._it is None:
-            self._open()
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            if self.index == 0:  # a whole epoch without a batch: recursing would never end
-                raise UserError("a PPO data loader gives no batch (its split has fewer rows than one batch per rank): "
-                                "lower the batch size or bring more data") from None
-            self.epoch, self.index, self._it = self.epoch + 1, 0, None
-            return next(self)
-        self.index += 1
-        return batch
-
-    def _open(self) -> None:
-        self.loader.sampler.set_epoch(self.epoch)
-        self._it = iter(self.loader)
-        for _ in range(self.index):
-            next(self._it)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Jump to a saved position now (not at the next batch), so that it happens before RNG states are restored."""
-        self.epoch, self.index = state["epoch"], state["index"]
-        self._open()
+    cls = import_object(name, "ppo.trainer")
+    if not (isinstance(cls, type) and issubclass(cls, PPOTrainer)):
+        raise UserError(f"ppo.trainer '{name}' is not a subclass of rlhf.PPOTrainer: subclass it, or set ppo.trainer: null")
+    return cls
 
 
 def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> dict[str, float]:
@@ -512,9 +551,9 @@ def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> dict[str,
     total = n = 0.0
     trainer.term_stats = {}
     for batch in loader:  # rollout and reward only: no reference, critic or advantages needed here
-        seq, mask, _ = trainer.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        rollout = trainer.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         with torch.no_grad():
-            scores = trainer.reward_scores(seq, mask, batch.get("rows"))
+            scores = trainer.reward_scores(rollout, batch.get("rows"))
         total += scores.sum().item()
         n += scores.numel()
     labels = trainer.term_labels()
@@ -523,11 +562,12 @@ def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> dict[str,
     out = {"reward": total / max(n, 1.0)}
     for i, label in enumerate(labels):
         term_sum, count = flat[2 * i], flat[2 * i + 1]
-        if count == 0 and n > 0:
+        function = next((f for f in trainer.functions if f.label == label), None)
+        if count == 0 and n > 0 and function is not None:
             from rlhf.rewards import not_applicable
 
-            raise not_applicable(next(f for f in trainer.functions if f.label == label), int(n), "held-out answers")
-        out[label] = term_sum / max(count, 1.0)
+            raise not_applicable(function, int(n), "held-out answers")
+        out[label] = term_sum / count if count else float("nan")  # nan: a subclass's reward_scores kept no stats
     return out
 
 
@@ -540,7 +580,8 @@ def run_ppo(
     live_dir: Path | None,
     ckpt_dir: Path | None = None,
 ) -> dict[str, float]:
-    """Train the actor and critic with PPO; write out_dir/{actor,critic,actor_ema}; return the final metrics.
+    """Train the actor (and, for ppo, the critic) with ppo.algorithm; write out_dir/{actor,critic,actor_ema} (no
+    critic for the critic-free family); return the final metrics.
     reward_path is read only when rewards.model_weight > 0 (it may then be None)."""
     import sys
 
@@ -592,7 +633,8 @@ def run_ppo(
     dist = init_distributed(params.engine)
     seed_everything(params.seed)
     engine = RLHFEngine(params, dist, sft_path, reward_path)
-    trainer = PPOTrainer(engine, ppo, params.rewards, functions)
+    trainer = trainer_class(ppo.trainer)(engine, ppo, params.rewards, functions)
+    trained = {"actor": engine.actor.engine} | ({"critic": engine.critic} if engine.critic is not None else {})
     width = max(len(p) for p, _ in train_prompts + eval_prompts)
     collate = collate_prompt_rows(width, tok.pad_token_id)
     prompts = Cycle(make_loader(train_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=True))
@@ -608,7 +650,7 @@ def run_ppo(
         ckpt_dir, ppo.checkpoint_every, fingerprint("ppo", manifest_params, inputs, params.seed, dist.world_size), dist
     )
     resume = ckpt.latest()
-    saved = ckpt.load(resume, {"actor": engine.actor.engine, "critic": engine.critic}) if resume is not None else None
+    saved = ckpt.load(resume, trained) if resume is not None else None
     start, point, stopped = 1, {}, ""
     if saved is None:
         score_before = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else {}
@@ -632,11 +674,12 @@ def run_ppo(
         trainer.iteration = it
         trainer.term_stats = {}
         # 1-3: generate, score, advantages (timed inside generate_experience)
-        parts, timings, tokens = [], {"generate_s": 0.0, "score_s": 0.0, "advantages_s": 0.0}, 0
+        parts, timings, tokens = [], {"generate_s": 0.0, "score_s": 0.0, "advantages_s": 0.0}, 0.0
         for _ in range(ppo.generation_batches):
-            parts.append(trainer.generate_experience(next(prompts)))
-            timings = {k: v + trainer.timings[k] for k, v in timings.items()}
-            tokens += trainer.generated_tokens
+            part, info = trainer.generate_experience(next(prompts))
+            parts.append(part)
+            timings = {k: v + info[k] for k, v in timings.items()}
+            tokens += info["tokens"]
         exp = Experience.cat(parts)
         # 4: update
         t0 = time.perf_counter()
@@ -645,7 +688,8 @@ def run_ppo(
         for _ in range(ppo.ppo_epochs):
             for i in range(0, exp.sequences.shape[0], ppo.micro_batch_size):
                 a_loss, c_loss, stats = trainer.train_rlhf(exp.slice(i, i + ppo.micro_batch_size))
-                for k, v in {"actor_loss": a_loss, "critic_loss": c_loss, **stats}.items():
+                losses = {"actor_loss": a_loss} | ({"critic_loss": c_loss} if engine.critic is not None else {})
+                for k, v in {**losses, **stats}.items():
                     sums[k] = sums.get(k, 0.0) + v
                 if ptx is not None:
                     sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + trainer.train_unsupervised(next(ptx))
@@ -712,7 +756,7 @@ def run_ppo(
                 "ema": engine.ema.state_dict() if engine.ema is not None else None,
                 "log_rows": logger.rows(),
             }
-            ckpt.save(it, {"actor": engine.actor.engine, "critic": engine.critic}, state)
+            ckpt.save(it, trained, state)
         faults.kill_at(it)
     bar.close()
     score_after = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else {}
@@ -726,6 +770,7 @@ def run_ppo(
            for f in functions for when, got in (("sft", score_before), ("ppo", score_after))},
         "final_reward": point.get("reward", float("nan")),
         "final_kl": point.get("kl", float("nan")),
+        "algorithm": ppo.algorithm,
         "iterations": trainer.iteration,
         "stopped_early": bool(stopped),
         "skipped_steps": trainer.guard.skipped,
@@ -742,10 +787,13 @@ def run_ppo(
     )
     z_actor, z_critic = engine.engines["actor"].zero_stage, engine.engines["critic"].zero_stage
     export_model(engine.actor.module, engine.build_actor, tok, out_dir / "actor", manifest, z_actor, dist)
-    critic_tok = load_tokenizer(reward_path if reward_path is not None else sft_path)
-    export_model(engine.critic.module, engine.build_critic, critic_tok, out_dir / "critic", manifest, z_critic, dist)
+    if engine.critic is not None:
+        critic_tok = load_tokenizer(reward_path if reward_path is not None else sft_path)
+        export_model(engine.critic.module, engine.build_critic, critic_tok, out_dir / "critic", manifest, z_critic, dist)
     if engine.ema is not None:
         export_model(engine.ema, engine.build_actor, tok, out_dir / "actor_ema", manifest, 0, dist)
+    if engine.critic is None and dist.is_main:
+        _drop_stale(out_dir / "critic")  # an earlier ppo run's critic would pass for this run's
     if dist.is_main:
         logger.close(metrics)
     return metrics

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rlhf.batching import right_pad
 from rlhf.config import Params
 from rlhf.engine import Dist
 from rlhf.tokenizer import encode_answer, encode_prompt
@@ -23,16 +24,9 @@ def pair_length(row: dict[str, list[int]]) -> int:
 
 def collate_pairs(pad_id: int):
     """(2B, T) input_ids/attention_mask: the B chosen sequences first, then the B rejected ones, right-padded."""
-    import torch
 
     def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
-        seqs = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids, mask = right_pad([b["chosen"] for b in batch] + [b["rejected"] for b in batch], pad_id)
         return {"input_ids": ids, "attention_mask": mask}
 
     return collate
@@ -102,18 +96,21 @@ def skipped_steps(data_dir: Path) -> list[str]:
 
 
 def is_placeholder(path: Path | str) -> bool:
-    """Whether `path` is the reward stage's placeholder (no reward model was needed), not a model."""
+    """Whether `path` is the placeholder of the reward or dpo stage (no preference pair to train on), not a model."""
     from rlhf.outputs import read_manifest
 
     made = read_manifest(path)
-    return not (Path(path) / "config.json").is_file() and made.get("step") == "reward" and (
+    return not (Path(path) / "config.json").is_file() and made.get("step") in ("reward", "dpo") and (
         made.get("metrics", {}).get("trained") is False
     )
 
 
-def _write_placeholder(
-    params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None, ckpt_dir: Path | None
+def write_placeholder(
+    step: str, manifest_params: dict[str, Any], seed: int, data_dir: Path, out_dir: Path, live_dir: Path | None,
+    ckpt_dir: Path | None, text: str,
 ) -> dict[str, Any]:
+    """The output of a step that had no preference pair to train on (reward, dpo): out_dir holds README.txt and a
+    manifest whose metrics say trained: false; the stage's curves and checkpoints exist, empty."""
     import os
     import shutil
 
@@ -129,11 +126,10 @@ def _write_placeholder(
         if ckpt_dir is not None:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         manifest = make_manifest(
-            "reward", {"reward": params.reward.model_dump()},
-            hash_inputs({"reward_train": data_dir / "reward_train.jsonl"}),
-            seed=params.seed, world_size=1, metrics=metrics,
+            step, manifest_params, hash_inputs({"reward_train": data_dir / "reward_train.jsonl"}),
+            seed=seed, world_size=1, metrics=metrics,
         )
-        write_output_dir(out_dir, lambda tmp: (tmp / "README.txt").write_text(NO_REWARD_MODEL), manifest)
+        write_output_dir(out_dir, lambda tmp: (tmp / "README.txt").write_text(text), manifest)
     return metrics
 
 
@@ -154,7 +150,8 @@ def run_reward(
     cfg = params.reward
     train_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_train.jsonl")]
     if not train_rows and "reward" in skipped_steps(data_dir):
-        return _write_placeholder(params, data_dir, out_dir, live_dir, ckpt_dir)
+        return write_placeholder("reward", {"reward": params.reward.model_dump()}, params.seed, data_dir, out_dir,
+                                 live_dir, ckpt_dir, NO_REWARD_MODEL)
     eval_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_eval.jsonl")]
     check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "reward", launch_world_size())
     check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")

@@ -136,27 +136,32 @@ def load_functions(configs: Sequence[RewardFunctionConfig], key: str) -> list[Re
     return loaded
 
 
-def _load(cfg: RewardFunctionConfig, key: str) -> RewardFunction:
-    module_name, attr = cfg.function.split(":")
+def import_object(spec: str, key: str) -> Any:
+    """The object a "module:name" spec names (the module importable from the project folder or the environment);
+    one UserError naming `key` (the params key) and the fix when it does not import."""
+    module_name, attr = spec.split(":")
     if os.getcwd() not in sys.path and "" not in sys.path:  # the project folder, as `python -m` would have it
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         raise UserError(
-            f"{key} '{cfg.function}': module '{module_name}' is not importable ({err}): put it in the project folder "
+            f"{key} '{spec}': module '{module_name}' is not importable ({err}): put it in the project folder "
             f"(as rewards/{module_name.rsplit('.', 1)[-1]}.py, named rewards.{module_name.rsplit('.', 1)[-1]}, which "
             "DVC tracks) or install it"
         ) from None
     except Exception as err:
         detail = " ".join(str(err).split())[:200]
         raise UserError(
-            f"{key} '{cfg.function}': importing module '{module_name}' raised {type(err).__name__}: {detail}: fix "
-            "the module"
+            f"{key} '{spec}': importing module '{module_name}' raised {type(err).__name__}: {detail}: fix the module"
         ) from None
     if not hasattr(module, attr):
-        raise UserError(f"{key} '{cfg.function}': module '{module_name}' has no '{attr}': check the function's name")
-    fn = getattr(module, attr)
+        raise UserError(f"{key} '{spec}': module '{module_name}' has no '{attr}': check the name")
+    return getattr(module, attr)
+
+
+def _load(cfg: RewardFunctionConfig, key: str) -> RewardFunction:
+    fn = import_object(cfg.function, key)
     if not callable(fn):
         raise UserError(
             f"{key} '{cfg.function}' is a {type(fn).__name__}, not a function: name a callable fn(prompts, "

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rlhf.batching import IGNORE, right_pad, right_pad_labels
 from rlhf.config import Params
 from rlhf.engine import Dist
 from rlhf.tokenizer import encode_answer, encode_prompt
-
-IGNORE = -100  # label value the loss skips (transformers' convention)
 
 
 def encode_sft_row(tok: Any, row: dict[str, Any], loss_on_prompt: bool) -> dict[str, list[int]]:
@@ -27,19 +26,10 @@ def sft_length(row: dict[str, list[int]]) -> int:
 
 def collate_sft(pad_id: int):
     """Right-pad a list of encoded rows to (B, T) tensors: input_ids, attention_mask, labels (pad -> IGNORE)."""
-    import torch
 
     def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ids, mask = right_pad([b["input_ids"] for b in batch], pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": right_pad_labels([b["labels"] for b in batch], ids.shape[1])}
 
     return collate
 

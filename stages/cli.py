@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stages import base_model, chat, evaluate, ppo, prepare, reward, sft, train
+from stages import base_model, chat, dpo, evaluate, ppo, prepare, reward, sft, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -23,6 +23,7 @@ app.command("base-model")(base_model.base_model)
 app.command("prepare")(prepare.prepare)
 app.command("sft")(sft.sft)
 app.command("reward")(reward.reward)
+app.command("dpo")(dpo.dpo)
 app.command("ppo")(ppo.ppo)
 app.command("evaluate")(evaluate.evaluate)
 app.command("chat")(chat.chat)

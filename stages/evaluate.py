@@ -1,8 +1,10 @@
-"""Stage `evaluate`: prove RLHF helped. SFT vs PPO vs EMA actor on held-out prompts, by evaluate.scorers."""
+"""Stage `evaluate`: prove RLHF helped. SFT vs the step-3 actor (PPO, GRPO, ...) vs its EMA vs DPO on held-out
+prompts, by evaluate.scorers."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -15,6 +17,7 @@ def evaluate(
     sft: Path = typer.Option(Path("models/sft"), help="the SFT actor (the baseline)"),
     ppo_dir: Path = typer.Option(Path("models/ppo"), "--ppo", help="folder with actor/ and actor_ema/"),
     reward_model: Path = typer.Option(Path("models/reward"), "--reward", help="the reward model"),
+    dpo_dir: Optional[Path] = typer.Option(None, "--dpo", help="the DPO actor (skipped when it is a placeholder)"),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="metrics per actor (JSON)"),
     plot: Path = typer.Option(Path("metrics/evaluate_plot.json"), help="rows for `dvc plots show`"),
     samples: Path = typer.Option(Path("metrics/samples.md"), help="sample answers side by side (Markdown)"),
@@ -26,12 +29,16 @@ def evaluate(
 
     params = read_params(params_path)
     guarded(
-        check_outputs, [params_path, data, sft, ppo_dir, reward_model],
+        check_outputs, [params_path, data, sft, ppo_dir, reward_model, dpo_dir],
         files=[("--metrics", metrics), ("--plot", plot), ("--samples", samples)],
     )
-    actors = {"sft": sft, "ppo": ppo_dir / "actor"}
+    from rlhf.reward import is_placeholder
+
+    actors = {"sft": sft, params.ppo.algorithm: ppo_dir / "actor"}
     if (ppo_dir / "actor_ema" / "config.json").is_file():
         actors["ema"] = ppo_dir / "actor_ema"
+    if dpo_dir is not None and not is_placeholder(dpo_dir):  # no pairs, no DPO model: nothing to compare
+        actors["dpo"] = dpo_dir
     result, rows = guarded(evaluate_actors, actors, reward_model, data, params.evaluate, params.seed)
     write_json(metrics, result)
     write_json(plot, [{"model": name, **values} for name, values in result.items()])

@@ -1,4 +1,5 @@
-"""Stage `ppo`: step 3, PPO of the SFT actor against the reward (params.yaml `rewards`: reward model, functions)."""
+"""Stage `ppo`: step 3, RL of the SFT actor against the reward (params.yaml `rewards`: reward model, functions) with
+`ppo.algorithm`: ppo, grpo, rloo or reinforce_pp."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def ppo(
         Path("checkpoints/ppo"), help="resumable checkpoints (every ppo.checkpoint_every iterations); a rerun resumes"
     ),
 ) -> None:
-    """Step 3: PPO with a KL penalty to the reference, a critic, EMA and optional ptx, on the hybrid engine."""
+    """Step 3: PPO (critic, GAE), GRPO, RLOO or REINFORCE++ (ppo.algorithm) with a KL penalty to the reference, EMA
+    and optional ptx, on the hybrid engine."""
     from rlhf.outputs import check_outputs, write_json
     from rlhf.ppo import run_ppo
 
@@ -42,4 +44,8 @@ def ppo(
         moved = ", ".join(f"{t} {result[t + '_sft']:.3f} -> {result[t + '_ppo']:.3f}" for t in terms)
         for line in result["warnings"]:
             typer.echo(f"warning: {line}", err=True)
-        typer.echo(f"ppo: models -> {out}/{{actor,critic,actor_ema}}, metrics -> {metrics} (held-out prompts, SFT -> PPO: {moved})")
+        written = ",".join(n for n in ("actor", "critic", "actor_ema") if (out / n).is_dir())
+        typer.echo(
+            f"ppo ({params.ppo.algorithm}): models -> {out}/{{{written}}}, metrics -> {metrics} (held-out prompts, "
+            f"SFT -> {params.ppo.algorithm.upper()}: {moved})"
+        )

@@ -12,7 +12,7 @@ import typer
 
 from stages.common import PARAMS_OPTION, fail, read_params
 
-STEPS = ("base_model", "prepare", "sft", "reward", "ppo", "evaluate")
+STEPS = ("base_model", "prepare", "sft", "reward", "dpo", "ppo", "evaluate")
 
 # engine settings per deployment (DeepSpeed-Chat's single_gpu / single_node / multi_node scripts, on our params)
 DEPLOYMENTS = {

@@ -9,21 +9,23 @@ from tests.conftest import run_cli
 
 
 def test_evaluate_writes_metrics_per_actor_plot_rows_and_samples(ppo_trained: Path) -> None:
-    proc = run_cli("evaluate", "--params", "params.yaml", cwd=ppo_trained)
+    """SFT, PPO, its EMA and DPO side by side (DPO: the dpo stage's model, as the default DAG has it)."""
+    run_cli("dpo", "--params", "params.yaml", cwd=ppo_trained)
+    proc = run_cli("evaluate", "--params", "params.yaml", "--dpo", "models/dpo", cwd=ppo_trained)
     assert "evaluate  sft: gold" in proc.stdout and "evaluate  ppo: gold" in proc.stdout
+    assert "evaluate  dpo: gold" in proc.stdout
     metrics = json.loads((ppo_trained / "metrics/evaluate.json").read_text())
-    assert set(metrics) == {"sft", "ppo", "ema"}
+    assert set(metrics) == {"sft", "ppo", "ema", "dpo"}
     for values in metrics.values():
         assert set(values) >= {"gold_reward", "rm_reward", "kl_to_sft", "response_length", "perplexity"}
         assert 0.0 <= values["gold_reward"] <= 1.0 and values["perplexity"] > 1.0 and values["num_prompts"] == 12
     assert metrics["sft"]["kl_to_sft"] == 0.0  # the baseline against itself
-    assert metrics["ppo"]["kl_to_sft"] != 0.0  # PPO moved the policy
+    assert metrics["ppo"]["kl_to_sft"] != 0.0 and metrics["dpo"]["kl_to_sft"] != 0.0  # both moved the policy
     plot = json.loads((ppo_trained / "metrics/evaluate_plot.json").read_text())
-    assert [row["model"] for row in plot] == ["sft", "ppo", "ema"]
+    assert [row["model"] for row in plot] == ["sft", "ppo", "ema", "dpo"]
     table = (ppo_trained / "metrics/samples.md").read_text().splitlines()
-    assert table[0] == "| prompt | sft | ppo | ema |" and len(table) == 2 + 3
+    assert table[0] == "| prompt | sft | ppo | ema | dpo |" and len(table) == 2 + 3
     assert all("[gold_reward " in line for line in table[2:])
-
 
 
 # ------------------------------------------------------------------- pad == eos: answers and scores by position
@@ -108,13 +110,13 @@ def test_answer_logprobs_score_each_answer_as_given_at_the_temperature() -> None
     answer that never stopped."""
     import torch
 
-    from rlhf.evaluate import _answer_logprobs
+    from rlhf.scoring import answer_logprobs
 
     tok = _pad_is_eos_tokenizer()
     eos = tok.eos_token_id
     model = _tiny(tok, "lm")
     prompts, answers = [[5, 6, 7], [5, 6]], [[20, 21, eos], [20, 21, 22, 23]]
-    got = _answer_logprobs(model, tok, prompts, answers, batch_size=8, temperature=0.7)
+    got = answer_logprobs(model, tok.pad_token_id, prompts, answers, batch_size=8, temperature=0.7)
     want = []
     with torch.no_grad():
         for p, a in zip(prompts, answers):

@@ -216,7 +216,7 @@ def test_ppo_prompts_fewer_than_one_rollout_batch_are_refused() -> None:
 
 def test_an_empty_prompt_loader_stops_instead_of_recursing_forever() -> None:
     from rlhf.engine import Dist
-    from rlhf.ppo import Cycle
+    from rlhf.batching import Cycle
     from rlhf.trainer import make_loader
 
     dist = Dist(rank=0, world_size=1, local_rank=0, device="cpu")

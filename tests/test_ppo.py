@@ -40,7 +40,7 @@ def _params(trained: Path, name: str, *overrides: dict):
 
 
 def _prompts(tok, texts: list[str]) -> dict[str, torch.Tensor]:
-    from rlhf.ppo import collate_prompts
+    from rlhf.batching import collate_prompts
     from rlhf.tokenizer import encode_prompt
 
     ids = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in texts]
@@ -119,7 +119,7 @@ def test_one_ppo_update_moves_actor_and_critic_not_reference(trained: Path, dist
 
     before = snapshot()
     batch = _prompts(engine.tok, [f"Sort ascending: {i} {i + 7} 3" for i in range(8)])
-    exp = trainer.generate_experience(batch)
+    exp, _ = trainer.generate_experience(batch)
     b, r = exp.action_mask.shape
     assert exp.sequences.shape[0] == b == 8 and exp.logprobs.shape == exp.values.shape == exp.rewards.shape == (b, r)
     assert exp.scores.shape == (8,) and torch.isfinite(exp.advantages).all()
@@ -253,7 +253,7 @@ def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
     assert_sharded(engine.actor.module)
     trainer = PPOTrainer(engine, params.ppo)
     batch = _prompts(engine.tok, ["Sort ascending: 5 2 9", "Sort ascending: 14 3 7 1 22"])
-    exp = trainer.generate_experience(batch)
+    exp, _ = trainer.generate_experience(batch)
     p = batch["input_ids"].shape[1]
     assert exp.sequences.shape[0] == 6
     assert torch.equal(exp.sequences[:, :p], batch["input_ids"].repeat_interleave(3, 0))
@@ -332,7 +332,7 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
     seq = torch.cat([batch["input_ids"], answers], dim=1)
     engine.actor.generate = lambda ids, mask, **kwargs: seq  # a rollout with known answers, through the real models
     trainer = PPOTrainer(engine, params.ppo)
-    exp = trainer.generate_experience(batch)
+    exp, _ = trainer.generate_experience(batch)
 
     assert torch.equal(exp.action_mask, want)
     assert torch.equal(exp.attention_mask, torch.cat([batch["attention_mask"], want.long()], dim=1))
@@ -356,7 +356,7 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
 
     # reward_normalization running: the first batch is z-scored by its own mean and (unbiased) std.
     running = PPOTrainer(engine, params.ppo.model_copy(update={"reward_normalization": "running"}))
-    exp = running.generate_experience(batch)
+    exp, _ = running.generate_experience(batch)
     z = (exp.scores - exp.scores.mean()) / exp.scores.std()
     torch.testing.assert_close(exp.rewards, onehot * z[:, None], rtol=0, atol=1e-5)
     assert running.reward_moments.count == 4

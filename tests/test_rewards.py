@@ -136,7 +136,7 @@ def test_a_missing_column_names_it(module: str) -> None:
     ("spec", "message"),
     [
         ("rewards.nope:f", r"module 'rewards.nope' is not importable .*put it in the project folder"),
-        ("rewards.checks:missing", r"module 'rewards.checks' has no 'missing': check the function's name"),
+        ("rewards.checks:missing", r"module 'rewards.checks' has no 'missing': check the name"),
         ("rewards.checks:NOT_CALLABLE", r"is a int, not a function"),
         ("rewards.checks:no_completions", r"takes no 'completions' argument: give it TRL's signature"),
         ("rewards.checks:positional_only", r"cannot be called by keyword"),

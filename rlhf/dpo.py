@@ -1,0 +1,158 @@
+"""Step 2's alternative: Direct Preference Optimization (Rafailov et al. 2023; DeepSpeed-Chat step2_dpo), the SFT
+actor trained on the preference pairs against a frozen copy of itself, with no reward model and no RL.
+
+The reference's summed log-probabilities of every chosen and rejected answer are computed once, before training,
+and travel with the rows (not recomputed per epoch); the loss (DPO, cDPO or IPO) is rlhf.ppo_math.dpo_loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhf.batching import answer_positions, right_pad
+from rlhf.config import Params
+from rlhf.engine import Dist
+from rlhf.scoring import sequence_logprobs
+from rlhf.tokenizer import encode_answer, encode_prompt
+
+NO_PAIRS = (
+    "No DPO model: prepare found no preference pair (rewards.model_weight is 0), so there was nothing to train DPO on.\n"
+    "Add a prompt/chosen/rejected source to train one.\n"
+)
+
+
+def encode_dpo_pair(tok: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """Prompt ids and the two answers' ids (each ending with its eos)."""
+    return {"prompt": encode_prompt(tok, row["prompt"]), "chosen": encode_answer(tok, row["chosen"]),
+            "rejected": encode_answer(tok, row["rejected"])}
+
+
+def dpo_length(row: dict[str, Any]) -> int:
+    return len(row["prompt"]) + max(len(row["chosen"]), len(row["rejected"]))
+
+
+def collate_dpo(pad_id: int):
+    """(2B, T) right-padded input_ids/attention_mask (the B chosen rows, then the B rejected ones), the (2B, T)
+    answer positions, and the reference's (2B,) summed log-probabilities (`ref`), when the rows carry them."""
+    import torch
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        prompts = [b["prompt"] for b in batch] * 2
+        rows = [b["prompt"] + b["chosen"] for b in batch] + [b["prompt"] + b["rejected"] for b in batch]
+        ids, mask = right_pad(rows, pad_id)
+        out = {"input_ids": ids, "attention_mask": mask,
+               "answer": answer_positions([len(p) for p in prompts], [len(r) for r in rows], ids.shape[1])}
+        if "ref_chosen" in batch[0]:
+            out["ref"] = torch.tensor([b["ref_chosen"] for b in batch] + [b["ref_rejected"] for b in batch])
+        return out
+
+    return collate
+
+
+def _policy_logprobs(engine: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    device = engine.device
+    lp = sequence_logprobs(engine, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["answer"])
+    ref = batch["ref"].to(lp.device)
+    half = lp.shape[0] // 2
+    return lp[:half], lp[half:], ref[:half], ref[half:]
+
+
+def add_reference_logprobs(ref_model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
+                           dist: Dist) -> None:
+    """Fill each row's ref_chosen / ref_rejected (summed log-probabilities under the frozen reference), once; each
+    rank scores its share of the rows and the shares are summed over ranks."""
+    import torch
+
+    collate = collate_dpo(pad_id)
+    out = torch.zeros(len(rows), 2, dtype=torch.float64)
+    mine = list(range(dist.rank, len(rows), dist.world_size))
+    ref_model.eval().to(dist.device)
+    for i in range(0, len(mine), batch_size):
+        index = mine[i : i + batch_size]
+        batch = collate([rows[j] for j in index])
+        with torch.no_grad():
+            lp = sequence_logprobs(ref_model, batch["input_ids"].to(dist.device),
+                                   batch["attention_mask"].to(dist.device), batch["answer"]).cpu()
+        out[index, 0], out[index, 1] = lp[: len(index)].double(), lp[len(index) :].double()
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(out)
+    for row, (c, r) in zip(rows, out.tolist()):
+        row["ref_chosen"], row["ref_rejected"] = c, r
+
+
+def run_dpo(
+    params: Params, data_dir: Path, sft_path: Path, out_dir: Path, live_dir: Path | None, ckpt_dir: Path | None = None
+) -> dict[str, Any]:
+    """Train the SFT actor with DPO on data_dir/reward_train.jsonl and write the HF folder out_dir. When prepare
+    skipped step 2 (no preference pair), write a placeholder instead (metrics trained: false)."""
+    from rlhf.data import read_split
+    from rlhf.engine import init_distributed, seed_everything
+    from rlhf.errors import UserError
+    from rlhf.models import add_lora, load_causal_lm
+    from rlhf.ppo_math import dpo_loss
+    from rlhf.reward import skipped_steps, write_placeholder
+    from rlhf.tokenizer import load_tokenizer
+    from rlhf.trainer import all_reduce_sum, check_eval_split, check_train_split, launch_world_size, train_and_export
+
+    cfg = params.dpo
+    if not (Path(sft_path) / "config.json").is_file():
+        raise UserError(f"SFT actor folder '{sft_path}' has no config.json: run the earlier stages (dvc repro) first")
+    tok = load_tokenizer(sft_path)
+    train_rows = [encode_dpo_pair(tok, r) for r in read_split(data_dir / "reward_train.jsonl")]
+    if not train_rows and "reward" in skipped_steps(data_dir):
+        return write_placeholder("dpo", {"dpo": cfg.model_dump()}, params.seed, data_dir, out_dir, live_dir,
+                                 ckpt_dir, NO_PAIRS)
+    eval_rows = [encode_dpo_pair(tok, r) for r in read_split(data_dir / "reward_eval.jsonl")]
+    check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "dpo", launch_world_size())
+    check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")
+    dist = init_distributed(params.engine)
+    seed_everything(params.seed)
+    reference = load_causal_lm(sft_path)
+    for rows in (train_rows, eval_rows):
+        add_reference_logprobs(reference, rows, tok.pad_token_id, cfg.eval_batch_size, dist)
+    del reference
+
+    def loss_fn(engine: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+        return dpo_loss(*_policy_logprobs(engine, batch), cfg.beta, cfg.loss_type, cfg.label_smoothing)
+
+    def evaluate(engine: Any, loader: Any) -> dict[str, float]:
+        import torch
+
+        engine.eval()
+        sums = [0.0] * 6
+        with torch.no_grad():
+            for batch in loader:
+                loss, stats = loss_fn(engine, batch)
+                n = batch["input_ids"].shape[0] // 2
+                for i, v in enumerate([loss.item(), stats["accuracy"], stats["rewards_chosen"],
+                                       stats["rewards_rejected"], stats["margin"], 1.0]):
+                    sums[i] += v * n
+        loss, acc, chosen, rejected, margin, n = all_reduce_sum(sums, dist)
+        n = max(n, 1.0)
+        return {"eval_loss": loss / n, "accuracy": acc / n, "rewards_chosen": chosen / n,
+                "rewards_rejected": rejected / n, "margin": margin / n}
+
+    def build() -> Any:
+        return add_lora(load_causal_lm(sft_path), cfg.lora, "CAUSAL_LM")
+
+    return train_and_export(
+        name="dpo",
+        params=params,
+        train=cfg,
+        dist=dist,
+        tok=tok,
+        build_model=build,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        collate=collate_dpo(tok.pad_token_id),
+        length=dpo_length,
+        loss_fn=loss_fn,
+        evaluate=evaluate,
+        out_dir=out_dir,
+        live_dir=live_dir,
+        ckpt_dir=ckpt_dir,
+        manifest_params={k: getattr(params, k).model_dump() for k in ("engine", "dpo")},
+        manifest_inputs={"reward_train": data_dir / "reward_train.jsonl", "reward_eval": data_dir / "reward_eval.jsonl",
+                         "sft_model": sft_path},
+    )

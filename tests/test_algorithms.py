@@ -1,0 +1,118 @@
+"""Step 3's critic-free family (GRPO, RLOO, REINFORCE++), a user's trainer subclass, and DPO, each through the CLI
+as a user runs it, on the tiny trained models: weights change, outputs load with the Auto classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli, write_params
+
+
+def _state(path: Path, kind: str = "lm") -> dict:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if kind == "lm" else AutoModelForSequenceClassification
+    return cls.from_pretrained(path).state_dict()
+
+
+def _changed(a: dict, b: dict) -> int:
+    return sum(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "algorithm,options",
+    [
+        # GRPO as DeepSeekMath has it: std-normalised groups, the k3 KL as a loss, per-answer loss means; plus an
+        # entropy bonus
+        ("grpo", {"kl_penalty": "loss", "loss_aggregation": "seq_mean_token_mean", "entropy_coef": 0.01}),
+        # RLOO with DAPO's clip-higher and Dr. GRPO's constant normaliser
+        ("rloo", {"clip_range_high": 0.28, "loss_aggregation": "seq_mean_token_sum_norm"}),
+        ("reinforce_pp", {"answers_per_prompt": 2}),
+    ],
+)
+def test_critic_free_algorithm_trains_the_actor_and_builds_no_critic(trained: Path, tmp_path: Path,
+                                                                      algorithm: str, options: dict) -> None:
+    out, metrics, live = tmp_path / "models", tmp_path / "ppo.json", tmp_path / "live"
+    (out / "critic").mkdir(parents=True)  # an earlier ppo run's critic, to be dropped: it is not this run's
+    (out / "critic" / "manifest.json").write_text(json.dumps({"step": "ppo", "versions": {}}))
+    write_params(trained / f"{algorithm}.yaml", {"ppo": {"algorithm": algorithm, "rollout_batch_size": 4, **options}})
+    proc = run_cli("ppo", "--params", f"{algorithm}.yaml", "--out", str(out), "--metrics", str(metrics),
+                   "--live", str(live), "--checkpoints", str(tmp_path / "ckpt"), cwd=trained)
+    assert f"ppo ({algorithm}): models -> {out}/{{actor,actor_ema}}" in proc.stdout, proc.stdout
+    assert _changed(_state(trained / "models/sft"), _state(out / "actor")) > 0
+    assert (out / "actor_ema/config.json").is_file() and not (out / "critic").exists()
+    result = json.loads(metrics.read_text())
+    assert result["algorithm"] == algorithm and result["iterations"] == 2
+    curves = live / "plots/metrics/ppo"
+    assert (curves / "actor_loss.tsv").is_file() and not (curves / "critic_loss.tsv").exists()
+    if options.get("kl_penalty") == "loss":
+        assert (curves / "kl_loss.tsv").is_file() and (curves / "entropy.tsv").is_file()
+
+
+def test_group_algorithm_needs_a_group(trained: Path, tmp_path: Path) -> None:
+    write_params(trained / "grpo1.yaml", {"ppo": {"algorithm": "grpo", "answers_per_prompt": 1}})
+    proc = run_cli("ppo", "--params", "grpo1.yaml", "--out", str(tmp_path / "m"), cwd=trained, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "ppo.answers_per_prompt must be >= 2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+TRAINER = '''
+from rlhf import PPOTrainer
+
+
+class LengthOnly(PPOTrainer):
+    """Rewards nothing but brevity: minus the answer's length in tokens."""
+
+    def reward_scores(self, rollout, rows=None):
+        return -rollout.action_mask.sum(-1)
+'''
+
+
+def test_a_users_trainer_subclass_runs_from_the_stage(trained: Path, tmp_path: Path) -> None:
+    (trained / "my_trainers.py").write_text(TRAINER)
+    write_params(trained / "mine.yaml", {"ppo": {"trainer": "my_trainers:LengthOnly", "ema_beta": 0.0}})
+    metrics = tmp_path / "ppo.json"
+    run_cli("ppo", "--params", "mine.yaml", "--out", str(tmp_path / "m"), "--metrics", str(metrics),
+            "--live", str(tmp_path / "live"), "--checkpoints", str(tmp_path / "ckpt"), cwd=trained)
+    result = json.loads(metrics.read_text())
+    # Its reward (minus the length) is what the stage measured, on held-out prompts and in the last iteration.
+    assert result["reward_sft"] <= -1 and result["final_reward"] <= -1  # every answer has at least one token
+    assert _changed(_state(trained / "models/sft"), _state(tmp_path / "m/actor")) > 0
+
+    write_params(trained / "bad.yaml", {"ppo": {"trainer": "json:JSONDecoder"}})
+    proc = run_cli("ppo", "--params", "bad.yaml", "--out", str(tmp_path / "m2"), cwd=trained, check=False)
+    assert proc.returncode == 2 and "is not a subclass of rlhf.PPOTrainer" in proc.stderr
+    assert not (tmp_path / "m2").exists()
+
+
+# ------------------------------------------------------------------------------------------------------- DPO
+
+
+@pytest.mark.parametrize("options", [{}, {"loss_type": "ipo"}, {"label_smoothing": 0.1}], ids=["dpo", "ipo", "cdpo"])
+def test_dpo_stage_trains_from_sft_against_the_cached_reference(trained: Path, tmp_path: Path, options: dict) -> None:
+    out, metrics, live = tmp_path / "dpo", tmp_path / "dpo.json", tmp_path / "live"
+    write_params(trained / "dpo.yaml", {"dpo": {"max_steps": 4, "micro_batch_size": 8, "log_every": 1,
+                                                "learning_rate": 0.01, **options}})
+    proc = run_cli("dpo", "--params", "dpo.yaml", "--out", str(out), "--metrics", str(metrics), "--live", str(live),
+                   "--checkpoints", str(tmp_path / "ckpt"), cwd=trained)
+    assert f"dpo: model -> {out}" in proc.stdout
+    assert _changed(_state(trained / "models/sft"), _state(out)) > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["step"] == "dpo" and manifest["params"]["dpo"]["beta"] == 0.1
+    result = json.loads(metrics.read_text())
+    assert {"accuracy", "margin", "rewards_chosen", "rewards_rejected", "eval_loss"} <= set(result)
+    curves = live / "plots/metrics/train"
+    for name in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy"):
+        assert (curves / f"{name}.tsv").is_file(), name
+    # Step 1's loss is computed before any update, with the policy equal to the reference: h = 0 exactly when
+    # the cached reference log-probabilities are the policy's own. DPO/cDPO: -log sigmoid(0) = log 2 whatever the
+    # smoothing; IPO: (0 - 1 / (2 beta))^2 = 25.
+    first = float((curves / "loss.tsv").read_text().splitlines()[1].split("\t")[1])
+    want = 25.0 if options.get("loss_type") == "ipo" else 0.6931472
+    assert first == pytest.approx(want, abs=1e-4)
+    margin = float((curves / "margin.tsv").read_text().splitlines()[1].split("\t")[1])
+    assert margin == pytest.approx(0.0, abs=1e-5)
