@@ -95,6 +95,10 @@ class DataConfig(_Group):
     invalid_rows: Literal["drop", "error"] = "drop"  # drop and count bad rows, or stop at the first one
     max_prompt_tokens: int = Field(48, gt=0)  # rows whose prompt is longer are invalid
     max_seq_tokens: int = Field(96, gt=0)  # rows whose prompt + response is longer are invalid
+    # ptx's data (ppo.ptx_coef > 0; DeepSpeed-Chat's --unsupervised_dataset_name): a source of plain text, rows with
+    # a `text` column (a local json/jsonl/parquet/csv/arrow file or save_to_disk folder, or a hub id); null = the SFT
+    # demonstrations. prepare writes it to data/prepared/ptx_train.jsonl, each text cut to max_seq_tokens
+    ptx_source: SourceConfig | None = None
 
     @model_validator(mode="after")
     def _split(self) -> DataConfig:

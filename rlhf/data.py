@@ -773,6 +773,20 @@ def load_sources_info(params: Params) -> tuple[list[dict], dict[str, int], dict[
     return rows, per_source, identity
 
 
+def load_ptx_texts(src: SourceConfig) -> list[str]:
+    """The non-empty `text` values of data.ptx_source, in order; one UserError when it has no such column or none."""
+    ds = _read(src)
+    if "text" not in ds.column_names:
+        raise UserError(
+            f"data.ptx_source '{src.path}' has no `text` column (columns: {', '.join(ds.column_names)}): give rows "
+            'of plain text as {"text": ...}, or set data.ptx_source: null to mix in the SFT demonstrations'
+        )
+    texts = [t for t in ds["text"] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise UserError(f"data.ptx_source '{src.path}' has no non-empty text: fill its `text` column or set it to null")
+    return texts
+
+
 def check_sources_tracked(sources: list[SourceConfig], dvc_yaml: Path) -> None:
     """Refuse a local source that the `prepare` stage of dvc_yaml does not depend on: DVC would never rerun prepare
     when the user edits it (the shipped dvc.yaml depends on data/sources/). No dvc.yaml, or no prepare stage in it,

@@ -104,7 +104,7 @@ def run_dpo(
         return write_placeholder("dpo", {"dpo": cfg.model_dump()}, params.seed, data_dir, out_dir, live_dir,
                                  ckpt_dir, NO_PAIRS)
     eval_rows = [encode_dpo_pair(tok, r) for r in read_split(data_dir / "reward_eval.jsonl")]
-    check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "dpo", launch_world_size())
+    check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "dpo", launch_world_size(), "reward")
     check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")
     dist = init_distributed(params.engine)
     seed_everything(params.seed)

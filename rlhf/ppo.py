@@ -593,7 +593,7 @@ def run_ppo(
     from rlhf.engine import init_distributed, seed_everything
     from rlhf.outputs import hash_inputs, make_manifest
     from rlhf.rewards import load_functions
-    from rlhf.sft import collate_sft, encode_sft_row
+    from rlhf.sft import collate_sft, encode_sft_row, encode_text
     from rlhf.tokenizer import encode_prompt, load_tokenizer
     from rlhf.trainer import MetricsLogger, all_reduce_sum, check_ppo_splits, export_model, launch_world_size, make_loader
 
@@ -614,6 +614,7 @@ def run_ppo(
         if path is not None and not (Path(path) / "config.json").is_file():
             raise UserError(f"{what} folder '{path}' has no config.json: run the earlier stages (dvc repro) first")
     functions = load_functions(params.rewards.functions, "rewards.functions")  # import errors before any model
+    trainer_cls = trainer_class(ppo.trainer)
     tok = load_tokenizer(sft_path)
     from transformers import AutoConfig
 
@@ -626,14 +627,17 @@ def run_ppo(
     train_prompts = [(encode_prompt(tok, r["prompt"]), r) for r in train_rows]
     eval_prompts = [(encode_prompt(tok, r["prompt"]), r) for r in eval_rows]
     ptx_rows = []
-    if ppo.ptx_coef > 0:
-        ptx_rows = [encode_sft_row(tok, r, False) for r in read_split(data_dir / "sft_train.jsonl")]
+    if ppo.ptx_coef > 0:  # data.ptx_source's text (prepare wrote ptx_train.jsonl), else the SFT demonstrations
+        if (data_dir / "ptx_train.jsonl").is_file():
+            ptx_rows = [encode_text(tok, r["text"], params.data.max_seq_tokens) for r in read_split(data_dir / "ptx_train.jsonl")]
+        else:
+            ptx_rows = [encode_sft_row(tok, r, False) for r in read_split(data_dir / "sft_train.jsonl")]
     check_ppo_splits(data_dir, len(train_prompts), len(eval_prompts), len(ptx_rows), ppo, launch_world_size())
 
     dist = init_distributed(params.engine)
     seed_everything(params.seed)
     engine = RLHFEngine(params, dist, sft_path, reward_path)
-    trainer = trainer_class(ppo.trainer)(engine, ppo, params.rewards, functions)
+    trainer = trainer_cls(engine, ppo, params.rewards, functions)
     trained = {"actor": engine.actor.engine} | ({"critic": engine.critic} if engine.critic is not None else {})
     width = max(len(p) for p, _ in train_prompts + eval_prompts)
     collate = collate_prompt_rows(width, tok.pad_token_id)
@@ -644,6 +648,7 @@ def run_ppo(
     manifest_params = {k: getattr(params, k).model_dump() for k in ("engine", "ppo", "rewards", "data")}
     inputs = hash_inputs(
         {"ppo_train": data_dir / "ppo_train.jsonl", "sft_model": sft_path}
+        | ({"ptx_train": data_dir / "ptx_train.jsonl"} if (data_dir / "ptx_train.jsonl").is_file() else {})
         | ({"reward_model": reward_path} if reward_path is not None else {})
     )
     ckpt = Checkpointer(

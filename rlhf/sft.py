@@ -19,6 +19,13 @@ def encode_sft_row(tok: Any, row: dict[str, Any], loss_on_prompt: bool) -> dict[
     return {"input_ids": prompt + answer, "labels": labels}
 
 
+def encode_text(tok: Any, text: str, max_tokens: int) -> dict[str, list[int]]:
+    """Plain text for ptx's language-model loss on every token: its ids (no chat template) cut to max_tokens - 1,
+    then the eos."""
+    ids = tok(text, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tok.eos_token_id]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
 def sft_length(row: dict[str, list[int]]) -> int:
     """Tokens an encoded row takes in a batch (what length grouping sorts by)."""
     return len(row["input_ids"])

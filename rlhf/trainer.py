@@ -176,16 +176,17 @@ def check_rows(split: Path | str, rows: int, need: int, batch: str, fix: str) ->
         )
 
 
-def check_train_split(split: Path | str, rows: int, train: TrainConfig, group: str, world_size: int) -> None:
+def check_train_split(split: Path | str, rows: int, train: TrainConfig, group: str, world_size: int,
+                      share: str | None = None) -> None:
     """A training split must fill one global batch (micro_batch_size x gradient_accumulation_steps x ranks): with
-    fewer rows `fit` takes 0 optimizer steps."""
+    fewer rows `fit` takes 0 optimizer steps. `share`: the data_split share that fills the split (default: group)."""
     batch = (
         f"{group}.micro_batch_size {train.micro_batch_size} x {group}.gradient_accumulation_steps "
         f"{train.gradient_accumulation_steps} x {world_size} rank(s)"
     )
     fix = (
         f"lower {group}.micro_batch_size or {group}.gradient_accumulation_steps (and {group}.global_batch_size), "
-        f"bring more data, or give {group} a larger share (data.data_split)"
+        f"bring more data, or give {share or group} a larger share (data.data_split)"
     )
     check_rows(split, rows, train.micro_batch_size * train.gradient_accumulation_steps * world_size, batch, fix)
 
@@ -202,7 +203,8 @@ def check_eval_split(split: Path | str, rows: int, metric: str, or_else: str = "
 def check_ppo_splits(data_dir: Path, train: int, held_out: int, ptx: int, ppo: PPOConfig, world_size: int) -> None:
     """PPO's splits, before DeepSpeed starts: each iteration draws ppo.rollout_batch_size prompts per rank from
     ppo_train (its loader drops the ragged end, so fewer prompts give no rollout at all); the held-out score needs
-    ppo_eval unless ppo.eval_prompts is 0; the ptx mix (ppo.ptx_coef > 0) draws micro batches of sft_train."""
+    ppo_eval unless ppo.eval_prompts is 0; the ptx mix (ppo.ptx_coef > 0) draws micro batches of ptx_train (from
+    data.ptx_source) or else of sft_train."""
     data_dir = Path(data_dir)
     check_rows(
         data_dir / "ppo_train.jsonl", train, ppo.rollout_batch_size * world_size,
@@ -212,10 +214,12 @@ def check_ppo_splits(data_dir: Path, train: int, held_out: int, ptx: int, ppo: P
     if ppo.eval_prompts > 0:
         check_eval_split(data_dir / "ppo_eval.jsonl", held_out, "reward-model score", ", or set ppo.eval_prompts: 0")
     if ppo.ptx_coef > 0:
+        own = (data_dir / "ptx_train.jsonl").is_file()
         check_rows(
-            data_dir / "sft_train.jsonl", ptx, ppo.micro_batch_size * world_size,
+            data_dir / ("ptx_train.jsonl" if own else "sft_train.jsonl"), ptx, ppo.micro_batch_size * world_size,
             f"ppo.micro_batch_size {ppo.micro_batch_size} x {world_size} rank(s), for ppo.ptx_coef > 0",
-            "lower ppo.micro_batch_size, set ppo.ptx_coef: 0, or give sft a larger share (data.data_split)",
+            "lower ppo.micro_batch_size, set ppo.ptx_coef: 0, or "
+            + ("bring more text to data.ptx_source" if own else "give sft a larger share (data.data_split)"),
         )
 
 

@@ -116,3 +116,34 @@ def test_dpo_stage_trains_from_sft_against_the_cached_reference(trained: Path, t
     assert first == pytest.approx(want, abs=1e-4)
     margin = float((curves / "margin.tsv").read_text().splitlines()[1].split("\t")[1])
     assert margin == pytest.approx(0.0, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- ptx's own data
+
+
+def test_ptx_reads_its_own_text_source(trained: Path, tmp_path: Path) -> None:
+    """data.ptx_source: prepare writes its texts to ptx_train.jsonl and ptx trains on them, not on the SFT split."""
+    work = tmp_path / "work"
+    (work / "data/sources").mkdir(parents=True)
+    texts = [f"Numbers are written left to right: {i} comes before {i + 1}." for i in range(40)]
+    (work / "data/sources/text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    source = {"data": {"ptx_source": {"path": "data/sources/text.jsonl"}}}
+    write_params(work / "params.yaml", source)
+    run_cli("prepare", "--params", "params.yaml", cwd=work)
+    rows = [json.loads(line) for line in (work / "data/prepared/ptx_train.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == texts
+    assert json.loads((work / "metrics/prepare.json").read_text())["ptx_rows"] == 40
+
+    write_params(work / "ptx.yaml", source, {"ppo": {"ptx_coef": 0.5, "ema_beta": 0.0}})
+    out = tmp_path / "models"
+    run_cli("ppo", "--params", "ptx.yaml", "--sft", str(trained / "models/sft"), "--reward",
+            str(trained / "models/reward"), "--out", str(out), cwd=work)
+    assert (work / "dvclive/ppo/plots/metrics/ppo/ptx_loss.tsv").is_file()
+    manifest = json.loads((out / "actor/manifest.json").read_text())
+    assert "ptx_train" in manifest["inputs"]  # the text it mixed in is part of what made the actor
+
+    (work / "data/sources/bad.jsonl").write_text(json.dumps({"body": "no text column"}) + "\n")
+    write_params(work / "bad.yaml", {"data": {"ptx_source": {"path": "data/sources/bad.jsonl"}}})
+    proc = run_cli("prepare", "--params", "bad.yaml", "--out", str(tmp_path / "p2"), cwd=work, check=False)
+    assert proc.returncode == 2 and "has no `text` column (columns: body)" in proc.stderr
+    assert not (tmp_path / "p2").exists()
