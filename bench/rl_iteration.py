@@ -1,4 +1,5 @@
-"""Seconds per RL iteration: our PPO (rlhf.ppo) vs TRL's GRPOTrainer and RLOOTrainer, side by side in one run.
+"""Seconds per RL iteration: our step 3 (rlhf.ppo: PPO, and GRPO and RLOO on identical work) vs TRL's GRPOTrainer and
+RLOOTrainer, side by side in one run.
 
     PYTHONPATH=. python bench/rl_iteration.py --sizes tiny,50m            # prints one JSON line at the end
 
@@ -11,7 +12,10 @@ One iteration = generate + score + one optimizer update, on the same work for ev
   per_device_train_batch_size = all completions, steps_per_generation 1), a KL penalty to a frozen reference on
   both (ours: ppo.kl_coef; TRL: beta, same value), fp32 (or `--dtype bf16` on both), one process, the same torch
   thread count.
-Ours also trains a critic and keeps an EMA actor (its defaults), which GRPO and RLOO do not have.
+Our PPO side also trains a critic and keeps an EMA actor (its defaults), which GRPO and RLOO do not have; our GRPO
+and RLOO sides (`--ours ppo,grpo,rloo`) build no critic and no EMA, and GRPO takes the KL as a k3 loss term with
+token-mean aggregation, as TRL's GRPO (beta > 0, loss_type dapo) does: `speedup_vs_grpo` compares like with like
+(ours_grpo vs TRL GRPO, ours_rloo vs TRL RLOO), `ppo_speedup_vs_*` our PPO with each.
 
 Each side runs in its own subprocess (TRL's accelerate and our DeepSpeed process group do not share a process)
 and times `--iters` iterations after one warm-up iteration. The sides take turns for `--rounds` rounds, so a load
@@ -38,11 +42,12 @@ SIZES = {  # actor (hidden, layers, heads, intermediate); the reward model stays
 }
 
 
-def _params(work: Path, size: str, args: argparse.Namespace):
-    """params.yaml with a small task, the chosen actor size and the PPO batch that matches TRL's."""
+def _params(work: Path, size: str, args: argparse.Namespace, algorithm: str = "ppo"):
+    """params.yaml with a small task, the chosen actor size and the step-3 batch that matches TRL's."""
     from rlhf.config import load_params
 
     over = {
+        "ppo.algorithm": algorithm,
         "task.num_rows": 2000,
         "ppo.rollout_batch_size": args.prompts,
         "ppo.answers_per_prompt": args.completions,
@@ -54,6 +59,8 @@ def _params(work: Path, size: str, args: argparse.Namespace):
         "engine.device": "cpu",
         "engine.dtype": args.dtype,
     }
+    if algorithm != "ppo":  # as TRL's: no EMA; GRPO's KL a k3 loss term
+        over.update({"ppo.ema_beta": 0.0, "ppo.kl_penalty": "loss" if algorithm == "grpo" else "reward"})
     if SIZES[size]:
         hidden, layers, heads, inter = SIZES[size]
         over.update({"model.hidden_size": hidden, "model.num_layers": layers, "model.num_heads": heads,
@@ -81,7 +88,7 @@ def _prompts(work: Path, n: int) -> list[list[dict[str, str]]]:
     return [r["prompt"] for r in read_split(work / "data/ppo_train.jsonl")][:n]
 
 
-def run_ours(work: Path, size: str, args: argparse.Namespace) -> dict:
+def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "ppo") -> dict:
     """Our iteration exactly as run_ppo runs it: generate_experience, train_rlhf per micro batch, update_ema."""
     import torch
 
@@ -90,7 +97,7 @@ def run_ours(work: Path, size: str, args: argparse.Namespace) -> dict:
     from rlhf.ppo import PPOTrainer, RLHFEngine
     from rlhf.tokenizer import encode_prompt
 
-    params = _params(work, size, args)
+    params = _params(work, size, args, algorithm)
     dist = init_distributed(params.engine)
     seed_everything(params.seed)
     engine = RLHFEngine(params, dist, work / size / "sft", work / size / "reward")
@@ -168,6 +175,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tiny,50m")
     ap.add_argument("--trl", default="grpo,rloo", help="TRL trainers to compare with")
+    ap.add_argument("--ours", default="ppo,grpo,rloo", help="our step-3 algorithms to time")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
     ap.add_argument("--completions", type=int, default=4, help="answers per prompt")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens per answer (exact)")
@@ -190,6 +198,8 @@ def main() -> None:
             out = setup(work, args.size, args)
         elif args.side == "ours":
             out = run_ours(work, args.size, args)
+        elif args.side.startswith("ours_"):
+            out = run_ours(work, args.size, args, args.side.removeprefix("ours_"))
         else:
             out = run_trl(work, args.size, args, args.side)
         print("RESULT " + json.dumps(out), flush=True)
@@ -201,7 +211,9 @@ def main() -> None:
         env.pop(var, None)
     shape = ["--prompts", str(args.prompts), "--completions", str(args.completions),
              "--new-tokens", str(args.new_tokens), "--iters", str(args.iters), "--threads", str(args.threads)]
-    sides = ["ours", *args.trl.split(",")]
+    ours = ["ours" if a == "ppo" else f"ours_{a}" for a in args.ours.split(",")]
+    trl_sides = args.trl.split(",")
+    sides = [*ours, *trl_sides]
     rows = []
     with tempfile.TemporaryDirectory(prefix="rl-bench-") as tmp:
         for size, dtype in [(s, d) for s in args.sizes.split(",") for d in args.dtype.split(",")]:
@@ -222,8 +234,11 @@ def main() -> None:
                 row[side].update(s_per_iter=statistics.median(times[side]), fastest_s=min(times[side]),
                                  times=times[side])
             row["load_after"] = os.getloadavg()
-            for algo in sides[1:]:
-                row[f"speedup_vs_{algo}"] = row[algo]["s_per_iter"] / row["ours"]["s_per_iter"]
+            for algo in trl_sides:
+                if f"ours_{algo}" in row:  # like with like: our GRPO vs TRL's GRPO
+                    row[f"speedup_vs_{algo}"] = row[algo]["s_per_iter"] / row[f"ours_{algo}"]["s_per_iter"]
+                if "ours" in row:
+                    row[f"ppo_speedup_vs_{algo}"] = row[algo]["s_per_iter"] / row["ours"]["s_per_iter"]
             rows.append(row)
     print(json.dumps({"bench": "rl_iteration", "prompts": args.prompts, "completions": args.completions,
                       "new_tokens": args.new_tokens, "iters": args.iters, "rounds": args.rounds, "threads": args.threads, "dtype": args.dtype,

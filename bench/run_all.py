@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = "PYTHONPATH=. python"
 BENCHES = {  # name: (command as a user types it, smoke arguments that replace its defaults)
     "rl_iteration": (f"{PY} bench/rl_iteration.py --sizes tiny,50m --dtype fp32,bf16 --threads 1",
-                     "--sizes tiny --trl grpo --prompts 2 --completions 2 --new-tokens 4 --iters 1 --rounds 1"),
+                     "--sizes tiny --trl grpo --ours ppo,grpo --prompts 2 --completions 2 --new-tokens 4 --iters 1 --rounds 1"),
     "hybrid_generation": ("DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bench/hybrid_generation.py",
                           "--sizes tiny --batch 2 --new-tokens 4 --repeats 1"),
     "matmul_efficiency": (f"{PY} bench/matmul_efficiency.py --sizes 10m,100m",
@@ -92,15 +92,17 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 def table_rl_iteration(rec: dict) -> list[str]:
     r = rec["result"]
     algos = [k[len("speedup_vs_"):] for k in r["rows"][0] if k.startswith("speedup_vs_")]
-    head = ["model", "params", "dtype", "ours s/iter (gen / score / train)"]
-    head += [c for a in algos for c in (f"TRL {a.upper()} s/iter", f"ours vs {a.upper()}")]
+    head = ["model", "params", "dtype", "ours PPO s/iter (gen / score / train)"]
+    head += [c for a in algos for c in (f"ours {a.upper()} s/iter", f"TRL {a.upper()} s/iter", f"ours vs TRL {a.upper()}")]
     rows = []
     for row in r["rows"]:
         o = row["ours"]
         cells = [row["size"], f"{o['params'] / 1e6:.1f}M", row.get("dtype", "fp32"),
                  f"{o['s_per_iter']:.2f} ({o['generate_s']:.2f} / {o['score_s']:.2f} / {o['train_s']:.2f})"]
         for a in algos:
-            cells += [f"{row[a]['s_per_iter']:.2f}", f"{row[f'speedup_vs_{a}']:.2f}x"]
+            mine = row.get(f"ours_{a}")  # absent in records from before our GRPO/RLOO: the ratio is our PPO's
+            ratio = f"{row[f'speedup_vs_{a}']:.2f}x" + ("" if mine else " (our PPO)")
+            cells += [f"{mine['s_per_iter']:.2f}" if mine else "-", f"{row[a]['s_per_iter']:.2f}", ratio]
         rows.append(cells)
     out = _table(head, rows) + [""]
     out.append(f"{r['prompts']} prompts x {r['completions']} answers x {r['new_tokens']} tokens per iteration; median "
