@@ -1,4 +1,4 @@
-"""RLHF in three steps (SFT, reward model, PPO) on DeepSpeed, each step a DVC stage.
+"""RLHF in three steps (SFT, reward model or DPO, PPO or GRPO/RLOO/REINFORCE++) on DeepSpeed, each step a DVC stage.
 
 Importing this package stays light: deepspeed, transformers and datasets are imported inside the functions that
 need them, and the public names below load rlhf.ppo only when first used (PEP 562), so that `import rlhf.sft` does
@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Experience", "PPOTrainer", "RLHFEngine"]
+__all__ = ["Experience", "PPOTrainer", "RLHFEngine", "Rollout"]
 
 if TYPE_CHECKING:
-    from rlhf.ppo import Experience, PPOTrainer, RLHFEngine
+    from rlhf.ppo import Experience, PPOTrainer, RLHFEngine, Rollout
 
 
 def __getattr__(name: str) -> Any:
