@@ -12,7 +12,7 @@ from typing import Any
 
 from rlhf.batching import answer_positions, right_pad
 from rlhf.config import Params
-from rlhf.engine import Dist
+from rlhf.engine import Dist, evaluating
 from rlhf.scoring import sequence_logprobs
 from rlhf.tokenizer import encode_answer, encode_prompt
 
@@ -50,12 +50,15 @@ def collate_dpo(pad_id: int):
     return collate
 
 
-def _policy_logprobs(engine: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+def _policy_logprobs(engine: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any]:
+    """(policy chosen, policy rejected, reference chosen, reference rejected), each (B,) summed over the answer, and
+    the chosen answers' mean negative log-likelihood per token (RPO's term)."""
     device = engine.device
     lp = sequence_logprobs(engine, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["answer"])
     ref = batch["ref"].to(lp.device)
     half = lp.shape[0] // 2
-    return lp[:half], lp[half:], ref[:half], ref[half:]
+    chosen_tokens = batch["answer"][:half, 1:].sum().clamp(min=1).to(lp.device)
+    return lp[:half], lp[half:], ref[:half], ref[half:], -lp[:half].sum() / chosen_tokens
 
 
 def add_reference_logprobs(ref_model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
@@ -114,24 +117,25 @@ def run_dpo(
     del reference
 
     def loss_fn(engine: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-        return dpo_loss(*_policy_logprobs(engine, batch), cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        *logprobs, nll = _policy_logprobs(engine, batch)
+        loss, stats = dpo_loss(*logprobs, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        if cfg.sft_coef > 0:  # RPO (Pang et al. 2024; TRL's rpo_alpha): keep the chosen answers likely
+            loss = loss + cfg.sft_coef * nll
+        return loss, {**stats, "nll_chosen": nll.item()}
 
     def evaluate(engine: Any, loader: Any) -> dict[str, float]:
         import torch
 
-        engine.eval()
-        sums = [0.0] * 6
-        with torch.no_grad():
+        keys = ("eval_loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin", "nll_chosen")
+        sums = [0.0] * (len(keys) + 1)
+        with torch.no_grad(), evaluating(engine):
             for batch in loader:
                 loss, stats = loss_fn(engine, batch)
                 n = batch["input_ids"].shape[0] // 2
-                for i, v in enumerate([loss.item(), stats["accuracy"], stats["rewards_chosen"],
-                                       stats["rewards_rejected"], stats["margin"], 1.0]):
+                for i, v in enumerate([loss.item(), *(stats[k] for k in keys[1:]), 1.0]):
                     sums[i] += v * n
-        loss, acc, chosen, rejected, margin, n = all_reduce_sum(sums, dist)
-        n = max(n, 1.0)
-        return {"eval_loss": loss / n, "accuracy": acc / n, "rewards_chosen": chosen / n,
-                "rewards_rejected": rejected / n, "margin": margin / n}
+        *totals, n = all_reduce_sum(sums, dist)
+        return {k: v / max(n, 1.0) for k, v in zip(keys, totals)}
 
     def build() -> Any:
         return add_lora(load_causal_lm(sft_path), cfg.lora, "CAUSAL_LM")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rlhf.config import EngineConfig, TrainConfig
@@ -27,6 +29,33 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@contextmanager
+def evaluating(*modules: Any) -> Iterator[None]:
+    """Modules (None skipped) in eval mode inside the block, each back in its previous mode after it."""
+    with _mode(False, modules):
+        yield
+
+
+@contextmanager
+def training(*modules: Any) -> Iterator[None]:
+    """Modules (None skipped) in train mode inside the block, each back in its previous mode after it."""
+    with _mode(True, modules):
+        yield
+
+
+@contextmanager
+def _mode(train: bool, modules: tuple[Any, ...]) -> Iterator[None]:
+    present = [m for m in modules if m is not None]
+    before = [m.training for m in present]
+    for m in present:
+        m.train(train)
+    try:
+        yield
+    finally:
+        for m, was in zip(present, before):
+            m.train(was)
 
 
 def resolve_device(cfg: EngineConfig) -> str:

@@ -19,8 +19,7 @@ reward is params.yaml `rewards`: the reward model's score times `rewards.model_w
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf import faults
 from rlhf.batching import Cycle, collate_prompt_rows, collate_prompts
 from rlhf.config import EngineConfig, Params, PPOConfig, RewardsConfig, TrainConfig, resolve_engine
-from rlhf.engine import Dist
+from rlhf.engine import Dist, evaluating, training
 from rlhf.errors import UserError
 from rlhf.models import classifier_parts as _classifier
 from rlhf.prefix import answer_outputs
@@ -484,33 +483,6 @@ class PPOTrainer:
             loss = actor(**batch).loss
             self._step(actor, self.config.ptx_coef * loss)
         return loss.item()
-
-
-@contextmanager
-def evaluating(*modules: Any) -> Iterator[None]:
-    """Modules (None skipped) in eval mode inside the block, each back in its previous mode after it."""
-    with _mode(False, modules):
-        yield
-
-
-@contextmanager
-def training(*modules: Any) -> Iterator[None]:
-    """Modules (None skipped) in train mode inside the block, each back in its previous mode after it."""
-    with _mode(True, modules):
-        yield
-
-
-@contextmanager
-def _mode(train: bool, modules: tuple[Any, ...]) -> Iterator[None]:
-    present = [m for m in modules if m is not None]
-    before = [m.training for m in present]
-    for m in present:
-        m.train(train)
-    try:
-        yield
-    finally:
-        for m, was in zip(present, before):
-            m.train(was)
 
 
 # ---------------------------------------------------------------------------------------------- the stage

@@ -8,7 +8,7 @@ from typing import Any
 
 from rlhf.batching import right_pad
 from rlhf.config import Params
-from rlhf.engine import Dist
+from rlhf.engine import Dist, evaluating
 from rlhf.tokenizer import encode_answer, encode_prompt
 
 
@@ -60,9 +60,8 @@ def _evaluate(dist: Dist):
     from rlhf.trainer import all_reduce_sum
 
     def evaluate(engine: Any, loader: Any) -> dict[str, float]:
-        engine.eval()
         correct = n = c_sum = r_sum = loss_sum = 0.0
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(engine):
             for batch in loader:
                 chosen, rejected = _scores(engine, batch)
                 correct += (chosen > rejected).sum().item()

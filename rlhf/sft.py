@@ -7,7 +7,7 @@ from typing import Any
 
 from rlhf.batching import IGNORE, right_pad, right_pad_labels
 from rlhf.config import Params
-from rlhf.engine import Dist
+from rlhf.engine import Dist, evaluating
 from rlhf.tokenizer import encode_answer, encode_prompt
 
 
@@ -52,9 +52,8 @@ def _evaluate(dist: Dist):
     from rlhf.trainer import all_reduce_sum, perplexity
 
     def evaluate(engine: Any, loader: Any) -> dict[str, float]:
-        engine.eval()
         nll, tokens = 0.0, 0.0
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(engine):
             for batch in loader:
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 n = (batch["labels"][:, 1:] != IGNORE).sum().item()  # the loss shifts labels by one

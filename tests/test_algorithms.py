@@ -92,7 +92,8 @@ def test_a_users_trainer_subclass_runs_from_the_stage(trained: Path, tmp_path: P
 # ------------------------------------------------------------------------------------------------------- DPO
 
 
-@pytest.mark.parametrize("options", [{}, {"loss_type": "ipo"}, {"label_smoothing": 0.1}], ids=["dpo", "ipo", "cdpo"])
+@pytest.mark.parametrize("options", [{}, {"loss_type": "ipo"}, {"label_smoothing": 0.1}, {"sft_coef": 1.0}],
+                         ids=["dpo", "ipo", "cdpo", "rpo"])
 def test_dpo_stage_trains_from_sft_against_the_cached_reference(trained: Path, tmp_path: Path, options: dict) -> None:
     out, metrics, live = tmp_path / "dpo", tmp_path / "dpo.json", tmp_path / "live"
     write_params(trained / "dpo.yaml", {"dpo": {"max_steps": 4, "micro_batch_size": 8, "log_every": 1,
@@ -106,16 +107,17 @@ def test_dpo_stage_trains_from_sft_against_the_cached_reference(trained: Path, t
     result = json.loads(metrics.read_text())
     assert {"accuracy", "margin", "rewards_chosen", "rewards_rejected", "eval_loss"} <= set(result)
     curves = live / "plots/metrics/train"
-    for name in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy"):
+    for name in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy", "nll_chosen"):
         assert (curves / f"{name}.tsv").is_file(), name
     # Step 1's loss is computed before any update, with the policy equal to the reference: h = 0 exactly when
     # the cached reference log-probabilities are the policy's own. DPO/cDPO: -log sigmoid(0) = log 2 whatever the
-    # smoothing; IPO: (0 - 1 / (2 beta))^2 = 25.
-    first = float((curves / "loss.tsv").read_text().splitlines()[1].split("\t")[1])
-    want = 25.0 if options.get("loss_type") == "ipo" else 0.6931472
-    assert first == pytest.approx(want, abs=1e-4)
-    margin = float((curves / "margin.tsv").read_text().splitlines()[1].split("\t")[1])
-    assert margin == pytest.approx(0.0, abs=1e-5)
+    # smoothing; IPO: (0 - 1 / (2 beta))^2 = 25; RPO: log 2 + 1.0 x the chosen answers' NLL per token.
+    def first(name: str) -> float:
+        return float((curves / f"{name}.tsv").read_text().splitlines()[1].split("\t")[1])
+
+    want = 25.0 if options.get("loss_type") == "ipo" else 0.6931472 + options.get("sft_coef", 0.0) * first("nll_chosen")
+    assert first("loss") == pytest.approx(want, abs=1e-4) and first("nll_chosen") > 0
+    assert first("margin") == pytest.approx(0.0, abs=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- ptx's own data
