@@ -96,6 +96,7 @@ def test_a_users_trainer_subclass_runs_from_the_stage(trained: Path, tmp_path: P
                          ids=["dpo", "ipo", "cdpo", "rpo"])
 def test_dpo_stage_trains_from_sft_against_the_cached_reference(trained: Path, tmp_path: Path, options: dict) -> None:
     out, metrics, live = tmp_path / "dpo", tmp_path / "dpo.json", tmp_path / "live"
+    options = {"sft_coef": 0.0, **options}  # plain DPO unless the case adds RPO's term (params.yaml's default 1.0)
     write_params(trained / "dpo.yaml", {"dpo": {"max_steps": 4, "micro_batch_size": 8, "log_every": 1,
                                                 "learning_rate": 0.01, **options}})
     proc = run_cli("dpo", "--params", "dpo.yaml", "--out", str(out), "--metrics", str(metrics), "--live", str(live),
@@ -115,7 +116,7 @@ def test_dpo_stage_trains_from_sft_against_the_cached_reference(trained: Path, t
     def first(name: str) -> float:
         return float((curves / f"{name}.tsv").read_text().splitlines()[1].split("\t")[1])
 
-    want = 25.0 if options.get("loss_type") == "ipo" else 0.6931472 + options.get("sft_coef", 0.0) * first("nll_chosen")
+    want = 25.0 if options.get("loss_type") == "ipo" else 0.6931472 + options["sft_coef"] * first("nll_chosen")
     assert first("loss") == pytest.approx(want, abs=1e-4) and first("nll_chosen") > 0
     assert first("margin") == pytest.approx(0.0, abs=1e-5)
 
