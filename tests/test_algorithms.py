@@ -150,3 +150,22 @@ def test_ptx_reads_its_own_text_source(trained: Path, tmp_path: Path) -> None:
     proc = run_cli("prepare", "--params", "bad.yaml", "--out", str(tmp_path / "p2"), cwd=work, check=False)
     assert proc.returncode == 2 and "has no `text` column (columns: body)" in proc.stderr
     assert not (tmp_path / "p2").exists()
+
+
+def test_grpo_and_dpo_with_a_tokenizer_whose_pad_is_its_eos(trained: Path, tmp_path: Path) -> None:
+    """SmolLM2's case: pad == eos. GRPO (answers end at their first eos, by position) and DPO (each answer's eos is
+    scored as an answer token, never as padding) both train through the CLI and write loadable models."""
+    from tests.test_ppo import _pad_is_eos_copies
+
+    sft, reward = _pad_is_eos_copies(trained, tmp_path)
+    write_params(trained / "eos.yaml", {"ppo": {"algorithm": "grpo", "rollout_batch_size": 4},
+                                        "dpo": {"max_steps": 2, "micro_batch_size": 8}})
+    run_cli("ppo", "--params", "eos.yaml", "--sft", str(sft), "--reward", str(reward), "--out", str(tmp_path / "ppo"),
+            "--metrics", str(tmp_path / "ppo.json"), "--live", str(tmp_path / "live"),
+            "--checkpoints", str(tmp_path / "ckpt"), cwd=trained)
+    assert _changed(_state(sft), _state(tmp_path / "ppo/actor")) > 0
+    run_cli("dpo", "--params", "eos.yaml", "--sft", str(sft), "--out", str(tmp_path / "dpo"),
+            "--metrics", str(tmp_path / "dpo.json"), "--live", str(tmp_path / "dlive"),
+            "--checkpoints", str(tmp_path / "dckpt"), cwd=trained)
+    assert _changed(_state(sft), _state(tmp_path / "dpo")) > 0
+    assert json.loads((tmp_path / "dpo.json").read_text())["steps"] == 2
