@@ -57,7 +57,7 @@ def batches(rows: list[dict], size: int, grouped: bool, seed: int) -> list[list[
     """The sft stage's training batches of epoch 0 on one rank (rlhf.trainer.make_loader): random, or grouped by
     length as sft.group_by_length groups them."""
     from rlhf.engine import Dist
-    from rlhf.sft import sft_length
+    from rlhf.batching import sft_length
     from rlhf.trainer import make_loader
 
     lengths = [sft_length(r) for r in rows] if grouped else None
@@ -82,7 +82,7 @@ def measure_sft(size: str, variant: str, rows: list[dict], tok, micro: int, step
     from rlhf.config import EngineConfig, ModelConfig, TrainConfig
     from rlhf.engine import initialize
     from rlhf.models import build_causal_lm
-    from rlhf.sft import collate_sft
+    from rlhf.batching import collate_sft
 
     dtype, batching, mult = VARIANTS[variant]
     hidden, layers, heads, inter = SIZES[size]
@@ -132,7 +132,7 @@ def main() -> None:
     from rlhf.data import read_split
     from rlhf.engine import init_distributed
     from rlhf.prepare import run_prepare
-    from rlhf.sft import encode_sft_row
+    from rlhf.tokenizer import encode_sft_row
     from rlhf.tokenizer import load_tokenizer
 
     init_distributed(EngineConfig(device="cpu"))

@@ -94,7 +94,8 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
 
     from rlhf.engine import init_distributed, seed_everything
     from rlhf.batching import collate_prompts
-    from rlhf.ppo import PPOTrainer, RLHFEngine
+    from rlhf.ppo import PPOTrainer
+    from rlhf.rl_engine import RLHFEngine
     from rlhf.tokenizer import encode_prompt
 
     params = _params(work, size, args, algorithm)

@@ -113,3 +113,18 @@ class Cycle:
         """Jump to a saved position now (not at the next batch), so that it happens before RNG states are restored."""
         self.epoch, self.index = state["epoch"], state["index"]
         self._open()
+
+
+def sft_length(row: dict[str, list[int]]) -> int:
+    """Tokens an encoded row takes in a batch (what length grouping sorts by)."""
+    return len(row["input_ids"])
+
+
+def collate_sft(pad_id: int):
+    """Right-pad a list of encoded rows to (B, T) tensors: input_ids, attention_mask, labels (pad -> IGNORE)."""
+
+    def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        ids, mask = right_pad([b["input_ids"] for b in batch], pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": right_pad_labels([b["labels"] for b in batch], ids.shape[1])}
+
+    return collate

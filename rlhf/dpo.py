@@ -94,7 +94,7 @@ def run_dpo(
     from rlhf.errors import UserError
     from rlhf.models import add_lora, load_causal_lm
     from rlhf.ppo_math import dpo_loss
-    from rlhf.reward import skipped_steps, write_placeholder
+    from rlhf.outputs import skipped_steps, write_placeholder
     from rlhf.tokenizer import load_tokenizer
     from rlhf.trainer import all_reduce_sum, check_eval_split, check_train_split, launch_world_size, train_and_export
 

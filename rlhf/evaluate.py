@@ -64,7 +64,7 @@ def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig
 
 
 def _perplexity(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size: int) -> float:
-    from rlhf.sft import encode_sft_row
+    from rlhf.tokenizer import encode_sft_row
 
     encoded = [encode_sft_row(tok, r, loss_on_prompt=False) for r in rows]
     prompts = [[t for t, lab in zip(e["input_ids"], e["labels"]) if lab == -100] for e in encoded]
@@ -83,11 +83,9 @@ def evaluate_actors(
 
     from rlhf.data import read_split
     from rlhf.models import load_causal_lm, load_reward_model
-    from rlhf.ppo import check_compatible
+    from rlhf.outputs import is_placeholder
     from rlhf.rewards import function_values, load_functions, require_applies
-    from rlhf.tokenizer import encode_prompt, load_tokenizer
-
-    from rlhf.reward import is_placeholder
+    from rlhf.tokenizer import check_compatible, encode_prompt, load_tokenizer
 
     with_rm = not is_placeholder(reward_path)  # the reward stage's placeholder: no reward model was needed
     rows = read_split(data_dir / "ppo_eval.jsonl")[: cfg.num_prompts]

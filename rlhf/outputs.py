@@ -325,3 +325,39 @@ def verify_output_dir(path: Path) -> None:
         if not (path / name).is_file() or sha256_file(path / name) != digest:
             raise UserError(f"'{path / name}' does not match the hash in {COMPLETE} (corrupted or half-copied): {fix}")
     _verified.add(key)
+
+
+def skipped_steps(data_dir: Path) -> list[str]:
+    """The steps prepare skipped for want of data the run does not need (its manifest's stats.skipped_steps)."""
+    return list(read_manifest(data_dir).get("stats", {}).get("skipped_steps", []))
+
+
+def is_placeholder(path: Path | str) -> bool:
+    """Whether `path` is the placeholder of the reward or dpo stage (no preference pair to train on), not a model."""
+    made = read_manifest(path)
+    return not (Path(path) / "config.json").is_file() and made.get("step") in ("reward", "dpo") and (
+        made.get("metrics", {}).get("trained") is False
+    )
+
+
+def write_placeholder(
+    step: str, manifest_params: dict[str, Any], seed: int, data_dir: Path, out_dir: Path, live_dir: Path | None,
+    ckpt_dir: Path | None, text: str,
+) -> dict[str, Any]:
+    """The output of a step that had no preference pair to train on (reward, dpo): out_dir holds README.txt and a
+    manifest whose metrics say trained: false; the stage's curves and checkpoints exist, empty."""
+    metrics: dict[str, Any] = {"trained": False, "pairs": 0}
+    if os.environ.get("RANK", "0") == "0":
+        # The stage's other outputs exist too, empty: no curve (an earlier model's are dropped), no checkpoint (DVC
+        # requires every declared output)
+        if live_dir is not None:
+            shutil.rmtree(live_dir, ignore_errors=True)
+            (live_dir / "plots" / "metrics").mkdir(parents=True)
+        if ckpt_dir is not None:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        manifest = make_manifest(
+            step, manifest_params, hash_inputs({"reward_train": data_dir / "reward_train.jsonl"}),
+            seed=seed, world_size=1, metrics=metrics,
+        )
+        write_output_dir(out_dir, lambda tmp: (tmp / "README.txt").write_text(text), manifest)
+    return metrics

@@ -87,51 +87,6 @@ NO_REWARD_MODEL = (
 )
 
 
-def skipped_steps(data_dir: Path) -> list[str]:
-    """The steps prepare skipped for want of data the run does not need (its manifest's stats.skipped_steps)."""
-    from rlhf.outputs import read_manifest
-
-    return list(read_manifest(data_dir).get("stats", {}).get("skipped_steps", []))
-
-
-def is_placeholder(path: Path | str) -> bool:
-    """Whether `path` is the placeholder of the reward or dpo stage (no preference pair to train on), not a model."""
-    from rlhf.outputs import read_manifest
-
-    made = read_manifest(path)
-    return not (Path(path) / "config.json").is_file() and made.get("step") in ("reward", "dpo") and (
-        made.get("metrics", {}).get("trained") is False
-    )
-
-
-def write_placeholder(
-    step: str, manifest_params: dict[str, Any], seed: int, data_dir: Path, out_dir: Path, live_dir: Path | None,
-    ckpt_dir: Path | None, text: str,
-) -> dict[str, Any]:
-    """The output of a step that had no preference pair to train on (reward, dpo): out_dir holds README.txt and a
-    manifest whose metrics say trained: false; the stage's curves and checkpoints exist, empty."""
-    import os
-    import shutil
-
-    from rlhf.outputs import hash_inputs, make_manifest, write_output_dir
-
-    metrics: dict[str, Any] = {"trained": False, "pairs": 0}
-    if os.environ.get("RANK", "0") == "0":
-        # The stage's other outputs exist too, empty: no curve (an earlier model's are dropped), no checkpoint (DVC
-        # requires every declared output)
-        if live_dir is not None:
-            shutil.rmtree(live_dir, ignore_errors=True)
-            (live_dir / "plots" / "metrics").mkdir(parents=True)
-        if ckpt_dir is not None:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-        manifest = make_manifest(
-            step, manifest_params, hash_inputs({"reward_train": data_dir / "reward_train.jsonl"}),
-            seed=seed, world_size=1, metrics=metrics,
-        )
-        write_output_dir(out_dir, lambda tmp: (tmp / "README.txt").write_text(text), manifest)
-    return metrics
-
-
 def run_reward(
     params: Params, data_dir: Path, out_dir: Path, live_dir: Path | None, ckpt_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -140,6 +95,7 @@ def run_reward(
     from rlhf.data import read_split
     from rlhf.engine import init_distributed, seed_everything
     from rlhf.models import add_lora, build_reward_model
+    from rlhf.outputs import skipped_steps, write_placeholder
     from rlhf.tokenizer import resolve_tokenizer
     from rlhf.trainer import check_eval_split, check_train_split, launch_world_size, train_and_export
 

@@ -5,40 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rlhf.batching import IGNORE, right_pad, right_pad_labels
+from rlhf.batching import IGNORE, collate_sft, sft_length
 from rlhf.config import Params
 from rlhf.engine import Dist, evaluating
-from rlhf.tokenizer import encode_answer, encode_prompt
-
-
-def encode_sft_row(tok: Any, row: dict[str, Any], loss_on_prompt: bool) -> dict[str, list[int]]:
-    """input_ids = prompt + answer + eos; labels mask the prompt unless loss_on_prompt (DeepSpeed-Chat's default)."""
-    prompt = encode_prompt(tok, row["prompt"])
-    answer = encode_answer(tok, row["completion"] if row.get("completion") else row["chosen"])
-    labels = (prompt if loss_on_prompt else [IGNORE] * len(prompt)) + answer
-    return {"input_ids": prompt + answer, "labels": labels}
-
-
-def encode_text(tok: Any, text: str, max_tokens: int) -> dict[str, list[int]]:
-    """Plain text for ptx's language-model loss on every token: its ids (no chat template) cut to max_tokens - 1,
-    then the eos."""
-    ids = tok(text, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tok.eos_token_id]
-    return {"input_ids": ids, "labels": list(ids)}
-
-
-def sft_length(row: dict[str, list[int]]) -> int:
-    """Tokens an encoded row takes in a batch (what length grouping sorts by)."""
-    return len(row["input_ids"])
-
-
-def collate_sft(pad_id: int):
-    """Right-pad a list of encoded rows to (B, T) tensors: input_ids, attention_mask, labels (pad -> IGNORE)."""
-
-    def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
-        ids, mask = right_pad([b["input_ids"] for b in batch], pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "labels": right_pad_labels([b["labels"] for b in batch], ids.shape[1])}
-
-    return collate
+from rlhf.tokenizer import encode_sft_row
 
 
 def _loss(engine: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:

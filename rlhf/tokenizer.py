@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from rlhf.batching import IGNORE
 from rlhf.errors import UserError
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
@@ -99,3 +100,38 @@ def resolve_tokenizer(name_or_path: str | None, data_dir: Path) -> Any:
     if not (path / "tokenizer.json").is_file():
         raise UserError(f"no trained tokenizer in {path}: run `rlhf prepare` (or `dvc repro prepare`) first")
     return load_tokenizer(path)
+
+
+def encode_sft_row(tok: Any, row: dict[str, Any], loss_on_prompt: bool) -> dict[str, list[int]]:
+    """input_ids = prompt + answer + eos; labels mask the prompt unless loss_on_prompt (DeepSpeed-Chat's default)."""
+    prompt = encode_prompt(tok, row["prompt"])
+    answer = encode_answer(tok, row["completion"] if row.get("completion") else row["chosen"])
+    labels = (prompt if loss_on_prompt else [IGNORE] * len(prompt)) + answer
+    return {"input_ids": prompt + answer, "labels": labels}
+
+
+def encode_text(tok: Any, text: str, max_tokens: int) -> dict[str, list[int]]:
+    """Plain text for ptx's language-model loss on every token: its ids (no chat template) cut to max_tokens - 1,
+    then the eos."""
+    ids = tok(text, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tok.eos_token_id]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def check_compatible(actor_tok: Any, reward_tok: Any, actor_cfg: Any, reward_cfg: Any, other: str = "reward model") -> None:
+    """The compatibility gate: PPO feeds the actor's tokens to the reward model and critic unchanged (and evaluate
+    feeds every actor's answers to the reward model and the SFT model), so their tokenizers must agree exactly.
+    Raises one UserError naming what differs and how to fix it."""
+    checks = [
+        ("vocabulary", actor_tok.get_vocab() == reward_tok.get_vocab(), f"{len(actor_tok)} vs {len(reward_tok)} tokens"),
+        ("eos token", actor_tok.eos_token_id == reward_tok.eos_token_id, f"{actor_tok.eos_token!r} vs {reward_tok.eos_token!r}"),
+        ("pad token", actor_tok.pad_token_id == reward_tok.pad_token_id, f"{actor_tok.pad_token!r} vs {reward_tok.pad_token!r}"),
+        ("bos token", actor_tok.bos_token_id == reward_tok.bos_token_id, f"{actor_tok.bos_token!r} vs {reward_tok.bos_token!r}"),
+        ("chat template", actor_tok.chat_template == reward_tok.chat_template, "templates differ"),
+        ("embedding size", reward_cfg.vocab_size >= len(actor_tok), f"{other} has {reward_cfg.vocab_size} rows"),
+    ]
+    for what, ok, detail in checks:
+        if not ok:
+            raise UserError(
+                f"the actor's and {other}'s tokenizers differ in {what} ({detail}): train the {other} "
+                "from the same tokenizer as the actor (same model family, or the same data/prepared/tokenizer)"
+            )

@@ -16,7 +16,7 @@ from typing import Any
 
 from rlhf.checkpoint import Checkpointer
 from rlhf.config import PPOConfig, TrainConfig
-from rlhf.engine import Dist
+from rlhf.engine import Dist, training
 from rlhf.errors import UserError
 
 
@@ -310,7 +310,6 @@ def fit(
         if step >= total:
             break
         loader.sampler.set_epoch(epoch)
-        engine.train()
         batches = iter(loader)
         first = pos["batch"] if epoch == pos["epoch"] else 0
         for _ in range(first):  # the resumed epoch: the same shuffled order, minus what the checkpoint had seen
@@ -318,43 +317,44 @@ def fit(
         if saved is not None:  # last, so that building the data position above draws nothing from the saved RNG
             set_rng_state(saved["rng"])
             saved = None
-        for index, batch in enumerate(batches, start=first + 1):
-            loss, extra = loss_fn(engine, batch)
-            micro += 1
-            loss = faults.poison(loss, micro)
-            if not guard.ok(all_finite(loss, dist), step + 1):
-                continue
-            engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary() and not guard.ok(grads_finite(engine), step + 1):
-                engine.zero_grad()
-                continue
-            engine.step()
-            window.append(loss.item())
-            if not engine.is_gradient_accumulation_boundary():
-                continue
-            step += 1
-            bar.update(1)
-            if step % train.log_every == 0 or step == total:
-                elapsed = time.perf_counter() - t0
-                point = {
-                    "train/loss": sum(window) / len(window),
-                    "train/lr": engine.get_lr()[0],
-                    "train/samples_per_s": len(window) * train.micro_batch_size * dist.world_size / elapsed,
-                    "train/skipped_steps": guard.skipped,
-                    **{f"train/{k}": v for k, v in extra.items()},
-                }
-                logger.log(step, point)
-                bar.set_postfix(loss=f"{point['train/loss']:.4f}")
-                window, t0 = [], time.perf_counter()
-            if ckpt is not None and ckpt.due(step, total):
-                state = {
-                    "step": step, "epoch": epoch, "batch": index, "micro": micro, "window": window,
-                    "skipped": guard.skipped, "metrics": metrics, "log_rows": logger.rows(),
-                }
-                ckpt.save(step, {"model": engine}, state)
-            faults.kill_at(step)
-            if step >= total:
-                break
+        with training(engine):  # evaluate() below switches to eval mode and back
+            for index, batch in enumerate(batches, start=first + 1):
+                loss, extra = loss_fn(engine, batch)
+                micro += 1
+                loss = faults.poison(loss, micro)
+                if not guard.ok(all_finite(loss, dist), step + 1):
+                    continue
+                engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary() and not guard.ok(grads_finite(engine), step + 1):
+                    engine.zero_grad()
+                    continue
+                engine.step()
+                window.append(loss.item())
+                if not engine.is_gradient_accumulation_boundary():
+                    continue
+                step += 1
+                bar.update(1)
+                if step % train.log_every == 0 or step == total:
+                    elapsed = time.perf_counter() - t0
+                    point = {
+                        "train/loss": sum(window) / len(window),
+                        "train/lr": engine.get_lr()[0],
+                        "train/samples_per_s": len(window) * train.micro_batch_size * dist.world_size / elapsed,
+                        "train/skipped_steps": guard.skipped,
+                        **{f"train/{k}": v for k, v in extra.items()},
+                    }
+                    logger.log(step, point)
+                    bar.set_postfix(loss=f"{point['train/loss']:.4f}")
+                    window, t0 = [], time.perf_counter()
+                if ckpt is not None and ckpt.due(step, total):
+                    state = {
+                        "step": step, "epoch": epoch, "batch": index, "micro": micro, "window": window,
+                        "skipped": guard.skipped, "metrics": metrics, "log_rows": logger.rows(),
+                    }
+                    ckpt.save(step, {"model": engine}, state)
+                faults.kill_at(step)
+                if step >= total:
+                    break
         metrics = evaluate()
         metrics["epoch"] = epoch + 1
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})

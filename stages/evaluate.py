@@ -32,7 +32,7 @@ def evaluate(
         check_outputs, [params_path, data, sft, ppo_dir, reward_model, dpo_dir],
         files=[("--metrics", metrics), ("--plot", plot), ("--samples", samples)],
     )
-    from rlhf.reward import is_placeholder
+    from rlhf.outputs import is_placeholder
 
     actors = {"sft": sft, params.ppo.algorithm: ppo_dir / "actor"}
     if (ppo_dir / "actor_ema" / "config.json").is_file():

@@ -27,7 +27,7 @@ def ppo(
     """Step 3: PPO (critic, GAE), GRPO, RLOO or REINFORCE++ (ppo.algorithm) with a KL penalty to the reference, EMA
     and optional ptx, on the hybrid engine."""
     from rlhf.outputs import check_outputs, write_json
-    from rlhf.ppo import run_ppo
+    from rlhf.rl_loop import run_ppo
 
     params = read_params(params_path)
     used_reward = reward_model if params.rewards.model_weight > 0 else None  # rewards.model_weight 0: functions only

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.conftest import run_cli, write_params

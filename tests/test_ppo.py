@@ -59,7 +59,7 @@ def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: d
     from rlhf import engine as eng
     from rlhf.hybrid import HybridEngine
     from rlhf.models import add_lora, load_causal_lm, unwrap_for_saving
-    from rlhf.ppo import _train_cfg
+    from rlhf.rl_engine import _train_cfg
     from rlhf.tokenizer import load_tokenizer
 
     params = _params(trained, "hybrid.yaml", {"engine": engine, "ppo": {"actor_lora": {"rank": lora}}})
@@ -97,7 +97,8 @@ def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: d
 
 def test_one_ppo_update_moves_actor_and_critic_not_reference(trained: Path, dist) -> None:
     from rlhf.engine import full_state_dict
-    from rlhf.ppo import PPOTrainer, RLHFEngine
+    from rlhf.ppo import PPOTrainer
+    from rlhf.rl_engine import RLHFEngine
 
     # Each model its own ZeRO stage, as DeepSpeed-Chat allows for the actor and critic; the frozen reference
     # sharded by ZeRO-3 with its weights offloaded.
@@ -238,7 +239,8 @@ def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
     """k answers per prompt come out grouped, log pi_old kept from generation equals the recomputed one, and an
     update through the shared-prefix forward moves a ZeRO-3 actor (two forward calls before one backward)."""
     from rlhf.engine import full_state_dict
-    from rlhf.ppo import PPOTrainer, RLHFEngine
+    from rlhf.ppo import PPOTrainer
+    from rlhf.rl_engine import RLHFEngine
 
     from rlhf.models import load_causal_lm
     from rlhf.prefix import position_ids
@@ -312,7 +314,8 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
     eos itself (the decision to stop) included; rows that never stop are real throughout; the reward model's score
     is the one at the eos (or at the last token of an answer that never stopped)."""
     from rlhf.models import classifier_parts
-    from rlhf.ppo import PPOTrainer, RLHFEngine
+    from rlhf.ppo import PPOTrainer
+    from rlhf.rl_engine import RLHFEngine
 
     sft, reward = _pad_is_eos_copies(trained, tmp_path)
     params = _params(trained, "ppo_eos.yaml", {"ppo": {"rollout_logprobs": "recompute", "kl_coef": 0.0,

@@ -31,7 +31,8 @@ def _padding(loader) -> float:
 def test_grouped_batches_pad_much_less_on_the_shipped_rows(prepared: Path, stage: str) -> None:
     from rlhf.data import read_split
     from rlhf.reward import collate_pairs, encode_pair, pair_length
-    from rlhf.sft import collate_sft, encode_sft_row, sft_length
+    from rlhf.batching import collate_sft, sft_length
+    from rlhf.tokenizer import encode_sft_row
     from rlhf.tokenizer import load_tokenizer
 
     tok = load_tokenizer(prepared / "data/prepared/tokenizer")
