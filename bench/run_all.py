@@ -60,7 +60,7 @@ def run(name: str, smoke: bool, results: Path, options: str | None = None) -> di
     command, smoke_args = BENCHES[name]
     options = smoke_args if smoke else options
     if options is not None:
-        command = re.sub(r" --\S+ \S+$", "", command) + " " + options
+        command = command.split(".py", 1)[0] + ".py " + options  # the script, then these options alone
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     shell = command.replace("python ", f"{sys.executable} ", 1)

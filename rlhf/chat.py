@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import UserError
 
 
 class Chat:
@@ -30,10 +29,10 @@ class Chat:
         import torch
 
         from rlhf.models import load_causal_lm
+        from rlhf.outputs import check_model_folder
         from rlhf.tokenizer import load_tokenizer
 
-        if not (Path(model_path) / "config.json").is_file() and Path(model_path).exists():
-            raise UserError(f"'{model_path}' has no config.json: point --model at an HF model folder")
+        check_model_folder(model_path, "causal_lm", "--model")
         self.tok = load_tokenizer(model_path)
         self.model = load_causal_lm(model_path).eval()
         # every sampling knob explicit (top_k 0 = off): none comes from the model's generation_config or from

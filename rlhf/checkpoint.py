@@ -25,6 +25,15 @@ from rlhf.outputs import COMPLETE, sha256_file, write_json
 
 PREFIX = "step-"
 
+# The newest complete checkpoint this process found or wrote, and where its stage keeps them: what an interrupted
+# stage tells the user (stages/common.py).
+LAST: dict[str, Path | None] = {"root": None, "path": None}
+
+
+def last_complete() -> tuple[Path | None, Path | None]:
+    """(checkpoint folder of the running stage, its newest complete checkpoint or None)."""
+    return LAST["root"], LAST["path"]
+
 
 def fingerprint(*parts: Any) -> str:
     """A stable hash of JSON-able parts (resolved params, input hashes, world size)."""
@@ -83,6 +92,7 @@ class Checkpointer:
         """The newest complete checkpoint of this run; on rank 0, removes half-written and foreign ones."""
         if self.root is None:
             return None
+        LAST["root"] = self.root
         found = None
         steps = sorted((p for p in self.root.iterdir() if p.name.startswith(PREFIX)), key=lambda p: p.name, reverse=True)
         for path in steps:
@@ -97,6 +107,7 @@ class Checkpointer:
                     print(f"[checkpoint] removing {path} ({why})", flush=True)
                     shutil.rmtree(path, ignore_errors=True)
         barrier()
+        LAST["path"] = found
         return found
 
     def save(self, step: int, engines: dict[str, Any], state: dict[str, Any]) -> None:
@@ -120,6 +131,7 @@ class Checkpointer:
             final = self.root / name
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
+            LAST["path"] = final
             for old in self.root.iterdir():
                 if old.name.startswith(PREFIX) and old != final:
                     shutil.rmtree(old, ignore_errors=True)

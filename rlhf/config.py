@@ -8,6 +8,7 @@ cross-field rules are checked once, at construction (trl GRPOConfig.__post_init_
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,12 +108,17 @@ class DataConfig(_Group):
             shares = [float(p) for p in parts]
         except ValueError:
             shares = []
-        if len(shares) != 3 or any(s < 0 for s in shares) or sum(shares) <= 0:
+        if len(shares) != 3 or not all(math.isfinite(s) and s >= 0 for s in shares) or sum(shares) <= 0:
             raise ValueError(
                 f"data.data_split is {self.data_split!r}: give three non-negative shares for sft,reward,ppo, e.g. '2,4,4'"
             )
         if self.max_prompt_tokens >= self.max_seq_tokens:
             raise ValueError("data.max_prompt_tokens must be below data.max_seq_tokens: raise max_seq_tokens")
+        if not self.sources:
+            raise ValueError(
+                "data.sources is empty, so there is no data: list a source (- path: data/sources/rows.jsonl), or "
+                "remove the key for the shipped task (path: builtin)"
+            )
         steps: dict[str, Any] = {}
         for src in self.sources:  # rows carry their source's path, so one path has one set of steps
             if steps.setdefault(src.path, src.steps) != src.steps:
@@ -453,7 +459,7 @@ class EvaluateConfig(_Group):
 
 
 class Params(_Group):
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, lt=2**32)  # numpy's and torch's seeds: 0 .. 2**32 - 1
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -590,6 +596,9 @@ def _one_line(err: ValidationError, source: str = "params.yaml") -> str:
         near = difflib.get_close_matches(leaf, _field_names(Params, tuple(p for p in parent if isinstance(p, str))), n=1)
         prefix = key[: len(key) - len(leaf)]
         hint = f"did you mean {prefix}{near[0]}?" if near else "remove it"
+        homes = [g for g in Params.model_fields if g != leaf and leaf in _field_names(Params, (g,))] if not parent else []
+        if homes:  # a group's key written at the top level
+            hint = f"it belongs under a group: {' or '.join(f'{g}.{leaf}' for g in homes)} (indent it under `{homes[0]}:`)"
         return f"{source}: unknown key '{key}': {hint}"
     if e["type"] == "value_error":
         msg = str(e.get("ctx", {}).get("error", e["msg"]))
@@ -614,21 +623,64 @@ def _one_line(err: ValidationError, source: str = "params.yaml") -> str:
     return f"{source}: {value}: {e['msg']}"
 
 
+_GROUPS = {name for name, f in Params.model_fields.items() if isinstance(f.annotation, type) and
+           issubclass(f.annotation, BaseModel)}
+
+
 def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     """Validate a params mapping; raise ConfigError with one line on the first problem (`source` starts it)."""
+    # `group:` with nothing under it reads as null: it means the group's defaults, as leaving it out does
+    raw = {k: {} if v is None and k in _GROUPS else v for k, v in (raw or {}).items()}
     try:
-        return Params.model_validate(raw or {})
+        return Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_one_line(err, source)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error (PyYAML keeps the last one
+    silently; DVC refuses such a file)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first != line:
+                raise ConfigError(
+                    f"'{key}' is written twice in one block (lines {first} and {line}): merge the two into one "
+                    "(only one of them would count)"
+                )
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content, refusing duplicate keys (ConfigError names both lines)."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read params.yaml into typed groups. `overrides` maps dotted keys to values (tests, `rlhf train`)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: pass --params the params file itself (for example {path / 'params.yaml'})")
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file: pass --params with the path to params.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path)
+        if raw is None and not overrides:
+            raise ConfigError(
+                f"{path} is empty: write the groups you change (for example `seed: 1`), or start from the shipped "
+                "file (`git checkout params.yaml`); an empty file would run every default, 30,000 rows and all"
+            )
+        raw = raw or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -126,6 +126,8 @@ def load_source_info(src: SourceConfig, task: TaskConfig, seed: int) -> tuple[li
         ds = _read(src)
         raw, columns = ds.to_list(), set(ds.column_names)
         fmt = src.format if src.format != "auto" else _detect_format(src.path, columns, raw)
+        if src.format == "auto":
+            _check_one_format(src.path, fmt, raw)
         identity = {"format": fmt, **source_identity(src, ds)}
         able = FORMAT_STEPS[fmt]
         cannot = [s for s in src.steps or () if s not in able]
@@ -179,17 +181,36 @@ def _sample(n: int, weight: float, seed: int, path: str) -> list[int]:
 
 
 def _read(src: SourceConfig) -> Dataset:
+    path, kind = Path(src.path).expanduser(), locate_source(src)
+    if kind == "file":
+        return _read_file(path, src.path)
+    if kind == "folder":
+        return _read_folder(path, src.path, src.split)
+    return _read_hub(src)
+
+
+def locate_source(src: SourceConfig) -> str:
+    """Where a (non-builtin) source is, without reading it: 'file', 'folder' or 'hub'; a local path that does not
+    exist raises one UserError (a dangling link, a name without its extension, a missing file)."""
     path = Path(src.path).expanduser()
     if path.is_file():
-        return _read_file(path, src.path)
+        return "file"
     if path.is_dir():
-        return _read_folder(path, src.path, src.split)
-    if _looks_like_hub_id(src.path):
-        return _read_hub(src)
-    raise UserError(
-        f"data source '{src.path}' not found: no such file or folder under {Path.cwd()}; "
-        "fix data.sources[].path (a local file or folder, 'builtin', or a hub id like 'Dahoas/rm-static')"
-    )
+        return "folder"
+    fix = "fix data.sources[].path (a local file or folder, 'builtin', or a hub id like 'Dahoas/rm-static')"
+    if path.is_symlink():
+        raise UserError(
+            f"data source '{src.path}' is a symbolic link that leads to no file (its target "
+            f"'{os.readlink(path)}' is missing, or the links form a loop): point it at the file, or {fix}"
+        )
+    near = [path.with_name(path.name + ext) for ext in _BUILDERS if path.with_name(path.name + ext).is_file()]
+    if near:
+        raise UserError(f"data source '{src.path}' not found, but '{near[0]}' is: write the file name in full")
+    top = Path(src.path.split("/", 1)[0]).expanduser()
+    if _looks_like_hub_id(src.path) and not top.is_dir():
+        return "hub"
+    local = f" ('{top}' is a local folder, so this is not a hub id)" if top.is_dir() and top != path else ""
+    raise UserError(f"data source '{src.path}' not found: no such file or folder under {Path.cwd()}{local}; {fix}")
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -209,6 +230,8 @@ def _read_file(path: Path, name: str) -> Dataset:
         raise UserError(
             f"data source '{name}' has an unsupported file type '{path.suffix}': use one of {', '.join(_BUILDERS)}"
         )
+    if builder in ("json", "csv"):
+        _check_text_file(path, name, builder)
     try:
         with _no_progress_bars():
             return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -216,6 +239,56 @@ def _read_file(path: Path, name: str) -> Dataset:
         raise UserError(
             f"data source '{name}' could not be read as {builder} ({_first_line(err)}): fix or re-export the file"
         ) from None
+
+
+def _check_text_file(path: Path, name: str, builder: str) -> None:
+    """The first problem of a JSON (lines) or CSV file, by line, before datasets reads it (its errors name no line):
+    bytes that are not UTF-8, no content, a line that does not parse, a CSV row with the wrong number of fields."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"data source '{name}' line {line} is not UTF-8 (byte 0x{data[err.start]:02x}): re-save the file as "
+            f"UTF-8 (for example iconv -f latin1 -t utf-8 {name})"
+        ) from None
+    if not text.strip():
+        raise UserError(f"data source '{name}' is empty (no rows): fill it, or remove it from data.sources")
+    if builder == "csv":
+        import csv
+        import io
+
+        reader = csv.reader(io.StringIO(text), strict=True)
+        try:
+            header = next(reader)
+            for fields in reader:
+                if fields and len(fields) != len(header):
+                    raise UserError(
+                        f"data source '{name}' line {reader.line_num}: {len(fields)} fields where the header has "
+                        f"{len(header)} ({', '.join(header)}): quote fields that hold commas, and close every quote"
+                    )
+        except csv.Error as err:
+            raise UserError(f"data source '{name}' line {reader.line_num}: not valid CSV ({err}): close the quote "
+                            "or re-export the file") from None
+        return
+    try:
+        json.loads(text)  # one JSON document (a list of rows, or one object): fine
+        return
+    except json.JSONDecodeError as whole:
+        first = whole
+    lines = text.splitlines()
+    if text.lstrip().startswith("{") and len([ln for ln in lines if ln.strip()]) > 1:  # JSON lines: one row a line
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"data source '{name}' line {number}: not valid JSON ({err.msg} at column "
+                                    f"{err.colno}): fix that line (one JSON object per line)") from None
+        return
+    raise UserError(f"data source '{name}' line {first.lineno}: not valid JSON ({first.msg} at column {first.colno}): "
+                    "fix the file there") from None
 
 
 def _read_folder(path: Path, name: str, split: str) -> Dataset:
@@ -343,6 +416,23 @@ def _detect_format(name: str, columns: set[str], raw: list[dict]) -> str:
         f"data source '{name}' has columns {sorted(columns)}, which match no known format: rename them "
         "(prompt/completion, prompt/chosen/rejected, messages, prompt) or set data.sources[].format"
     )
+
+
+def _check_one_format(name: str, fmt: str, raw: list[dict]) -> None:
+    """A file detected as one format whose rows are of two (prompt/completion rows among pairs, say): one line
+    naming the first row of the other kind, instead of its empty columns under the detected format."""
+    for i, r in enumerate(raw):
+        has = {k for k, v in r.items() if v is not None}
+        other = None
+        if fmt in ("preference", "rm_static", "hh_rlhf") and not has & {"chosen", "rejected"}:
+            other = "messages" if "messages" in has else "prompt_completion" if "completion" in has else None
+        elif fmt == "messages" and "messages" not in has and "prompt" in has:
+            other = "prompt_completion" if "completion" in has else "prompt"
+        if other is not None:
+            raise UserError(
+                f"data source '{name}' mixes formats: it reads as {fmt}, but row {i} has only {sorted(has)} "
+                f"(format {other}): put each format in its own file, each its own data.sources entry"
+            )
 
 
 def _first_value(raw: list[dict], key: str) -> Any:
@@ -741,15 +831,27 @@ def read_split(path: Path) -> list[dict]:
         raise UserError(f"{path}: no such split file: run the prepare stage first (dvc repro prepare)")
     verify_output_dir(path.parent)
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg}): rerun the prepare stage") from None
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg}): rerun the prepare stage") from None
+                missing = [k for k in _SPLIT_KEYS.get(path.stem.split("_")[0], ()) if not isinstance(row, dict) or k not in row]
+                if missing:
+                    raise UserError(f"{path}:{lineno}: the row has no {' or '.join(missing)}: this is not a split prepare "
+                                    "wrote; rerun the prepare stage (dvc repro prepare)")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text: rerun the prepare stage (dvc repro prepare)") from None
     return rows
+
+
+# The keys every row of a split has (by the split name's first word), as write_splits writes them.
+_SPLIT_KEYS = {"sft": ("prompt",), "reward": ("prompt", "chosen", "rejected"), "ppo": ("prompt",), "ptx": ("text",)}
 
 
 # ------------------------------------------------------------------------------------------------------- the stage

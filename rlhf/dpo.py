@@ -91,16 +91,14 @@ def run_dpo(
     skipped step 2 (no preference pair), write a placeholder instead (metrics trained: false)."""
     from rlhf.data import read_split
     from rlhf.engine import init_distributed, seed_everything
-    from rlhf.errors import UserError
     from rlhf.models import add_lora, load_causal_lm
     from rlhf.ppo_math import dpo_loss
-    from rlhf.outputs import skipped_steps, write_placeholder
+    from rlhf.outputs import check_model_folder, skipped_steps, write_placeholder
     from rlhf.tokenizer import load_tokenizer
     from rlhf.trainer import all_reduce_sum, check_eval_split, check_train_split, launch_world_size, train_and_export
 
     cfg = params.dpo
-    if not (Path(sft_path) / "config.json").is_file():
-        raise UserError(f"SFT actor folder '{sft_path}' has no config.json: run the earlier stages (dvc repro) first")
+    check_model_folder(sft_path, "causal_lm", "--sft")
     tok = load_tokenizer(sft_path)
     train_rows = [encode_dpo_pair(tok, r) for r in read_split(data_dir / "reward_train.jsonl")]
     if not train_rows and "reward" in skipped_steps(data_dir):

@@ -105,7 +105,15 @@ def init_distributed(cfg: EngineConfig) -> Dist:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", dist_init_required=True)
+        import contextlib
+        import io
+
+        said = io.StringIO()  # DeepSpeed prints "... shm_comm_op built successfully" on stdout: not our output
+        with contextlib.redirect_stdout(said):
+            deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", dist_init_required=True)
+        kept = [ln for ln in said.getvalue().splitlines() if ln.strip() and "built successfully" not in ln]
+        if kept:
+            print("\n".join(kept), flush=True)
         _unlink_shm_buffer()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -83,7 +83,7 @@ def evaluate_actors(
 
     from rlhf.data import read_split
     from rlhf.models import load_causal_lm, load_reward_model
-    from rlhf.outputs import is_placeholder
+    from rlhf.outputs import check_model_folder, is_placeholder
     from rlhf.rewards import function_values, load_functions, require_applies
     from rlhf.tokenizer import check_compatible, encode_prompt, load_tokenizer
 
@@ -95,9 +95,10 @@ def evaluate_actors(
             f"'{reward_path}' is a placeholder (no reward model was trained) and evaluate.scorers lists no scorer for "
             "this data, so nothing would measure the answers: list your verifier in evaluate.scorers"
         )
-    for name, path in {**actors, **({"reward": reward_path} if with_rm else {})}.items():
-        if not (Path(path) / "config.json").is_file():
-            raise UserError(f"{name} model folder '{path}' has no config.json: run the earlier stages (dvc repro)")
+    for name, path in actors.items():
+        check_model_folder(path, "causal_lm", f"the {name} actor")
+    if with_rm:
+        check_model_folder(reward_path, "classifier", "--reward")
     demos = read_split(data_dir / "sft_eval.jsonl")[: cfg.num_prompts]
     for split, got in (("ppo_eval", rows), ("sft_eval", demos)):
         if not got:  # prepare refuses empty eval splits; a folder made some other way may still have one

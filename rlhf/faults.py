@@ -6,6 +6,7 @@ SIGKILL itself or see a non-finite loss at a chosen step. Unset (normal use) the
     RLHF_FAULT_RANK=R             only rank R is affected (default: every rank)
     RLHF_FAULT_KILL_AT_POINT=P    SIGKILL this process at the named point P, e.g. `replace:aside` (in
                                   rlhf/outputs.py write_output_dir: the old folder moved aside, the new not yet in)
+    RLHF_FAULT_FREE_BYTES=N       the free space every disk reports (rlhf/outputs.py check_free_space): a full disk
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ KILL_AT_STEP = "RLHF_FAULT_KILL_AT_STEP"
 NAN_AT_STEPS = "RLHF_FAULT_NAN_AT_STEPS"
 RANK = "RLHF_FAULT_RANK"
 KILL_AT_POINT = "RLHF_FAULT_KILL_AT_POINT"
+FREE_BYTES = "RLHF_FAULT_FREE_BYTES"
 
 
 def _this_rank() -> bool:
@@ -40,3 +42,11 @@ def poison(loss: Any, step: int) -> Any:
     if steps and str(step) in steps.split(",") and _this_rank():
         return loss * float("nan")
     return loss
+
+
+def free_bytes(path: str) -> int:
+    """The free bytes on the disk that holds `path` (an existing folder), or RLHF_FAULT_FREE_BYTES when set."""
+    import shutil
+
+    forced = os.environ.get(FREE_BYTES)
+    return int(forced) if forced is not None and _this_rank() else shutil.disk_usage(path).free

@@ -32,10 +32,12 @@ def _llama_config(cfg: ModelConfig, tok: Any, **extra: Any) -> Any:
 def _from_pretrained(auto_cls: Any, path: str, **kwargs: Any) -> Any:
     from rlhf.outputs import verify_output_dir
 
+    from safetensors import SafetensorError
+
     verify_output_dir(Path(path))
     try:
         return auto_cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise UserError(
             f"'{path}' is not a loadable model ({str(err).splitlines()[0][:160]}): "
             "give an HF model folder with config.json and weights, or a hub id on a connected machine"

@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rlhf.errors import UserError
+
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE.json"  # written last: lists every file and its hash; a folder without it is unfinished
 PACKAGES = ("torch", "deepspeed", "transformers", "tokenizers", "peft", "datasets", "dvc", "dvclive", "rlhf-dvc")
@@ -247,7 +249,8 @@ def check_output_dir(
 
     out = Path(out)
     _check_path(out, option, inputs, folder=True)
-    if owned and os.environ.get("RANK", "0") == "0":
+    # rank 0 only, and on node 0 only (a leftover's pid means something on the host that wrote it)
+    if owned and os.environ.get("RANK", "0") == "0" and os.environ.get("RLHF_NODE_RANK", "0") == "0":
         sweep_leftovers(out)
     if owned and out.is_dir():
         stray = _foreign(out)
@@ -361,3 +364,85 @@ def write_placeholder(
         )
         write_output_dir(out_dir, lambda tmp: (tmp / "README.txt").write_text(text), manifest)
     return metrics
+
+
+_KINDS = {"causal_lm": ("ForCausalLM", "LMHeadModel"), "classifier": ("ForSequenceClassification",)}
+_KIND_NAMES = {"causal_lm": "a causal LM (an actor)", "classifier": "a sequence classifier (a reward model)"}
+
+
+def check_model_folder(path: Path | str, kind: str | None = None, option: str = "the model") -> None:
+    """Refuse, in one line, a local model folder that would fail (or, worse, load) later: a missing or one level too
+    high folder, the base_model stage's placeholder, an invalid config.json, a model of the wrong kind (`kind`:
+    causal_lm or classifier, from config.json's architectures), damaged safetensors. A hub id is left to the loader.
+    `option` names where the path came from (--sft, model.name_or_path)."""
+    path = Path(path)
+    if not path.exists():
+        if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+            raise UserError(f"{option} '{path}': no such model folder: give a folder written by save_pretrained")
+        return  # owner/name: a hub id
+    config = path / "config.json"
+    if not config.is_file():
+        made = read_manifest(path)
+        if made.get("step") == "base_model":
+            raise UserError(
+                f"{option} '{path}' is the base_model stage's placeholder (base_model.source: none): set "
+                "base_model.source to a model package (README: a real pretrained model), or point it at another model"
+            )
+        inner = sorted(p.parent for p in path.glob("*/config.json"))
+        if inner:
+            raise UserError(f"{option} '{path}' holds no model, but '{inner[0]}' does: point it there")
+        raise UserError(f"{option} '{path}' has no config.json: run the stage that writes it (dvc repro), or give a "
+                        "folder written by save_pretrained")
+    try:
+        archs = json.loads(config.read_text()).get("architectures") or []
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        where = f" at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise UserError(f"'{config}' is not valid JSON{where}: restore it (dvc checkout {path}) or re-save the model "
+                        "with save_pretrained") from None
+    if kind is not None and archs:
+        other = next((k for k in _KINDS if k != kind), kind)
+        if not any(a.endswith(_KINDS[kind]) for a in archs) and any(a.endswith(_KINDS[other]) for a in archs):
+            fix = "the SFT or step-3 actor (models/sft, models/ppo/actor)" if kind == "causal_lm" else \
+                "the reward stage's output (models/reward)"
+            raise UserError(f"{option} '{path}' is {_KIND_NAMES[other]} ({archs[0]}), not {_KIND_NAMES[kind]}: pass "
+                            f"{fix}")
+    for weights in sorted(path.glob("*.safetensors")):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"'{weights}' is damaged ({str(err).splitlines()[0][:80]}): restore it with `dvc checkout "
+                            f"{path}` (or `dvc pull {path}`), or rebuild it (dvc repro -f)") from None
+
+
+def folder_bytes(path: Path | str | None) -> int:
+    """Bytes of a model folder's weight files (0 for None or a hub id)."""
+    if path is None or not Path(path).is_dir():
+        return 0
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def check_free_space(out: Path, needed: int, what: str) -> None:
+    """Refuse to start writing `out` when its disk has less than `needed` bytes free (plus 5%): one line with the
+    path, what was needed and what is free, instead of ENOSPC halfway through a folder."""
+    from rlhf import faults
+
+    out = Path(out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = faults.free_bytes(str(existing))
+    if free < needed * 1.05:
+        raise UserError(
+            f"no room to write {what} '{out}': it needs about {_size(needed)} and the disk of '{existing}' "
+            f"has {_size(free)} free; free some space (or point --out elsewhere) and rerun: the stage's "
+            "checkpoint keeps the training done, so the rerun resumes from it"
+        )
+
+
+def _size(n: float) -> str:
+    """1.5 GiB, 12 MiB, 300 KiB, 20 bytes."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n < 10 * scale else f"{n / scale:.0f} {unit}"
+    return f"{int(n)} bytes"

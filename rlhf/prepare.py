@@ -27,13 +27,14 @@ def run_prepare(params: Params, out_dir: Path, dvc_yaml: Path = Path("dvc.yaml")
     stats["sources"] says per source where its rows went and what identifies its content (sha256 or hub revision).
     """
     from rlhf.data import check_sources_tracked, load_ptx_texts, load_sources_info, prepare_data, write_splits
-    from rlhf.outputs import make_manifest, write_output_dir
+    from rlhf.outputs import check_model_folder, make_manifest, write_output_dir
     from rlhf.tokenizer import load_tokenizer, row_lengths, train_tokenizer
 
     ptx_source = params.data.ptx_source
     check_sources_tracked(params.data.sources + ([ptx_source] if ptx_source else []), dvc_yaml)
     rows, per_source, identity = load_sources_info(params)
     if params.model.name_or_path:
+        check_model_folder(params.model.name_or_path, None, "model.name_or_path")
         tok = load_tokenizer(params.model.name_or_path)
     else:
         tok = train_tokenizer(_texts(rows), params.tokenizer.vocab_size)

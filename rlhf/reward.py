@@ -101,7 +101,7 @@ def run_reward(
 
     # Bad input (no tokenizer, a missing or too small split) fails here, before DeepSpeed is imported or a process
     # group started.
-    tok = resolve_tokenizer(params.reward_model.name_or_path, data_dir)
+    tok = resolve_tokenizer(params.reward_model.name_or_path, data_dir, "reward_model.name_or_path")
     cfg = params.reward
     train_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_train.jsonl")]
     if not train_rows and "reward" in skipped_steps(data_dir):

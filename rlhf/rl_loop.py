@@ -101,7 +101,7 @@ def run_ppo(
         reward_path = None  # the reward is the functions alone: no reward model is read
     elif reward_path is None:
         raise UserError("rewards.model_weight > 0 needs a reward model: pass --reward, or set rewards.model_weight: 0")
-    from rlhf.outputs import is_placeholder
+    from rlhf.outputs import check_free_space, check_model_folder, folder_bytes, is_placeholder
 
     if reward_path is not None and is_placeholder(reward_path):
         raise UserError(
@@ -109,9 +109,9 @@ def run_ppo(
             "rewards.model_weight is > 0: set rewards.model_weight: 0 for a reward from rewards.functions alone, or "
             "add a prompt/chosen/rejected source"
         )
-    for path, what in ((sft_path, "SFT actor"), (reward_path, "reward model")):
-        if path is not None and not (Path(path) / "config.json").is_file():
-            raise UserError(f"{what} folder '{path}' has no config.json: run the earlier stages (dvc repro) first")
+    check_model_folder(sft_path, "causal_lm", "--sft")
+    if reward_path is not None:
+        check_model_folder(reward_path, "classifier", "--reward")
     functions = load_functions(params.rewards.functions, "rewards.functions")  # import errors before any model
     trainer_cls = trainer_class(ppo.trainer)
     tok = load_tokenizer(sft_path)
@@ -133,6 +133,9 @@ def run_ppo(
             ptx_rows = [encode_sft_row(tok, r, False) for r in read_split(data_dir / "sft_train.jsonl")]
     check_ppo_splits(data_dir, len(train_prompts), len(eval_prompts), len(ptx_rows), ppo, launch_world_size())
 
+    # room for the actor (and EMA, critic) before any training: not an ENOSPC after it
+    needed = folder_bytes(sft_path) * (1 + (ppo.ema_beta > 0)) + (folder_bytes(reward_path or sft_path) if ppo.needs_critic else 0)
+    check_free_space(out_dir, needed, "the step-3 models")
     dist = init_distributed(params.engine)
     seed_everything(params.seed)
     engine = RLHFEngine(params, dist, sft_path, reward_path)

@@ -91,10 +91,13 @@ def row_lengths(tok: Any, row: dict[str, Any]) -> tuple[int, int]:
     return prompt, prompt + longest
 
 
-def resolve_tokenizer(name_or_path: str | None, data_dir: Path) -> Any:
+def resolve_tokenizer(name_or_path: str | None, data_dir: Path, option: str = "model.name_or_path") -> Any:
     """A named model's own tokenizer, else the one the prepare stage saved in data_dir/tokenizer (trained there, or
     the actor's when model.name_or_path is set, so a reward model built from config shares the actor's tokens)."""
     if name_or_path:
+        from rlhf.outputs import check_model_folder
+
+        check_model_folder(name_or_path, None, option)
         return load_tokenizer(name_or_path)
     path = Path(data_dir) / "tokenizer"
     if not (path / "tokenizer.json").is_file():

@@ -410,7 +410,10 @@ def train_and_export(
     from rlhf.checkpoint import fingerprint
     from rlhf.outputs import hash_inputs, make_manifest
 
+    from rlhf.outputs import check_free_space
+
     model = build_model()
+    check_free_space(out_dir, sum(t.numel() * t.element_size() for t in model.state_dict().values()), "the model")
     total = optimizer_steps(len(train_rows), train, dist.world_size)
     ds_engine = eng.initialize(model, params.engine, train, total)
     lengths = [length(r) for r in train_rows] if train.group_by_length else None
@@ -460,7 +463,7 @@ def export_model(
     merge LoRA and write an HF folder with its manifest; ranks meet at a barrier afterwards."""
     from rlhf import engine as eng
     from rlhf.models import save_pretrained
-    from rlhf.outputs import write_output_dir
+    from rlhf.outputs import check_free_space, write_output_dir
 
     state = eng.full_state_dict(module, zero_stage, dist.is_main)
     if dist.is_main:
@@ -472,5 +475,6 @@ def export_model(
         tied = set(skeleton.state_dict()) - named
         if unexpected or [k for k in missing if k not in tied and not k.endswith("inv_freq")]:
             raise RuntimeError(f"gathered weights do not fit the model: missing={missing} unexpected={unexpected}")
+        check_free_space(out_dir, sum(t.numel() * t.element_size() for t in state.values()), "the model")
         write_output_dir(out_dir, lambda d: save_pretrained(skeleton, tok, d), manifest)
     eng.barrier()

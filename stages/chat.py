@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from stages.common import guarded
+from stages.common import fail, guarded
 
 
 def chat(
@@ -24,6 +24,15 @@ def chat(
     """Multi-turn chat with streaming; type `clear` to forget the conversation, `quit` (or Ctrl-D) to leave."""
     from rlhf.chat import Chat
 
+    checks = [  # every option up front, before a model loads
+        (max_new_tokens >= 1, f"--max-new-tokens {max_new_tokens}: must be at least 1"),
+        (greedy or temperature > 0, f"--temperature {temperature}: must be > 0 (for greedy decoding pass --greedy)"),
+        (0 < top_p <= 1, f"--top-p {top_p}: must be in (0, 1] (1 = off)"),
+        (top_k >= 0, f"--top-k {top_k}: must be >= 0 (0 = off)"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            fail(problem)
     session = guarded(Chat, model, temperature, top_p, max_new_tokens, not greedy, seed, top_k)
 
     def stream(text: str) -> None:

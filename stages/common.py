@@ -3,7 +3,9 @@ re-running itself under the `deepspeed` launcher when params ask for more than o
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,9 +23,63 @@ PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params.yaml 
 
 
 def fail(message: str) -> None:
-    """One line on stderr, exit code 2, no traceback."""
-    typer.echo(f"error: {message}", err=True)
+    """One line on stderr, exit code 2, no traceback (under `dvc repro`, with what became of the earlier outputs)."""
+    typer.echo(f"error: {message}{_under_dvc()}", err=True)
     raise typer.Exit(code=2)
+
+
+def _under_dvc() -> str:
+    """Under `dvc repro` (DVC_STAGE is set): the check stage stopped the run before any stage started; any other
+    stage's outputs were removed by DVC before its command ran, so say how to bring the last ones back."""
+    stage = os.environ.get("DVC_STAGE")
+    if not stage:
+        return ""
+    if stage == "check":
+        return " (dvc repro stopped before any stage ran: every earlier output is as it was)"
+    import yaml
+
+    try:
+        spec = yaml.safe_load((Path(os.environ.get("DVC_ROOT", ".")) / "dvc.yaml").read_text())["stages"][stage]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return ""
+    names = [(o, {}) if isinstance(o, str) else next(iter(o.items())) for k in ("outs", "metrics", "plots")
+             for o in spec.get(k) or []]
+    uncached = [n for n, opts in names if (opts or {}).get("cache") is False and not (opts or {}).get("persist")]
+    metrics = f", `git checkout HEAD -- {' '.join(uncached)}` its committed metrics and curves" if uncached else ""
+    return f" (DVC removed this stage's outputs first: `dvc checkout {stage}` restores its cached outputs{metrics})"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the process is, so that a stage stops as it does on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM (a scheduler, `kill`, the deepspeed launcher stopping its ranks) stops a stage like Ctrl-C does."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def interrupted(term: bool) -> None:
+    """One line saying where the newest complete checkpoint is and that a rerun resumes from it; exit 130 (Ctrl-C)
+    or 143 (SIGTERM). Output folders are written whole or not at all, so nothing is left half-written."""
+    from rlhf.checkpoint import last_complete
+
+    how = "stopped by SIGTERM" if term else "interrupted (Ctrl-C)"
+    root, path = last_complete()
+    if path is not None:
+        line = (f"{how}: the last complete checkpoint is {path}; rerun the same command (or `dvc repro`) to resume "
+                "from it")
+    elif root is not None:
+        line = (f"{how} before the first checkpoint in {root}: rerun the same command (or `dvc repro`) to start "
+                "again; no output was written")
+    else:
+        line = f"{how}: no output was written; rerun the same command (or `dvc repro`)"
+    if is_main_rank():
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(code=143 if term else 130)
 
 
 def guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -34,6 +90,13 @@ def guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return fn(*args, **kwargs)
     except UserError as err:
         fail(str(err))
+    except KeyboardInterrupt as err:
+        interrupted(isinstance(err, Terminated))
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        fail(f"no space left on the disk while writing '{err.filename or '?'}': free some space and rerun the "
+             "stage (a training stage resumes from its last checkpoint)")
     except RuntimeError as err:
         if not (launched() and _lost_peer(err)):
             raise
@@ -53,6 +116,11 @@ def read_params(path: Path) -> Params:
     return guarded(load_params, path)
 
 
+# Multi-node without ssh (DeepSpeed's --no_ssh): run the same command on every node with these set. They say how this
+# machine joins the job, not what it computes, so they are environment, not params.
+NODE_RANK, MASTER_ADDR, MASTER_PORT = "RLHF_NODE_RANK", "RLHF_MASTER_ADDR", "RLHF_MASTER_PORT"
+
+
 def launched() -> bool:
     """True inside a process that the deepspeed launcher started."""
     return "LOCAL_RANK" in os.environ
@@ -68,14 +136,28 @@ def relaunch_if_distributed(params: Params) -> bool:
 
     device = guarded(resolve_device, engine)
     env = dict(os.environ, DS_ACCELERATOR="cpu" if device == "cpu" else "cuda")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(_free_port())]
+    node_rank = os.environ.get(NODE_RANK)
+    port = os.environ.get(MASTER_PORT) or str(_free_port())
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", port]
     if engine.hostfile:
         if not Path(engine.hostfile).is_file():
             fail(f"engine.hostfile '{engine.hostfile}' does not exist: give a DeepSpeed hostfile or clear it")
         cmd += ["--hostfile", engine.hostfile]
+    if node_rank is not None:  # one node of a job started on every node by hand or a scheduler: no ssh
+        if not engine.hostfile or not os.environ.get(MASTER_ADDR) or not os.environ.get(MASTER_PORT):
+            fail(f"{NODE_RANK} is set, so this command is one node of a multi-node job: it also needs "
+                 f"engine.hostfile (every node and its slots) and {MASTER_ADDR} / {MASTER_PORT} (node 0's address "
+                 "and a free port, the same on every node)")
+        cmd += ["--no_ssh", "--node_rank", node_rank, "--master_addr", os.environ[MASTER_ADDR]]
     cmd += ["--num_gpus", str(engine.num_procs), "--module", "stages.cli", *sys.argv[1:]]
     typer.echo(f"launching {engine.num_procs} ranks per node: {' '.join(cmd[2:])}", err=True)
-    code = subprocess.call(cmd, env=env)
+    launcher = subprocess.Popen(cmd, env=env)
+    try:
+        code = launcher.wait()
+    except KeyboardInterrupt:  # the ranks got the signal too and say where their checkpoint is
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait()
+        raise typer.Exit(code=130) from None
     if code not in (0, 2):  # 2: the ranks already printed the bad input
         # the launcher exits with the failed rank's code; a signal -N comes back as 256 - N
         how = f"was killed by signal {256 - code}" if code > 128 else f"exited with code {code}"

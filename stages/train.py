@@ -62,11 +62,13 @@ def train(
     yaml.indent(mapping=2, sequence=4, offset=2)
     yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = yaml.load(params_path.read_text())
-    doc["engine"].update(engine)
-    if actor_model is not None:
-        doc["model"]["name_or_path"] = actor_model
-    if reward_model is not None:
-        doc["reward_model"]["name_or_path"] = reward_model
+    for group, values in (("engine", engine), ("model", {"name_or_path": actor_model}),
+                          ("reward_model", {"name_or_path": reward_model})):
+        values = {k: v for k, v in values.items() if v is not None or group == "engine"}
+        if values:  # a group the file leaves out (its defaults) is added
+            if doc.get(group) is None:
+                doc[group] = {}
+            doc[group].update(values)
     before = params_path.read_text()
     with params_path.open("w") as f:
         yaml.dump(doc, f)

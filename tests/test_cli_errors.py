@@ -145,6 +145,8 @@ class Bad:
     trained: bool = False  # copy the session's trained tokenizer, data and models into the folder first
     takes_params: bool = True  # the command reads params.yaml (chat does not)
     setup: tuple[tuple[str, ...], ...] = ()  # commands that must succeed first (`prepare` of the case's own data)
+    env: dict[str, str] = field(default_factory=dict)  # variables for the failing command (fault injection)
+    links: dict[str, str] = field(default_factory=dict)  # symbolic links to make: path -> target
 
 
 BAD_INPUTS = [
@@ -302,6 +304,70 @@ BAD_INPUTS = [
     Bad("PPO prompts fewer than one rollout batch", ("ppo",),
         ("data/prepared/ppo_train.jsonl has", "fewer than one batch of 32", "ppo.rollout_batch_size 32"),
         merge(mine(), {"ppo": {"rollout_batch_size": 32}}), MINE_FILES, trained=True, setup=(("prepare",),)),
+    # ----------------------------------------------------------- issue 15: params that used to crash or pass silently
+    Bad("negative seed", ("prepare",), ("'seed' = -1", "0 <= seed"), {"seed": -1}),
+    Bad("data_split with a NaN share", ("prepare",), ("data.data_split is 'nan,1,1'", "non-negative"),
+        {"data": {"data_split": "nan,1,1"}}),
+    Bad("empty params file", ("prepare", "--params", "empty.yaml"), ("empty.yaml is empty", "30,000 rows"),
+        files={"empty.yaml": "# nothing but a comment\n"}),
+    Bad("a key written twice", ("prepare", "--params", "twice.yaml"),
+        ("'epochs' is written twice in one block (lines 2 and 3)", "merge"),
+        files={"twice.yaml": "sft:\n  epochs: 1\n  epochs: 2\n"}),
+    Bad("a group's key at the top level", ("prepare",), ("'learning_rate'", "belongs under a group", "sft.learning_rate"),
+        {"learning_rate": 0.1}),
+    Bad("no data sources", ("prepare",), ("data.sources is empty", "path: builtin"), {"data": {"sources": []}}),
+    Bad("--params naming a folder", ("prepare", "--params", "data"), ("data is a folder", "params file itself")),
+    # --------------------------------------------------------------------------- data read errors, by line
+    Bad("Latin-1 bytes in a JSON lines file", ("prepare",), ("'d.jsonl' line 2 is not UTF-8", "iconv"),
+        source("d.jsonl"), {"d.jsonl": jsonl(GOOD).encode() + b'{"prompt": "caf\xe9", "completion": "x"}\n'}),
+    Bad("a broken line in a JSON lines file", ("prepare",), ("'d.jsonl' line 2: not valid JSON", "one JSON object per line"),
+        source("d.jsonl"), {"d.jsonl": jsonl(GOOD) + '{"prompt": "a", "completion": \n' + jsonl(PAIR)}),
+    Bad("a broken JSON array", ("prepare",), ("'d.json' line 2: not valid JSON",),
+        source("d.json"), {"d.json": '[{"prompt": "a", "completion": "b"},\n {"prompt": "c" "completion": "d"}]\n'}),
+    Bad("an empty data file", ("prepare",), ("'d.jsonl' is empty (no rows)",), source("d.jsonl"), {"d.jsonl": ""}),
+    Bad("a CSV row with too many fields", ("prepare",), ("'d.csv' line 3: 3 fields where the header has 2",),
+        source("d.csv"), {"d.csv": "prompt,completion\nSort 2 1.,1 2\nSort 3 1.,1,3\n"}),
+    Bad("a file that mixes formats", ("prepare",), ("'d.jsonl' mixes formats", "row 1", "prompt_completion"),
+        source("d.jsonl"), {"d.jsonl": jsonl(PAIR, GOOD)}),
+    Bad("a symbolic link loop", ("prepare",), ("'d.jsonl' is a symbolic link that leads to no file",),
+        source("d.jsonl"), links={"d.jsonl": "d.jsonl"}),
+    Bad("a file name without its extension", ("prepare",), ("'data/rows' not found, but 'data/rows.jsonl' is",),
+        source("data/rows"), {"data/rows.jsonl": jsonl(GOOD)}),
+    # ------------------------------------------------------------------------------ models of the wrong kind
+    Bad("--sft and --reward swapped", ("ppo", "--sft", "models/reward", "--reward", "models/sft"),
+        ("--sft 'models/reward' is a sequence classifier (a reward model)", "not a causal LM"), trained=True),
+    Bad("chat with the reward model", ("chat", "--model", "models/reward", "--prompt", "hi"),
+        ("--model 'models/reward' is a sequence classifier",), trained=True, takes_params=False),
+    Bad("truncated model.safetensors", ("chat", "--model", "mine", "--prompt", "hi"),
+        ("'mine/model.safetensors' is damaged", "dvc checkout"), files={"mine/.truncated": ""}, trained=True,
+        takes_params=False),
+    Bad("invalid config.json", ("dpo", "--sft", "mine"), ("'mine/config.json' is not valid JSON at line 2",),
+        files={"mine/.broken_config": ""}, trained=True),
+    Bad("a model folder one level too high", ("evaluate", "--sft", "mine"), ("'mine' holds no model, but 'mine/actor' does",),
+        files={"mine/.nested": ""}, trained=True),
+    Bad("model.name_or_path at the base_model placeholder", ("sft",),
+        ("'models/base' is the base_model stage's placeholder", "base_model.source"),
+        {"model": {"name_or_path": "models/base"}},
+        {"models/base/manifest.json": '{"step": "base_model", "versions": {}}\n', "models/base/README.txt": "none\n"}),
+    Bad("evaluate against a reward model with another tokenizer",
+        ("evaluate", "--reward", "other_reward", "--ppo", "step3"), ("tokenizers differ in vocabulary",),
+        files={"other_reward/.extra_token": "<extra>", "step3/.nested": ""}, trained=True),
+    Bad("no room on the disk for the model", ("sft",), ("no room to write the model 'models/sft'", "1000 bytes free"),
+        env={"RLHF_FAULT_FREE_BYTES": "1000"}, trained=True),
+    # ------------------------------------------------------------------- CLI usage: one line, with did-you-mean
+    Bad("unknown subcommand", ("sfft",), ("No such command 'sfft'", "'sft'"), takes_params=False),
+    Bad("misspelt option", ("sft", "--paramz", "p.yaml"), ("No such option: --paramz", "did you mean --params?"),
+        takes_params=False),
+    Bad("option without its value", ("sft", "--params"), ("'--params' requires an argument",)),
+    Bad("extra argument", ("sft", "extra"), ("unexpected extra argument", "extra"), takes_params=False),
+    Bad("option value of the wrong type", ("chat", "--max-new-tokens", "many"), ("'--max-new-tokens'",),
+        takes_params=False),
+    Bad("chat with no tokens to write", ("chat", "--model", "models/sft", "--max-new-tokens", "-1"),
+        ("--max-new-tokens -1", "at least 1"), takes_params=False),
+    Bad("chat at temperature 0", ("chat", "--model", "models/sft", "--temperature", "0"), ("--temperature 0", "--greedy"),
+        takes_params=False),
+    Bad("chat with top-p above 1", ("chat", "--model", "models/sft", "--top-p", "1.5"), ("--top-p 1.5", "(0, 1]"),
+        takes_params=False),
 ]
 
 
@@ -322,10 +388,23 @@ def arrange(work: Path, bad: Bad, trained: Path | None) -> None:
             tok = AutoTokenizer.from_pretrained(path.parent)
             tok.add_tokens([str(content)])
             tok.save_pretrained(path.parent)
+        elif rel.endswith((".truncated", ".broken_config", ".nested")):  # copies of the SFT model, damaged
+            copy = path.parent / "actor" if rel.endswith(".nested") else path.parent
+            shutil.copytree(work / "models/sft", copy, dirs_exist_ok=True)
+            for name in ("COMPLETE.json", "manifest.json"):  # a folder of the user's own: no hashes to check
+                (copy / name).unlink()
+            if rel.endswith(".truncated"):
+                weights = copy / "model.safetensors"
+                weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+            elif rel.endswith(".broken_config"):
+                (copy / "config.json").write_text('{"architectures": [\n')
         elif isinstance(content, bytes):
             path.write_bytes(content)
         else:
             path.write_text(content)
+    for rel, target in bad.links.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).symlink_to(target)
     with_params(work, bad.params)
     for command in bad.setup:
         run_cli(*command, "--params", "params.yaml", cwd=work)
@@ -336,7 +415,7 @@ def test_bad_input_is_one_clear_line(work: Path, bad: Bad, request: pytest.Fixtu
     trained = request.getfixturevalue("trained") if bad.trained else None
     arrange(work, bad, trained)
     args = bad.args if "--params" in bad.args or not bad.takes_params else (*bad.args, "--params", "params.yaml")
-    line = fails_cleanly(work, *args)
+    line = fails_cleanly(work, *args, env={**cli_env(), **bad.env} if bad.env else None)
     for text in bad.expect:
         assert text in line, f"{bad.what}: {text!r} not in {line!r}"
     if os.environ.get("BAD_INPUTS_REPORT"):
@@ -345,4 +424,4 @@ def test_bad_input_is_one_clear_line(work: Path, bad: Bad, request: pytest.Fixtu
 
 
 def test_the_table_covers_enough_bad_inputs() -> None:
-    assert len(BAD_INPUTS) >= 25 and len({b.what for b in BAD_INPUTS}) == len(BAD_INPUTS)
+    assert len(BAD_INPUTS) >= 80 and len({b.what for b in BAD_INPUTS}) == len(BAD_INPUTS)

@@ -49,11 +49,30 @@ def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path) -> None:
     params["reward"]["learning_rate"] = params["reward"]["learning_rate"] / 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(_run("dvc", "status", "--json", cwd=repo))
-    assert set(status) == {"reward"}, status
+    assert set(status) == {"check", "reward"}, status  # check reads all of params.yaml; its output stays the same
     sft_before = (repo / "models/sft/model.safetensors").read_bytes()
     out = _run("dvc", "repro", cwd=repo)
     assert "Running stage 'reward'" in out and "Running stage 'sft'" not in out
     assert (repo / "models/sft/model.safetensors").read_bytes() == sft_before
+
+    # A typo in sft.*: `dvc repro` stops at the check stage with one line, before DVC removes any stage's outputs
+    # (models/sft, and metrics/sft.json and the curves, which DVC's cache does not keep)
+    before = {rel: data for rel, data in _snapshot(repo).items() if rel.startswith(("models/", "metrics/", "dvclive/"))}
+    params["sft"]["learning_rat"] = 0.1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.run(["dvc", "repro"], cwd=repo, env=cli_env(), capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stdout + proc.stderr
+    assert "sft.learning_rat" in errors[0] and "did you mean sft.learning_rate?" in errors[0], errors
+    assert "every earlier output is as it was" in errors[0], errors
+    assert "Traceback" not in proc.stdout + proc.stderr
+    after = {rel: data for rel, data in _snapshot(repo).items() if rel.startswith(("models/", "metrics/", "dvclive/"))}
+    assert after == before, "a params typo under dvc repro changed earlier outputs"
+    # fixed: the check passes with the same output bytes, so no stage after it is stale
+    del params["sft"]["learning_rat"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run("dvc", "repro", cwd=repo)
+    assert [ln for ln in out.splitlines() if ln.startswith("Running stage")] == ["Running stage 'check':"], out
 
 
 def test_experiment_reruns_only_ppo_and_evaluate(tmp_path: Path) -> None:
@@ -64,7 +83,7 @@ def test_experiment_reruns_only_ppo_and_evaluate(tmp_path: Path) -> None:
 
     out = _run("dvc", "exp", "run", "-n", "kl05", "-S", "ppo.kl_coef=0.05", cwd=repo)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"ppo", "evaluate"}, out
+    assert ran == {"check", "ppo", "evaluate"}, out  # check: seconds, and its output unchanged
     assert (repo / "models/sft/model.safetensors").read_bytes() == sft_before
     shown = _run("dvc", "exp", "show", "--json", cwd=repo)
     assert "kl05" in shown and "gold_reward" in shown

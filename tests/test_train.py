@@ -42,3 +42,13 @@ def test_bad_deployment_is_one_line_and_params_untouched(params_file: Path, args
     proc = run_cli("train", "--params", str(params_file), *args, "--dry-run", cwd=params_file.parent, check=False)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
     assert params_file.read_bytes() == before
+
+
+def test_dry_run_adds_the_groups_a_params_file_leaves_out(tmp_path: Path) -> None:
+    """A params file without an `engine:` (or `model:`) group means their defaults: the deployment adds them."""
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 7\nengine:\n")  # an empty engine group, and no model group at all
+    run_cli("train", "--params", str(path), "--actor-model", "models/my-actor", "--deployment-type", "cpu",
+            "--dry-run", cwd=tmp_path)
+    p = load_params(path)
+    assert (p.seed, p.engine.device, p.model.name_or_path) == (7, "cpu", "models/my-actor")

@@ -87,3 +87,16 @@ def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path)
     (repo / "rewards/reverse.py").write_text(VERIFIER.replace("0.5 * prefixed", "0.4 * prefixed"))
     status = json.loads(_run("dvc", "status", "--json", cwd=repo))
     assert {"ppo", "evaluate"} <= set(status) and not {"prepare", "sft"} & set(status), status
+
+    # The critic-free family on the same data and verifier: `dvc exp run` reruns only check, ppo and evaluate, and
+    # GRPO (no critic built or saved) raises the verifier's held-out mean too.
+    _commit(repo, "verifier edited")
+    out = _run("dvc", "exp", "run", "-n", "grpo", "-S", "ppo.algorithm=grpo", cwd=repo)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"check", "ppo", "evaluate"}, out
+    metrics = json.loads((repo / "metrics/ppo.json").read_text())
+    print({k: v for k, v in metrics.items() if "reversed" in k})
+    assert metrics["algorithm"] == "grpo" and metrics["reversed_ppo"] >= metrics["reversed_sft"] + 0.1, metrics
+    assert not (repo / "models/ppo/critic").exists()
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert evaluate["grpo"]["reversed"] > evaluate["sft"]["reversed"], evaluate
