@@ -98,6 +98,10 @@ def write_output_dir(out_dir: Path, fill: Callable[[Path], None], manifest: dict
     tmp.mkdir()
     try:
         fill(tmp)
+        if (tmp / "config.json").is_file() and not (tmp / "README.md").exists():  # a model: its card
+            from rlhf.cards import model_card
+
+            (tmp / "README.md").write_text(model_card(tmp, manifest, str(out_dir)))
         write_json(tmp / MANIFEST, manifest)
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / COMPLETE, {"files": files})

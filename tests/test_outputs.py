@@ -223,3 +223,22 @@ def test_an_empty_prompt_loader_stops_instead_of_recursing_forever() -> None:
     cycle = Cycle(make_loader([[1], [2], [3]], 4, lambda b: b, dist, seed=0, shuffle=True))  # drop_last: no batch
     with pytest.raises(UserError, match="gives no batch"):
         next(cycle)
+
+
+def test_every_model_folder_has_a_model_card_that_huggingface_hub_loads(ppo_trained: Path) -> None:
+    """README.md in Hugging Face's model-card format beside the weights of every model a stage wrote: its YAML
+    header loads with huggingface_hub's ModelCard, and its body says how the model was made (from the manifest)."""
+    from huggingface_hub import ModelCard
+
+    folders = {"models/sft": ("sft", "text-generation"), "models/reward": ("reward", "text-classification"),
+               "models/ppo/actor": ("ppo", "text-generation"), "models/ppo/critic": ("ppo", "text-classification"),
+               "models/ppo/actor_ema": ("ppo", "text-generation")}
+    for rel, (step, pipeline) in folders.items():
+        card = ModelCard.load(ppo_trained / rel / "README.md")
+        assert card.data.library_name == "transformers" and card.data.pipeline_tag == pipeline, (rel, card.data)
+        assert step in card.data.tags and "rlhf" in card.data.tags
+        manifest = json.loads((ppo_trained / rel / "manifest.json").read_text())
+        assert f"Written by the `{step}` stage" in card.text and f'from_pretrained("{rel}")' in card.text
+        for name, digest in manifest["inputs"].items():  # the data and model hashes of the manifest
+            assert f"| {name} | `{digest}` |" in card.text
+        assert "README.md" in json.loads((ppo_trained / rel / "COMPLETE.json").read_text())["files"]
