@@ -103,6 +103,20 @@ def test_push_wipe_pull_restores_every_output_without_retraining(tmp_path: Path)
     out = _run("dvc", "repro", cwd=repo)
     assert "Running stage" not in out
 
+    # The model registry: dvc.yaml's artifacts, a version registered with gto (a git tag), and a teammate's clone
+    # that takes one model from the shared remote with `dvc artifacts get`, without the pipeline
+    from transformers import AutoModelForCausalLM
+
+    _commit(repo, "trained")
+    _run("gto", "register", "rl-actor", cwd=repo)
+    _run("git", "clone", "-q", str(repo), str(tmp_path / "teammate"), cwd=tmp_path)
+    _run("dvc", "artifacts", "get", ".", "rl-actor", "-o", "got/actor", cwd=tmp_path / "teammate")
+    got = tmp_path / "teammate/got/actor"
+    assert (got / "model.safetensors").read_bytes() == weights
+    assert AutoModelForCausalLM.from_pretrained(got).config.architectures == ["LlamaForCausalLM"]
+    listed = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]
+    assert {a["path"] for a in listed.values()} >= {"models/sft", "models/reward", "models/ppo/actor"}
+
 
 def test_push_and_pull_through_s3(tmp_path: Path) -> None:
     """The same round trip against S3: moto's server mode on 127.0.0.1, started and stopped here, with dvc-s3."""
