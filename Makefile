@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 repro: setup
-	$(ACTIVATE) && dvc repro && dvc metrics show
+	$(ACTIVATE) && dvc repro && rlhf summary   # `dvc metrics show` has every number
 
 test: setup
 	$(ACTIVATE) && python -m pytest -q -p no:cacheprovider tests

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from stages import base_model, chat, check, dpo, evaluate, ppo, prepare, reward, sft, train
+from stages import base_model, chat, check, dpo, evaluate, ppo, prepare, reward, sft, summary, train
 
 commands = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -31,6 +31,7 @@ commands.command("ppo")(ppo.ppo)
 commands.command("evaluate")(evaluate.evaluate)
 commands.command("chat")(chat.chat)
 commands.command("train")(train.train)
+commands.command("summary")(summary.summary)
 
 
 

@@ -242,3 +242,31 @@ def test_every_model_folder_has_a_model_card_that_huggingface_hub_loads(ppo_trai
         for name, digest in manifest["inputs"].items():  # the data and model hashes of the manifest
             assert f"| {name} | `{digest}` |" in card.text
         assert "README.md" in json.loads((ppo_trained / rel / "COMPLETE.json").read_text())["files"]
+
+
+def test_summary_is_a_short_table_of_every_stage(tmp_path: Path) -> None:
+    """`rlhf summary` after a run: one row per stage with its key figures, at most 100 columns."""
+    import shutil
+
+    from tests.conftest import run_cli
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    metrics = {
+        "sft": {"perplexity": 1.4638, "steps": 504, "train_seconds": 120.0},
+        "reward": {"accuracy": 0.878, "chosen_mean": 2.48, "rejected_mean": -0.19, "train_seconds": 300.0},
+        "ppo": {"algorithm": "grpo", "reward_sft": 1.254, "reward_ppo": 4.069, "final_kl": 2.06, "iterations": 100},
+        "evaluate": {"sft": {"gold_reward": 0.639, "kl_to_sft": 0.0}, "grpo": {"gold_reward": 0.87, "kl_to_sft": 0.1}},
+    }
+    (tmp_path / "metrics").mkdir()
+    for stage, values in metrics.items():
+        (tmp_path / "metrics" / f"{stage}.json").write_text(json.dumps(values))
+    out = run_cli("summary", cwd=tmp_path).stdout.splitlines()
+    assert all(len(line) <= 100 for line in out), out
+    rows = {line.split()[0]: line for line in out[2:]}
+    assert list(rows) == ["sft", "reward", "ppo", "evaluate"], out
+    assert "perplexity 1.464" in rows["sft"] and "120 s" in rows["sft"] and "models/sft" in rows["sft"]
+    assert "grpo: held-out reward 1.254 -> 4.069" in rows["ppo"]
+    assert "gold_reward: sft 0.639 -> grpo 0.870" in rows["evaluate"]
+    (tmp_path / "metrics").rename(tmp_path / "elsewhere")
+    failed = run_cli("summary", cwd=tmp_path, check=False)
+    assert failed.returncode == 2 and failed.stderr.startswith("error: no stage metrics"), failed.stderr
