@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf.config import Params
+from rlhf.config import Params, check_loggers
 
 OK = "params.yaml passed `rlhf check`; this file does not change while it keeps passing\n"
 
@@ -40,6 +40,7 @@ def run_check(params: Params, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
         name = getattr(params, key).name_or_path
         if name and not str(name).startswith("models/base"):  # models/base is written by the base_model stage
             check_model_folder(name, None, f"{key}.name_or_path")
+    check_loggers(params.logging.report_to)
     resolve_device(params.engine)
     if params.engine.hostfile and not Path(params.engine.hostfile).is_file():
         raise UserError(f"engine.hostfile '{params.engine.hostfile}' does not exist: give a DeepSpeed hostfile or "

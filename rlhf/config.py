@@ -458,6 +458,18 @@ class EvaluateConfig(_Group):
         return self
 
 
+class LoggingConfig(_Group):
+    """Where the training stages' curves go. dvclive always (DVC reads it); TensorBoard and W&B get the same scalars
+    under the same names. Changes no result, so no stage lists this group in dvc.yaml."""
+
+    report_to: list[Literal["dvclive", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["dvclive"])
+    tensorboard_dir: str = "runs"  # event files under <tensorboard_dir>/<stage>/ (tensorboard --logdir runs)
+    wandb_project: str = "rlhf-dvc"
+    wandb_dir: str = "."  # W&B keeps its runs under <wandb_dir>/wandb/
+    # auto: online when W&B has a key (WANDB_API_KEY or `wandb login`), else offline (`wandb sync` uploads later)
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+
+
 class Params(_Group):
     seed: int = Field(1234, ge=0, lt=2**32)  # numpy's and torch's seeds: 0 .. 2**32 - 1
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -475,6 +487,7 @@ class Params(_Group):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> Params:
@@ -701,3 +714,17 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
                 raise ConfigError(f"override '{dotted}': '{p}' is not a group of keys: override '{p}' itself")
         node[leaf] = value
     return parse_params(raw, str(path))
+
+
+_LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_loggers(backends: list[str]) -> None:
+    """Each logging.report_to backend's package is installed (before any training), else one UserError."""
+    import importlib.util
+
+    for name in backends:
+        package = _LOGGER_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(f"logging.report_to lists {name} but the {package} package is not installed: "
+                            f"pip install -c constraints.txt {package} (or remove {name} from logging.report_to)")

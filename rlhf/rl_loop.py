@@ -72,6 +72,30 @@ def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> dict[str,
     return out
 
 
+def phase_flops(engine: RLHFEngine, exp: Experience, ppo: Any) -> dict[str, float]:
+    """Useful FLOPs of this rank's iteration by phase (rlhf/flops.py): generation = one actor forward over prompt
+    and answer; scoring = the reference, reward model and critic forwards (and the actor's when log pi_old is
+    recomputed); training = ppo_epochs x (actor + critic) forward and backward. Each prompt counts once per group of
+    answers, as the shared prefix computes it once."""
+    from rlhf.flops import forward_flops
+
+    p = exp.sequences.shape[1] - exp.action_mask.shape[1]
+    prompts = exp.attention_mask[:, :p].sum(-1).tolist()
+    answers = exp.action_mask.sum(-1).long().tolist()
+    k = ppo.group_size
+    lengths = [int(x) for x in answers] + [int(x) for x in prompts[::k]]
+    actor = engine.actor.module
+    fwd = {name: forward_flops(m, lengths) if m is not None else 0.0 for name, m in (
+        ("actor", actor), ("ref", getattr(engine.ref, "module", engine.ref)),
+        ("reward", getattr(engine.reward, "module", None)), ("critic", getattr(engine.critic, "module", None)))}
+    recompute = fwd["actor"] if ppo.rollout_logprobs != "generation" else 0.0
+    return {
+        "generate": fwd["actor"],
+        "score": fwd["ref"] + fwd["reward"] + fwd["critic"] + recompute,
+        "train": ppo.ppo_epochs * 3 * (fwd["actor"] + fwd["critic"]),
+    }
+
+
 def run_ppo(
     params: Params,
     data_dir: Path,
@@ -94,7 +118,8 @@ def run_ppo(
     from rlhf.outputs import hash_inputs, make_manifest
     from rlhf.rewards import load_functions
     from rlhf.tokenizer import check_compatible, encode_prompt, encode_sft_row, encode_text, load_tokenizer
-    from rlhf.trainer import MetricsLogger, all_reduce_sum, check_ppo_splits, export_model, launch_world_size, make_loader
+    from rlhf.trainer import (MetricsLogger, all_reduce_sum, check_ppo_splits, export_model, flop_rate,
+                              launch_world_size, make_loader)
 
     ppo = params.ppo
     if params.rewards.model_weight == 0:
@@ -161,7 +186,7 @@ def run_ppo(
     start, point, stopped = 1, {}, ""
     if saved is None:
         score_before = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else {}
-        logger = MetricsLogger(live_dir, dist)
+        logger = MetricsLogger(live_dir, dist, None, params.logging, "ppo")
     else:  # the data positions first, the RNG states last: the resumed run then draws what the straight one drew
         state = saved["state"]
         start, point, score_before = state["iteration"] + 1, state["point"], state["score_before"]
@@ -173,7 +198,7 @@ def run_ppo(
         trainer.guard.skipped = state["skipped"]
         if engine.ema is not None:
             engine.ema.load_state_dict(state["ema"])
-        logger = MetricsLogger(live_dir, dist, state["log_rows"])
+        logger = MetricsLogger(live_dir, dist, state["log_rows"], params.logging, "ppo")
         set_rng_state(saved["rng"])
     bar = tqdm(total=ppo.iterations, initial=start - 1, desc="ppo", disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
     t_start = time.perf_counter()
@@ -188,6 +213,7 @@ def run_ppo(
             timings = {k: v + info[k] for k, v in timings.items()}
             tokens += info["tokens"]
         exp = Experience.cat(parts)
+        flops = phase_flops(engine, exp, ppo)
         # 4: update
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
@@ -227,6 +253,10 @@ def run_ppo(
             **{k: v / steps for k, v in sums.items()},
             "gen_tokens_per_s": tok_sum / max(gen_s / dist.world_size, 1e-9),
             "train_samples_per_s": n * ppo.ppo_epochs / max(train_s, 1e-9),
+            # achieved TFLOP/s of each phase on this rank (rlhf/flops.py; the prompt counted once per group)
+            "gen_tflops": flops["generate"] / max(timings["generate_s"], 1e-9) / 1e12,
+            "score_tflops": flops["score"] / max(timings["score_s"], 1e-9) / 1e12,
+            "train_tflops": flops["train"] / max(train_s, 1e-9) / 1e12,
             **timings,
             "train_s": train_s,
         }
@@ -237,7 +267,8 @@ def run_ppo(
                     f"[ppo] iter {it}/{ppo.iterations} reward {point['reward']:.3f} kl {mean_kl:.3f} "
                     f"len {point['response_length']:.1f} | gen {timings['generate_s']:.2f}s "
                     f"({point['gen_tokens_per_s']:.0f} tok/s) score {timings['score_s']:.2f}s "
-                    f"train {train_s:.2f}s ({point['train_samples_per_s']:.1f} samples/s)",
+                    f"train {train_s:.2f}s ({point['train_samples_per_s']:.1f} samples/s, "
+                    f"{flop_rate(flops['train'] / max(train_s, 1e-9))})",
                     flush=True,
                 )
         bar.update(1)

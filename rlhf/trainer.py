@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.checkpoint import Checkpointer
-from rlhf.config import PPOConfig, TrainConfig
+from rlhf.config import LoggingConfig, PPOConfig, TrainConfig, check_loggers
 from rlhf.engine import Dist, training
 from rlhf.errors import UserError
-
 
 class MetricsLogger:
     """Per-step curves through dvclive on rank 0; a no-op on other ranks.
@@ -32,11 +31,20 @@ class MetricsLogger:
     repeated, and the resumed run's curves equal an uninterrupted run's.
     """
 
-    def __init__(self, live_dir: Path | None, dist: Dist, resume_rows: dict[str, int] | None = None):
+    def __init__(self, live_dir: Path | None, dist: Dist, resume_rows: dict[str, int] | None = None,
+                 logging: LoggingConfig | None = None, stage: str | None = None):
         self.live = None
         self.dir = Path(live_dir) if live_dir is not None else None
         self.resume_rows = resume_rows
         self.enabled = dist.is_main and live_dir is not None
+        # the other backends of logging.report_to (rank 0 only), opened with dvclive
+        self.stage = stage or (self.dir.name if self.dir is not None else "run")
+        self.extra = [b for b in (logging.report_to if logging else []) if b != "dvclive"] if self.enabled else []
+        self.logging = logging
+        self.tb: Any = None
+        self.wandb: Any = None
+        check_loggers(self.extra)
+
 
     def _open(self) -> bool:
         """Open dvclive on the first use (rank 0); whether there is a live logger."""
@@ -49,7 +57,25 @@ class MetricsLogger:
             self.live = Live(
                 dir=str(self.dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=self.resume_rows is not None
             )
+            self._open_extra()
         return self.live is not None
+
+    def _open_extra(self) -> None:
+        cfg = self.logging
+        if "tensorboard" in self.extra:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(Path(cfg.tensorboard_dir) / self.stage))
+        if "wandb" in self.extra:
+            import wandb
+
+            mode = cfg.wandb_mode
+            if mode == "auto":
+                mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline"
+            Path(cfg.wandb_dir).mkdir(parents=True, exist_ok=True)
+            self.wandb = wandb.init(project=cfg.wandb_project, name=self.stage, job_type=self.stage, mode=mode,
+                                    dir=cfg.wandb_dir, reinit="finish_previous", settings=wandb.Settings(
+                                        silent=True, console="off"))
 
     def _curves(self) -> list[Path]:
         return sorted((self.dir / "plots" / "metrics").rglob("*.tsv")) if self.dir is not None else []
@@ -76,6 +102,12 @@ class MetricsLogger:
         for k, v in values.items():
             self.live.log_metric(k, v)
         self.live.make_summary()
+        scalars = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self, summary: dict[str, float]) -> None:
         if not self._open():
@@ -84,6 +116,21 @@ class MetricsLogger:
             self.live.summary[k] = v
         self.live.make_summary()
         self.live.end()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+            self.wandb.finish()
+
+
+def _wandb_logged_in() -> bool:
+    """Whether W&B has a key from `wandb login` (~/.netrc) without asking the network."""
+    import netrc
+
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 class LengthGroupedSampler:
@@ -305,6 +352,10 @@ def fit(
     step, micro, window, metrics = pos["step"], pos["micro"], list(pos["window"]), dict(pos["metrics"])
     guard = NonFiniteGuard(train.max_bad_steps, desc, pos["skipped"])
     bar = tqdm(total=total, initial=step, desc=desc, disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+    from rlhf.flops import batch_lengths, matmul_params, train_flops
+
+    n_matmul = matmul_params(engine)
+    work = [0.0, 0.0]  # real tokens and useful FLOPs since the last logged point
     t0 = time.perf_counter()
     for epoch in range(pos["epoch"], train.epochs):
         if step >= total:
@@ -317,8 +368,10 @@ def fit(
         if saved is not None:  # last, so that building the data position above draws nothing from the saved RNG
             set_rng_state(saved["rng"])
             saved = None
+        epoch_t0, epoch_work = time.perf_counter(), [0.0, 0.0]
         with training(engine):  # evaluate() below switches to eval mode and back
             for index, batch in enumerate(batches, start=first + 1):
+                lengths = batch_lengths(batch) if isinstance(batch, dict) else []
                 loss, extra = loss_fn(engine, batch)
                 micro += 1
                 loss = faults.poison(loss, micro)
@@ -330,22 +383,29 @@ def fit(
                     continue
                 engine.step()
                 window.append(loss.item())
+                done = (sum(lengths), train_flops(engine, lengths, n_matmul))
+                work = [work[0] + done[0], work[1] + done[1]]
+                epoch_work = [epoch_work[0] + done[0], epoch_work[1] + done[1]]
                 if not engine.is_gradient_accumulation_boundary():
                     continue
                 step += 1
                 bar.update(1)
                 if step % train.log_every == 0 or step == total:
                     elapsed = time.perf_counter() - t0
+                    tokens, flops = all_reduce_sum(work, dist)  # every rank's real tokens and FLOPs
                     point = {
                         "train/loss": sum(window) / len(window),
                         "train/lr": engine.get_lr()[0],
                         "train/samples_per_s": len(window) * train.micro_batch_size * dist.world_size / elapsed,
+                        "train/tokens_per_s": tokens / elapsed,
+                        "train/tflops": flops / elapsed / 1e12,  # achieved, all ranks (rlhf/flops.py)
                         "train/skipped_steps": guard.skipped,
                         **{f"train/{k}": v for k, v in extra.items()},
                     }
                     logger.log(step, point)
-                    bar.set_postfix(loss=f"{point['train/loss']:.4f}")
-                    window, t0 = [], time.perf_counter()
+                    bar.set_postfix(loss=f"{point['train/loss']:.4f}", tok_s=f"{point['train/tokens_per_s']:.0f}",
+                                    flops=flop_rate(flops / elapsed))
+                    window, t0, work = [], time.perf_counter(), [0.0, 0.0]
                 if ckpt is not None and ckpt.due(step, total):
                     state = {
                         "step": step, "epoch": epoch, "batch": index, "micro": micro, "window": window,
@@ -355,15 +415,24 @@ def fit(
                 faults.kill_at(step)
                 if step >= total:
                     break
+        epoch_s = time.perf_counter() - epoch_t0
+        epoch_tokens, epoch_flops = all_reduce_sum(epoch_work, dist)
         metrics = evaluate()
         metrics["epoch"] = epoch + 1
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         if dist.is_main:
-            print(f"[{desc}] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+            print(f"[{desc}] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                  + f" | train {epoch_tokens / max(epoch_s, 1e-9):.0f} tokens/s, "
+                  f"{flop_rate(epoch_flops / max(epoch_s, 1e-9))}", flush=True)
     bar.close()
     metrics["steps"] = step
     metrics["skipped_steps"] = guard.skipped
     return metrics
+
+
+def flop_rate(per_s: float) -> str:
+    """'1.23 TFLOP/s' on a GPU-sized rate, '45.6 GFLOP/s' below one TFLOP/s (a CPU's)."""
+    return f"{per_s / 1e12:.2f} TFLOP/s" if per_s >= 1e12 else f"{per_s / 1e9:.1f} GFLOP/s"
 
 
 def all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
@@ -427,7 +496,7 @@ def train_and_export(
     )
     resume = ckpt.latest()
     saved = ckpt.load(resume, {"model": ds_engine}) if resume is not None else None
-    logger = MetricsLogger(live_dir, dist, saved["state"].get("log_rows") if saved else None)
+    logger = MetricsLogger(live_dir, dist, saved["state"].get("log_rows") if saved else None, params.logging, name)
     t0 = time.perf_counter()
     metrics = fit(
         ds_engine, train_loader, loss_fn, lambda: evaluate(ds_engine, eval_loader), train, dist, logger, name, total,

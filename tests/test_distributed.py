@@ -154,11 +154,15 @@ def test_two_nodes_equal_one_node_with_two_ranks(zero3_sft: tuple[Path, subproce
 
     work, _ = zero3_ppo  # the trained folder: data, models/sft, models/reward, and the single-node outputs
     assert zero3_sft[0] == work
-    write_params(work / "sft_2nodes.yaml", TWO_NODES)
+    write_params(work / "sft_2nodes.yaml", TWO_NODES, {"sft": {"checkpoint_every": 3}})
+    shutil.rmtree(work / "ckpt_2nodes", ignore_errors=True)
     node0, node1 = _as_two_nodes(work, "sft", "--params", "sft_2nodes.yaml", "--out", "models/sft_2nodes",
                                  "--metrics", "metrics/sft_2nodes.json", "--live", "dvclive/sft_2nodes",
-                                 port=_free_port())
+                                 "--checkpoints", "ckpt_2nodes", port=_free_port())
     assert "--no_ssh" in node0.stderr and "--node_rank 1" in node1.stderr
+    # one checkpoint folder shared by both nodes: each rank's state beside the engine's shards, sealed by rank 0
+    last = work / "ckpt_2nodes/step-00000006"
+    assert (last / "COMPLETE.json").is_file() and {"rank0.pt", "rank1.pt"} <= {p.name for p in last.iterdir()}
     assert_same_weights(work / "models/sft_zero3", work / "models/sft_2nodes")
     assert json.loads((work / "models/sft_2nodes/manifest.json").read_text())["world_size"] == 2
 

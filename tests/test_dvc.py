@@ -156,8 +156,11 @@ def test_rlhf_train_writes_params_and_reproduces_with_step_times(tmp_path: Path)
     repo = _reproduced_repo(tmp_path)
     out = _run(sys.executable, "-m", "stages.cli", "train", "--deployment-type", "cpu", cwd=repo)
     assert yaml.safe_load((repo / "params.yaml").read_text())["engine"]["device"] == "cpu"
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("train: wall time per step:")
+    lines = out.strip().splitlines()
+    last = next(line for line in lines if line.startswith("train: wall time per step:"))
+    table = lines[lines.index(last) + 1:]  # then the summary: a row per stage, 100 columns at most
+    assert table[0].split() == ["stage", "key", "figures", "train", "output"] and all(len(x) <= 100 for x in table)
+    assert [row.split()[0] for row in table[2:]] == ["prepare", "sft", "reward", "dpo", "ppo", "evaluate"], table
     assert all(f"{step} " in last for step in ("prepare", "sft", "reward", "ppo", "evaluate"))
     assert json.loads(_run("dvc", "status", "--json", cwd=repo)) == {}
 
