@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -32,10 +33,13 @@ def offline_template(path: Path = TEMPLATE) -> Path:
     return path
 
 
-def plots(out: Path = typer.Option(Path("dvc_plots"), help="folder for index.html (as `dvc plots show -o`)")) -> None:
-    """Render every plot of dvc.yaml to OUT/index.html, drawable offline."""
+def plots(
+    targets: Optional[list[str]] = typer.Argument(None, help="plots or curve files to show (default: every plot)"),
+    out: Path = typer.Option(Path("dvc_plots"), help="folder for index.html (as `dvc plots show -o`)"),
+) -> None:
+    """Render the plots of dvc.yaml (or only TARGETS) to OUT/index.html, drawable offline."""
     template = offline_template()
-    proc = subprocess.run(["dvc", "plots", "show", "--html-template", str(template), "-o", str(out)],
+    proc = subprocess.run(["dvc", "plots", "show", *(targets or []), "--html-template", str(template), "-o", str(out)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         fail(f"dvc plots show failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}): "
