@@ -161,7 +161,8 @@ def test_two_nodes_equal_one_node_with_two_ranks(zero3_sft: tuple[Path, subproce
                                  "--checkpoints", "ckpt_2nodes", port=_free_port())
     assert "--no_ssh" in node0.stderr and "--node_rank 1" in node1.stderr
     # one checkpoint folder shared by both nodes: each rank's state beside the engine's shards, sealed by rank 0
-    last = work / "ckpt_2nodes/step-00000006"
+    # (6 steps, checkpoint_every 3: step 3 is the last checkpoint; the final step writes the model, not a checkpoint)
+    last = work / "ckpt_2nodes/step-00000003"
     assert (last / "COMPLETE.json").is_file() and {"rank0.pt", "rank1.pt"} <= {p.name for p in last.iterdir()}
     assert_same_weights(work / "models/sft_zero3", work / "models/sft_2nodes")
     assert json.loads((work / "models/sft_2nodes/manifest.json").read_text())["world_size"] == 2
