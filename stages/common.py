@@ -78,7 +78,9 @@ def interrupted(term: bool) -> None:
     else:
         line = f"{how}: no output was written; rerun the same command (or `dvc repro`)"
     if is_main_rank():
-        typer.echo(f"error: {line}", err=True)
+        # under the launcher the parent command prints the one error line (a SIGTERM there is usually the launcher
+        # stopping this rank because another one died); this rank's line only says where its checkpoint is
+        typer.echo(f"[rank 0] {line}" if launched() else f"error: {line}", err=True)
     raise typer.Exit(code=143 if term else 130)
 
 
@@ -154,13 +156,18 @@ def relaunch_if_distributed(params: Params) -> bool:
     launcher = subprocess.Popen(cmd, env=env)
     try:
         code = launcher.wait()
-    except KeyboardInterrupt:  # the ranks got the signal too and say where their checkpoint is
-        launcher.send_signal(signal.SIGINT)
+    except KeyboardInterrupt as err:  # the ranks get the signal too; rank 0's line says where its checkpoint is
+        term = isinstance(err, Terminated)
+        launcher.send_signal(signal.SIGTERM if term else signal.SIGINT)
         launcher.wait()
-        raise typer.Exit(code=130) from None
+        how = "stopped by SIGTERM" if term else "interrupted (Ctrl-C)"
+        typer.echo(f"error: the {engine.num_procs}-rank job was {how}: rerun the same command (or `dvc repro`) to "
+                   "resume from the last complete checkpoint (rank 0's line above names it)", err=True)
+        raise typer.Exit(code=143 if term else 130) from None
     if code not in (0, 2):  # 2: the ranks already printed the bad input
         # the launcher exits with the failed rank's code; a signal -N comes back as 256 - N
-        how = f"was killed by signal {256 - code}" if code > 128 else f"exited with code {code}"
+        how = {130: "was interrupted (Ctrl-C)", 143: "was stopped by SIGTERM"}.get(code) or (
+            f"was killed by signal {256 - code}" if code > 128 else f"exited with code {code}")
         typer.echo(
             f"error: the {engine.num_procs}-rank job stopped: a rank {how} and the launcher "
             "stopped the others (see the lines above). Rerun the same command: training resumes from the newest "
