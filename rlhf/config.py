@@ -332,6 +332,10 @@ class PPOConfig(_Group):
     # log pi_old: from the rollout's own logits ("generation"), or from one more actor forward ("recompute"; the
     # two differ by float rounding only, which bf16/fp16 make larger)
     rollout_logprobs: Literal["generation", "recompute"] = "generation"
+    # who decodes the rollouts: "own" (rlhf.decode: preallocated KV cache, a lean step for Llama-family models, the
+    # model's forward for others) or "generate" (transformers' generate); the same tokens for the same seed, up to
+    # float rounding (tests/test_decode.py)
+    decoder: Literal["own", "generate"] = "own"
     ema_beta: float = Field(0.992, ge=0, lt=1)  # EMA of the actor (0 = no EMA output)
     ptx_coef: float = Field(0.0, ge=0)  # InstructGPT's pretraining-loss mix, on the SFT demonstrations
     eval_prompts: int = Field(256, ge=0)  # held-out prompts scored by the reward model before and after PPO

@@ -223,13 +223,13 @@ class PPOTrainer:
         """Rollout in the hybrid engine's generation mode."""
         import torch
 
-        from rlhf.ppo_math import answer_mask, logprobs_from_logits
+        from rlhf.ppo_math import answer_mask
 
         cfg = self.config
-        keep = cfg.rollout_logprobs == "generation"
         out = self.engine.actor.generate(
             prompt_ids,
             prompt_mask,
+            decoder=cfg.decoder,
             do_sample=True,
             temperature=cfg.temperature,
             top_k=cfg.top_k,
@@ -237,13 +237,12 @@ class PPOTrainer:
             max_new_tokens=cfg.max_answer_tokens,
             pad_token_id=self.tok.pad_token_id,
             eos_token_id=self.tok.eos_token_id,
-            return_dict_in_generate=keep,
-            output_logits=keep,  # raw logits, before any processing: log pi_old is taken from them as _logprobs does
         )
-        seq = out.sequences if keep else out
+        seq = out.sequences
         answer = seq[:, prompt_ids.shape[1] :]
-        # (B, R) log pi_old of the sampled tokens, or None: generate_experience then runs the actor once more
-        logprobs = logprobs_from_logits(torch.stack(out.logits, dim=1), answer, cfg.temperature) if keep else None
+        # (B, R) log pi_old of the sampled tokens from the rollout's own logits, or None: generate_experience then
+        # runs the actor once more
+        logprobs = out.logprobs if cfg.rollout_logprobs == "generation" else None
         # Real answer tokens by position: everything up to and including the first eos (generate pads after it,
         # with a pad that may be the eos itself). The prompt's own mask stays as the collate built it.
         action_mask = answer_mask(answer, self.tok.eos_token_id)

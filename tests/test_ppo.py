@@ -83,11 +83,13 @@ def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: d
 
     hybrid.engine.train()
     torch.manual_seed(123)
-    got = hybrid.generate(batch["input_ids"], batch["attention_mask"], **kwargs)
-    torch.manual_seed(123)
     with torch.no_grad():
         want = plain.generate(**batch, **kwargs)
-    assert torch.equal(got, want)
+    for decoder in ("own", "generate"):  # our decode loop (the default) and transformers' generate (the fallback)
+        torch.manual_seed(123)
+        got = hybrid.generate(batch["input_ids"], batch["attention_mask"], decoder=decoder, **kwargs)
+        assert torch.equal(got.sequences, want), decoder
+        assert got.logprobs.shape == (want.shape[0], want.shape[1] - batch["input_ids"].shape[1]), decoder
     # State restored: training mode, no merged adapters, shards released, weights untouched.
     assert hybrid.module.training
     after = eng.full_state_dict(hybrid.module, engine["zero_stage"], is_main=True)
@@ -313,6 +315,7 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
     """With pad == eos, the action mask is by position: every answer token up to and including the first eos, the
     eos itself (the decision to stop) included; rows that never stop are real throughout; the reward model's score
     is the one at the eos (or at the last token of an answer that never stopped)."""
+    from rlhf.decode import Decoded
     from rlhf.models import classifier_parts
     from rlhf.ppo import PPOTrainer
     from rlhf.rl_engine import RLHFEngine
@@ -333,7 +336,8 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
                             [25, eos, eos, eos, eos]])
     want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.float32)
     seq = torch.cat([batch["input_ids"], answers], dim=1)
-    engine.actor.generate = lambda ids, mask, **kwargs: seq  # a rollout with known answers, through the real models
+    # a rollout with known answers, through the real models (log pi_old recomputed: the rollout's are not read)
+    engine.actor.generate = lambda ids, mask, **kwargs: Decoded(seq, torch.full(answers.shape, float("nan")))
     trainer = PPOTrainer(engine, params.ppo)
     exp, _ = trainer.generate_experience(batch)
 
