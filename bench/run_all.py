@@ -28,6 +28,8 @@ PY = "PYTHONPATH=. python"
 BENCHES = {  # name: (command as a user types it, smoke arguments that replace its defaults)
     "rl_iteration": (f"{PY} bench/rl_iteration.py --sizes tiny,50m --dtype fp32,bf16 --threads 1",
                      "--sizes tiny --trl grpo --ours ppo,grpo --prompts 2 --completions 2 --new-tokens 4 --iters 1 --rounds 1"),
+    "decode": (f"{PY} bench/decode.py --sizes tiny,50m,135m --dtypes fp32,bf16 --threads 1",
+               "--sizes tiny --dtypes fp32 --batches 2 --answers 4 --repeats 1"),
     "hybrid_generation": ("DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bench/hybrid_generation.py",
                           "--sizes tiny --batch 2 --new-tokens 4 --repeats 1"),
     "matmul_efficiency": (f"{PY} bench/matmul_efficiency.py --sizes 10m,100m",
@@ -109,6 +111,19 @@ def table_rl_iteration(rec: dict) -> list[str]:
                f"of {r['iters']} timed iterations x {r['rounds']} alternating rounds per side; {rec['date']}; "
                f"{rec['machine']}; {_load(rec)} (1-min average before / after, the machine is shared). Command: "
                f"`{rec['command']}`")
+    return out
+
+
+def table_decode(rec: dict) -> list[str]:
+    r = rec["result"]
+    out = _table(["model", "params", "dtype", "batch", "answer tokens", "generate tok/s", "own tok/s", "own vs generate",
+                  "matmul floor tok/s", "own of floor"], [
+        [row["size"], f"{row['params'] / 1e6:.1f}M", row["dtype"], str(row["batch"]), str(row["answers"]),
+         f"{row['generate_tok_s']:.0f}", f"{row['own_tok_s']:.0f}", f"{row['own_tok_s'] / row['generate_tok_s']:.2f}x",
+         f"{row['floor_tok_s']:.0f}", f"{row['own_tok_s'] / row['floor_tok_s']:.0%}"] for row in r["rows"]])
+    out += ["", f"Prompts of {r['prompt_tokens']} tokens; best of {r['repeats']} rollouts per cell, the sides "
+            f"alternating; fp32 matmul peak in the same run {r['peak_fp32_flops_per_s'] / 1e9:.0f} GFLOP/s; "
+            f"{r['threads']} thread; {rec['date']}; {rec['machine']}; {_load(rec)}. Command: `{rec['command']}`"]
     return out
 
 

@@ -98,8 +98,9 @@ def token_values(module: Any, sequences: Any, attention_mask: Any, prompt_len: i
     """(B, R) per-token values of a sequence classifier (the critic): its score head on the hidden states of
     positions P - 1 .. T - 2, the states in which each answer token is chosen."""
     body, score = _classifier(module)
-    hidden = answer_outputs(body, "last_hidden_state", sequences, attention_mask, prompt_len, shares_cache(module))
-    return score(hidden[:, :-1]).squeeze(-1).float()
+    hidden = answer_outputs(body, "last_hidden_state", sequences, attention_mask, prompt_len, shares_cache(module),
+                            last=False)
+    return score(hidden).squeeze(-1).float()
 
 
 class PPOTrainer:
@@ -213,7 +214,7 @@ class PPOTrainer:
         from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
 
         module = getattr(model, "module", model)
-        logits = answer_outputs(model, "logits", sequences, attention_mask, prompt_len, shares_cache(module))[:, :-1]
+        logits = answer_outputs(model, "logits", sequences, attention_mask, prompt_len, shares_cache(module), last=False)
         logprobs = logprobs_from_logits(logits, sequences[:, prompt_len:], self.config.temperature)
         if entropy:
             return logprobs, entropy_from_logits(logits, self.config.temperature)

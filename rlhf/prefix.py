@@ -64,9 +64,12 @@ def prefill_shared(model: Any, input_ids: Any, attention_mask: Any) -> Any | Non
     return _prefill(model, input_ids[:, :-1], attention_mask[:, :-1], groups, logits_to_keep=1)[1]
 
 
-def answer_outputs(call: Callable[..., Any], field: str, sequences: Any, attention_mask: Any, p: int, share: bool = True) -> Any:
+def answer_outputs(call: Callable[..., Any], field: str, sequences: Any, attention_mask: Any, p: int, share: bool = True,
+                   last: bool = True) -> Any:
     """`call(input_ids=..., attention_mask=..., position_ids=...)`'s output `field` (logits or last_hidden_state)
-    at positions p - 1 .. T - 1, the ones that predict or score the answer tokens: (B, R + 1, ...).
+    at positions p - 1 .. T - 1, the ones that predict or score the answer tokens: (B, R + 1, ...). With `last`
+    False, at p - 1 .. T - 2 only, (B, R, ...): the positions that predict an answer token; the last token is then
+    not fed at all (causal attention: nothing before it changes), which log-probabilities and values need.
 
     All-padding prompt columns are skipped, and logits are computed only where they are returned; with `share`
     and repeated prompts, each prompt runs once (see the module docstring). `share` must be False where the model
@@ -74,10 +77,12 @@ def answer_outputs(call: Callable[..., Any], field: str, sequences: Any, attenti
     """
     import torch
 
+    if not last:
+        sequences, attention_mask = sequences[:, :-1], attention_mask[:, :-1]
     start = first_real_column(attention_mask[:, :p])
     seq, mask, p = sequences[:, start:], attention_mask[:, start:], p - start
     keep = (lambda n: {"logits_to_keep": n}) if field == "logits" else (lambda n: {})
-    groups = prompt_groups(seq[:, :p], mask[:, :p]) if share else None
+    groups = prompt_groups(seq[:, :p], mask[:, :p]) if share and seq.shape[1] > p else None
     if groups is None:
         out = call(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), **keep(seq.shape[1] - p + 1))
         return getattr(out, field)[:, -(seq.shape[1] - p + 1) :]

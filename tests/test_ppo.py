@@ -235,6 +235,14 @@ def test_shared_prefix_forward_matches_full_forward(trained: Path) -> None:
     torch.testing.assert_close(logits.detach(), want, rtol=0, atol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # last=False: the positions that predict answer tokens only, without feeding the last token; also when the
+    # answers are one token long (nothing after the prompt is fed then)
+    with torch.no_grad():
+        for share in (False, True):
+            cut = answer_outputs(model, "logits", seq, full, p, share, last=False)
+            torch.testing.assert_close(cut, want[:, :-1], rtol=0, atol=1e-5)
+            one = answer_outputs(model, "logits", seq[:, : p + 1], full[:, : p + 1], p, share, last=False)
+            torch.testing.assert_close(one, want[:, :1], rtol=0, atol=1e-5)
 
 
 def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
