@@ -99,7 +99,8 @@ def init_distributed(cfg: EngineConfig) -> Dist:
     device = resolve_device(cfg)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
     if "RANK" not in os.environ:  # a single process started without a launcher
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        # RLHF_SINGLE_PROCESS: these variables were set here, not by a launcher (stages.common.launched reads it)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", RLHF_SINGLE_PROCESS="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed

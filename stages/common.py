@@ -124,8 +124,9 @@ NODE_RANK, MASTER_ADDR, MASTER_PORT = "RLHF_NODE_RANK", "RLHF_MASTER_ADDR", "RLH
 
 
 def launched() -> bool:
-    """True inside a process that the deepspeed launcher started."""
-    return "LOCAL_RANK" in os.environ
+    """True inside a process that the deepspeed launcher started (a single process sets LOCAL_RANK itself, see
+    rlhf.engine.init_distributed, and says so)."""
+    return "LOCAL_RANK" in os.environ and "RLHF_SINGLE_PROCESS" not in os.environ
 
 
 def relaunch_if_distributed(params: Params) -> bool:
@@ -138,6 +139,7 @@ def relaunch_if_distributed(params: Params) -> bool:
 
     device = guarded(resolve_device, engine)
     env = dict(os.environ, DS_ACCELERATOR="cpu" if device == "cpu" else "cuda")
+    env.pop("RLHF_SINGLE_PROCESS", None)  # the ranks are the launcher's
     node_rank = os.environ.get(NODE_RANK)
     port = os.environ.get(MASTER_PORT) or str(_free_port())
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", port]

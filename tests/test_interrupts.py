@@ -22,6 +22,9 @@ def _interrupt_after_checkpoint(work: Path, sig: int) -> subprocess.CompletedPro
     proc = subprocess.Popen(
         [sys.executable, "-m", "stages.cli", "sft", "--params", "params.yaml", "--checkpoints", "ckpt"],
         cwd=work, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as from a terminal: a test run started in the background (`&`, nohup) ignores SIGINT, and a child that
+        # starts with SIGINT ignored gets no KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     deadline = time.monotonic() + 300
