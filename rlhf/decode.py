@@ -91,9 +91,8 @@ class LlamaDecoder:
     def __init__(self, model: Any, inner: Any, batch: int, width: int):
         import torch
 
-        self.lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.inner = inner
-        cfg = self.lm.config
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = lm.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.scale = self.head_dim**-0.5
@@ -107,18 +106,17 @@ class LlamaDecoder:
                 _weight(mlp.gate_proj), _weight(mlp.up_proj), _weight(mlp.down_proj), mlp.act_fn,
             ))
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
-        self.head = _weight(self.lm.lm_head)
-        emb = inner.embed_tokens.weight
-        self.embed, self.dtype, self.device = emb, emb.dtype, emb.device
+        self.head = _weight(lm.lm_head)
+        self.embed = emb = inner.embed_tokens.weight
         # rotary cos/sin of every position of the rollout, computed as LlamaRotaryEmbedding.forward does
         rot = inner.rotary_emb
-        freqs = torch.arange(width, device=self.device).float()[:, None] * rot.inv_freq.float()[None, :]
+        freqs = torch.arange(width, device=emb.device).float()[:, None] * rot.inv_freq.float()[None, :]
         table = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (table.cos() * rot.attention_scaling).to(self.dtype)  # (width, head_dim)
-        self.sin = (table.sin() * rot.attention_scaling).to(self.dtype)
+        self.cos = (table.cos() * rot.attention_scaling).to(emb.dtype)  # (width, head_dim)
+        self.sin = (table.sin() * rot.attention_scaling).to(emb.dtype)
         shape = (batch, self.kv_heads, width, self.head_dim)
-        self.k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.k = [torch.empty(shape, dtype=emb.dtype, device=emb.device) for _ in self.layers]
+        self.v = [torch.empty(shape, dtype=emb.dtype, device=emb.device) for _ in self.layers]
 
     @staticmethod
     def _rms(x: Any, norm: tuple[Any, float]) -> Any:
@@ -218,8 +216,6 @@ def decode(
     row had stopped), as `generate` returns them; model in eval mode under no_grad (the hybrid engine's generation
     mode). Each distinct prompt is prefilled once. min_new_tokens: eos is not drawn before that many tokens
     (benchmarks use it for answers of a fixed length)."""
-    import torch
-
     from rlhf.prefix import position_ids, prompt_groups
 
     b, p = input_ids.shape
@@ -231,8 +227,6 @@ def decode(
                                     pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                                     min_new_tokens=min_new_tokens)
     dec = LlamaDecoder(model, inner, b, width)
-    mask = torch.zeros(b, width, dtype=torch.bool, device=input_ids.device)
-    mask[:, :p] = attention_mask.bool()
     groups = prompt_groups(input_ids, attention_mask)
     first, inverse = groups if groups is not None else (None, None)
     ids, pmask = (input_ids, attention_mask) if first is None else (input_ids[first], attention_mask[first])
@@ -243,23 +237,27 @@ def decode(
     next_pos = attention_mask.long().sum(-1)  # (B,) position of the first answer token
     padded = not bool(attention_mask.all())
 
-    def step(tokens: Any, col: int) -> Any:
+    def step(tokens: Any, col: int, mask: Any) -> Any:
         seen = mask[:, None, None, : col + 1] if padded else None
         return dec.forward(tokens[:, None], col, (next_pos + col - p)[:, None], seen)
 
-    return _loop(step, logits, input_ids, mask, do_sample, temperature, top_k, top_p, max_new_tokens, pad_token_id,
+    return _loop(step, logits, input_ids, attention_mask, do_sample, temperature, top_k, top_p, max_new_tokens, pad_token_id,
                  eos_token_id, min_new_tokens)
 
 
-def _loop(step: Any, logits: Any, input_ids: Any, mask: Any, do_sample: bool, temperature: float, top_k: int,
-          top_p: float, max_new_tokens: int, pad_token_id: int, eos_token_id: int, min_new_tokens: int) -> Decoded:
-    """Sample from `logits`, feed the tokens to `step(tokens (B,), column) -> next logits`, until every row drew
-    its eos or max_new_tokens. mask: bool (B, P + max_new_tokens), its answer columns set as they fill."""
+def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample: bool, temperature: float,
+          top_k: int, top_p: float, max_new_tokens: int, pad_token_id: int, eos_token_id: int,
+          min_new_tokens: int) -> Decoded:
+    """Sample from `logits`, feed the tokens to `step(tokens (B,), column, mask) -> next logits`, until every row
+    drew its eos or max_new_tokens. mask: bool (B, P + max_new_tokens), the prompts' attention mask then the answer
+    columns, set as they fill."""
     import torch
 
     from rlhf.ppo_math import logprobs_from_logits
 
     b, p = input_ids.shape
+    mask = torch.zeros(b, p + max_new_tokens, dtype=torch.bool, device=input_ids.device)
+    mask[:, :p] = attention_mask.bool()
     out = torch.full((b, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
     logprobs = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=input_ids.device)
     running = torch.ones(b, dtype=torch.bool, device=input_ids.device)
@@ -276,7 +274,7 @@ def _loop(step: Any, logits: Any, input_ids: Any, mask: Any, do_sample: bool, te
         n += 1
         if n == max_new_tokens or not bool(running.any()):
             break
-        logits = step(tokens, p + n - 1)
+        logits = step(tokens, p + n - 1, mask)
     return Decoded(torch.cat([input_ids, out[:, :n]], dim=1), logprobs[:, :n])
 
 
@@ -284,13 +282,9 @@ def _decode_with_forward(model: Any, input_ids: Any, attention_mask: Any, *, do_
                          top_k: int, top_p: float, max_new_tokens: int, pad_token_id: int, eos_token_id: int,
                          min_new_tokens: int = 0) -> Decoded:
     """The same loop for any causal LM: its own forward and a DynamicCache (shared prompts prefilled once)."""
-    import torch
-
     from rlhf.prefix import position_ids, prefill_shared
 
-    b, p = input_ids.shape
-    mask = torch.zeros(b, p + max_new_tokens, dtype=torch.bool, device=input_ids.device)
-    mask[:, :p] = attention_mask.bool()
+    p = input_ids.shape[1]
     cache = prefill_shared(model, input_ids, attention_mask)
     if cache is None:
         from transformers import DynamicCache
@@ -303,10 +297,10 @@ def _decode_with_forward(model: Any, input_ids: Any, attention_mask: Any, *, do_
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     next_pos = am.sum(-1)
 
-    def step(tokens: Any, col: Any) -> Any:
+    def step(tokens: Any, col: int, mask: Any) -> Any:
         o = model(input_ids=tokens[:, None], attention_mask=mask[:, : col + 1].long(),
                   position_ids=(next_pos + col - p)[:, None], past_key_values=cache, use_cache=True)
         return o.logits[:, -1].float()
 
-    return _loop(step, out.logits[:, -1].float(), input_ids, mask, do_sample, temperature, top_k, top_p,
+    return _loop(step, out.logits[:, -1].float(), input_ids, attention_mask, do_sample, temperature, top_k, top_p,
                  max_new_tokens, pad_token_id, eos_token_id, min_new_tokens)
