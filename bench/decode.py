@@ -27,6 +27,7 @@ SIZES = {  # Llama shapes: (vocab, hidden, layers, heads, kv heads, intermediate
     "tiny": (512, 256, 6, 4, 4, 768),  # params.yaml's actor, ~5M parameters
     "50m": (8192, 576, 10, 9, 9, 1536),  # ~48M parameters
     "135m": (49152, 576, 30, 9, 3, 1536),  # SmolLM2-135M's shape (GQA, tied embeddings)
+    "1.3b": (50272, 2048, 24, 32, 32, 5504),  # OPT-1.3B's width, depth, vocabulary and tied embeddings (~1.3B)
 }
 
 
@@ -37,7 +38,7 @@ def build(size: str):
     vocab, hidden, layers, heads, kv, inter = SIZES[size]
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=1024,
-                      tie_word_embeddings=size == "135m", bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                      tie_word_embeddings=size in ("135m", "1.3b"), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
 

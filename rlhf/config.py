@@ -330,12 +330,20 @@ class PPOConfig(_Group):
     top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling of rollouts; 1.0 = off
     max_answer_tokens: int = Field(32, gt=0)  # longest generated answer; prompts are capped by data.max_prompt_tokens
     # log pi_old: from the rollout's own logits ("generation"), or from one more actor forward ("recompute"; the
-    # two differ by float rounding only, which bf16/fp16 make larger)
-    rollout_logprobs: Literal["generation", "recompute"] = "generation"
+    # two differ by float rounding only, which bf16/fp16 make larger); "auto": generation for an fp32 actor,
+    # recompute for bf16/fp16 (then pi_old is the very forward the update differentiates: a ratio of exactly 1
+    # before the first step)
+    rollout_logprobs: Literal["auto", "generation", "recompute"] = "auto"
+
+    def recomputes_logprobs(self, actor_dtype: str) -> bool:
+        """Whether log pi_old comes from one more actor forward, for an actor engine of this dtype."""
+        return self.rollout_logprobs == "recompute" or (self.rollout_logprobs == "auto" and actor_dtype != "fp32")
     # who decodes the rollouts: "own" (rlhf.decode: preallocated KV cache, a lean step for Llama-family models, the
     # model's forward for others) or "generate" (transformers' generate); the same tokens for the same seed, up to
     # float rounding (tests/test_decode.py)
     decoder: Literal["own", "generate"] = "own"
+    # on CUDA, our loop replays its one-token step as a CUDA graph (rlhf/decode.py); no effect on CPU
+    cuda_graphs: bool = True
     ema_beta: float = Field(0.992, ge=0, lt=1)  # EMA of the actor (0 = no EMA output)
     ptx_coef: float = Field(0.0, ge=0)  # InstructGPT's pretraining-loss mix, on the SFT demonstrations
     eval_prompts: int = Field(256, ge=0)  # held-out prompts scored by the reward model before and after PPO

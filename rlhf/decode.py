@@ -14,6 +14,12 @@ builds masks, rotary tables and cache objects every token. This loop does one th
   drawn token under log_softmax(logits / temperature), PPO's log pi_old, comes out of the same step;
 - **stop** a row at its eos (later positions get pad, as `generate` does) and the batch when every row stopped.
 
+On CUDA (ppo.cuda_graphs) the one-token step is captured once per rollout as a **CUDA graph** and replayed every
+token: its shapes are made static by attending over the cache's whole width with a mask (unfilled columns masked,
+the cache zero-initialised) and by writing the new key/value at a column held in a device tensor, so one replay
+launches the step's hundreds of kernels at once; the loop then asks the GPU whether every row stopped once every
+`_SYNC_EVERY` tokens instead of every token, and trims the extra columns (they hold pad) afterwards.
+
 Any other architecture runs the same loop through the model's own forward and a DynamicCache (`decode` chooses).
 Greedy output equals `generate`'s; sampled output too where the float arithmetic allows (tests/test_decode.py).
 """
@@ -115,8 +121,9 @@ class LlamaDecoder:
         self.cos = (table.cos() * rot.attention_scaling).to(emb.dtype)  # (width, head_dim)
         self.sin = (table.sin() * rot.attention_scaling).to(emb.dtype)
         shape = (batch, self.kv_heads, width, self.head_dim)
-        self.k = [torch.empty(shape, dtype=emb.dtype, device=emb.device) for _ in self.layers]
-        self.v = [torch.empty(shape, dtype=emb.dtype, device=emb.device) for _ in self.layers]
+        # zeros, not empty: the static step attends over unfilled columns too (masked; 0 x NaN would be NaN)
+        self.k = [torch.zeros(shape, dtype=emb.dtype, device=emb.device) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=emb.dtype, device=emb.device) for _ in self.layers]
 
     @staticmethod
     def _rms(x: Any, norm: tuple[Any, float]) -> Any:
@@ -150,14 +157,17 @@ class LlamaDecoder:
             v = v[:, :, None].expand(b, self.kv_heads, groups, *v.shape[2:]).reshape(b, self.heads, *v.shape[2:])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, is_causal=mask is None and t > 1)
 
-    def forward(self, ids: Any, start: int, positions: Any, mask: Any | None) -> Any:
+    def forward(self, ids: Any, start: Any, positions: Any, mask: Any | None) -> Any:
         """Run (b, T) tokens into cache rows 0 .. b - 1 at columns start .. start + T - 1; return the (b, V) float32
         logits of the last one. positions: (b, T) rotary positions; mask: None (no padding) or bool
-        (b, 1, T, start + T), what each query sees."""
+        (b, 1, T, start + T), what each query sees.
+        The static form (one token, shapes independent of the column, as a CUDA graph needs): start a (1,) long
+        tensor, mask bool (b, 1, 1, width) over the whole cache."""
         import torch.nn.functional as F
 
         b, t = ids.shape
-        end = start + t
+        static = not isinstance(start, int)
+        end = None if static else start + t
         h = F.embedding(ids, self.embed)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (b, 1, T, D)
         for i, (n1, q, k, v, o, n2, gate, up, down, act) in enumerate(self.layers):
@@ -167,7 +177,11 @@ class LlamaDecoder:
             vs = F.linear(x, *v).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             qs, ks = self._rotate(qs, cos, sin), self._rotate(ks, cos, sin)
             kc, vc = self.k[i][:b], self.v[i][:b]
-            kc[:, :, start:end], vc[:, :, start:end] = ks, vs
+            if static:
+                kc.index_copy_(2, start, ks)
+                vc.index_copy_(2, start, vs)
+            else:
+                kc[:, :, start:end], vc[:, :, start:end] = ks, vs
             att = self._attend(qs, kc[:, :, :end], vc[:, :, :end], mask)
             h = h + F.linear(att.transpose(1, 2).reshape(b, t, -1), *o)
             x = self._rms(h, n2)
@@ -181,7 +195,50 @@ class LlamaDecoder:
             cache[:, :, :width] = cache[src, :, :width]
 
 
+class StaticStep:
+    """The one-token step with static shapes: (B,) tokens at cache column `col` -> (B, V) float32 logits, every
+    input copied into buffers the step reads. capture=True (CUDA) records it once as a CUDA graph and replays it;
+    capture=False runs it eagerly (how CPU tests check the static arithmetic against the plain step)."""
+
+    def __init__(self, dec: LlamaDecoder, batch: int, width: int, capture: bool):
+        import torch
+
+        device = dec.embed.device
+        self.dec, self.graph = dec, None
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.col = torch.full((1,), width - 1, dtype=torch.long, device=device)  # never attended before it is written
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, 1, 1, width, dtype=torch.bool, device=device)
+        self.mask[..., 0] = True
+        if not capture:
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture stream, as torch.cuda.graphs advises
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
+
+    def _run(self) -> Any:
+        return self.dec.forward(self.tokens, self.col, self.positions, self.mask)
+
+    def __call__(self, tokens: Any, col: int, positions: Any, mask: Any) -> Any:
+        self.tokens.copy_(tokens[:, None])
+        self.col.fill_(col)
+        self.positions.copy_(positions)
+        self.mask.copy_(mask[:, None, None, :])
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
+
+
 # ------------------------------------------------------------------------------------------ the loop
+
+_SYNC_EVERY = 8  # tokens between "has every row stopped?" checks when the step runs as a CUDA graph
 
 
 def _prefill_mask(mask: Any) -> Any | None:
@@ -211,11 +268,14 @@ def decode(
     pad_token_id: int,
     eos_token_id: int,
     min_new_tokens: int = 0,
+    cuda_graphs: bool = False,
+    static_step: bool = False,
 ) -> Decoded:
     """(B, P) left-padded prompts -> Decoded with sequences (B, P + R), R <= max_new_tokens (the step at which every
     row had stopped), as `generate` returns them; model in eval mode under no_grad (the hybrid engine's generation
     mode). Each distinct prompt is prefilled once. min_new_tokens: eos is not drawn before that many tokens
-    (benchmarks use it for answers of a fixed length)."""
+    (benchmarks use it for answers of a fixed length). cuda_graphs: on CUDA, replay the Llama-family step as a
+    CUDA graph (ignored elsewhere). static_step: the graph's static step run eagerly (tests, on CPU)."""
     from rlhf.prefix import position_ids, prompt_groups
 
     b, p = input_ids.shape
@@ -236,21 +296,29 @@ def decode(
         logits = logits[inverse]
     next_pos = attention_mask.long().sum(-1)  # (B,) position of the first answer token
     padded = not bool(attention_mask.all())
+    capture = cuda_graphs and input_ids.is_cuda
+    if capture or static_step:
+        graphed = StaticStep(dec, b, width, capture)
 
-    def step(tokens: Any, col: int, mask: Any) -> Any:
-        seen = mask[:, None, None, : col + 1] if padded else None
-        return dec.forward(tokens[:, None], col, (next_pos + col - p)[:, None], seen)
+        def step(tokens: Any, col: int, mask: Any) -> Any:
+            return graphed(tokens, col, (next_pos + col - p)[:, None], mask)
+    else:
+        def step(tokens: Any, col: int, mask: Any) -> Any:
+            seen = mask[:, None, None, : col + 1] if padded else None
+            return dec.forward(tokens[:, None], col, (next_pos + col - p)[:, None], seen)
 
-    return _loop(step, logits, input_ids, attention_mask, do_sample, temperature, top_k, top_p, max_new_tokens, pad_token_id,
-                 eos_token_id, min_new_tokens)
+    return _loop(step, logits, input_ids, attention_mask, do_sample, temperature, top_k, top_p, max_new_tokens,
+                 pad_token_id, eos_token_id, min_new_tokens,
+                 sync_every=_SYNC_EVERY if capture or static_step else 1)
 
 
 def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample: bool, temperature: float,
           top_k: int, top_p: float, max_new_tokens: int, pad_token_id: int, eos_token_id: int,
-          min_new_tokens: int) -> Decoded:
+          min_new_tokens: int, sync_every: int = 1) -> Decoded:
     """Sample from `logits`, feed the tokens to `step(tokens (B,), column, mask) -> next logits`, until every row
     drew its eos or max_new_tokens. mask: bool (B, P + max_new_tokens), the prompts' attention mask then the answer
-    columns, set as they fill."""
+    columns, set as they fill. sync_every: tokens between the host's checks that some row still runs (each check
+    waits for the device); the tokens drawn after the batch stopped are all pad and are cut off."""
     import torch
 
     from rlhf.ppo_math import logprobs_from_logits
@@ -262,6 +330,7 @@ def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample
     logprobs = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=input_ids.device)
     running = torch.ones(b, dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor([eos_token_id], device=input_ids.device)
+    alive = torch.zeros(max_new_tokens, dtype=torch.bool, device=input_ids.device)  # some row runs after token n
     n = 0
     while True:
         # eos not yet allowed: its logit -inf for the draw only (transformers' MinNewTokensLengthLogitsProcessor)
@@ -272,9 +341,18 @@ def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample
         mask[:, p + n] = True  # generate attends to every fed token, pad after eos included
         running &= tokens != eos_token_id
         n += 1
-        if n == max_new_tokens or not bool(running.any()):
+        if n == max_new_tokens:
             break
+        if sync_every == 1:
+            if not bool(running.any()):
+                break
+        else:
+            alive[n - 1] = running.any()
+            if n % sync_every == 0 and not bool(alive[n - 1]):
+                break
         logits = step(tokens, p + n - 1, mask)
+    if sync_every > 1 and not bool(alive[:n].all()):  # the batch stopped after token `stop` - 1
+        n = int((~alive[:n]).nonzero()[0]) + 1
     return Decoded(torch.cat([input_ids, out[:, :n]], dim=1), logprobs[:, :n])
 
 

@@ -123,6 +123,7 @@ def _decode(model: Any, ids: Any, mask: Any, decoder: str, **kwargs: Any) -> Dec
 
     if decoder == "own":
         return decode(model, ids, mask, **kwargs)
+    kwargs.pop("cuda_graphs", None)
     out = generate_tokens(model, ids, mask, use_cache=True, past_key_values=prefill_shared(model, ids, mask),
                           return_dict_in_generate=True, output_logits=True, **kwargs)
     # raw logits, before any processing, as the own loop scores them

@@ -231,6 +231,7 @@ class PPOTrainer:
             prompt_ids,
             prompt_mask,
             decoder=cfg.decoder,
+            cuda_graphs=cfg.cuda_graphs,
             do_sample=True,
             temperature=cfg.temperature,
             top_k=cfg.top_k,
@@ -243,7 +244,7 @@ class PPOTrainer:
         answer = seq[:, prompt_ids.shape[1] :]
         # (B, R) log pi_old of the sampled tokens from the rollout's own logits, or None: generate_experience then
         # runs the actor once more
-        logprobs = out.logprobs if cfg.rollout_logprobs == "generation" else None
+        logprobs = None if cfg.recomputes_logprobs(self.engine.engines["actor"].dtype) else out.logprobs
         # Real answer tokens by position: everything up to and including the first eos (generate pads after it,
         # with a pad that may be the eos itself). The prompt's own mask stays as the collate built it.
         action_mask = answer_mask(answer, self.tok.eos_token_id)

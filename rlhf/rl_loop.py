@@ -88,7 +88,7 @@ def phase_flops(engine: RLHFEngine, exp: Experience, ppo: Any) -> dict[str, floa
     fwd = {name: forward_flops(m, lengths) if m is not None else 0.0 for name, m in (
         ("actor", actor), ("ref", getattr(engine.ref, "module", engine.ref)),
         ("reward", getattr(engine.reward, "module", None)), ("critic", getattr(engine.critic, "module", None)))}
-    recompute = fwd["actor"] if ppo.rollout_logprobs != "generation" else 0.0
+    recompute = fwd["actor"] if ppo.recomputes_logprobs(engine.engines["actor"].dtype) else 0.0
     return {
         "generate": fwd["actor"],
         "score": fwd["ref"] + fwd["reward"] + fwd["critic"] + recompute,

@@ -79,13 +79,38 @@ def test_decode_draws_what_generate_draws(model: str, padded: bool, repeat: int,
     assert got.logprobs.shape == answer.shape and bool((got.logprobs <= 0).all())
 
 
-def test_rows_stop_at_their_eos_and_the_batch_when_all_did() -> None:
+@pytest.mark.parametrize("model", ["llama", "llama-gqa"])
+@pytest.mark.parametrize("padded, repeat", [(False, 1), (True, 1), (True, 3)], ids=["full", "left-padded", "groups"])
+@pytest.mark.parametrize("knobs", [GREEDY, SAMPLED], ids=["greedy", "top-k-top-p"])
+def test_static_step_of_the_cuda_graph_draws_what_generate_draws(model: str, padded: bool, repeat: int,
+                                                                 knobs: dict) -> None:
+    """The step a CUDA graph replays (whole-width masked attention over a zeroed cache, the column in a tensor,
+    the stop checked every few tokens), run eagerly on CPU: the tokens and log-probs of generate."""
+    lm = _llama(kv_heads=2 if model == "llama-gqa" else 4)
+    ids, mask = _prompts(padded, repeat)
+    want, _ = _both(lm, ids, mask, max_new_tokens=20, pad_token_id=EOS, eos_token_id=EOS, **knobs)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        got = decode(lm, ids, mask, max_new_tokens=20, pad_token_id=EOS, eos_token_id=EOS, static_step=True, **knobs)
+    assert torch.equal(got.sequences, want.sequences)
+    expect = logprobs_from_logits(torch.stack(want.logits, 1), want.sequences[:, ids.shape[1]:], knobs["temperature"])
+    torch.testing.assert_close(got.logprobs, expect, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("static_step", [False, True], ids=["plain-step", "static-step"])
+def test_rows_stop_at_their_eos_and_the_batch_when_all_did(static_step: bool) -> None:
     """An eos that comes often: each row is pad after its first eos, and decoding stops at the step where the
     last row drew one (the sequences are as wide as generate's, not max_new_tokens)."""
     lm = _llama()
     _eos_bias(lm, 2.5)  # eos likely, not certain
     ids, mask = _prompts(True, 2)
     want, got = _both(lm, ids, mask, max_new_tokens=40, pad_token_id=0, eos_token_id=EOS, **SAMPLED)
+    if static_step:  # the stop is checked every 8 tokens there: the columns drawn after it are cut off
+        with torch.no_grad():
+            torch.manual_seed(3)
+            got = decode(lm, ids, mask, max_new_tokens=40, pad_token_id=0, eos_token_id=EOS, static_step=True,
+                         **SAMPLED)
+        assert got.sequences.shape[1] % 8 != ids.shape[1] % 8  # it did stop between two checks
     assert torch.equal(got.sequences, want.sequences)
     answer = got.sequences[:, ids.shape[1]:]
     assert answer.shape[1] < 40

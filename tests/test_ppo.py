@@ -404,3 +404,51 @@ def test_generate_tokens_takes_no_knob_from_the_models_generation_config(trained
     assert torch.equal(got, want)
     assert not torch.equal(leaked, want)  # the sneaky config does change a plain call's tokens
     assert model.generation_config is sneaky and model.generation_config.top_k == 2
+
+
+def test_bf16_step3_fp32_master_weights_recomputed_log_pi_old_and_loadable_outputs(trained: Path, dist) -> None:
+    """engine.dtype bf16 for every model of step 3: bf16 weights, DeepSpeed's fp32 master copy stepped by the
+    optimizer, log pi_old recomputed by the actor forward (rollout_logprobs auto), so the first update starts
+    from a ratio of 1; the stage's outputs load with the Auto classes."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf.engine import full_state_dict
+    from rlhf.ppo import PPOTrainer
+    from rlhf.rl_engine import RLHFEngine
+
+    params = _params(trained, "ppo_bf16.yaml", {"engine": {"dtype": "bf16"}})
+    assert params.ppo.rollout_logprobs == "auto" and params.ppo.recomputes_logprobs("bf16")
+    engine = RLHFEngine(params, dist, trained / "models/sft", trained / "models/reward")
+    for name in ("actor", "critic", "ref", "reward"):
+        assert {p.dtype for p in getattr(engine, name).module.parameters()} == {torch.bfloat16}, name
+    optimizer = engine.actor.engine.optimizer  # ZeRO-0 in bf16: DeepSpeed's wrapper with an fp32 copy per parameter
+    assert isinstance(optimizer, FP16_UnfusedOptimizer)
+    master = [t.detach().clone() for group in optimizer.fp32_groups for t in group]
+    assert master and {t.dtype for t in master} == {torch.float32}
+    trainer = PPOTrainer(engine, params.ppo)
+    batch = _prompts(engine.tok, [f"Sort ascending: {i} {i + 7} 3" for i in range(8)])
+    exp, _ = trainer.generate_experience(batch)
+    p = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        again = trainer._logprobs(engine.actor.engine, exp.sequences, exp.attention_mask, p) * exp.action_mask
+    assert torch.equal(exp.logprobs, again) and exp.logprobs.dtype == torch.float32
+    before = full_state_dict(engine.actor.module, 0, is_main=True)
+    _, _, stats = trainer.train_rlhf(exp)
+    assert abs(stats["ratio"] - 1) < 1e-6 and stats["clip_fraction"] == 0  # pi_old is the update's own forward
+    after = full_state_dict(engine.actor.module, 0, is_main=True)
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
+    stepped = [t for group in optimizer.fp32_groups for t in group]
+    assert sum(not torch.equal(a, b) for a, b in zip(master, stepped)) > len(master) // 2
+
+    # the stage in bf16: its actor and critic load back with the Auto classes, trained away from their inits
+    run_cli("ppo", "--params", "ppo_bf16.yaml", "--out", "models/ppo_bf16", "--metrics", "metrics/ppo_bf16.json",
+            "--live", "dvclive/ppo_bf16", "--checkpoints", "checkpoints/ppo_bf16", cwd=trained)
+    sft = AutoModelForCausalLM.from_pretrained(trained / "models/sft").state_dict()
+    actor = AutoModelForCausalLM.from_pretrained(trained / "models/ppo_bf16/actor").state_dict()
+    critic = AutoModelForSequenceClassification.from_pretrained(trained / "models/ppo_bf16/critic").state_dict()
+    reward = AutoModelForSequenceClassification.from_pretrained(trained / "models/reward").state_dict()
+    assert sum(not torch.equal(actor[k], sft[k]) for k in sft) > len(sft) // 2
+    assert sum(not torch.equal(critic[k], reward[k]) for k in reward) > len(reward) // 2
+    assert json.loads((trained / "metrics/ppo_bf16.json").read_text())["final_kl"] == json.loads(
+        (trained / "metrics/ppo_bf16.json").read_text())["final_kl"]  # a number, not NaN
