@@ -136,8 +136,9 @@ def decode_speed(device: str, sizes: list[str], batches: list[int], prompt: int,
             row["eager_vs_generate"] = row["generate_s"] / row["own_eager_s"]
             print("[gpu] decode " + json.dumps(row), flush=True)
             rows.append(row)
-        del model
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        model = None  # free it before the next size
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -146,7 +147,6 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
     """Our PPO iteration as bench/rl_iteration.py's run_ours drives it, on CUDA in bf16."""
     import torch
 
-    from rlhf.batching import collate_prompts  # noqa: F401 - the prompts below are what it makes (no padding)
     from rlhf.config import load_params
     from rlhf.engine import init_distributed, seed_everything
     from rlhf.models import build_causal_lm, build_reward_model, save_pretrained
@@ -218,7 +218,8 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
                 print("[gpu] step3 " + json.dumps(row), flush=True)
                 rows.append(row)
                 del trainer, engine
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     return rows
 
 
