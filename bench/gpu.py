@@ -15,7 +15,8 @@ Sections, each written to --out as soon as it is done (a later failure keeps wha
 - `step3`: our PPO step 3 as run_ppo iterates it (generate_experience, train_rlhf per micro batch, EMA), the
   actor and critic DeepSpeed engines in bf16 on CUDA (nccl, one rank), the rollout decoded as `--decoders` says;
   samples/s and tokens/s (prompt + answer, as DeepSpeed-Chat counts a sample's 512 tokens), and the share of the
-  bf16 peak the iteration's matmul FLOPs (10 x params per token per model, attention left out) reach.
+  matmul peak of the engines' dtype (bf16 on CUDA, fp32 on CPU) the iteration's FLOPs reach (10 x params per token
+  per model, attention left out).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def decode_speed(device: str, sizes: list[str], batches: list[int], prompt: int,
 
 
 def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, batch: int, micro: int, iters: int,
-          decoders: list[str], zero_stages: list[int], bf16_tflops: float) -> list[dict]:
+          decoders: list[str], zero_stages: list[int], peaks: dict) -> list[dict]:
     """Our PPO iteration as bench/rl_iteration.py's run_ours drives it, on CUDA in bf16."""
     import torch
 
@@ -157,6 +158,8 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
     actor_size, (c_hidden, c_layers, c_heads, c_inter) = STEP3[size]
     _, hidden, layers, heads, _, inter = SIZES[actor_size]
     tok = load_tokenizer(tokenizer)
+    dtype = "bf16" if device.startswith("cuda") else "fp32"  # CPU: the default pipeline's dtype
+    peak_tflops = peaks.get(f"{dtype}_tflops", 0.0)
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu-step3-") as tmp:
         work = Path(tmp)
@@ -164,7 +167,7 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
         for zero in zero_stages:
             for decoder in decoders:
                 over = {
-                    "engine.device": device, "engine.dtype": "bf16" if device.startswith("cuda") else "fp32",
+                    "engine.device": device, "engine.dtype": dtype,
                     "engine.zero_stage": zero,
                     "model.hidden_size": hidden, "model.num_layers": layers, "model.num_heads": heads,
                     "model.intermediate_size": inter, "model.max_position_embeddings": prompt + answer + 8,
@@ -213,7 +216,7 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
                        "micro": micro, "s_per_iter": s, "times": times, "generate_s": sorted(gen)[len(gen) // 2],
                        "samples_s": batch / s, "tokens_s": batch * (prompt + answer) / s,
                        "answer_tokens_s": batch * answer / s,
-                       "peak_fraction": flops / s / (bf16_tflops * 1e12) if bf16_tflops else None,
+                       "dtype": dtype, "peak_fraction": flops / s / (peak_tflops * 1e12) if peak_tflops else None,
                        "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0}
                 print("[gpu] step3 " + json.dumps(row), flush=True)
                 rows.append(row)
@@ -272,8 +275,7 @@ def main() -> None:
     if "step3" in sections:
         result["step3"] = step3(device, args.step3_size, args.tokenizer, args.prompt, args.answer, args.step3_batch,
                                 args.step3_micro, args.step3_iters, args.decoders.split(","),
-                                [int(z) for z in args.zero.split(",")],
-                                result.get("peak", {}).get("bf16_tflops", 0.0))
+                                [int(z) for z in args.zero.split(",")], result.get("peak", {}))
         save()
     print(json.dumps(result))
 

@@ -35,3 +35,21 @@ def test_run_all_smoke(tmp_path: Path) -> None:
     text = readme.read_text()
     for record in records.values():
         assert record["command"] in text  # each table says how to reproduce it
+
+
+def test_gpu_bench_runs_on_cpu(tmp_path: Path, prepared: Path) -> None:
+    """bench/gpu.py --smoke on this machine (no GPU): every section runs on CPU, our loop's tokens equal generate's
+    (eager and static step), and one step-3 iteration is timed, so the script is ready when a GPU is lent."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--smoke", "--tokenizer", str(prepared / "data/prepared/tokenizer"),
+         "--out", str(out)],
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["peak"]["bf16_tflops"] > 0 and r["peak"]["copy_gb_s"] > 0
+    assert set(r["exact"].values()) == {1.0} and len(r["exact"]) == 8
+    assert r["decode"][0]["own_graph_tok_s"] > 0 and r["decode"][0]["generate_tok_s"] > 0
+    step = r["step3"][0]
+    assert step["s_per_iter"] > 0 and step["actor_params"] > 0 and 0 < step["peak_fraction"] < 1
