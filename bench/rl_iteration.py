@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # actor (hidden, layers, heads, intermediate); the reward model stays params.yaml's
     "tiny": None,  # params.yaml's model group (~5M parameters with its 512-token vocabulary)
     "50m": (576, 12, 9, 1536),  # ~48M parameters
+    "135m": (576, 30, 9, 1536),  # SmolLM2-135M's depth and width (~120M parameters with the 512-token vocabulary)
 }
 
 
@@ -61,6 +62,9 @@ def _params(work: Path, size: str, args: argparse.Namespace, algorithm: str = "p
     }
     if algorithm != "ppo":  # as TRL's: no EMA; GRPO's KL a k3 loss term
         over.update({"ppo.ema_beta": 0.0, "ppo.kl_penalty": "loss" if algorithm == "grpo" else "reward"})
+    if args.new_tokens + 64 > 128:  # room for the prompt (data.max_prompt_tokens 48) and a long answer
+        over.update({"model.max_position_embeddings": args.new_tokens + 64,
+                     "reward_model.max_position_embeddings": args.new_tokens + 64})
     if SIZES[size]:
         hidden, layers, heads, inter = SIZES[size]
         over.update({"model.hidden_size": hidden, "model.num_layers": layers, "model.num_heads": heads,
@@ -68,8 +72,9 @@ def _params(work: Path, size: str, args: argparse.Namespace, algorithm: str = "p
     return load_params(ROOT / "params.yaml", over)
 
 
-def setup(work: Path, size: str, args: argparse.Namespace) -> None:
-    """Prepare data and tokenizer, and save the random-init actor and reward model as HF folders."""
+def setup(work: Path, size: str, args: argparse.Namespace) -> dict:
+    """Prepare data and tokenizer, save the random-init actor and reward model as HF folders; return the matmul
+    peak of the run's dtype with the run's threads (measured in the same run as the iterations it is compared with)."""
     from rlhf.models import build_causal_lm, build_reward_model, save_pretrained
     from rlhf.prepare import run_prepare
     from rlhf.tokenizer import load_tokenizer
@@ -80,6 +85,9 @@ def setup(work: Path, size: str, args: argparse.Namespace) -> None:
     tok = load_tokenizer(work / "data/tokenizer")
     save_pretrained(build_causal_lm(params.model, tok, params.seed), tok, work / size / "sft")
     save_pretrained(build_reward_model(params.reward_model, tok, params.seed), tok, work / size / "reward")
+    from bench.matmul_efficiency import matmul_peak
+
+    return {"peak_flops_per_s": matmul_peak(args.dtype, 1024, 1.0)}  # this dtype, these threads
 
 
 def _prompts(work: Path, n: int) -> list[list[dict[str, str]]]:
@@ -96,6 +104,7 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
     from rlhf.batching import collate_prompts
     from rlhf.ppo import PPOTrainer
     from rlhf.rl_engine import RLHFEngine
+    from rlhf.rl_loop import phase_flops
     from rlhf.tokenizer import encode_prompt
 
     params = _params(work, size, args, algorithm)
@@ -107,7 +116,7 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
     engine.actor.generate = lambda *a, **kw: generate(*a, min_new_tokens=args.new_tokens, **kw)  # fixed length
     prompts = [encode_prompt(engine.tok, p) for p in _prompts(work, args.prompts * (args.iters + 1))]
     collate = collate_prompts(max(len(p) for p in prompts), engine.tok.pad_token_id)
-    times, phases, tokens = [], {"generate_s": 0.0, "score_s": 0.0, "train_s": 0.0}, 0
+    times, phases, tokens, flops = [], {"generate_s": 0.0, "score_s": 0.0, "train_s": 0.0}, 0, 0.0
     for it in range(args.iters + 1):
         batch = collate(prompts[it * args.prompts : (it + 1) * args.prompts])  # answers_per_prompt repeats them
         t0 = time.perf_counter()
@@ -125,9 +134,10 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
             phases["score_s"] += info["score_s"] + info["advantages_s"]
             phases["train_s"] += t2 - t1
             tokens += info["tokens"]
+            flops += sum(phase_flops(engine, exp, params.ppo).values())
     n_params = sum(p.numel() for p in engine.actor.module.parameters())
     return {"times": times, "params": n_params,
-            "answer_tokens": tokens / len(times) / (args.prompts * args.completions),
+            "answer_tokens": tokens / len(times) / (args.prompts * args.completions), "flops": flops / len(times),
             **{k: v / len(times) for k, v in phases.items()}, "threads": torch.get_num_threads()}
 
 
@@ -226,7 +236,9 @@ def main() -> None:
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode or not lines:
                     sys.exit(f"{side} ({size}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-                if side != "setup":
+                if side == "setup":
+                    row.update(json.loads(lines[-1][7:]))
+                else:
                     out = json.loads(lines[-1][7:])
                     times[side] += out.pop("times")
                     row[side] = out
@@ -234,6 +246,8 @@ def main() -> None:
             for side in sides:
                 row[side].update(s_per_iter=statistics.median(times[side]), fastest_s=min(times[side]),
                                  times=times[side])
+                if "flops" in row[side]:  # ours: useful FLOPs (rlhf.rl_loop.phase_flops) against the peak
+                    row[side]["peak_fraction"] = row[side]["flops"] / row[side]["s_per_iter"] / row["peak_flops_per_s"]
             row["load_after"] = os.getloadavg()
             for algo in trl_sides:
                 if f"ours_{algo}" in row:  # like with like: our GRPO vs TRL's GRPO

@@ -1,6 +1,6 @@
 """Run every benchmark and rewrite the results tables in bench/README.md.
 
-    PYTHONPATH=. python bench/run_all.py                       # all of them (about 40 min on 2 CPU cores)
+    PYTHONPATH=. python bench/run_all.py                       # all of them (about an hour on 2 CPU cores)
     PYTHONPATH=. python bench/run_all.py --only rl_iteration   # one; the other tables keep their stored results
     PYTHONPATH=. python bench/run_all.py --only dvc_savings --options dvc_savings='--size tiny'
     PYTHONPATH=. python bench/run_all.py --smoke --results DIR --readme FILE   # smallest sizes (the smoke test)
@@ -36,6 +36,9 @@ BENCHES = {  # name: (command as a user types it, smoke arguments that replace i
                           "--sizes 10m --variants 'fp32 padded' --steps 1 --micro-batch 4 --matmul-n 256 "
                           "--peak-seconds 0.2"),
     "dvc_savings": (f"{PY} bench/dvc_savings.py --size small", "--size tiny"),
+    "step3_scaling": (f"{PY} bench/step3_scaling.py --lengths 32,64,128,256 --sizes tiny,50m,135m",
+                      "--lengths 4 --length-sizes tiny --sizes tiny --size-length 4 --prompts 2 --completions 2 "
+                      "--iters 1"),
 }
 
 
@@ -96,6 +99,9 @@ def table_rl_iteration(rec: dict) -> list[str]:
     algos = [k[len("speedup_vs_"):] for k in r["rows"][0] if k.startswith("speedup_vs_")]
     head = ["model", "params", "dtype", "ours PPO s/iter (gen / score / train)"]
     head += [c for a in algos for c in (f"ours {a.upper()} s/iter", f"TRL {a.upper()} s/iter", f"ours vs TRL {a.upper()}")]
+    ours = [k for k in ("ours", *(f"ours_{a}" for a in algos)) if k in r["rows"][0]]
+    head.append("ours of the dtype's peak (" + " / ".join(
+        "PPO" if k == "ours" else k[5:].upper() for k in ours) + ")")
     rows = []
     for row in r["rows"]:
         o = row["ours"]
@@ -105,12 +111,16 @@ def table_rl_iteration(rec: dict) -> list[str]:
             mine = row.get(f"ours_{a}")  # absent in records from before our GRPO/RLOO: the ratio is our PPO's
             ratio = f"{row[f'speedup_vs_{a}']:.2f}x" + ("" if mine else " (our PPO)")
             cells += [f"{mine['s_per_iter']:.2f}" if mine else "-", f"{row[a]['s_per_iter']:.2f}", ratio]
+        cells.append(" / ".join(f"{row[k]['peak_fraction']:.0%}" if "peak_fraction" in row[k] else "-" for k in ours))
         rows.append(cells)
     out = _table(head, rows) + [""]
+    peaks = ", ".join(f"{row['dtype']} {row['peak_flops_per_s'] / 1e9:.0f}" for row in r["rows"] if "peak_flops_per_s" in row)
     out.append(f"{r['prompts']} prompts x {r['completions']} answers x {r['new_tokens']} tokens per iteration; median "
                f"of {r['iters']} timed iterations x {r['rounds']} alternating rounds per side; {rec['date']}; "
-               f"{rec['machine']}; {_load(rec)} (1-min average before / after, the machine is shared). Command: "
-               f"`{rec['command']}`")
+               f"{rec['machine']}; {_load(rec)} (1-min average before / after, the machine is shared). "
+               + (f"`of peak`: the iteration's useful FLOPs (rlhf.rl_loop.phase_flops) over the 1024^3 matmul peak "
+                  f"measured in the same run with the same threads (GFLOP/s: {peaks}). " if peaks else "")
+               + f"Command: `{rec['command']}`")
     return out
 
 
@@ -166,6 +176,22 @@ def table_dvc_savings(rec: dict) -> list[str]:
     out += ["", f"Full repro by stage: prepare {s['repro_prepare']:.1f} s, sft {s['repro_sft']:.1f} s, reward "
            f"{s['repro_reward']:.1f} s, ppo + evaluate {s['repro_rest']:.1f} s; `dvc push` {s['push']:.1f} s. "
            f"Params: `{r['size']}`; {rec['date']}; {rec['machine']}; {_load(rec)}. Command: `{rec['command']}`"]
+    return out
+
+
+def table_step3_scaling(rec: dict) -> list[str]:
+    r = rec["result"]
+    out = _table(["model", "params", "answer tokens", "s/iter", "ms per answer token", "generation / scoring / update",
+                  "of peak"], [
+        [row["size"], f"{row['params'] / 1e6:.1f}M", str(row["answer"]), f"{row['s_per_iter']:.2f}",
+         f"{row['s_per_answer_token'] * 1e3:.1f}",
+         " / ".join(f"{row[k]:.0%}" for k in ("generate_share", "score_share", "train_share")),
+         f"{row['peak_fraction']:.0%}"] for row in r["rows"]])
+    out += ["", f"Our PPO iteration (critic, EMA), {r['prompts']} prompts x {r['completions']} answers of exactly the "
+            f"given length, {r['dtype']}, {r['threads']} thread; median of {r['iters']} timed iterations after a "
+            f"warm-up; `of peak`: useful FLOPs (rlhf.rl_loop.phase_flops) over the {r['dtype']} 1024^3 matmul peak "
+            f"measured by the same run ({r['rows'][0]['peak_flops_per_s'] / 1e9:.0f} GFLOP/s); {rec['date']}; "
+            f"{rec['machine']}; {_load(rec)}. Command: `{rec['command']}`"]
     return out
 
 

@@ -22,12 +22,17 @@ def test_run_all_smoke(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")}
-    assert set(records) == {"rl_iteration", "decode", "hybrid_generation", "matmul_efficiency", "dvc_savings"}
+    assert set(records) == {"rl_iteration", "decode", "hybrid_generation", "matmul_efficiency", "dvc_savings",
+                            "step3_scaling"}
     dec = records["decode"]["result"]["rows"][0]
     assert dec["own_tok_s"] > 0 and dec["generate_tok_s"] > 0 and dec["floor_tok_s"] > 0
     rl = records["rl_iteration"]["result"]["rows"][0]
     assert rl["ours"]["s_per_iter"] > 0 and rl["ours_grpo"]["s_per_iter"] > 0 and rl["speedup_vs_grpo"] > 0
     assert 0 < rl["ours"]["answer_tokens"] <= 4  # --new-tokens (fewer only where a random model sampled its eos)
+    assert 0 < rl["ours"]["peak_fraction"] < 1 and rl["peak_flops_per_s"] > 0
+    scaling = records["step3_scaling"]["result"]["rows"][0]
+    assert scaling["s_per_iter"] > 0 and 0 < scaling["peak_fraction"] < 1
+    assert abs(scaling["generate_share"] + scaling["score_share"] + scaling["train_share"] - 1) < 1e-9
     assert records["hybrid_generation"]["result"]["rows"][0]["hybrid_tok_s"] > 0
     mm = records["matmul_efficiency"]["result"]
     assert mm["peak_flops_per_s"]["fp32"] > 0 and 0 < mm["rows"][0]["fraction_of_peak"]
