@@ -26,9 +26,10 @@ class MetricsLogger:
     stage that stops before training (bad input, or non-finite losses from the first step) leaves the last run's
     curves as they were.
 
-    `resume_rows` (from a checkpoint's `rows()`) continues an interrupted run: each curve is cut back to the rows
-    it had when the checkpoint was taken, so the points logged between that checkpoint and the crash are not
-    repeated, and the resumed run's curves equal an uninterrupted run's.
+    `resume_rows` (from a checkpoint's `rows()`) continues an interrupted run: each curve is put back as it was
+    when the checkpoint was taken (the checkpoint keeps the curves' text), so the points logged between that
+    checkpoint and the crash are not repeated, curves that `dvc repro` deleted with the stage's outputs come back,
+    and the resumed run's curves equal an uninterrupted run's.
     """
 
     def __init__(self, live_dir: Path | None, dist: Dist, resume_rows: dict[str, int] | None = None,
@@ -80,20 +81,28 @@ class MetricsLogger:
     def _curves(self) -> list[Path]:
         return sorted((self.dir / "plots" / "metrics").rglob("*.tsv")) if self.dir is not None else []
 
-    def rows(self) -> dict[str, int]:
-        """Lines in each curve file now (rank 0; empty elsewhere)."""
+    def rows(self) -> dict[str, str]:
+        """Each curve file's text now (rank 0; empty elsewhere): a checkpoint keeps it."""
         if not self._open():
             return {}
-        return {str(f.relative_to(self.dir)): len(f.read_text().splitlines()) for f in self._curves()}
+        return {str(f.relative_to(self.dir)): f.read_text() for f in self._curves()}
 
-    def _truncate(self, rows: dict[str, int]) -> None:
+    def _truncate(self, rows: dict[str, str | int]) -> None:
+        """Every curve as the checkpoint saw it: its text (a checkpoint's count of lines before 2026-12-04 cuts the
+        file on disk back to that many); a curve begun after the checkpoint goes."""
         for f in self._curves():
-            keep = rows.get(str(f.relative_to(self.dir)), 0)
-            lines = f.read_text().splitlines(keepends=True)
-            if keep <= 1:  # the header alone, or a curve begun after the checkpoint
+            if str(f.relative_to(self.dir)) not in rows:
                 f.unlink()
-            elif len(lines) > keep:
-                f.write_text("".join(lines[:keep]))
+        for name, saved in rows.items():
+            f = self.dir / name
+            if isinstance(saved, int):
+                lines = f.read_text().splitlines(keepends=True) if f.is_file() else []
+                saved = "".join(lines[:saved])
+            if len(saved.splitlines()) <= 1:  # the header alone
+                f.unlink(missing_ok=True)
+            else:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_text(saved)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self._open():

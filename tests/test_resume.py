@@ -63,6 +63,14 @@ def test_killed_stage_resumes_to_identical_weights_and_curves(prepared: Path, tm
     for curve in ("train/loss", "train/lr", "eval/eval_loss" if stage == "sft" else "eval/accuracy"):
         assert _curve(straight / live, curve) == _curve(killed / live, curve), curve
     assert len(_curve(killed / live, "train/loss")) == 20
+
+    # `dvc repro` after a change that leaves the stage's params alone deletes its outputs, curves included, and
+    # reruns it: it resumes from its last checkpoint, which brings the curves back as they were
+    shutil.rmtree(killed / live)
+    shutil.rmtree(killed / "models" / stage)
+    run_cli(stage, "--params", "params.yaml", cwd=killed)
+    for curve in ("train/loss", "train/lr", "eval/eval_loss" if stage == "sft" else "eval/accuracy"):
+        assert _curve(straight / live, curve) == _curve(killed / live, curve), curve
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if stage == "sft" else AutoModelForSequenceClassification
