@@ -135,7 +135,7 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
             phases["train_s"] += t2 - t1
             tokens += info["tokens"]
             flops += sum(phase_flops(engine, exp, params.ppo).values())
-    n_params = sum(p.numel() for p in engine.actor.module.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.actor.module.parameters())  # ZeRO-3: whole
     return {"times": times, "params": n_params,
             "answer_tokens": tokens / len(times) / (args.prompts * args.completions), "flops": flops / len(times),
             **{k: v / len(times) for k, v in phases.items()}, "threads": torch.get_num_threads()}
