@@ -116,7 +116,8 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
     engine.actor.generate = lambda *a, **kw: generate(*a, min_new_tokens=args.new_tokens, **kw)  # fixed length
     prompts = [encode_prompt(engine.tok, p) for p in _prompts(work, args.prompts * (args.iters + 1))]
     collate = collate_prompts(max(len(p) for p in prompts), engine.tok.pad_token_id)
-    times, phases, tokens, flops = [], {"generate_s": 0.0, "score_s": 0.0, "train_s": 0.0}, 0, 0.0
+    times, phases, tokens = [], {"generate_s": 0.0, "score_s": 0.0, "train_s": 0.0}, 0
+    flops = {"generate": 0.0, "score": 0.0, "train": 0.0}
     for it in range(args.iters + 1):
         batch = collate(prompts[it * args.prompts : (it + 1) * args.prompts])  # answers_per_prompt repeats them
         t0 = time.perf_counter()
@@ -134,10 +135,12 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
             phases["score_s"] += info["score_s"] + info["advantages_s"]
             phases["train_s"] += t2 - t1
             tokens += info["tokens"]
-            flops += sum(phase_flops(engine, exp, params.ppo).values())
+            for phase, f in phase_flops(engine, exp, params.ppo).items():
+                flops[phase] += f
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.actor.module.parameters())  # ZeRO-3: whole
     return {"times": times, "params": n_params,
-            "answer_tokens": tokens / len(times) / (args.prompts * args.completions), "flops": flops / len(times),
+            "answer_tokens": tokens / len(times) / (args.prompts * args.completions), "flops": sum(flops.values()) / len(times),
+            **{f"flops_{k}": v / len(times) for k, v in flops.items()},
             **{k: v / len(times) for k, v in phases.items()}, "threads": torch.get_num_threads()}
 
 

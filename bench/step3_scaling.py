@@ -69,7 +69,9 @@ def main() -> None:
                    "s_per_answer_token": s / (args.prompts * args.completions * out["answer_tokens"]),
                    **{f"{k[:-2]}_share": out[k] / n_iter for k in ("generate_s", "score_s", "train_s")},
                    "flops": out["flops"], "peak_flops_per_s": peaks[size],
-                   "peak_fraction": out["flops"] / s / peaks[size], "answer_tokens": out["answer_tokens"]}
+                   "peak_fraction": out["flops"] / s / peaks[size], "answer_tokens": out["answer_tokens"],
+                   **{f"{k}_peak_fraction": out[f"flops_{k}"] / out[f"{k}_s"] / peaks[size]
+                      for k in ("generate", "score", "train")}}
             print(f"[scaling] {size} {tokens} tokens: {s:.2f} s/iter, generation {row['generate_share']:.0%}, "
                   f"{row['peak_fraction']:.0%} of peak", flush=True)
             rows.append(row)
