@@ -83,7 +83,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -153,21 +152,8 @@ def setup(work: Path, size: str, args: argparse.Namespace) -> dict:
 
 def run_ours(work: Path, size: str, args: argparse.Namespace) -> dict:
     """rl_iteration.run_ours at ZeRO stage `args.zero` with no EMA actor."""
-    import rlhf.config
-
-    load = rlhf.config.load_params  # rl_iteration._params imports it at each call
     extra = {"engine.zero_stage": args.zero, "ppo.ema_beta": 0.0}
-    rlhf.config.load_params = lambda path, over=None: load(path, {**(over or {}), **extra})
-    try:
-        params = rl._params(work, size, args)
-        out = rl.run_ours(work, size, args)
-    finally:
-        rlhf.config.load_params = load
-    from safetensors import safe_open
-
-    with safe_open(work / size / "sft" / "model.safetensors", "pt") as f:  # run_ours counts ZeRO-3's placeholders
-        n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return {**out, "params": n_params, "zero": params.engine.zero_stage, "ema_beta": params.ppo.ema_beta}
+    return {**rl.run_ours(work, size, args, extra=extra), "zero": args.zero, "ema_beta": 0.0}
 
 
 def _free_port() -> int:
@@ -338,21 +324,13 @@ def main() -> None:
         print("RESULT " + json.dumps(run(Path(args.work), args.size, args)), flush=True)
         return
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
     shape = ["--dschat", str(Path(args.dschat).resolve()), "--prompts", str(args.prompts),
              "--new-tokens", str(args.new_tokens), "--iters", str(args.iters), "--threads", str(args.threads)]
     sides = ["dschat", "ours"]
 
     def side(name: str, work: str, size: str, zero: str) -> dict:
-        cmd = [sys.executable, __file__, "--side", name, "--work", work, "--size", size, "--zero", zero, *shape]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.exit(f"{name} ({size}, ZeRO {zero}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-        return json.loads(lines[-1][7:])
+        return rl.run_side(__file__, ["--side", name, "--work", work, "--size", size, "--zero", zero, *shape],
+                           f"{name} ({size}, ZeRO {zero})")
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="dschat-bench-") as tmp:

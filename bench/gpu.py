@@ -15,8 +15,8 @@ Sections, each written to --out as soon as it is done (a later failure keeps wha
 - `step3`: our PPO step 3 as run_ppo iterates it (generate_experience, train_rlhf per micro batch, EMA), the
   actor and critic DeepSpeed engines in bf16 on CUDA (nccl, one rank), the rollout decoded as `--decoders` says;
   samples/s and tokens/s (prompt + answer, as DeepSpeed-Chat counts a sample's 512 tokens), and the share of the
-  matmul peak of the engines' dtype (bf16 on CUDA, fp32 on CPU) the iteration's FLOPs reach (10 x params per token
-  per model, attention left out).
+  matmul peak of the engines' dtype (bf16 on CUDA, fp32 on CPU) the iteration's useful FLOPs reach
+  (rlhf.rl_loop.phase_flops; the 2026-12-04 H200 record counted 10 x params per token per model, no attention).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.decode import SIZES, build  # noqa: E402
+from bench.rl_iteration import fixed_length, iteration  # noqa: E402
 
 STEP3 = {  # (actor size in bench.decode.SIZES, critic/reward (hidden, layers, heads, intermediate))
     "1.3b": ("1.3b", (1024, 24, 16, 2816)),  # OPT-1.3B-sized actor, OPT-350M-sized critic, as DeepSpeed-Chat's
@@ -153,6 +154,7 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
     from rlhf.models import build_causal_lm, build_reward_model, save_pretrained
     from rlhf.ppo import PPOTrainer
     from rlhf.rl_engine import RLHFEngine
+    from rlhf.rl_loop import phase_flops
     from rlhf.tokenizer import load_tokenizer
 
     actor_size, (c_hidden, c_layers, c_heads, c_inter) = STEP3[size]
@@ -188,10 +190,9 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
                 seed_everything(params.seed)
                 engine = RLHFEngine(params, dist, work / "sft", work / "reward")
                 trainer = PPOTrainer(engine, params.ppo)
-                generate = engine.actor.generate
-                engine.actor.generate = lambda *a, _g=generate, **kw: _g(*a, min_new_tokens=answer, **kw)
+                fixed_length(engine, answer)
                 g = torch.Generator().manual_seed(1)
-                times, gen = [], []
+                times, gen, flops = [], [], 0.0
                 for it in range(iters + 1):
                     ids = torch.randint(3, len(tok), (batch, prompt), generator=g)
                     ids[ids == tok.eos_token_id] = 3
@@ -199,18 +200,16 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
                     _sync()
                     t0 = time.perf_counter()
                     trainer.iteration = it + 1
-                    exp, info = trainer.generate_experience({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-                    for i in range(0, exp.sequences.shape[0], micro):
-                        trainer.train_rlhf(exp.slice(i, i + micro))
-                    engine.update_ema()
+                    exp, info, _ = iteration(trainer, engine, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                             micro)
                     _sync()
                     if it:
                         times.append(time.perf_counter() - t0)
                         gen.append(info["generate_s"])
+                        flops += sum(phase_flops(engine, exp, params.ppo).values()) / iters
                 n_actor = sum(getattr(p, "ds_numel", p.numel()) for p in engine.actor.module.parameters())
                 n_critic = sum(getattr(p, "ds_numel", p.numel()) for p in engine.critic.module.parameters())
                 s = sorted(times)[len(times) // 2]
-                flops = batch * (prompt + answer) * 10 * (n_actor + n_critic)
                 row = {"size": size, "zero": zero, "decoder": decoder, "actor_params": n_actor,
                        "critic_params": n_critic, "batch": batch, "prompt": prompt, "answer": answer,
                        "micro": micro, "s_per_iter": s, "times": times, "generate_s": sorted(gen)[len(gen) // 2],

@@ -43,8 +43,9 @@ SIZES = {  # actor (hidden, layers, heads, intermediate); the reward model stays
 }
 
 
-def _params(work: Path, size: str, args: argparse.Namespace, algorithm: str = "ppo"):
-    """params.yaml with a small task, the chosen actor size and the step-3 batch that matches TRL's."""
+def _params(work: Path, size: str, args: argparse.Namespace, algorithm: str = "ppo", extra: dict | None = None):
+    """params.yaml with a small task, the chosen actor size and the step-3 batch that matches TRL's; `extra`
+    overrides last."""
     from rlhf.config import load_params
 
     over = {
@@ -69,7 +70,7 @@ def _params(work: Path, size: str, args: argparse.Namespace, algorithm: str = "p
         hidden, layers, heads, inter = SIZES[size]
         over.update({"model.hidden_size": hidden, "model.num_layers": layers, "model.num_heads": heads,
                      "model.intermediate_size": inter})
-    return load_params(ROOT / "params.yaml", over)
+    return load_params(ROOT / "params.yaml", {**over, **(extra or {})})
 
 
 def setup(work: Path, size: str, args: argparse.Namespace) -> dict:
@@ -96,8 +97,26 @@ def _prompts(work: Path, n: int) -> list[list[dict[str, str]]]:
     return [r["prompt"] for r in read_split(work / "data/ppo_train.jsonl")][:n]
 
 
-def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "ppo") -> dict:
-    """Our iteration exactly as run_ppo runs it: generate_experience, train_rlhf per micro batch, update_ema."""
+def fixed_length(engine, tokens: int) -> None:
+    """Every answer the actor generates exactly `tokens` long (eos held back: min_new_tokens)."""
+    generate = engine.actor.generate
+    engine.actor.generate = lambda *a, **kw: generate(*a, min_new_tokens=tokens, **kw)
+
+
+def iteration(trainer, engine, batch: dict, micro_batch: int) -> tuple:
+    """One step-3 iteration exactly as run_ppo runs it: generate_experience, train_rlhf per micro batch,
+    update_ema. Returns (experience, generate_experience's info, seconds of the update)."""
+    exp, info = trainer.generate_experience(batch)
+    t0 = time.perf_counter()
+    for i in range(0, exp.sequences.shape[0], micro_batch):
+        trainer.train_rlhf(exp.slice(i, i + micro_batch))
+    engine.update_ema()
+    return exp, info, time.perf_counter() - t0
+
+
+def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "ppo",
+             extra: dict | None = None) -> dict:
+    """Our iteration (`iteration`) on the task's prompts; `extra`: params overrides."""
     import torch
 
     from rlhf.engine import init_distributed, seed_everything
@@ -107,13 +126,12 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
     from rlhf.rl_loop import phase_flops
     from rlhf.tokenizer import encode_prompt
 
-    params = _params(work, size, args, algorithm)
+    params = _params(work, size, args, algorithm, extra)
     dist = init_distributed(params.engine)
     seed_everything(params.seed)
     engine = RLHFEngine(params, dist, work / size / "sft", work / size / "reward")
     trainer = PPOTrainer(engine, params.ppo)
-    generate = engine.actor.generate
-    engine.actor.generate = lambda *a, **kw: generate(*a, min_new_tokens=args.new_tokens, **kw)  # fixed length
+    fixed_length(engine, args.new_tokens)
     prompts = [encode_prompt(engine.tok, p) for p in _prompts(work, args.prompts * (args.iters + 1))]
     collate = collate_prompts(max(len(p) for p in prompts), engine.tok.pad_token_id)
     times, phases, tokens = [], {"generate_s": 0.0, "score_s": 0.0, "train_s": 0.0}, 0
@@ -122,18 +140,12 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
         batch = collate(prompts[it * args.prompts : (it + 1) * args.prompts])  # answers_per_prompt repeats them
         t0 = time.perf_counter()
         trainer.iteration = it + 1
-        exp, info = trainer.generate_experience(batch)
-        t1 = time.perf_counter()
-        mb = params.ppo.micro_batch_size
-        for i in range(0, exp.sequences.shape[0], mb):
-            trainer.train_rlhf(exp.slice(i, i + mb))
-        engine.update_ema()
-        t2 = time.perf_counter()
+        exp, info, train_s = iteration(trainer, engine, batch, params.ppo.micro_batch_size)
         if it:  # the first iteration warms up
-            times.append(t2 - t0)
+            times.append(time.perf_counter() - t0)
             phases["generate_s"] += info["generate_s"]
             phases["score_s"] += info["score_s"] + info["advantages_s"]
-            phases["train_s"] += t2 - t1
+            phases["train_s"] += train_s
             tokens += info["tokens"]
             for phase, f in phase_flops(engine, exp, params.ppo).items():
                 flops[phase] += f
@@ -185,6 +197,20 @@ def run_trl(work: Path, size: str, args: argparse.Namespace, algo: str) -> dict:
             "threads": torch.get_num_threads(), "trl": trl.__version__}
 
 
+def run_side(script: Path | str, options: list[str], what: str) -> dict:
+    """Run `script --side ...` in a fresh process (one DeepSpeed process group each, on CPU, no launcher variables
+    inherited) and return the dict it printed on its `RESULT ` line; exit naming `what` if it failed."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, str(script), *options], env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tiny,50m")
@@ -219,10 +245,6 @@ def main() -> None:
         print("RESULT " + json.dumps(out), flush=True)
         return
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
     shape = ["--prompts", str(args.prompts), "--completions", str(args.completions),
              "--new-tokens", str(args.new_tokens), "--iters", str(args.iters), "--threads", str(args.threads)]
     ours = ["ours" if a == "ppo" else f"ours_{a}" for a in args.ours.split(",")]
@@ -234,15 +256,11 @@ def main() -> None:
             row: dict = {"size": size, "dtype": dtype, "load_before": os.getloadavg()}
             times: dict[str, list[float]] = {s: [] for s in sides}
             for side in ["setup"] + sides * args.rounds:
-                cmd = [sys.executable, __file__, "--side", side, "--work", tmp, "--size", size, "--dtype", dtype, *shape]
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    sys.exit(f"{side} ({size}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                out = run_side(__file__, ["--side", side, "--work", tmp, "--size", size, "--dtype", dtype, *shape],
+                               f"{side} ({size})")
                 if side == "setup":
-                    row.update(json.loads(lines[-1][7:]))
+                    row.update(out)
                 else:
-                    out = json.loads(lines[-1][7:])
                     times[side] += out.pop("times")
                     row[side] = out
                     print(f"[rl] {size} {dtype} {side}: " + " ".join(f"{t:.2f}" for t in times[side]) + " s/iter", flush=True)

@@ -15,30 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RL = ROOT / "bench/rl_iteration.py"
+sys.path.insert(0, str(ROOT))
+
+from bench.rl_iteration import run_side  # noqa: E402
 
 
 def _side(side: str, work: str, size: str, tokens: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(RL), "--side", side, "--work", work, "--size", size, "--dtype", args.dtype,
-           "--prompts", str(args.prompts), "--completions", str(args.completions), "--new-tokens", str(tokens),
-           "--iters", str(args.iters), "--threads", str(args.threads)]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.exit(f"{side} ({size}, {tokens} tokens) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][7:])
+    return run_side(RL, ["--side", side, "--work", work, "--size", size, "--dtype", args.dtype,
+                         "--prompts", str(args.prompts), "--completions", str(args.completions),
+                         "--new-tokens", str(tokens), "--iters", str(args.iters), "--threads", str(args.threads)],
+                    f"{side} ({size}, {tokens} tokens)")
 
 
 def main() -> None:

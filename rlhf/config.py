@@ -334,10 +334,6 @@ class PPOConfig(_Group):
     # recompute for bf16/fp16 (then pi_old is the very forward the update differentiates: a ratio of exactly 1
     # before the first step)
     rollout_logprobs: Literal["auto", "generation", "recompute"] = "auto"
-
-    def recomputes_logprobs(self, actor_dtype: str) -> bool:
-        """Whether log pi_old comes from one more actor forward, for an actor engine of this dtype."""
-        return self.rollout_logprobs == "recompute" or (self.rollout_logprobs == "auto" and actor_dtype != "fp32")
     # who decodes the rollouts: "own" (rlhf.decode: preallocated KV cache, a lean step for Llama-family models, the
     # model's forward for others) or "generate" (transformers' generate); the same tokens for the same seed, up to
     # float rounding (tests/test_decode.py)
@@ -382,6 +378,10 @@ class PPOConfig(_Group):
     @property
     def clip_high(self) -> float:
         return self.clip_range if self.clip_range_high is None else self.clip_range_high
+
+    def recomputes_logprobs(self, actor_dtype: str) -> bool:
+        """Whether log pi_old comes from one more actor forward, for an actor engine of this dtype."""
+        return self.rollout_logprobs == "recompute" or (self.rollout_logprobs == "auto" and actor_dtype != "fp32")
 
     @model_validator(mode="after")
     def _batches(self) -> PPOConfig:

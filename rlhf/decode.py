@@ -330,7 +330,8 @@ def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample
     logprobs = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=input_ids.device)
     running = torch.ones(b, dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor([eos_token_id], device=input_ids.device)
-    alive = torch.zeros(max_new_tokens, dtype=torch.bool, device=input_ids.device)  # some row runs after token n
+    if sync_every > 1:  # alive[n]: some row still runs after token n
+        alive = torch.zeros(max_new_tokens, dtype=torch.bool, device=input_ids.device)
     n = 0
     while True:
         # eos not yet allowed: its logit -inf for the draw only (transformers' MinNewTokensLengthLogitsProcessor)

@@ -53,7 +53,7 @@ class MetricsLogger:
             from dvclive import Live
 
             if self.resume_rows is not None:
-                self._truncate(self.resume_rows)
+                self._restore(self.resume_rows)
             # dvcyaml=False: dvc.yaml is ours and declares the plots; save_dvc_exp=False: `dvc exp run` owns exps.
             self.live = Live(
                 dir=str(self.dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=self.resume_rows is not None
@@ -87,7 +87,7 @@ class MetricsLogger:
             return {}
         return {str(f.relative_to(self.dir)): f.read_text() for f in self._curves()}
 
-    def _truncate(self, rows: dict[str, str | int]) -> None:
+    def _restore(self, rows: dict[str, str | int]) -> None:
         """Every curve as the checkpoint saw it: its text (a checkpoint's count of lines before 2026-12-04 cuts the
         file on disk back to that many); a curve begun after the checkpoint goes."""
         for f in self._curves():
