@@ -4,7 +4,7 @@
 
 Peak: the best of several large square matmuls (torch.mm) per dtype, fp32 and bf16, with torch's thread count
 (= cores), measured before and after the SFT steps; the higher of the two is the peak.
-SFT step: our real path -- rlhf.engine.initialize (DeepSpeed engine, ZeRO 0, torch AdamW), then per step
+SFT step: our real path -- rlhf.engine.initialize (DeepSpeed engine, ZeRO 0, fused torch AdamW), then per step
 `engine(**batch).loss`, `engine.backward`, `engine.step`, on the shipped task's SFT rows (`rlhf prepare` in a
 temporary folder) collated as the sft stage collates them. Useful FLOPs per step count real tokens only:
 6 * N * tokens (N = parameters in matmuls: every Linear, lm_head included, embeddings not) plus causal attention
@@ -14,6 +14,9 @@ keeps the fraction low:
 - `fp32 grouped`: the sft stage as it runs (`group_by_length: true`: batches of rows of similar length), same rows;
 - `bf16 grouped`: the same in engine.dtype bf16 (DeepSpeed's bf16 engine, fp32 master weights);
 - `fp32 grouped x4`: 4x the micro batch (fewer, larger matmuls).
+AdamW step alone, over each size's parameters (fp32, random gradients): torch's per-parameter loop (`foreach=False`,
+its CPU default), `foreach=True` and `fused=True` (one vectorised kernel, what rlhf.engine.initialize uses), the
+three taking turns, best of `--steps` + 2 steps each.
 """
 
 from __future__ import annotations
@@ -112,6 +115,32 @@ def measure_sft(size: str, variant: str, rows: list[dict], tok, micro: int, step
             "tokens_per_s": real / elapsed}
 
 
+def measure_adamw(size: str, tok, steps: int) -> dict:
+    """Seconds of one AdamW step over the model's parameters for each implementation (best of the repeats, the
+    implementations taking turns so that load hits them alike)."""
+    import torch
+
+    from rlhf.config import ModelConfig
+    from rlhf.models import build_causal_lm
+
+    hidden, layers, heads, inter = SIZES[size]
+    model = build_causal_lm(
+        ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=inter), tok, 0
+    )
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    kinds = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    optimizers = {k: torch.optim.AdamW(params, lr=1e-5, **kw) for k, kw in kinds.items()}
+    best = {k: float("inf") for k in kinds}
+    for _ in range(steps + 2):
+        for k, opt in optimizers.items():
+            t0 = time.perf_counter()
+            opt.step()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return {"size": size, "params": sum(p.numel() for p in params), **{f"{k}_s": v for k, v in best.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10m,100m")
@@ -150,12 +179,19 @@ def main() -> None:
             print(f"[mm] {size} {variant}: {r['s_per_step']:.2f} s/step {r['flops_per_s'] / 1e9:.1f} GFLOP/s "
                   f"padding {r['padding_fraction']:.0%}", flush=True)
             results.append(r)
+    adamw = []
+    for size in args.sizes.split(","):
+        a = measure_adamw(size, tok, args.steps)
+        print(f"[mm] {size} AdamW step: loop {a['loop_s'] * 1e3:.0f} ms, foreach {a['foreach_s'] * 1e3:.0f} ms, "
+              f"fused {a['fused_s'] * 1e3:.0f} ms ({a['loop_s'] / a['fused_s']:.1f}x the loop)", flush=True)
+        adamw.append(a)
     for d, p in {d: matmul_peak(d, args.matmul_n, args.peak_seconds) for d in ("fp32", "bf16")}.items():
         peaks[d] = max(peaks[d], p)
     for r in results:
         r["fraction_of_peak"] = r["flops_per_s"] / peaks[r["dtype"]]
     print(json.dumps({"bench": "matmul_efficiency", "peak_flops_per_s": peaks, "threads": torch.get_num_threads(),
-                      "matmul_n": args.matmul_n, "steps": args.steps, "load": load, "rows": results}))
+                      "matmul_n": args.matmul_n, "steps": args.steps, "load": load, "rows": results,
+                      "adamw": adamw}))
 
 
 if __name__ == "__main__":

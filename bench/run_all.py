@@ -157,6 +157,11 @@ def table_matmul_efficiency(rec: dict) -> list[str]:
         [row["size"], f"{row['params'] / 1e6:.1f}M", row["variant"], str(row["micro_batch"]),
          f"{row['padding_fraction']:.0%}", f"{row['s_per_step']:.2f}", f"{row['tokens_per_s']:.0f}",
          f"{row['flops_per_s'] / 1e9:.1f}", f"{row['fraction_of_peak']:.0%}"] for row in r["rows"]])
+    if r.get("adamw"):  # runs stored before the AdamW rows have none
+        out += ["", "AdamW step alone over the same parameters (fp32, best of the repeats):", ""]
+        out += _table(["model", "params", "per-parameter loop", "foreach", "fused (ours)", "fused vs loop"], [
+            [a["size"], f"{a['params'] / 1e6:.1f}M", *(f"{a[k] * 1e3:.0f} ms" for k in ("loop_s", "foreach_s", "fused_s")),
+             f"{a['loop_s'] / a['fused_s']:.1f}x"] for a in r["adamw"]])
     out += ["", f"Mean of {r['steps']} timed optimizer steps after a warm-up; {rec['date']}; {rec['machine']}; "
             f"{_load(rec)}. Command: `{rec['command']}`"]
     return out
