@@ -120,3 +120,32 @@ def ppo_trained(trained: Path) -> Path:
     if not (trained / "models/ppo/actor/COMPLETE.json").is_file():
         run_cli("ppo", "--params", "params.yaml", cwd=trained)
     return trained
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh git + DVC repo with the project's stages and tiny params, committed, after a first `dvc repro`: made
+    once per session; each test works on its own copy (`reproduced_repo`)."""
+    import shutil
+
+    repo = copy_project(tmp_path_factory.mktemp("reproduced") / "repo")
+    write_params(repo / "params.yaml")
+
+    def run(*cmd: str) -> None:
+        proc = subprocess.run(cmd, cwd=repo, env=cli_env(), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")  # the embedded default remote: ../rlhf-dvc-storage
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")  # dvclive needs a commit
+    run("dvc", "repro")
+    return repo
+
+
+def reproduced_repo(tmp_path: Path, reproduced: Path) -> Path:
+    """The test's own copy of the `reproduced` repo (git history, DVC cache and outputs) in tmp_path/repo."""
+    import shutil
+
+    return Path(shutil.copytree(reproduced, tmp_path / "repo", symlinks=True))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT, cli_env, copy_project, write_params
+from tests.conftest import cli_env, copy_project, reproduced_repo, write_params
 
 
 def _run(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -26,20 +26,8 @@ def _commit(repo: Path, message: str) -> None:
     _run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, cwd=repo)
 
 
-def _reproduced_repo(tmp_path: Path) -> Path:
-    """A fresh git + DVC repo with the project's stages and tiny params, committed, after a first `dvc repro`."""
-    repo = copy_project(tmp_path / "repo")
-    write_params(repo / "params.yaml")
-    _run("git", "init", "-q", cwd=repo)
-    _run("dvc", "init", "-q", cwd=repo)
-    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")  # the embedded default remote: ../rlhf-dvc-storage
-    _commit(repo, "init")  # dvclive needs a commit to exist
-    _run("dvc", "repro", cwd=repo)
-    return repo
-
-
-def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path) -> None:
-    repo = _reproduced_repo(tmp_path)
+def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path, reproduced: Path) -> None:
+    repo = reproduced_repo(tmp_path, reproduced)
     assert (repo / "models/sft/model.safetensors").is_file() and (repo / "models/reward/model.safetensors").is_file()
     assert json.loads(_run("dvc", "status", "--json", cwd=repo)) == {}
     metrics = json.loads(_run("dvc", "metrics", "show", "--json", cwd=repo))
@@ -75,9 +63,9 @@ def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path) -> None:
     assert [ln for ln in out.splitlines() if ln.startswith("Running stage")] == ["Running stage 'check':"], out
 
 
-def test_experiment_reruns_only_ppo_and_evaluate(tmp_path: Path) -> None:
+def test_experiment_reruns_only_ppo_and_evaluate(tmp_path: Path, reproduced: Path) -> None:
     """`dvc exp run -S ppo.kl_coef=...` reuses the cached SFT and reward models and lists its metrics."""
-    repo = _reproduced_repo(tmp_path)
+    repo = reproduced_repo(tmp_path, reproduced)
     _commit(repo, "baseline")
     sft_before = (repo / "models/sft/model.safetensors").read_bytes()
 
@@ -89,9 +77,9 @@ def test_experiment_reruns_only_ppo_and_evaluate(tmp_path: Path) -> None:
     assert "kl05" in shown and "gold_reward" in shown
 
 
-def test_push_wipe_pull_restores_every_output_without_retraining(tmp_path: Path) -> None:
+def test_push_wipe_pull_restores_every_output_without_retraining(tmp_path: Path, reproduced: Path) -> None:
     """The embedded default remote (a folder beside the repo) carries every stage output to a teammate."""
-    repo = _reproduced_repo(tmp_path)
+    repo = reproduced_repo(tmp_path, reproduced)
     _run("dvc", "push", cwd=repo)
     assert (tmp_path / "rlhf-dvc-storage").is_dir()
     weights = (repo / "models/ppo/actor/model.safetensors").read_bytes()
@@ -118,7 +106,7 @@ def test_push_wipe_pull_restores_every_output_without_retraining(tmp_path: Path)
     assert {a["path"] for a in listed.values()} >= {"models/sft", "models/reward", "models/ppo/actor"}
 
 
-def test_push_and_pull_through_s3(tmp_path: Path) -> None:
+def test_push_and_pull_through_s3(tmp_path: Path, reproduced: Path) -> None:
     """The same round trip against S3: moto's server mode on 127.0.0.1, started and stopped here, with dvc-s3."""
     import socket
 
@@ -136,7 +124,7 @@ def test_push_and_pull_through_s3(tmp_path: Path) -> None:
         s3 = boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in aws.items() if "KEY" in k},
                           region_name="us-east-1")
         s3.create_bucket(Bucket="rlhf-team")
-        repo = _reproduced_repo(tmp_path)
+        repo = reproduced_repo(tmp_path, reproduced)
         _run("dvc", "remote", "add", "-d", "team", "s3://rlhf-team/store", cwd=repo)
         _run("dvc", "remote", "modify", "team", "endpointurl", endpoint, cwd=repo)
         _run("dvc", "push", cwd=repo, env=aws)
@@ -152,8 +140,8 @@ def test_push_and_pull_through_s3(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_rlhf_train_writes_params_and_reproduces_with_step_times(tmp_path: Path) -> None:
-    repo = _reproduced_repo(tmp_path)
+def test_rlhf_train_writes_params_and_reproduces_with_step_times(tmp_path: Path, reproduced: Path) -> None:
+    repo = reproduced_repo(tmp_path, reproduced)
     out = _run(sys.executable, "-m", "stages.cli", "train", "--deployment-type", "cpu", cwd=repo)
     assert yaml.safe_load((repo / "params.yaml").read_text())["engine"]["device"] == "cpu"
     lines = out.strip().splitlines()

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
-from tests.test_dvc import _reproduced_repo
+from tests.conftest import reproduced_repo, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -27,8 +26,8 @@ def _rendered(page: Path) -> str:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (`make test` installs Debian's where it can; CI does)")
-def test_the_plots_page_draws_every_chart_offline_in_a_browser(tmp_path: Path) -> None:
-    repo = _reproduced_repo(tmp_path)
+def test_the_plots_page_draws_every_chart_offline_in_a_browser(tmp_path: Path, reproduced: Path) -> None:
+    repo = reproduced_repo(tmp_path, reproduced)
     run_cli("plots", "--out", "dvc_plots", cwd=repo)
     page = repo / "dvc_plots/index.html"
     html = page.read_text()
