@@ -80,8 +80,6 @@ def sft_step_flops(model, batch) -> float:
 
 def measure_sft(size: str, variant: str, rows: list[dict], tok, micro: int, steps: int) -> dict:
     """Mean seconds per optimizer step over `steps` steps (after one warm-up step) and useful FLOP/s."""
-    import torch
-
     from rlhf.config import EngineConfig, ModelConfig, TrainConfig
     from rlhf.engine import initialize
     from rlhf.models import build_causal_lm

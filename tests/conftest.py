@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,6 @@ PROJECT_FILES = ("rlhf", "stages", "data/sources", "rewards", "dvc.yaml")
 
 def copy_project(repo: Path) -> Path:
     """The project's pipeline and code copied into a new folder `repo` (for tests that run `dvc` there)."""
-    import shutil
-
     repo.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         if (ROOT / name).is_dir():
@@ -122,30 +121,33 @@ def ppo_trained(trained: Path) -> Path:
     return trained
 
 
+def run_ok(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run a command (dvc, git, ...) in `cwd` with the CLI's environment; its stdout, after asserting it succeeded."""
+    proc = subprocess.run(cmd, cwd=cwd, env={**cli_env(), **(env or {})}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def commit(repo: Path, message: str) -> None:
+    """git add -A and commit everything in `repo`."""
+    run_ok("git", "add", "-A", cwd=repo)
+    run_ok("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, cwd=repo)
+
+
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh git + DVC repo with the project's stages and tiny params, committed, after a first `dvc repro`: made
     once per session; each test works on its own copy (`reproduced_repo`)."""
-    import shutil
-
     repo = copy_project(tmp_path_factory.mktemp("reproduced") / "repo")
     write_params(repo / "params.yaml")
-
-    def run(*cmd: str) -> None:
-        proc = subprocess.run(cmd, cwd=repo, env=cli_env(), capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
-
-    run("git", "init", "-q")
-    run("dvc", "init", "-q")
+    run_ok("git", "init", "-q", cwd=repo)
+    run_ok("dvc", "init", "-q", cwd=repo)
     shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")  # the embedded default remote: ../rlhf-dvc-storage
-    run("git", "add", "-A")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")  # dvclive needs a commit
-    run("dvc", "repro")
+    commit(repo, "init")  # dvclive needs a commit to exist
+    run_ok("dvc", "repro", cwd=repo)
     return repo
 
 
 def reproduced_repo(tmp_path: Path, reproduced: Path) -> Path:
     """The test's own copy of the `reproduced` repo (git history, DVC cache and outputs) in tmp_path/repo."""
-    import shutil
-
     return Path(shutil.copytree(reproduced, tmp_path / "repo", symlinks=True))

@@ -12,34 +12,23 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import cli_env, copy_project, reproduced_repo, write_params
-
-
-def _run(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env={**cli_env(), **(env or {})}, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    return proc.stdout
-
-
-def _commit(repo: Path, message: str) -> None:
-    _run("git", "add", "-A", cwd=repo)
-    _run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, cwd=repo)
+from tests.conftest import cli_env, commit, copy_project, reproduced_repo, run_ok, write_params
 
 
 def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path, reproduced: Path) -> None:
     repo = reproduced_repo(tmp_path, reproduced)
     assert (repo / "models/sft/model.safetensors").is_file() and (repo / "models/reward/model.safetensors").is_file()
-    assert json.loads(_run("dvc", "status", "--json", cwd=repo)) == {}
-    metrics = json.loads(_run("dvc", "metrics", "show", "--json", cwd=repo))
+    assert json.loads(run_ok("dvc", "status", "--json", cwd=repo)) == {}
+    metrics = json.loads(run_ok("dvc", "metrics", "show", "--json", cwd=repo))
     assert "metrics/reward.json" in json.dumps(metrics)
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["reward"]["learning_rate"] = params["reward"]["learning_rate"] / 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = json.loads(_run("dvc", "status", "--json", cwd=repo))
+    status = json.loads(run_ok("dvc", "status", "--json", cwd=repo))
     assert set(status) == {"check", "reward"}, status  # check reads all of params.yaml; its output stays the same
     sft_before = (repo / "models/sft/model.safetensors").read_bytes()
-    out = _run("dvc", "repro", cwd=repo)
+    out = run_ok("dvc", "repro", cwd=repo)
     assert "Running stage 'reward'" in out and "Running stage 'sft'" not in out
     assert (repo / "models/sft/model.safetensors").read_bytes() == sft_before
 
@@ -59,46 +48,46 @@ def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path, reproduced: Pat
     # fixed: the check passes with the same output bytes, so no stage after it is stale
     del params["sft"]["learning_rat"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = _run("dvc", "repro", cwd=repo)
+    out = run_ok("dvc", "repro", cwd=repo)
     assert [ln for ln in out.splitlines() if ln.startswith("Running stage")] == ["Running stage 'check':"], out
 
 
 def test_experiment_reruns_only_ppo_and_evaluate(tmp_path: Path, reproduced: Path) -> None:
     """`dvc exp run -S ppo.kl_coef=...` reuses the cached SFT and reward models and lists its metrics."""
     repo = reproduced_repo(tmp_path, reproduced)
-    _commit(repo, "baseline")
+    commit(repo, "baseline")
     sft_before = (repo / "models/sft/model.safetensors").read_bytes()
 
-    out = _run("dvc", "exp", "run", "-n", "kl05", "-S", "ppo.kl_coef=0.05", cwd=repo)
+    out = run_ok("dvc", "exp", "run", "-n", "kl05", "-S", "ppo.kl_coef=0.05", cwd=repo)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"check", "ppo", "evaluate"}, out  # check: seconds, and its output unchanged
     assert (repo / "models/sft/model.safetensors").read_bytes() == sft_before
-    shown = _run("dvc", "exp", "show", "--json", cwd=repo)
+    shown = run_ok("dvc", "exp", "show", "--json", cwd=repo)
     assert "kl05" in shown and "gold_reward" in shown
 
 
 def test_push_wipe_pull_restores_every_output_without_retraining(tmp_path: Path, reproduced: Path) -> None:
     """The embedded default remote (a folder beside the repo) carries every stage output to a teammate."""
     repo = reproduced_repo(tmp_path, reproduced)
-    _run("dvc", "push", cwd=repo)
+    run_ok("dvc", "push", cwd=repo)
     assert (tmp_path / "rlhf-dvc-storage").is_dir()
     weights = (repo / "models/ppo/actor/model.safetensors").read_bytes()
     for path in (".dvc/cache", "data/prepared", "models"):
         shutil.rmtree(repo / path)
-    _run("dvc", "pull", cwd=repo)
+    run_ok("dvc", "pull", cwd=repo)
     assert (repo / "models/ppo/actor/model.safetensors").read_bytes() == weights
-    assert json.loads(_run("dvc", "status", "--json", cwd=repo)) == {}
-    out = _run("dvc", "repro", cwd=repo)
+    assert json.loads(run_ok("dvc", "status", "--json", cwd=repo)) == {}
+    out = run_ok("dvc", "repro", cwd=repo)
     assert "Running stage" not in out
 
     # The model registry: dvc.yaml's artifacts, a version registered with gto (a git tag), and a teammate's clone
     # that takes one model from the shared remote with `dvc artifacts get`, without the pipeline
     from transformers import AutoModelForCausalLM
 
-    _commit(repo, "trained")
-    _run("gto", "register", "rl-actor", cwd=repo)
-    _run("git", "clone", "-q", str(repo), str(tmp_path / "teammate"), cwd=tmp_path)
-    _run("dvc", "artifacts", "get", ".", "rl-actor", "-o", "got/actor", cwd=tmp_path / "teammate")
+    commit(repo, "trained")
+    run_ok("gto", "register", "rl-actor", cwd=repo)
+    run_ok("git", "clone", "-q", str(repo), str(tmp_path / "teammate"), cwd=tmp_path)
+    run_ok("dvc", "artifacts", "get", ".", "rl-actor", "-o", "got/actor", cwd=tmp_path / "teammate")
     got = tmp_path / "teammate/got/actor"
     assert (got / "model.safetensors").read_bytes() == weights
     assert AutoModelForCausalLM.from_pretrained(got).config.architectures == ["LlamaForCausalLM"]
@@ -125,24 +114,24 @@ def test_push_and_pull_through_s3(tmp_path: Path, reproduced: Path) -> None:
                           region_name="us-east-1")
         s3.create_bucket(Bucket="rlhf-team")
         repo = reproduced_repo(tmp_path, reproduced)
-        _run("dvc", "remote", "add", "-d", "team", "s3://rlhf-team/store", cwd=repo)
-        _run("dvc", "remote", "modify", "team", "endpointurl", endpoint, cwd=repo)
-        _run("dvc", "push", cwd=repo, env=aws)
+        run_ok("dvc", "remote", "add", "-d", "team", "s3://rlhf-team/store", cwd=repo)
+        run_ok("dvc", "remote", "modify", "team", "endpointurl", endpoint, cwd=repo)
+        run_ok("dvc", "push", cwd=repo, env=aws)
         stored = s3.list_objects_v2(Bucket="rlhf-team", Prefix="store/")
         assert stored["KeyCount"] > 0
         weights = (repo / "models/reward/model.safetensors").read_bytes()
         for path in (".dvc/cache", "data/prepared", "models"):
             shutil.rmtree(repo / path)
-        _run("dvc", "pull", cwd=repo, env=aws)
+        run_ok("dvc", "pull", cwd=repo, env=aws)
         assert (repo / "models/reward/model.safetensors").read_bytes() == weights
-        assert json.loads(_run("dvc", "status", "--json", cwd=repo)) == {}
+        assert json.loads(run_ok("dvc", "status", "--json", cwd=repo)) == {}
     finally:
         server.stop()
 
 
 def test_rlhf_train_writes_params_and_reproduces_with_step_times(tmp_path: Path, reproduced: Path) -> None:
     repo = reproduced_repo(tmp_path, reproduced)
-    out = _run(sys.executable, "-m", "stages.cli", "train", "--deployment-type", "cpu", cwd=repo)
+    out = run_ok(sys.executable, "-m", "stages.cli", "train", "--deployment-type", "cpu", cwd=repo)
     assert yaml.safe_load((repo / "params.yaml").read_text())["engine"]["device"] == "cpu"
     lines = out.strip().splitlines()
     last = next(line for line in lines if line.startswith("train: wall time per step:"))
@@ -150,7 +139,7 @@ def test_rlhf_train_writes_params_and_reproduces_with_step_times(tmp_path: Path,
     assert table[0].split() == ["stage", "key", "figures", "train", "output"] and all(len(x) <= 100 for x in table)
     assert [row.split()[0] for row in table[2:]] == ["prepare", "sft", "reward", "dpo", "ppo", "evaluate"], table
     assert all(f"{step} " in last for step in ("prepare", "sft", "reward", "ppo", "evaluate"))
-    assert json.loads(_run("dvc", "status", "--json", cwd=repo)) == {}
+    assert json.loads(run_ok("dvc", "status", "--json", cwd=repo)) == {}
 
 
 def _snapshot(repo: Path) -> dict[str, bytes]:
@@ -166,10 +155,10 @@ def test_killed_stage_leaves_lock_and_cache_untouched_then_resumes(tmp_path: Pat
     the checkpoint and succeeds. Then a corrupted cache object is detected, not checked out as the model."""
     repo = copy_project(tmp_path / "repo")
     write_params(repo / "params.yaml", {"sft": {"max_steps": 12, "checkpoint_every": 4}})
-    _run("git", "init", "-q", cwd=repo)
-    _run("dvc", "init", "-q", cwd=repo)
-    _commit(repo, "init")
-    _run("dvc", "repro", "prepare", cwd=repo)
+    run_ok("git", "init", "-q", cwd=repo)
+    run_ok("dvc", "init", "-q", cwd=repo)
+    commit(repo, "init")
+    run_ok("dvc", "repro", "prepare", cwd=repo)
     before = _snapshot(repo)
 
     proc = subprocess.run(
@@ -180,9 +169,9 @@ def test_killed_stage_leaves_lock_and_cache_untouched_then_resumes(tmp_path: Pat
     assert _snapshot(repo) == before
     assert not (repo / "models/sft").exists() and (repo / "checkpoints/sft/step-00000004/COMPLETE.json").is_file()
 
-    out = _run("dvc", "repro", "sft", cwd=repo)
+    out = run_ok("dvc", "repro", "sft", cwd=repo)
     assert "resumed from checkpoints/sft/step-00000004" in out
-    assert json.loads(_run("dvc", "status", "sft", "--json", cwd=repo)) == {}
+    assert json.loads(run_ok("dvc", "status", "sft", "--json", cwd=repo)) == {}
 
     # corrupt the cached weights, drop the workspace copy, and ask DVC for it back
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -193,13 +182,13 @@ def test_killed_stage_leaves_lock_and_cache_untouched_then_resumes(tmp_path: Pat
     obj.chmod(0o644)
     obj.write_bytes(obj.read_bytes()[:-16] + b"\0" * 16)
     shutil.rmtree(repo / "models/sft")
-    _run("dvc", "checkout", "models/sft", cwd=repo)  # DVC trusts its cache on checkout and links the bad bytes...
+    run_ok("dvc", "checkout", "models/sft", cwd=repo)  # DVC trusts its cache on checkout and links the bad bytes...
     proc = subprocess.run(
         [sys.executable, "-m", "stages.cli", "chat", "--model", "models/sft", "--prompt", "hi"],
         cwd=repo, env=cli_env(), capture_output=True, text=True, timeout=300,
     )  # ...our loader refuses them: the file no longer has the hash in COMPLETE.json
     assert proc.returncode == 2 and "does not match the hash in COMPLETE.json" in proc.stderr, proc.stderr[-2000:]
-    status = json.loads(_run("dvc", "status", "--json", "sft", cwd=repo))
+    status = json.loads(run_ok("dvc", "status", "--json", "sft", cwd=repo))
     assert {"changed outs": {"models/sft": "not in cache"}} in status["sft"], status  # DVC rehashes and notices
     shutil.rmtree(repo / "models/sft")
     proc = subprocess.run(["dvc", "checkout", "models/sft"], cwd=repo, env=cli_env(), capture_output=True, text=True)
@@ -214,18 +203,18 @@ def test_editing_a_row_of_a_local_source_makes_prepare_stale(tmp_path: Path) -> 
     mine.write_text("".join(json.dumps({"prompt": f"Pick {i}.", "chosen": f"{i}", "rejected": f"{i + 1}"}) + "\n"
                             for i in range(30)))
     write_params(repo / "params.yaml", {"data": {"sources": [{"path": "data/sources/mine.jsonl"}]}})
-    _run("git", "init", "-q", cwd=repo)
-    _run("dvc", "init", "-q", cwd=repo)
-    _commit(repo, "init")
-    _run("dvc", "repro", "prepare", cwd=repo)
-    assert json.loads(_run("dvc", "status", "prepare", "--json", cwd=repo)) == {}
+    run_ok("git", "init", "-q", cwd=repo)
+    run_ok("dvc", "init", "-q", cwd=repo)
+    commit(repo, "init")
+    run_ok("dvc", "repro", "prepare", cwd=repo)
+    assert json.loads(run_ok("dvc", "status", "prepare", "--json", cwd=repo)) == {}
     before = json.loads((repo / "metrics/prepare.json").read_text())["sources"]["data/sources/mine.jsonl"]["sha256"]
 
     lines = mine.read_text().splitlines()
     lines[7] = json.dumps({"prompt": "Pick 7.", "chosen": "7", "rejected": "9"})
     mine.write_text("\n".join(lines) + "\n")
-    status = json.loads(_run("dvc", "status", "prepare", "--json", cwd=repo))
+    status = json.loads(run_ok("dvc", "status", "prepare", "--json", cwd=repo))
     assert {"changed deps": {"data/sources": "modified"}} in status["prepare"], status
-    _run("dvc", "repro", "prepare", cwd=repo)
+    run_ok("dvc", "repro", "prepare", cwd=repo)
     after = json.loads((repo / "metrics/prepare.json").read_text())["sources"]["data/sources/mine.jsonl"]["sha256"]
     assert after != before and after == hashlib.sha256(mine.read_bytes()).hexdigest()

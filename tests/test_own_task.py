@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import copy_project, write_params
-from tests.test_dvc import _commit, _run
+from tests.conftest import commit, copy_project, run_ok, write_params
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "rock", "leaf"]
 
@@ -72,10 +71,10 @@ def test_own_task_through_dvc_repro_with_pad_equal_to_eos(tmp_path: Path) -> Non
         "reward": {"micro_batch_size": 8, "max_steps": 8, "epochs": 3},
         "ppo": {"rollout_batch_size": 8, "micro_batch_size": 4, "iterations": 2, "eval_prompts": 4},
     })
-    _run("git", "init", "-q", cwd=repo)
-    _run("dvc", "init", "-q", cwd=repo)
-    _commit(repo, "own task")
-    out = _run("dvc", "repro", "ppo", cwd=repo)
+    run_ok("git", "init", "-q", cwd=repo)
+    run_ok("dvc", "init", "-q", cwd=repo)
+    commit(repo, "own task")
+    out = run_ok("dvc", "repro", "ppo", cwd=repo)
     assert all(f"Running stage '{s}'" in out for s in ("prepare", "sft", "reward", "ppo")), out
 
     tok = AutoTokenizer.from_pretrained(repo / "models/sft")
@@ -101,12 +100,12 @@ def test_own_task_through_dvc_repro_with_pad_equal_to_eos(tmp_path: Path) -> Non
     assert len(curves) == 3  # header + 2 iterations
 
     # One row of the user's data changes: DVC sees it, prepare (and what follows) is stale.
-    assert json.loads(_run("dvc", "status", "ppo", "--with-deps", "--json", cwd=repo)) == {}
+    assert json.loads(run_ok("dvc", "status", "ppo", "--with-deps", "--json", cwd=repo)) == {}
     sft_file = repo / "data/sources/sft.jsonl"
     lines = sft_file.read_text().splitlines()
     edited = json.loads(lines[3])
     edited["completion"] += " indeed"
     lines[3] = json.dumps(edited)
     sft_file.write_text("\n".join(lines) + "\n")
-    status = json.loads(_run("dvc", "status", "ppo", "--with-deps", "--json", cwd=repo))
+    status = json.loads(run_ok("dvc", "status", "ppo", "--with-deps", "--json", cwd=repo))
     assert "prepare" in status and {"changed deps": {"data/sources": "modified"}} in status["prepare"], status

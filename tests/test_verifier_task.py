@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import copy_project, write_params
-from tests.test_dvc import _commit, _run
+from tests.conftest import commit, copy_project, run_ok, write_params
 from tests.test_own_task import _pretrained_folder, _rows
 
 VERIFIER = '''
@@ -55,10 +54,10 @@ def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path)
                 "answers_per_prompt": 4, "actor_learning_rate": 0.001},
         "evaluate": {"scorers": [verifier]},
     })
-    _run("git", "init", "-q", cwd=repo)
-    _run("dvc", "init", "-q", cwd=repo)
-    _commit(repo, "own task, own verifier")
-    out = _run("dvc", "repro", cwd=repo)
+    run_ok("git", "init", "-q", cwd=repo)
+    run_ok("dvc", "init", "-q", cwd=repo)
+    commit(repo, "own task, own verifier")
+    out = run_ok("dvc", "repro", cwd=repo)
     assert "Running stage 'evaluate'" in out, out
     assert "no reward model to train (no preference pairs, rewards.model_weight 0): placeholder" in out, out
     from rlhf.outputs import is_placeholder
@@ -85,13 +84,13 @@ def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path)
 
     # The verifier is code DVC tracks: editing it makes ppo (and evaluate) stale, not prepare or sft.
     (repo / "rewards/reverse.py").write_text(VERIFIER.replace("0.5 * prefixed", "0.4 * prefixed"))
-    status = json.loads(_run("dvc", "status", "--json", cwd=repo))
+    status = json.loads(run_ok("dvc", "status", "--json", cwd=repo))
     assert {"ppo", "evaluate"} <= set(status) and not {"prepare", "sft"} & set(status), status
 
     # The critic-free family on the same data and verifier: `dvc exp run` reruns only check, ppo and evaluate, and
     # GRPO (no critic built or saved) raises the verifier's held-out mean too.
-    _commit(repo, "verifier edited")
-    out = _run("dvc", "exp", "run", "-n", "grpo", "-S", "ppo.algorithm=grpo", cwd=repo)
+    commit(repo, "verifier edited")
+    out = run_ok("dvc", "exp", "run", "-n", "grpo", "-S", "ppo.algorithm=grpo", cwd=repo)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"check", "ppo", "evaluate"}, out
     metrics = json.loads((repo / "metrics/ppo.json").read_text())
