@@ -104,12 +104,12 @@ def fixed_length(engine, tokens: int) -> None:
 
 
 def iteration(trainer, engine, batch: dict, micro_batch: int) -> tuple:
-    """One step-3 iteration exactly as run_ppo runs it: generate_experience, train_rlhf per micro batch,
-    update_ema. Returns (experience, generate_experience's info, seconds of the update)."""
-    exp, info = trainer.generate_experience(batch)
+    """One step-3 iteration exactly as run_ppo runs it: make_experience, update (one step per mini batch; the
+    mini batch is the micro batch unless ppo.mini_batch_size is set), update_ema. Returns (experience,
+    make_experience's info, seconds of the update)."""
+    exp, info = trainer.make_experience([batch])
     t0 = time.perf_counter()
-    for i in range(0, exp.sequences.shape[0], micro_batch):
-        trainer.train_rlhf(exp.slice(i, i + micro_batch))
+    trainer.update(exp, seed=0)
     engine.update_ema()
     return exp, info, time.perf_counter() - t0
 

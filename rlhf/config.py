@@ -251,6 +251,9 @@ class DPOConfig(TrainConfig):
     # so that DPO cannot lower the likelihood of both answers of a pair (0 = plain DPO; on the shipped task it ran
     # every answer to the length limit at this learning rate: README)
     sft_coef: float = Field(1.0, ge=0)
+    # dropout off in the trained policy (the reference is scored in eval mode): with it on, the first step's
+    # log-ratios are noise and its loss is not log 2 (TRL's disable_dropout)
+    disable_dropout: bool = True
 
 
 class ModelEngineConfig(_Group):
@@ -296,7 +299,16 @@ class PPOConfig(_Group):
     entropy_coef: float = Field(0.0, ge=0)  # entropy bonus in the actor loss (0 = off)
     generation_batches: int = Field(1, gt=0)  # rollouts gathered before the PPO epochs (DeepSpeed-Chat's flag)
     ppo_epochs: int = Field(1, gt=0)  # passes over the gathered experience
-    micro_batch_size: int = Field(16, gt=0)  # experiences per rank per training forward
+    micro_batch_size: int = Field(16, gt=0)  # experiences per rank per training forward (memory only)
+    # experiences per rank per optimizer step (verl's ppo_mini_batch_size, TRL's micro batch x
+    # gradient_accumulation_steps): its micro batches' gradients are accumulated and each loss is normalised over the
+    # whole mini batch of every rank; null = micro_batch_size (one step per micro batch, DeepSpeed-Chat's way). The
+    # whole iteration's rollouts as one mini batch keep every step on-policy
+    mini_batch_size: int | None = Field(None, gt=0)
+    # dropout off in the actor, critic, reference and reward model (TRL's disable_dropout, DeepSpeed-Chat's
+    # --disable_actor_dropout): with it on, pi_old and pi_ref (eval mode) and the update (train mode) compare
+    # different functions and the first step's ratio is noise
+    disable_dropout: bool = True
     actor_learning_rate: float = Field(1e-4, gt=0)
     critic_learning_rate: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -360,6 +372,16 @@ class PPOConfig(_Group):
         return self.rollout_batch_size * self.group_size * self.generation_batches
 
     @property
+    def mini_batch(self) -> int:
+        """mini_batch_size, resolved (null: micro_batch_size)."""
+        return self.mini_batch_size if self.mini_batch_size is not None else self.micro_batch_size
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run (each model's learning-rate schedule is this long)."""
+        return self.iterations * self.ppo_epochs * (self.rollouts_per_iteration // self.mini_batch)
+
+    @property
     def group_size(self) -> int:
         """answers_per_prompt, resolved (null: 4 for grpo and rloo, else 1)."""
         if self.answers_per_prompt is not None:
@@ -398,6 +420,17 @@ class PPOConfig(_Group):
                 "ppo.rollout_batch_size x ppo.answers_per_prompt x ppo.generation_batches "
                 f"({self.rollouts_per_iteration}) is not divisible by ppo.micro_batch_size ({self.micro_batch_size}): "
                 "make micro_batch_size a divisor"
+            )
+        if self.mini_batch % self.micro_batch_size:
+            raise ValueError(
+                f"ppo.mini_batch_size ({self.mini_batch_size}) is not a multiple of ppo.micro_batch_size "
+                f"({self.micro_batch_size}): a mini batch is a whole number of micro batches"
+            )
+        if self.rollouts_per_iteration % self.mini_batch:
+            raise ValueError(
+                "ppo.rollout_batch_size x ppo.answers_per_prompt x ppo.generation_batches "
+                f"({self.rollouts_per_iteration}) is not divisible by ppo.mini_batch_size ({self.mini_batch_size}): "
+                "make mini_batch_size a divisor (null = micro_batch_size)"
             )
         return self
 

@@ -91,7 +91,7 @@ def run_dpo(
     skipped step 2 (no preference pair), write a placeholder instead (metrics trained: false)."""
     from rlhf.data import read_split
     from rlhf.engine import init_distributed, seed_everything
-    from rlhf.models import add_lora, load_causal_lm
+    from rlhf.models import add_lora, disable_dropout, load_causal_lm
     from rlhf.ppo_math import dpo_loss
     from rlhf.outputs import check_model_folder, skipped_steps, write_placeholder
     from rlhf.tokenizer import load_tokenizer
@@ -136,7 +136,8 @@ def run_dpo(
         return {k: v / max(n, 1.0) for k, v in zip(keys, totals)}
 
     def build() -> Any:
-        return add_lora(load_causal_lm(sft_path), cfg.lora, "CAUSAL_LM")
+        model = add_lora(load_causal_lm(sft_path), cfg.lora, "CAUSAL_LM")
+        return disable_dropout(model) if cfg.disable_dropout else model
 
     return train_and_export(
         name="dpo",

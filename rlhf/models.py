@@ -194,6 +194,29 @@ def add_lora(model: Any, cfg: LoraConfig, task_type: str) -> Any:
     return model
 
 
+# Module attributes that hold a dropout probability as a plain float, read in forward (Llama's and Qwen's
+# attention_dropout, OPT's dropout/activation_dropout, OPT's layerdrop): nn.Dropout modules are not the only kind.
+_DROPOUT_FLOATS = ("dropout", "attention_dropout", "activation_dropout", "attn_dropout", "resid_dropout",
+                   "embd_pdrop", "resid_pdrop", "attn_pdrop", "hidden_dropout", "layerdrop")
+
+
+def disable_dropout(model: Any) -> Any:
+    """`model` with every dropout probability set to 0, in train mode too (TRL's disable_dropout_in_model, which
+    also sees the float probabilities some attention modules read): the RL ratio pi / pi_old and DPO's log-ratios
+    then compare the same function in train and eval mode. The config is left as it was, so a saved model keeps
+    its dropout for whoever trains it next."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in _DROPOUT_FLOATS:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, 0.0)
+    return model
+
+
 def unwrap_for_saving(model: Any) -> Any:
     """The plain transformers model, with any LoRA adapters merged into the base weights."""
     from peft import PeftModel

@@ -5,9 +5,9 @@ Public API, in DeepSpeed-Chat's shape (the stage loop around it is rlhf/rl_loop.
 
     engine = RLHFEngine(params, dist, sft_path, reward_path)   # rlhf/rl_engine.py: actor, ref, critic, reward, EMA
     trainer = PPOTrainer(engine, params.ppo)
-    exp, info = trainer.generate_experience(prompt_batch)       # -> Experience, timings and token count
-    actor_loss, critic_loss, stats = trainer.train_rlhf(exp)
-    trainer.train_unsupervised(ptx_batch)                       # optional ptx mix
+    exp, info = trainer.make_experience([prompt_batch, ...])    # -> Experience, timings and token count
+    stats = trainer.update(exp, seed)                           # ppo_epochs x one step per mini batch
+    actor_loss, critic_loss, stats = trainer.train_rlhf(exp)    # or: one optimizer step on exp as one mini batch
 
 Every algorithm shares one rollout and scoring path (`generate` -> Rollout, `reward_scores`, reference log-probs);
 what differs is the estimator (rlhf/algorithms.py, on rlhf/ppo_math.py's pure functions) and whether a critic exists. The
@@ -73,6 +73,10 @@ class Experience:
     def slice(self, start: int, stop: int) -> Experience:
         return Experience(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
 
+    def select(self, rows: torch.Tensor) -> Experience:
+        """The experiences at `rows` (a (n,) index tensor), in that order."""
+        return Experience(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
     @staticmethod
     def cat(parts: list[Experience]) -> Experience:
         """Concatenate rollouts along B, right-padding (B, R) tensors to the longest R (masked out)."""
@@ -130,6 +134,7 @@ class PPOTrainer:
         self.reward_moments = RunningMoments()  # of every summed reward so far (ppo.reward_normalization: running)
         self.iteration = 0  # the iteration under way (1-based), for messages and fault injection
         self.guard = NonFiniteGuard(config.max_bad_steps, "ppo")
+        self.ptx: Any = None  # an iterator of ptx micro batches when ppo.ptx_coef > 0 (the stage sets it)
 
     # ------------------------------------------------------------------ overridable pieces (small on purpose)
 
@@ -198,11 +203,14 @@ class PPOTrainer:
     def advantages(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor,
                    scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The estimator of ppo.algorithm (rlhf/algorithms.py) -> (rewards, advantages, returns), each (B, R).
-        scores: (B,) normalised. Under kl_penalty: loss the reward has no KL term (the loss carries it)."""
+        scores: (B,) normalised. Under kl_penalty: loss the reward has no KL term (the loss carries it). Batch
+        statistics (whitening) are taken over every rank's rows."""
         from rlhf.algorithms import ESTIMATORS
 
         kl_coef = self.kl_ctl.value if self.config.kl_penalty == "reward" else 0.0
-        return ESTIMATORS[self.config.algorithm](logprobs, ref_logprobs, values, scores, mask, self.config, kl_coef)
+        reduce = self._sum_over_ranks if self.engine.dist.world_size > 1 else None
+        return ESTIMATORS[self.config.algorithm](logprobs, ref_logprobs, values, scores, mask, self.config, kl_coef,
+                                                 reduce)
 
     # ------------------------------------------------------------------------------------------ the phases
 
@@ -252,9 +260,36 @@ class PPOTrainer:
         return Rollout(seq, attention_mask, action_mask, logprobs, prompt_ids.shape[1])
 
     def generate_experience(self, prompt_batch: dict[str, Any]) -> tuple[Experience, dict[str, float]]:
-        """Phases 1-3 of an iteration: generate, score, advantages. prompt_batch: input_ids/attention_mask (N, P);
-        the experience has B = N x answers per prompt rollouts (each prompt's answers in a row: a group). Returns
-        the experience and {generate_s, score_s, advantages_s, tokens} (seconds per phase, answer tokens)."""
+        """Phases 1-3 of an iteration on one batch of prompts: make_experience([prompt_batch])."""
+        return self.make_experience([prompt_batch])
+
+    def make_experience(self, prompt_batches: list[dict[str, Any]]) -> tuple[Experience, dict[str, float]]:
+        """Phases 1-3 of an iteration: generate and score each batch of prompts (input_ids/attention_mask (N, P)),
+        then the advantages once over all of them (and over every rank): the running reward statistics, the
+        whitening and the KL means are those of the iteration's whole batch, however it was split into generation
+        batches. The experience has B = sum of N x answers per prompt rollouts (each prompt's answers in a row: a
+        group). Returns it and {generate_s, score_s, advantages_s, tokens} (seconds per phase, answer tokens)."""
+        import torch
+
+        info = {"generate_s": 0.0, "score_s": 0.0, "advantages_s": 0.0, "tokens": 0.0}
+        parts = []
+        for batch in prompt_batches:
+            part, timings = self._rollout_and_score(batch)
+            parts.append(part)
+            info = {k: v + timings.get(k, 0.0) for k, v in info.items()}
+        exp = Experience.cat(parts) if len(parts) > 1 else parts[0]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            exp.rewards, exp.advantages, exp.returns = self.advantages(
+                exp.logprobs, exp.ref_logprobs, exp.values, self.normalized(exp.scores), exp.action_mask
+            )
+        info["advantages_s"] = time.perf_counter() - t0
+        info["tokens"] = exp.action_mask.sum().item()
+        return exp, info
+
+    def _rollout_and_score(self, prompt_batch: dict[str, Any]) -> tuple[Experience, dict[str, float]]:
+        """Phases 1-2 on one batch of prompts: the experience without its estimate (rewards, advantages and
+        returns are zeros until make_experience fills them) and {generate_s, score_s}."""
         import torch
 
         device = self.engine.actor.engine.device
@@ -277,67 +312,148 @@ class PPOTrainer:
             scores = self.reward_scores(rollout, rows)
             logprobs, ref_logprobs, values = logprobs * action_mask, ref_logprobs * action_mask, values * action_mask
             kl = (logprobs - ref_logprobs) * action_mask
-            t2 = time.perf_counter()
-            rewards, advantages, returns = self.advantages(logprobs, ref_logprobs, values, self.normalized(scores),
-                                                           action_mask)
-        t3 = time.perf_counter()
-        info = {"generate_s": t1 - t0, "score_s": t2 - t1, "advantages_s": t3 - t2, "tokens": action_mask.sum().item()}
-        exp = Experience(seq, mask, action_mask, logprobs, ref_logprobs, values, scores, rewards, advantages, returns, kl)
-        return exp, info
+        t2 = time.perf_counter()
+        zeros = torch.zeros_like(logprobs)
+        exp = Experience(seq, mask, action_mask, logprobs, ref_logprobs, values, scores, zeros, zeros, zeros, kl)
+        return exp, {"generate_s": t1 - t0, "score_s": t2 - t1}
 
-    def train_rlhf(self, exp: Experience) -> tuple[float, float, dict[str, float]]:
-        """Phase 4 on one micro-batch: one clipped policy step of the actor and (ppo) one of the critic.
-        Returns (actor_loss, critic_loss (0 without a critic), stats)."""
-        from rlhf.ppo_math import aggregate_loss, k3_kl, policy_loss, value_loss
+    def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over every rank (a new tensor; x itself alone on one rank)."""
+        import torch
+
+        if self.engine.dist.world_size == 1:
+            return x
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    def update(self, exp: Experience, seed: int) -> dict[str, float]:
+        """Phase 4: ppo.ppo_epochs passes over the experience, each in a fresh order (a torch.Generator seeded
+        with `seed` and the epoch: the global RNG, which sampling uses, is left alone), one optimizer step per mini
+        batch of ppo.mini_batch_size rows. Returns each loss and statistic averaged over the steps."""
+        import torch
+
+        cfg = self.config
+        sums: dict[str, float] = {}
+        steps = 0
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(exp.sequences.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
+            for start in range(0, len(order), cfg.mini_batch):
+                ptx = [next(self.ptx) for _ in range(cfg.mini_batch // cfg.micro_batch_size)] if self.ptx else None
+                a_loss, c_loss, stats = self.train_rlhf(exp.select(order[start : start + cfg.mini_batch]), ptx)
+                losses = {"actor_loss": a_loss} | ({"critic_loss": c_loss} if self.engine.critic is not None else {})
+                for key, value in {**losses, **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                steps += 1
+        return {key: value / max(steps, 1) for key, value in sums.items()}
+
+    def train_rlhf(self, exp: Experience, ptx: list[dict[str, Any]] | None = None) -> tuple[float, float, dict[str, float]]:
+        """Phase 4 on one mini batch: one optimizer step of the actor and (ppo) one of the critic, the gradients of
+        its micro batches (ppo.micro_batch_size rows each) accumulated. Every loss is normalised over the whole
+        mini batch of every rank (ppo.loss_aggregation's count summed over micro batches and ranks), so the step
+        is the same however the mini batch is split. `ptx`: one language-model batch per micro batch, whose loss
+        x ppo.ptx_coef joins the same step (InstructGPT's PPO-ptx objective). Returns (actor_loss, critic_loss (0
+        without a critic), stats), the losses as the mini batch's."""
+        import torch
+
+        from rlhf.ppo_math import aggregation_count
+
+        cfg = self.config
+        micro = [exp.slice(i, i + cfg.micro_batch_size) for i in range(0, exp.sequences.shape[0], cfg.micro_batch_size)]
+        world = self.engine.dist.world_size
+        counts = [aggregation_count(m.action_mask, cfg.loss_aggregation) for m in micro]
+        tokens = [aggregation_count(m.action_mask, "token_mean") for m in micro]
+        total, total_tokens = self._sum_over_ranks(torch.stack([sum(counts), sum(tokens)])).tolist()
+        actor, critic = self.engine.actor.engine, self.engine.critic
+        a_loss, stats, ptx_loss = 0.0, {}, 0.0
+        with training(actor):
+            steps = []
+            for j, m in enumerate(micro):
+                loss, micro_stats = self._actor_loss(m, total)
+                a_loss += loss.item() * world
+                if ptx is not None:  # each rank's LM mean, averaged over the micro batches (DeepSpeed averages ranks)
+                    lm = self._ptx_loss(ptx[j])
+                    ptx_loss += lm.item() / len(micro)
+                    loss = loss + cfg.ptx_coef * lm / len(micro) / world
+                steps.append(self._accumulate(actor, loss * world, j == len(micro) - 1))
+                for key, value in micro_stats.items():
+                    stats[key] = stats.get(key, 0.0) + value / len(micro)
+            self._finish_step(actor, all(steps))
+        if ptx is not None:
+            stats["ptx_loss"] = ptx_loss
+        if critic is None:
+            return a_loss, 0.0, stats
+        c_loss = 0.0
+        with training(critic):
+            steps = []
+            for j, m in enumerate(micro):
+                loss, c_stats = self._critic_loss(m, total_tokens)
+                c_loss += loss.item() * world
+                steps.append(self._accumulate(critic, loss * world, j == len(micro) - 1))
+                for key, value in c_stats.items():
+                    stats[key] = stats.get(key, 0.0) + value / len(micro)
+            self._finish_step(critic, all(steps))
+        return a_loss, c_loss, stats
+
+    def _actor_loss(self, exp: Experience, total: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro batch's share of the mini batch's actor loss (`total`: the mini batch's aggregation count)."""
+        from rlhf.ppo_math import aggregate_loss, k3_kl, policy_loss
 
         cfg = self.config
         p = exp.sequences.shape[1] - exp.action_mask.shape[1]
-        actor, critic = self.engine.actor.engine, self.engine.critic
         agg, norm = cfg.loss_aggregation, cfg.max_answer_tokens
-        with training(actor):
-            out = self._logprobs(actor, exp.sequences, exp.attention_mask, p, entropy=cfg.entropy_coef > 0)
-            logprobs, entropy = out if cfg.entropy_coef > 0 else (out, None)
-            a_loss, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.clip_low,
-                                        cfg.clip_high, agg, norm)
-            if cfg.kl_penalty == "loss":
-                kl_loss = aggregate_loss(k3_kl(logprobs, exp.ref_logprobs), exp.action_mask, agg, norm)
-                a_loss = a_loss + self.kl_ctl.value * kl_loss
-                stats["kl_loss"] = kl_loss.item()
-            if entropy is not None:
-                mean_entropy = aggregate_loss(entropy, exp.action_mask, agg, norm)
-                a_loss = a_loss - cfg.entropy_coef * mean_entropy
-                stats["entropy"] = mean_entropy.item()
-            self._step(actor, faults.poison(a_loss, self.iteration))
-        if critic is None:
-            return a_loss.item(), 0.0, stats
-        with training(critic):
-            values = token_values(critic.module, exp.sequences, exp.attention_mask, p)
-            c_loss, c_stats = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.value_clip_range)
-            self._step(critic, c_loss)
-        return a_loss.item(), c_loss.item(), {**stats, **c_stats}
+        out = self._logprobs(self.engine.actor.engine, exp.sequences, exp.attention_mask, p, entropy=cfg.entropy_coef > 0)
+        logprobs, entropy = out if cfg.entropy_coef > 0 else (out, None)
+        loss, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.clip_low,
+                                  cfg.clip_high, agg, norm, total)
+        if cfg.kl_penalty == "loss":
+            kl_loss = aggregate_loss(k3_kl(logprobs, exp.ref_logprobs), exp.action_mask, agg, norm, total)
+            loss = loss + self.kl_ctl.value * kl_loss
+            stats["kl_loss"] = aggregate_loss(k3_kl(logprobs, exp.ref_logprobs).detach(), exp.action_mask, agg, norm).item()
+        if entropy is not None:
+            loss = loss - cfg.entropy_coef * aggregate_loss(entropy, exp.action_mask, agg, norm, total)
+            stats["entropy"] = aggregate_loss(entropy.detach(), exp.action_mask, agg, norm).item()
+        return faults.poison(loss, self.iteration), stats
 
-    def _step(self, engine: Any, loss: Any) -> None:
-        """backward + step, unless the loss or the gradients are not finite on some rank: then the update is
-        skipped (weights and optimizer state untouched) and counted; `guard` aborts after too many in a row."""
-        from rlhf.trainer import all_finite, grads_finite
+    def _critic_loss(self, exp: Experience, total_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro batch's share of the mini batch's value loss (a mean over its `total_tokens` real tokens)."""
+        from rlhf.ppo_math import value_loss
+
+        p = exp.sequences.shape[1] - exp.action_mask.shape[1]
+        values = token_values(self.engine.critic.module, exp.sequences, exp.attention_mask, p)
+        return value_loss(values, exp.values, exp.returns, exp.action_mask, self.config.value_clip_range, total_tokens)
+
+    def _ptx_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The language-model loss of one ptx batch under the actor (train mode is the caller's)."""
+        actor = self.engine.actor.engine
+        return actor(**{k: v.to(actor.device) for k, v in batch.items()}).loss
+
+    def _accumulate(self, engine: Any, loss: torch.Tensor, last: bool) -> bool:
+        """Backward of one micro batch's loss into the accumulated gradients (DeepSpeed reduces them over ranks at
+        the mini batch's last micro batch, `last`). The loss is already normalised over the mini batch, so
+        DeepSpeed's own division by the accumulation steps is off. False (and no backward) when the loss is not
+        finite on some rank: the mini batch then takes no step."""
+        from rlhf.trainer import all_finite
 
         if not self.guard.ok(all_finite(loss, self.engine.dist), self.iteration):
-            return
-        engine.backward(loss)
-        if not self.guard.ok(grads_finite(engine), self.iteration):
-            engine.zero_grad()
-            return
-        engine.step()
+            return False
+        engine.set_gradient_accumulation_boundary(last)
+        engine.backward(loss, scale_wrt_gas=False)
+        return True
 
-    def train_unsupervised(self, batch: dict[str, Any]) -> float:
-        """The ptx step (InstructGPT's PPO-ptx): ptx_coef x language-model loss on demonstrations, its own step."""
-        actor = self.engine.actor.engine
-        with training(actor):
-            batch = {k: v.to(actor.device) for k, v in batch.items()}
-            loss = actor(**batch).loss
-            self._step(actor, self.config.ptx_coef * loss)
-        return loss.item()
+    def _finish_step(self, engine: Any, ok: bool) -> None:
+        """The mini batch's optimizer step, unless a micro batch's loss or the reduced gradients were not finite:
+        then the gradients are dropped (weights and optimizer state untouched) and the step counted as skipped;
+        `guard` aborts after too many in a row."""
+        from rlhf.trainer import grads_finite
 
+        if ok and self.guard.ok(grads_finite(engine), self.iteration):
+            engine.set_gradient_accumulation_boundary(True)
+            engine.step()
+            return
+        engine.zero_grad()
+        if hasattr(engine.optimizer, "zero_grad"):
+            engine.optimizer.zero_grad()
 
 # ---------------------------------------------------------------------------------------------- the stage
 

@@ -26,7 +26,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -75,16 +75,30 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return total.sum(dim) / count.sum(dim).clamp(min=1)
 
 
+AllReduce = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed over every rank (identity on one rank)
+
+
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    all_reduce: AllReduce | None = None,
 ) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) with mean and biased variance (unbiased=False) over masked entries only.
 
     x, mask: same shape, e.g. (B, A) advantages. Returns x's shape; entries where mask is 0 are 0.
     shift_mean False adds the mean back (scale only), as TRL's masked_whiten does.
+    all_reduce (a sum over ranks): the mean and variance are those of every rank's entries together, as verl and
+    OpenRLHF whiten over the global batch; the sums are taken in float64, so splitting a batch changes nothing.
     """
-    mean = masked_mean(x, mask)  # () over all real tokens of the batch
-    var = masked_mean((x - mean) ** 2, mask)  # () biased: divides by the count, not count - 1
+    if all_reduce is None:
+        mean = masked_mean(x, mask)  # () over all real tokens of the batch
+        var = masked_mean((x - mean) ** 2, mask)  # () biased: divides by the count, not count - 1
+    else:  # over every rank's real tokens: sums first, then the variance around the global mean
+        keep = mask.bool()
+        x64 = torch.where(keep, x.double(), torch.zeros_like(x, dtype=torch.float64))
+        total, count = all_reduce(torch.stack([x64.sum(), keep.sum().double()])).unbind()
+        mean64 = total / count.clamp(min=1)
+        sq = all_reduce(torch.where(keep, (x64 - mean64) ** 2, torch.zeros_like(x64)).sum())
+        mean, var = mean64.to(x.dtype), (sq / count.clamp(min=1)).to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -164,7 +178,15 @@ def gae_advantages(
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: int | None = None) -> torch.Tensor:
+def aggregation_count(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """() what aggregate_loss divides by in `mode`: the real tokens of mask (token_mean) or its rows (the sequence
+    modes). Summed over every micro batch and rank of a mini batch, it is the `total` that makes the micro batches'
+    losses add up to the mini batch's."""
+    return mask.bool().sum().double() if mode == "token_mean" else torch.tensor(float(mask.shape[0]), dtype=torch.float64)
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: int | None = None,
+                   total: float | None = None) -> torch.Tensor:
     """One scalar from per-token losses (B, A) over the real tokens of mask (B, A):
 
         token_mean               sum_{i,t} l_it / sum_{i,t} m_it    every token weighs the same (DAPO; PPO's
@@ -177,18 +199,25 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_lengt
 
     Padding entries are replaced by 0 (not multiplied), so inf/NaN there cannot leak in; an answer with no real
     token counts as 0 in the sequence means.
+
+    total: divide the sum by this count instead of this batch's own (aggregation_count): a mini batch taken as
+    several micro batches (and ranks) then adds up to exactly the loss of the whole mini batch, with `total` the
+    mini batch's count (verl's and TRL's global token normalisation).
     """
     keep = mask.bool()
     per_token = torch.where(keep, loss, torch.zeros_like(loss))  # (B, A)
     if mode == "token_mean":
-        return per_token.sum() / keep.sum().clamp(min=1)
-    if mode == "seq_mean_token_mean":
-        return (per_token.sum(-1) / keep.sum(-1).clamp(min=1)).mean()
-    if mode == "seq_mean_token_sum_norm":
+        summed = per_token.sum()
+    elif mode == "seq_mean_token_mean":
+        summed = (per_token.sum(-1) / keep.sum(-1).clamp(min=1)).sum()
+    elif mode == "seq_mean_token_sum_norm":
         if not norm_length or norm_length <= 0:
             raise ValueError("seq_mean_token_sum_norm needs norm_length > 0 (the longest answer allowed)")
-        return (per_token.sum(-1) / norm_length).mean()
-    raise ValueError(f"unknown loss aggregation {mode!r}: use one of {', '.join(LOSS_AGGREGATIONS)}")
+        summed = (per_token.sum(-1) / norm_length).sum()
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}: use one of {', '.join(LOSS_AGGREGATIONS)}")
+    count = aggregation_count(mask, mode).item() if total is None else total
+    return summed / max(count, 1.0)
 
 
 def policy_loss(
@@ -200,6 +229,7 @@ def policy_loss(
     clip_range_high: float | None = None,
     aggregation: str = "token_mean",
     norm_length: int | None = None,
+    total: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate (Schulman et al. 2017 eq. 7; DeepSpeed-Chat actor_loss_fn), as a loss to minimise.
 
@@ -208,7 +238,7 @@ def policy_loss(
     (None = clip_range: the symmetric clip; larger lets unlikely tokens grow, DAPO's clip-higher).
         ratio = exp(logprobs - old_logprobs)
         loss  = aggregate(max(-A * ratio, -A * clamp(ratio, 1 - eps_low, 1 + eps_high)))
-    aggregation, norm_length: see aggregate_loss (token_mean is the masked mean over every real token).
+    aggregation, norm_length, total: see aggregate_loss (token_mean is the masked mean over every real token).
     Returns (loss (), stats) with stats:
         clip_fraction  share of real tokens where the clipped term is the active (strictly larger) one
         approx_kl      masked_mean(0.5 * (logprobs - old_logprobs)^2), Schulman's k2 estimator of KL(old || new)
@@ -219,7 +249,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)  # (B, A)
     unclipped = -advantages * ratio  # (B, A)
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)  # (B, A)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, aggregation, norm_length)  # ()
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, aggregation, norm_length, total)  # ()
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
@@ -259,12 +289,15 @@ def group_advantages(scores: torch.Tensor, group_size: int, baseline: str, scale
                scale False: A_i = r_i - mean_g(r)             (Dr. GRPO: no std division, no difficulty bias)
         rloo   A_i = r_i - 1/(G-1) sum_{j != i} r_j           (RLOO; = G/(G-1) (r_i - mean_g(r)))
 
-    A group whose answers all scored alike gets advantage 0 (nothing to learn from it).
+    A group whose answers all scored alike gets advantage exactly 0 (nothing to learn from it): the statistics are
+    taken in float64, where the sum of G equal float32 scores is exact (and so is its mean), whereas a float32 mean
+    can be one rounding step off the score and the std one step above 0, which the division turned into advantages
+    up to 0.24.
     """
     if group_size < 2 or scores.numel() % group_size:
         raise ValueError(f"group advantages need groups of >= 2 answers dividing the batch, got {group_size} "
                          f"for {scores.numel()} scores")
-    groups = scores.float().view(-1, group_size)  # (B / G, G)
+    groups = scores.double().view(-1, group_size)  # (B / G, G) float64: see above
     mean = groups.mean(-1, keepdim=True)
     if baseline == "rloo":
         out = (groups * group_size - groups.sum(-1, keepdim=True)) / (group_size - 1)
@@ -274,7 +307,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, baseline: str, scale
             out = out / (groups.std(-1, keepdim=True) + eps)
     else:
         raise ValueError(f"unknown group baseline {baseline!r}: grpo or rloo")
-    return out.view(-1)
+    return out.view(-1).float()
 
 
 @torch.no_grad()
@@ -302,6 +335,7 @@ def critic_free_advantages(
     kl_coef: float,
     gamma: float = 1.0,
     scale_group: bool = True,
+    all_reduce: AllReduce | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) advantages and the (B, A) per-token rewards they came from, for the critic-free family (OpenRLHF's and
     verl's layout): the sequence score gets its baseline first, then the KL penalty is added per token, then the
@@ -311,6 +345,7 @@ def critic_free_advantages(
         reinforce_pp   score_i unchanged                          (no baseline; returns whitened below)
         r_it = -kl_coef * (log pi_old - log pi_ref)_it + [t = last] * score_i     (k1; kl_coef 0 with the KL loss)
         A_it = sum_{s >= t} gamma^(s-t) r_is                      reinforce_pp: then whitened over the whole batch
+                                                                  (every rank's, with all_reduce)
     """
     if algorithm in ("grpo", "rloo"):
         scores = group_advantages(scores, group_size, algorithm, scale_group)
@@ -319,7 +354,7 @@ def critic_free_advantages(
     rewards, _ = kl_shaped_rewards(logprobs, ref_logprobs, scores, mask, kl_coef, 0.0)
     advantages = discounted_returns(rewards, mask, gamma)
     if algorithm == "reinforce_pp":
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
     return advantages, rewards
 
 
@@ -329,6 +364,7 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    total: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss (DeepSpeed-Chat critic_loss_fn; PPO2's value clipping).
 
@@ -336,14 +372,15 @@ def value_loss(
     mask: (B, A); clip_range: c, where c <= 0 turns clipping off (plain 0.5 * masked MSE).
         v_clipped = old + clamp(values - old, -c, c)
         loss      = 0.5 * masked_mean(max((values - returns)^2, (v_clipped - returns)^2))
+    total: the real tokens of the whole mini batch (see aggregate_loss), None: this batch's.
     Returns (loss (), {"value_clip_fraction": share of real tokens where the clipped error was strictly larger}).
     """
     err = (values - returns) ** 2  # (B, A)
     if clip_range <= 0:
-        return 0.5 * masked_mean(err, mask), {"value_clip_fraction": 0.0}
+        return 0.5 * aggregate_loss(err, mask, "token_mean", total=total), {"value_clip_fraction": 0.0}
     v_clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)  # (B, A)
     err_clipped = (v_clipped - returns) ** 2  # (B, A)
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)  # ()
+    loss = 0.5 * aggregate_loss(torch.maximum(err, err_clipped), mask, "token_mean", total=total)  # ()
     with torch.no_grad():
         frac = masked_mean((err_clipped > err).to(err.dtype), mask).item()
     return loss, {"value_clip_fraction": frac}

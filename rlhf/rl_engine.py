@@ -15,8 +15,10 @@ from rlhf.tokenizer import check_compatible
 
 
 def _train_cfg(ppo: PPOConfig, lr: float) -> TrainConfig:
+    """A trained model's optimisation settings: one optimizer step per mini batch of micro batches."""
     return TrainConfig(
         micro_batch_size=ppo.micro_batch_size,
+        gradient_accumulation_steps=ppo.mini_batch // ppo.micro_batch_size,
         learning_rate=lr,
         weight_decay=ppo.weight_decay,
         warmup_ratio=ppo.warmup_ratio,
@@ -72,7 +74,7 @@ class RLHFEngine:
 
         from rlhf import engine as eng
         from rlhf.hybrid import HybridEngine
-        from rlhf.models import add_lora, load_causal_lm, load_reward_model
+        from rlhf.models import add_lora, disable_dropout, load_causal_lm, load_reward_model
         from rlhf.tokenizer import load_tokenizer
 
         self.params, self.dist = params, dist
@@ -83,12 +85,13 @@ class RLHFEngine:
             check_compatible(self.tok, reward_tok, AutoConfig.from_pretrained(sft_path), AutoConfig.from_pretrained(reward_path))
         self.tok.padding_side = "left"  # prompts are left-padded for batched generation
 
-        self.build_actor: Callable[[], Any] = lambda: add_lora(load_causal_lm(sft_path), ppo.actor_lora, "CAUSAL_LM")
+        quiet = disable_dropout if ppo.disable_dropout else (lambda m: m)  # the same function in train and eval mode
+        self.build_actor: Callable[[], Any] = lambda: quiet(add_lora(load_causal_lm(sft_path), ppo.actor_lora, "CAUSAL_LM"))
         critic_body = (lambda: load_reward_model(reward_path)) if reward_path is not None else (lambda: critic_from_actor(sft_path))
         self.build_critic: Callable[[], Any] | None = None
         if ppo.needs_critic:
-            self.build_critic = lambda: add_lora(critic_body(), ppo.critic_lora, "SEQ_CLS")
-        steps = ppo.iterations * ppo.ppo_epochs * ppo.rollouts_per_iteration // ppo.micro_batch_size
+            self.build_critic = lambda: quiet(add_lora(critic_body(), ppo.critic_lora, "SEQ_CLS"))
+        steps = ppo.optimizer_steps  # the ptx loss joins the RL loss in the same step: no extra steps
         self.engines = {
             name: resolve_engine(params.engine, getattr(ppo, f"{name}_engine"))
             for name in ("actor", "critic", "ref", "reward")
@@ -102,10 +105,10 @@ class RLHFEngine:
             self.critic = eng.initialize(
                 self.build_critic(), self.engines["critic"], _train_cfg(ppo, ppo.critic_learning_rate), steps
             )
-        self.ref = _frozen_engine(load_causal_lm(sft_path), self.engines["ref"], ppo.micro_batch_size)
+        self.ref = _frozen_engine(quiet(load_causal_lm(sft_path)), self.engines["ref"], ppo.micro_batch_size)
         self.reward = None
         if reward_path is not None:
-            self.reward = _frozen_engine(load_reward_model(reward_path), self.engines["reward"], ppo.micro_batch_size)
+            self.reward = _frozen_engine(quiet(load_reward_model(reward_path)), self.engines["reward"], ppo.micro_batch_size)
         self.ema = None
         if ppo.ema_beta > 0:
             state = eng.full_state_dict(self.actor.module, self.actor.zero_stage, is_main=True, all_ranks=True)

@@ -171,6 +171,7 @@ def run_ppo(
     prompts = Cycle(make_loader(train_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=True))
     eval_loader = make_loader(eval_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=False)
     ptx = Cycle(make_loader(ptx_rows, ppo.micro_batch_size, collate_sft(tok.pad_token_id), dist, params.seed, True)) if ptx_rows else None
+    trainer.ptx = ptx
 
     manifest_params = {k: getattr(params, k).model_dump() for k in ("engine", "ppo", "rewards", "data")}
     inputs = hash_inputs(
@@ -205,28 +206,13 @@ def run_ppo(
     for it in range(start, ppo.iterations + 1):
         trainer.iteration = it
         trainer.term_stats = {}
-        # 1-3: generate, score, advantages (timed inside generate_experience)
-        parts, timings, tokens = [], {"generate_s": 0.0, "score_s": 0.0, "advantages_s": 0.0}, 0.0
-        for _ in range(ppo.generation_batches):
-            part, info = trainer.generate_experience(next(prompts))
-            parts.append(part)
-            timings = {k: v + info[k] for k, v in timings.items()}
-            tokens += info["tokens"]
-        exp = Experience.cat(parts)
+        # 1-3: generate, score, advantages (timed inside make_experience), over all generation batches at once
+        exp, timings = trainer.make_experience([next(prompts) for _ in range(ppo.generation_batches)])
+        tokens = timings.pop("tokens")
         flops = phase_flops(engine, exp, ppo)
-        # 4: update
+        # 4: update, one optimizer step per mini batch, in an order drawn from the seed and the iteration
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        steps = 0
-        for _ in range(ppo.ppo_epochs):
-            for i in range(0, exp.sequences.shape[0], ppo.micro_batch_size):
-                a_loss, c_loss, stats = trainer.train_rlhf(exp.slice(i, i + ppo.micro_batch_size))
-                losses = {"actor_loss": a_loss} | ({"critic_loss": c_loss} if engine.critic is not None else {})
-                for k, v in {**losses, **stats}.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if ptx is not None:
-                    sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + trainer.train_unsupervised(next(ptx))
-                steps += 1
+        sums = trainer.update(exp, params.seed * 100_003 + it * ppo.ppo_epochs)
         engine.update_ema()
         train_s = time.perf_counter() - t0
         # KL per sequence drives the adaptive controller (Ziegler et al. 2019)
@@ -250,7 +236,8 @@ def run_ppo(
             **({"reward_mean": trainer.reward_moments.mean, "reward_std": trainer.reward_moments.std}
                if ppo.reward_normalization == "running" else {}),
             "response_length": len_sum / n,
-            **{k: v / steps for k, v in sums.items()},
+            **sums,
+            "actor_lr": engine.actor.engine.get_lr()[0],
             "gen_tokens_per_s": tok_sum / max(gen_s / dist.world_size, 1e-9),
             "train_samples_per_s": n * ppo.ppo_epochs / max(train_s, 1e-9),
             # achieved TFLOP/s of each phase on this rank (rlhf/flops.py; the prompt counted once per group)

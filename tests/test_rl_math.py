@@ -48,6 +48,67 @@ def test_grpo_group_of_equal_scores_has_zero_advantage() -> None:
     assert_close(group_advantages(t([0.5, 0.5]), 2, "grpo"), t([0, 0]))
 
 
+@pytest.mark.parametrize("group", [3, 5, 8, 16])
+@pytest.mark.parametrize("baseline", ["grpo", "rloo"])
+def test_a_group_of_equal_scores_has_exactly_zero_advantage(group: int, baseline: str) -> None:
+    # Scores as step 3 makes them: 0/1 verifier rewards z-scored by running moments, i.e. arbitrary float32 values.
+    # In float32 the mean of G copies of such a value can be one rounding step off it and the std one step above 0;
+    # (r - mean) / (std + 1e-6) then gave advantages up to 0.24 for answers that all scored alike. In float64 the
+    # sum of G float32 values is exact, so the mean is the value and every advantage exactly 0.
+    values = (torch.rand(200, generator=torch.Generator().manual_seed(0)) * 4 - 2).float()
+    for value in values.tolist():
+        scores = torch.full((2 * group,), value, dtype=torch.float32)
+        out = group_advantages(scores, group, baseline)
+        assert out.dtype == torch.float32 and torch.equal(out, torch.zeros_like(out)), (value, out)
+
+
+def test_masked_whiten_over_ranks_equals_whiten_of_the_whole_batch() -> None:
+    # Two ranks' halves, with all_reduce summing the halves' statistics: the same mean and variance as one batch of
+    # every real token (verl's and OpenRLHF's global whitening), so each half is whitened as part of the whole.
+    from rlhf.ppo_math import masked_whiten
+
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+    mask = (torch.rand(8, 5, generator=torch.Generator().manual_seed(2)) > 0.3).float()
+    whole = masked_whiten(x, mask)
+    halves = [(x[:4], mask[:4]), (x[4:], mask[4:])]
+
+    def two_ranks(i: int):  # what torch.distributed.all_reduce would give rank i: its value plus the other rank's
+        calls = []
+
+        def reduce(value: torch.Tensor) -> torch.Tensor:
+            other_x, other_m = halves[1 - i]
+            keep = other_m.bool()
+            other64 = torch.where(keep, other_x.double(), torch.zeros_like(other_x, dtype=torch.float64))
+            if not calls:  # the first call sums (total, count); the second the squared deviations
+                calls.append(value)
+                return value + torch.stack([other64.sum(), keep.sum().double()])
+            mean = (calls[0][0] + other64.sum()) / (calls[0][1] + keep.sum())
+            return value + torch.where(keep, (other64 - mean) ** 2, torch.zeros_like(other64)).sum()
+
+        return reduce
+
+    got = torch.cat([masked_whiten(hx, hm, all_reduce=two_ranks(i)) for i, (hx, hm) in enumerate(halves)])
+    assert_close(got, whole, rtol=0, atol=1e-6)
+    assert (masked_whiten(x[:4], mask[:4]) - whole[:4]).abs().max() > 1e-2  # a half alone is whitened otherwise
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_aggregate_loss_of_micro_batches_with_the_mini_batch_total_adds_up_to_the_whole(mode: str) -> None:
+    # token_mean over 3 + 1 tokens is (1+2+3 + 10) / 4 = 4; the micro batches' own means (2 and 10) averaged give 6.
+    # With total = the mini batch's count (4 tokens, or 2 rows) the micro batches' losses sum to the whole's.
+    from rlhf.ppo_math import aggregation_count
+
+    loss, mask = t([[1, 2, 3], [10, 0, 0]]), t([[1, 1, 1], [1, 0, 0]])
+    whole = aggregate_loss(loss, mask, mode, norm_length=3)
+    total = aggregation_count(mask, mode).item()
+    parts = sum(aggregate_loss(loss[i : i + 1], mask[i : i + 1], mode, 3, total) for i in range(2))
+    assert_close(parts, whole)
+    if mode == "token_mean":
+        assert_close(whole, torch.tensor(4.0))
+        assert_close(sum(aggregate_loss(loss[i : i + 1], mask[i : i + 1], mode) for i in range(2)) / 2,
+                     torch.tensor(6.0))
+
+
 def test_rloo_leave_one_out_baseline() -> None:
     # RLOO: A_i = r_i - 1/(G-1) sum_{j != i} r_j, G = 3. r = [1, 2, 6]:
     # A_0 = 1 - (2 + 6) / 2 = -3; A_1 = 2 - (1 + 6) / 2 = -1.5; A_2 = 6 - (1 + 2) / 2 = 4.5.
