@@ -359,6 +359,9 @@ class PPOConfig(_Group):
     checkpoint_every: int = Field(0, ge=0)  # iterations between resumable checkpoints (0 = none)
     max_bad_steps: int = Field(3, gt=0)  # consecutive non-finite micro-batch updates (skipped) before aborting
     max_kl: float | None = Field(None, gt=0)  # stop early when the mean KL to the reference per answer exceeds it
+    # stop (exit 2, no model written) after this many iterations in a row whose rewards had no variance to learn
+    # from: every answer scored alike (every group, for grpo and rloo); 0 = never
+    max_flat_iterations: int = Field(10, ge=0)
     actor_lora: LoraConfig = Field(default_factory=LoraConfig)
     critic_lora: LoraConfig = Field(default_factory=LoraConfig)
     actor_engine: ModelEngineConfig = Field(default_factory=ModelEngineConfig)

@@ -31,6 +31,7 @@ import os
 import random
 import re
 import socket
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -233,18 +234,34 @@ def _read_file(path: Path, name: str) -> Dataset:
     if builder in ("json", "csv"):
         _check_text_file(path, name, builder)
     try:
-        with _no_progress_bars():
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        with _no_progress_bars(), _without_bom(path) as readable:
+            return datasets.load_dataset(builder, data_files=str(readable), split="train")
     except Exception as err:  # datasets wraps parse errors in several types; all mean the same to a user
         raise UserError(
             f"data source '{name}' could not be read as {builder} ({_first_line(err)}): fix or re-export the file"
         ) from None
 
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark many Windows tools write first
+
+
+@contextlib.contextmanager
+def _without_bom(path: Path) -> Iterator[Path]:
+    """`path`, or a temporary copy without its leading UTF-8 byte-order mark (read as utf-8-sig, as Python's csv
+    and pandas read it; datasets' JSON reader refuses the mark)."""
+    if path.suffix.lower() not in (".json", ".jsonl", ".csv") or path.read_bytes()[:3] != BOM:
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / path.name
+        copy.write_bytes(path.read_bytes()[3:])
+        yield copy
+
+
 def _check_text_file(path: Path, name: str, builder: str) -> None:
     """The first problem of a JSON (lines) or CSV file, by line, before datasets reads it (its errors name no line):
     bytes that are not UTF-8, no content, a line that does not parse, a CSV row with the wrong number of fields."""
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(BOM)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -580,8 +597,10 @@ def validate_rows(
     length_fn: Callable[[dict], tuple[int, int]] | None = None,
     max_prompt_tokens: int | None = None,
     max_seq_tokens: int | None = None,
+    by_source: dict[str, dict[str, int]] | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
     """Keep the rows every step can train on; return them (without private keys) and reason -> count.
+    `by_source`, when given, is filled with source -> reason -> count of the rows dropped.
 
     The counts hold every reason in REASONS, zeros included. `length_fn(row)` gives (prompt tokens, tokens of the
     prompt plus its longest answer); it needs the tokenizer, so the caller supplies it, and None skips length checks.
@@ -591,6 +610,7 @@ def validate_rows(
     last, so an invalid first copy does not shadow a valid later one.
     """
     counts = dict.fromkeys(REASONS, 0)
+    by_source = {} if by_source is None else by_source
     kept: list[dict] = []
     seen: set[str] = set()
     for index, row in enumerate(rows):
@@ -606,10 +626,28 @@ def validate_rows(
                 where = f"data source '{row.get('source', '?')}' row {row.get('_row', index)}"
                 raise UserError(f"{where}: {reason} ({detail}): {_FIX.get(reason, _DEFAULT_FIX)}")
             counts[reason] += 1
+            per_source = by_source.setdefault(str(row.get("source", "?")), {})
+            per_source[reason] = per_source.get(reason, 0) + 1
             continue
         seen.add(key)
         kept.append(clean)
     return kept, counts
+
+
+def length_warnings(drops: dict[str, dict[str, int]], max_prompt_tokens: int, max_seq_tokens: int) -> list[str]:
+    """One line per source whose rows were dropped for length: how many, which limit, the params to raise."""
+    out = []
+    for source, reasons in sorted(drops.items()):
+        prompts, sequences = reasons.get("prompt_too_long", 0), reasons.get("sequence_too_long", 0)
+        if not prompts and not sequences:
+            continue
+        parts = ([f"{prompts} with a prompt over data.max_prompt_tokens {max_prompt_tokens}"] if prompts else []) + (
+            [f"{sequences} with prompt + answer over data.max_seq_tokens {max_seq_tokens}"] if sequences else [])
+        out.append(
+            f"{prompts + sequences} rows of {source} dropped as too long ({', '.join(parts)}): raise "
+            "data.max_prompt_tokens / data.max_seq_tokens (and the model's max_position_embeddings) to keep them"
+        )
+    return out
 
 
 def _check(row: dict) -> tuple[str, str] | None:
@@ -930,7 +968,9 @@ def prepare_data(
     Raises UserError, before anything is written, when a step's train or eval split would be empty.
     """
     data = params.data
-    valid, invalid = validate_rows(rows, data.invalid_rows, length_fn, data.max_prompt_tokens, data.max_seq_tokens)
+    drops: dict[str, dict[str, int]] = {}
+    valid, invalid = validate_rows(rows, data.invalid_rows, length_fn, data.max_prompt_tokens, data.max_seq_tokens,
+                                   drops)
     if not valid:
         bad = {k: v for k, v in invalid.items() if v}
         raise UserError(
@@ -971,7 +1011,8 @@ def prepare_data(
         "prompts_in_several_steps": sum(len(s) > 1 for s in steps_of.values()),  # only where sources' steps say so
         "sources": sources,
         "skipped_steps": skipped,  # steps with no data that the run does not need (read by their stages)
-        "warnings": split_warnings(splits, unused, skipped),
+        "warnings": length_warnings(drops, data.max_prompt_tokens, data.max_seq_tokens)
+        + split_warnings(splits, unused, skipped),
     }
     return splits, stats
 

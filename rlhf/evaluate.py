@@ -120,6 +120,7 @@ def evaluate_actors(
     baseline = load_causal_lm(baseline_path).eval()
 
     metrics: dict[str, dict[str, float]] = {}
+    per_answer: dict[str, dict[str, list[float]]] = {}  # actor -> measure -> each answer's value (for the noise)
     samples: list[dict[str, str]] = [{"prompt": t} for t in texts[: cfg.num_samples]]
     for name, path in actors.items():
         model = load_causal_lm(path).eval()
@@ -141,10 +142,43 @@ def evaluate_actors(
             "perplexity": _perplexity(model, tok, demos, cfg.batch_size),
             "num_prompts": len(answers),
         }
+        per_answer[name] = {label: [v for v in values if v is not None] for label, values in quality.items()}
+        if scores is not None:
+            per_answer[name]["rm_reward"] = list(scores)
         for i, (s, d) in enumerate(zip(samples, decoded)):
             marks = "  ".join(f"{label} {v[i]:.2f}" for label, v in quality.items() if v[i] is not None)
             s[name] = f"{d}  [{marks}]" if marks else d
+    line = no_difference_warning(per_answer)
+    if line:
+        import sys
+
+        print(f"warning: {line}", file=sys.stderr, flush=True)
     return metrics, samples
+
+
+def no_difference_warning(per_answer: dict[str, dict[str, list[float]]], z: float = 2.0) -> str | None:
+    """A line when no actor's mean differs from the first (SFT) actor's beyond noise on any measure: more than z
+    standard errors of the difference of two means (Welch's). None when some actor moved, or with one actor."""
+    import statistics
+
+    names = list(per_answer)
+    if len(names) < 2:
+        return None
+    base = per_answer[names[0]]
+
+    def moved(a: list[float], b: list[float]) -> bool:
+        if len(a) < 2 or len(b) < 2:
+            return False
+        se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+        diff = abs(statistics.fmean(a) - statistics.fmean(b))
+        return diff > z * se and diff > 0
+
+    if any(moved(per_answer[n][m], base[m]) for n in names[1:] for m in per_answer[n] if m in base):
+        return None
+    measures = ", ".join(sorted(base)) or "no measure"
+    return (f"no actor differs from {names[0]} beyond noise ({measures}; {z:g} standard errors): step 3 and DPO "
+            "learned nothing measurable here. Check that the reward has variance (ppo/reward curves), train SFT "
+            "further, or give the reward partial credit")
 
 
 def _mean(values: list[float | None]) -> float:

@@ -317,6 +317,21 @@ class PPOTrainer:
         exp = Experience(seq, mask, action_mask, logprobs, ref_logprobs, values, scores, zeros, zeros, zeros, kl)
         return exp, {"generate_s": t1 - t0, "score_s": t2 - t1}
 
+    def informative(self, scores: torch.Tensor) -> bool:
+        """Whether this iteration's raw scores (every rank's) have something to learn from: for grpo and rloo some
+        group whose answers scored differently, for the others some spread over the whole batch."""
+        import torch
+
+        if self.config.algorithm in ("grpo", "rloo"):
+            groups = scores.double().view(-1, self.config.group_size)
+            spread = (groups.max(-1).values > groups.min(-1).values).sum().double()
+            return self._sum_over_ranks(spread).item() > 0
+        low_high = torch.stack([scores.double().min(), -scores.double().max()])
+        if self.engine.dist.world_size > 1:
+            low_high = low_high.clone()
+            torch.distributed.all_reduce(low_high, op=torch.distributed.ReduceOp.MIN)
+        return low_high[0].item() < -low_high[1].item()
+
     def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over every rank (a new tensor; x itself alone on one rank)."""
         import torch

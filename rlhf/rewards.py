@@ -184,16 +184,24 @@ def _load(cfg: RewardFunctionConfig, key: str) -> RewardFunction:
 def untracked_modules(functions: Sequence[RewardFunction], project: Path) -> list[str]:
     """Source files of the functions that lie in the project folder but outside the folders DVC tracks for them:
     editing one would change results without rerunning the stage."""
-    root = project.resolve()
-    out = []
-    for f in functions:
-        source = inspect.getsourcefile(f.fn) if inspect.isfunction(f.fn) else None
-        if source is None:
-            continue
-        path = Path(source).resolve()
-        if path.is_relative_to(root) and path.relative_to(root).parts[0] not in TRACKED_FOLDERS:
-            out.append(str(path.relative_to(root)))
-    return sorted(set(out))
+    return sorted({path for f in functions if (path := untracked_source(f.fn, project)) is not None})
+
+
+def untracked_source(obj: Any, project: Path) -> str | None:
+    """The source file of a function or class (relative to `project`) when it lies in the project folder but
+    outside the folders DVC tracks for user code; None otherwise."""
+    if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+        return None
+    try:
+        source = inspect.getsourcefile(obj)
+    except TypeError:  # a built-in
+        return None
+    if source is None:
+        return None
+    root, path = project.resolve(), Path(source).resolve()
+    if path.is_relative_to(root) and path.relative_to(root).parts[0] not in TRACKED_FOLDERS:
+        return str(path.relative_to(root))
+    return None
 
 
 def user_prompt(row: dict) -> Any:

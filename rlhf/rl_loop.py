@@ -32,11 +32,18 @@ def trainer_class(name: str | None) -> type[PPOTrainer]:
     environment); one UserError when it does not import or is not a PPOTrainer."""
     if name is None:
         return PPOTrainer
-    from rlhf.rewards import import_object
+    import sys
+
+    from rlhf.rewards import import_object, untracked_source
 
     cls = import_object(name, "ppo.trainer")
     if not (isinstance(cls, type) and issubclass(cls, PPOTrainer)):
         raise UserError(f"ppo.trainer '{name}' is not a subclass of rlhf.PPOTrainer: subclass it, or set ppo.trainer: null")
+    path = untracked_source(cls, Path.cwd())
+    if path is not None:  # editing it would change results while `dvc repro` says the stage is up to date
+        print(f"warning: ppo.trainer: {path} is in the project folder but no DVC dep of the ppo stage: move it under "
+              f"rewards/ (ppo.trainer: rewards.{Path(path).stem}:{cls.__name__}) so that editing it reruns the stage",
+              file=sys.stderr, flush=True)
     return cls
 
 
@@ -94,6 +101,18 @@ def phase_flops(engine: RLHFEngine, exp: Experience, ppo: Any) -> dict[str, floa
         "score": fwd["ref"] + fwd["reward"] + fwd["critic"] + recompute,
         "train": ppo.ppo_epochs * 3 * (fwd["actor"] + fwd["critic"]),
     }
+
+
+def flat_reward_message(it: int, flat: int, scores: Any, ppo: Any) -> str:
+    """The one line step 3 stops with when `flat` iterations in a row gave every answer (every group's answers)
+    the same reward: the advantages are all 0, so training would only drift."""
+    alike = "every group's answers scored alike" if ppo.algorithm in ("grpo", "rloo") else "every answer scored alike"
+    return (
+        f"step 3 stopped at iteration {it}: for {flat} iterations in a row {alike} (reward {scores.mean().item():.3f}), "
+        "so there was nothing to learn from and no model was written. Train SFT further (its answers must pass the "
+        "reward sometimes), give the reward partial credit, or sample more answers per prompt "
+        "(ppo.answers_per_prompt); ppo.max_flat_iterations: 0 turns this check off"
+    )
 
 
 def run_ppo(
@@ -184,7 +203,7 @@ def run_ppo(
     )
     resume = ckpt.latest()
     saved = ckpt.load(resume, trained) if resume is not None else None
-    start, point, stopped = 1, {}, ""
+    start, point, stopped, resumed_flat = 1, {}, "", 0
     if saved is None:
         score_before = mean_reward_score(trainer, eval_loader, dist) if eval_prompts else {}
         logger = MetricsLogger(live_dir, dist, None, params.logging, "ppo")
@@ -197,18 +216,23 @@ def run_ppo(
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
         trainer.reward_moments.load_state_dict(state["reward_moments"])
         trainer.guard.skipped = state["skipped"]
+        resumed_flat = state.get("flat", 0)
         if engine.ema is not None:
             engine.ema.load_state_dict(state["ema"])
         logger = MetricsLogger(live_dir, dist, state["log_rows"], params.logging, "ppo")
         set_rng_state(saved["rng"])
     bar = tqdm(total=ppo.iterations, initial=start - 1, desc="ppo", disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
     t_start = time.perf_counter()
+    flat_run = resumed_flat  # iterations in a row whose rewards had no variance (nothing to learn from)
     for it in range(start, ppo.iterations + 1):
         trainer.iteration = it
         trainer.term_stats = {}
         # 1-3: generate, score, advantages (timed inside make_experience), over all generation batches at once
         exp, timings = trainer.make_experience([next(prompts) for _ in range(ppo.generation_batches)])
         tokens = timings.pop("tokens")
+        flat_run = 0 if trainer.informative(exp.scores) else flat_run + 1
+        if ppo.max_flat_iterations and flat_run >= ppo.max_flat_iterations:
+            raise UserError(flat_reward_message(it, flat_run, exp.scores, ppo))
         flops = phase_flops(engine, exp, ppo)
         # 4: update, one optimizer step per mini batch, in an order drawn from the seed and the iteration
         t0 = time.perf_counter()
@@ -278,6 +302,7 @@ def run_ppo(
                 "kl_ctl": trainer.kl_ctl.state_dict(),
                 "reward_moments": trainer.reward_moments.state_dict(),
                 "skipped": trainer.guard.skipped,
+                "flat": flat_run,
                 "ema": engine.ema.state_dict() if engine.ema is not None else None,
                 "log_rows": logger.rows(),
             }

@@ -76,8 +76,11 @@ def test_a_users_trainer_subclass_runs_from_the_stage(trained: Path, tmp_path: P
     (trained / "my_trainers.py").write_text(TRAINER)
     write_params(trained / "mine.yaml", {"ppo": {"trainer": "my_trainers:LengthOnly", "ema_beta": 0.0}})
     metrics = tmp_path / "ppo.json"
-    run_cli("ppo", "--params", "mine.yaml", "--out", str(tmp_path / "m"), "--metrics", str(metrics),
-            "--live", str(tmp_path / "live"), "--checkpoints", str(tmp_path / "ckpt"), cwd=trained)
+    proc = run_cli("ppo", "--params", "mine.yaml", "--out", str(tmp_path / "m"), "--metrics", str(metrics),
+                   "--live", str(tmp_path / "live"), "--checkpoints", str(tmp_path / "ckpt"), cwd=trained)
+    # At the project's root it is no DVC dep of the stage: editing it would not rerun ppo, and the stage says so
+    assert ("warning: ppo.trainer: my_trainers.py is in the project folder but no DVC dep of the ppo stage: move it "
+            "under rewards/ (ppo.trainer: rewards.my_trainers:LengthOnly)") in proc.stderr, proc.stderr
     result = json.loads(metrics.read_text())
     # Its reward (minus the length) is what the stage measured, on held-out prompts and in the last iteration.
     assert result["reward_sft"] <= -1 and result["final_reward"] <= -1  # every answer has at least one token
@@ -87,6 +90,34 @@ def test_a_users_trainer_subclass_runs_from_the_stage(trained: Path, tmp_path: P
     proc = run_cli("ppo", "--params", "bad.yaml", "--out", str(tmp_path / "m2"), cwd=trained, check=False)
     assert proc.returncode == 2 and "is not a subclass of rlhf.PPOTrainer" in proc.stderr
     assert not (tmp_path / "m2").exists()
+
+
+UNPASSABLE = '''
+def exact_phrase(prompts, completions, **columns):
+    """1 only for an answer no tiny model writes by chance."""
+    return [float(c.strip() == "The quick brown fox jumps over the lazy dog 1234567890.") for c in completions]
+'''
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_a_reward_with_nothing_to_learn_from_stops_step_3(trained: Path, tmp_path: Path, algorithm: str) -> None:
+    """A verifier the tiny actor never passes: every answer (every group) scores 0, every advantage is 0. The stage
+    stops after ppo.max_flat_iterations such iterations with one line saying so and what to try, exit 2, and
+    writes no model (it used to run all its iterations and exit 0 at "reward 0.000 -> 0.000")."""
+    (trained / "unpassable.py").write_text(UNPASSABLE)
+    write_params(trained / f"flat_{algorithm}.yaml", {
+        "rewards": {"model_weight": 0.0, "functions": [{"function": "unpassable:exact_phrase"}]},
+        "ppo": {"algorithm": algorithm, "iterations": 5, "max_flat_iterations": 3, "rollout_batch_size": 4,
+                "eval_prompts": 4},
+    })
+    out = tmp_path / "m"
+    proc = run_cli("ppo", "--params", f"flat_{algorithm}.yaml", "--out", str(out), "--metrics",
+                   str(tmp_path / "ppo.json"), "--checkpoints", str(tmp_path / "ckpt"), cwd=trained, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    alike = "every group's answers scored alike" if algorithm == "grpo" else "every answer scored alike"
+    assert len(errors) == 1 and f"stopped at iteration 3: for 3 iterations in a row {alike}" in errors[0], errors
+    assert "Train SFT further" in errors[0] and not out.exists() and not (tmp_path / "ppo.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------------- DPO

@@ -186,6 +186,17 @@ def test_each_file_type_loads(tmp_path: Path, kind: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv"])
+def test_a_file_that_starts_with_a_utf8_byte_order_mark_reads_as_without_it(tmp_path: Path, kind: str) -> None:
+    # What Notepad and Excel on Windows write: the bytes EF BB BF before the first row. It used to be refused
+    # ("Unexpected UTF-8 BOM"); every other reader (utf-8-sig) takes it.
+    raw = [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}]
+    path = write(raw, tmp_path, kind)
+    plain = load_source(SourceConfig(path=str(path)), TASK, seed=0)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert public(load_source(SourceConfig(path=str(path)), TASK, seed=0)) == public(plain)
+
+
 def test_conversational_rows_survive_parquet(tmp_path: Path) -> None:
     raw, expected = FORMATS["messages"]
     path = write(raw, tmp_path, "parquet")
@@ -498,6 +509,11 @@ def test_prepare_data_with_length_limits() -> None:
     _, stats = prepare_data(params, load_sources(params)[0], length_fn=chars)
     assert stats["invalid"]["prompt_too_long"] > 0 and stats["rows_valid"] > 0
     assert stats["rows_valid"] + sum(stats["invalid"].values()) == 200
+    # Not only a count in metrics/prepare.json: a warning names the source, the limit and the params to raise
+    dropped = stats["invalid"]["prompt_too_long"] + stats["invalid"]["sequence_too_long"]
+    line = next(w for w in stats["warnings"] if "too long" in w)
+    assert line.startswith(f"{dropped} rows of builtin dropped as too long (")
+    assert "data.max_prompt_tokens 26" in line and "raise data.max_prompt_tokens" in line
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -141,3 +141,19 @@ def test_an_empty_held_out_split_is_one_line_not_a_division_by_zero(tmp_path: Pa
     (data / "sft_eval.jsonl").write_text('{"prompt": [{"role": "user", "content": "hi"}], "completion": "hello"}\n')
     with pytest.raises(UserError, match=r"ppo_eval.jsonl is empty, so evaluate has nothing to measure"):
         evaluate_actors({"sft": tmp_path / "sft"}, tmp_path / "reward", data, EvaluateConfig(), seed=0)
+
+
+def test_evaluate_warns_when_no_actor_differs_from_sft_beyond_noise() -> None:
+    from rlhf.evaluate import no_difference_warning
+
+    # Every actor scored 0 on every answer, as on a verifier the model never passes: nothing moved.
+    zeros = {"gold": [0.0] * 50}
+    line = no_difference_warning({"sft": zeros, "ppo": zeros, "dpo": dict(zeros)})
+    assert line is not None and line.startswith("no actor differs from sft beyond noise (gold; 2 standard errors)")
+    # Means 0.50 vs 0.52 over 50 coin flips: a difference far inside the noise (standard error ~0.1).
+    coin = [float(i % 2) for i in range(50)]
+    assert no_difference_warning({"sft": {"gold": coin}, "ppo": {"gold": coin[1:] + [1.0]}}) is not None
+    # 0.5 -> 0.9 over 50 answers: about 4.7 standard errors, a real change: no warning.
+    better = [1.0] * 45 + [0.0] * 5
+    assert no_difference_warning({"sft": {"gold": coin}, "ppo": {"gold": better}}) is None
+    assert no_difference_warning({"sft": zeros}) is None
