@@ -30,7 +30,7 @@ class Chat:
 
         from rlhf.models import load_causal_lm
         from rlhf.outputs import check_model_folder
-        from rlhf.tokenizer import load_tokenizer
+        from rlhf.tokenizer import load_tokenizer, stop_ids
 
         check_model_folder(model_path, "causal_lm", "--model")
         self.tok = load_tokenizer(model_path)
@@ -44,7 +44,7 @@ class Chat:
             top_p=top_p,
             max_new_tokens=max_new_tokens,
             pad_token_id=self.tok.pad_token_id,
-            eos_token_id=self.tok.eos_token_id,
+            eos_token_id=stop_ids(self.tok),  # the template's turn end too (Gemma's <end_of_turn>, ...)
         )
         if seed is not None:
             torch.manual_seed(seed)
@@ -58,9 +58,10 @@ class Chat:
         import torch
 
         self.history.append({"role": "user", "content": message})
-        ids = self.tok.apply_chat_template(
-            self.history, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+        from rlhf.tokenizer import encode_prompt
+
+        prompt = torch.tensor([encode_prompt(self.tok, self.history)])  # as training encoded its prompts
+        ids = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
         streamer = _streamer(self.tok, on_text) if on_text is not None else None
         from rlhf.models import generate_tokens
 

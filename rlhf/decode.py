@@ -266,14 +266,15 @@ def decode(
     top_p: float,
     max_new_tokens: int,
     pad_token_id: int,
-    eos_token_id: int,
+    eos_token_id: int | list[int],
     min_new_tokens: int = 0,
     cuda_graphs: bool = False,
     static_step: bool = False,
 ) -> Decoded:
     """(B, P) left-padded prompts -> Decoded with sequences (B, P + R), R <= max_new_tokens (the step at which every
     row had stopped), as `generate` returns them; model in eval mode under no_grad (the hybrid engine's generation
-    mode). Each distinct prompt is prefilled once. min_new_tokens: eos is not drawn before that many tokens
+    mode). Each distinct prompt is prefilled once. eos_token_id: the id, or every id, that ends an answer (a chat
+    model's turn end and its eos: rlhf.tokenizer.stop_ids). min_new_tokens: eos is not drawn before that many tokens
     (benchmarks use it for answers of a fixed length). cuda_graphs: on CUDA, replay the Llama-family step as a
     CUDA graph (ignored elsewhere). static_step: the graph's static step run eagerly (tests, on CPU)."""
     from rlhf.prefix import position_ids, prompt_groups
@@ -313,7 +314,7 @@ def decode(
 
 
 def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample: bool, temperature: float,
-          top_k: int, top_p: float, max_new_tokens: int, pad_token_id: int, eos_token_id: int,
+          top_k: int, top_p: float, max_new_tokens: int, pad_token_id: int, eos_token_id: int | list[int],
           min_new_tokens: int, sync_every: int = 1) -> Decoded:
     """Sample from `logits`, feed the tokens to `step(tokens (B,), column, mask) -> next logits`, until every row
     drew its eos or max_new_tokens. mask: bool (B, P + max_new_tokens), the prompts' attention mask then the answer
@@ -329,7 +330,7 @@ def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample
     out = torch.full((b, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
     logprobs = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=input_ids.device)
     running = torch.ones(b, dtype=torch.bool, device=input_ids.device)
-    eos = torch.tensor([eos_token_id], device=input_ids.device)
+    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=input_ids.device)
     if sync_every > 1:  # alive[n]: some row still runs after token n
         alive = torch.zeros(max_new_tokens, dtype=torch.bool, device=input_ids.device)
     n = 0
@@ -340,7 +341,7 @@ def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample
         # log pi_old of the token placed, over the whole vocabulary (see PPOConfig.temperature)
         out[:, n], logprobs[:, n] = tokens, logprobs_from_logits(logits[:, None], tokens[:, None], temperature)[:, 0]
         mask[:, p + n] = True  # generate attends to every fed token, pad after eos included
-        running &= tokens != eos_token_id
+        running &= ~torch.isin(tokens, eos)
         n += 1
         if n == max_new_tokens:
             break
@@ -358,8 +359,8 @@ def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample
 
 
 def _decode_with_forward(model: Any, input_ids: Any, attention_mask: Any, *, do_sample: bool, temperature: float,
-                         top_k: int, top_p: float, max_new_tokens: int, pad_token_id: int, eos_token_id: int,
-                         min_new_tokens: int = 0) -> Decoded:
+                         top_k: int, top_p: float, max_new_tokens: int, pad_token_id: int,
+                         eos_token_id: int | list[int], min_new_tokens: int = 0) -> Decoded:
     """The same loop for any causal LM: its own forward and a DynamicCache (shared prompts prefilled once)."""
     from rlhf.prefix import position_ids, prefill_shared
 

@@ -23,9 +23,9 @@ NO_PAIRS = (
 
 
 def encode_dpo_pair(tok: Any, row: dict[str, Any]) -> dict[str, Any]:
-    """Prompt ids and the two answers' ids (each ending with its eos)."""
-    return {"prompt": encode_prompt(tok, row["prompt"]), "chosen": encode_answer(tok, row["chosen"]),
-            "rejected": encode_answer(tok, row["rejected"])}
+    """Prompt ids and the two answers' ids (each ending with the template's turn end)."""
+    return {"prompt": encode_prompt(tok, row["prompt"]), "chosen": encode_answer(tok, row["prompt"], row["chosen"]),
+            "rejected": encode_answer(tok, row["prompt"], row["rejected"])}
 
 
 def dpo_length(row: dict[str, Any]) -> int:

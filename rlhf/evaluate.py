@@ -38,6 +38,7 @@ def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig
     from rlhf.models import generate_tokens
     from rlhf.batching import collate_prompts
     from rlhf.ppo_math import answer_mask
+    from rlhf.tokenizer import stop_ids
 
     out: list[list[int]] = []
     torch.manual_seed(seed)
@@ -55,10 +56,10 @@ def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig
                 top_p=cfg.top_p,
                 max_new_tokens=cfg.max_answer_tokens,
                 pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=stop_ids(tok),
             )
         answer = seq[:, batch["input_ids"].shape[1] :]
-        lengths = answer_mask(answer, tok.eos_token_id).sum(-1).long().tolist()
+        lengths = answer_mask(answer, stop_ids(tok)).sum(-1).long().tolist()
         out += [row[:n] for row, n in zip(answer.tolist(), lengths)]
     return out
 
@@ -85,7 +86,7 @@ def evaluate_actors(
     from rlhf.models import load_causal_lm, load_reward_model
     from rlhf.outputs import check_model_folder, is_placeholder
     from rlhf.rewards import function_values, load_functions, require_applies
-    from rlhf.tokenizer import check_compatible, encode_prompt, load_tokenizer
+    from rlhf.tokenizer import check_compatible, encode_prompt, load_tokenizer, stop_ids
 
     with_rm = not is_placeholder(reward_path)  # the reward stage's placeholder: no reward model was needed
     rows = read_split(data_dir / "ppo_eval.jsonl")[: cfg.num_prompts]
@@ -119,6 +120,7 @@ def evaluate_actors(
     reward = load_reward_model(reward_path).eval() if with_rm else None
     baseline = load_causal_lm(baseline_path).eval()
 
+    stops = stop_ids(tok)
     metrics: dict[str, dict[str, float]] = {}
     per_answer: dict[str, dict[str, list[float]]] = {}  # actor -> measure -> each answer's value (for the noise)
     samples: list[dict[str, str]] = [{"prompt": t} for t in texts[: cfg.num_samples]]
@@ -138,7 +140,7 @@ def evaluate_actors(
             **{label: _mean(values) for label, values in quality.items()},
             **rm,
             "kl_to_sft": (sum(own) - sum(ref)) / max(tokens, 1),  # k1 estimate of KL(actor || sft) per token
-            "response_length": sum(len(a) - (a[-1:] == [tok.eos_token_id]) for a in answers) / len(answers),
+            "response_length": sum(len(a) - (a[-1:] != [] and a[-1] in stops) for a in answers) / len(answers),
             "perplexity": _perplexity(model, tok, demos, cfg.batch_size),
             "num_prompts": len(answers),
         }

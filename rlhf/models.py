@@ -130,7 +130,7 @@ def generate_tokens(
     top_p: float,
     max_new_tokens: int,
     pad_token_id: int,
-    eos_token_id: int,
+    eos_token_id: int | list[int],
     **kwargs: Any,
 ) -> Any:
     """`model.generate` with every knob that decides which tokens are drawn given here and none taken elsewhere.
@@ -138,7 +138,9 @@ def generate_tokens(
     transformers fills each knob a call leaves unset from the model's generation_config (a hub model's may set
     temperature, top_k, top_p, repetition_penalty, min_p ...), then from its own defaults, top_k=50 among them. So
     the model's generation_config is set aside for the call (restored after), and temperature/top_k/top_p
-    (0 = off, 1.0 = off) are always passed when sampling. kwargs: the rest (past_key_values, return_dict_in_generate,
+    (0 = off, 1.0 = off) are always passed when sampling. eos_token_id: every id that ends an answer
+    (rlhf.tokenizer.stop_ids: the template's turn end, eos and generation_config's eos ids, which setting the
+    generation_config aside would otherwise drop). kwargs: the rest (past_key_values, return_dict_in_generate,
     output_logits, streamer ...)."""
     from transformers import GenerationConfig
 

@@ -233,6 +233,7 @@ class PPOTrainer:
         import torch
 
         from rlhf.ppo_math import answer_mask
+        from rlhf.tokenizer import stop_ids
 
         cfg = self.config
         out = self.engine.actor.generate(
@@ -246,7 +247,7 @@ class PPOTrainer:
             top_p=cfg.top_p,
             max_new_tokens=cfg.max_answer_tokens,
             pad_token_id=self.tok.pad_token_id,
-            eos_token_id=self.tok.eos_token_id,
+            eos_token_id=stop_ids(self.tok),  # the template's turn end, eos and generation_config's eos ids
         )
         seq = out.sequences
         answer = seq[:, prompt_ids.shape[1] :]
@@ -255,7 +256,7 @@ class PPOTrainer:
         logprobs = None if cfg.recomputes_logprobs(self.engine.engines["actor"].dtype) else out.logprobs
         # Real answer tokens by position: everything up to and including the first eos (generate pads after it,
         # with a pad that may be the eos itself). The prompt's own mask stays as the collate built it.
-        action_mask = answer_mask(answer, self.tok.eos_token_id)
+        action_mask = answer_mask(answer, stop_ids(self.tok))
         attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
         return Rollout(seq, attention_mask, action_mask, logprobs, prompt_ids.shape[1])
 

@@ -26,7 +26,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -48,14 +48,16 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     return picked - torch.logsumexp(logits, dim=-1)  # (B, T)
 
 
-def answer_mask(answer: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+def answer_mask(answer: torch.Tensor, eos_token_id: int | Sequence[int]) -> torch.Tensor:
     """(B, R) float 1 on every answer position up to and including the first eos, 0 after it.
 
-    answer: (B, R) generated token ids. By position, never by token id: generate pads after the eos with
-    pad_token_id, which is the eos itself for many tokenizers (and for any that `load_tokenizer` gave a pad), so
-    `answer != pad_token_id` would drop the eos, the decision to stop. A row without eos is real throughout.
+    answer: (B, R) generated token ids; eos_token_id: the id, or every id, that ends an answer (a chat model's
+    turn end and its eos). By position, never by token id: generate pads after the eos with pad_token_id, which is
+    the eos itself for many tokenizers (and for any that `load_tokenizer` gave a pad), so `answer !=
+    pad_token_id` would drop the eos, the decision to stop. A row without eos is real throughout.
     """
-    is_eos = (answer == eos_token_id).long()  # (B, R)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    is_eos = torch.isin(answer, torch.tensor(ids, device=answer.device)).long()  # (B, R)
     eos_before = is_eos.cumsum(-1) - is_eos  # (B, R) eos tokens strictly before position t
     return (eos_before == 0).float()
 

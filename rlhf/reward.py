@@ -14,7 +14,8 @@ from rlhf.tokenizer import encode_answer, encode_prompt
 
 def encode_pair(tok: Any, row: dict[str, Any]) -> dict[str, list[int]]:
     prompt = encode_prompt(tok, row["prompt"])
-    return {"chosen": prompt + encode_answer(tok, row["chosen"]), "rejected": prompt + encode_answer(tok, row["rejected"])}
+    return {"chosen": prompt + encode_answer(tok, row["prompt"], row["chosen"]),
+            "rejected": prompt + encode_answer(tok, row["prompt"], row["rejected"])}
 
 
 def pair_length(row: dict[str, list[int]]) -> int:

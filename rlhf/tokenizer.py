@@ -45,6 +45,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "right"
+    fast.stop_token_ids = end_of_turn_ids(fast)
     return fast
 
 
@@ -68,26 +69,99 @@ def load_tokenizer(path: str | Path) -> Any:
     if tok.chat_template is None:
         tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "right"
+    tok.stop_token_ids = end_of_turn_ids(tok, _generation_eos(path))
     return tok
 
 
+def _generation_eos(path: str | Path) -> list[int]:
+    """The eos ids of a local model folder's generation_config.json (Llama-3's lists <|eot_id|> there), or []."""
+    import json
+
+    config = Path(path) / "generation_config.json"
+    try:
+        eos = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
+    except (OSError, ValueError):
+        return []
+    return [int(i) for i in ([eos] if isinstance(eos, int) else eos or []) if isinstance(i, int)]
+
+
+_PROBE = "PROBE-ANSWER"
+
+
+def _turn_end_id(tok: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with (Gemma's <end_of_turn>, Llama-3's
+    <|eot_id|>, Phi-3's <|end|>, ChatML's <|im_end|>, eos for ours), found by rendering a probe answer; None when
+    the template writes none after it."""
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}],
+                                       tokenize=False)
+    except Exception:  # a template with rules of its own (a system turn first, ...): fall back to eos
+        return None
+    if _PROBE not in text:
+        return None
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    after = tok(text.split(_PROBE, 1)[1], add_special_tokens=False)["input_ids"]
+    return next((i for i in after if i in special), None)
+
+
+def end_of_turn_ids(tok: Any, generation_eos: list[int] | None = None) -> list[int]:
+    """Every id that ends an answer: the template's turn end, then eos, then the model's generation_config eos
+    ids (deduplicated, in that order). Rollouts, evaluation and chat stop on any of them."""
+    ids = [_turn_end_id(tok), tok.eos_token_id, *(generation_eos or [])]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def stop_ids(tok: Any) -> list[int]:
+    """The ids that end an answer for this tokenizer (load_tokenizer computed them; eos alone otherwise)."""
+    return list(getattr(tok, "stop_token_ids", None) or [tok.eos_token_id])
+
+
 def encode_prompt(tok: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation with the assistant header open, ready for the answer."""
+    """Token ids of a conversation with the assistant header open, ready for the answer; BOS first when the
+    tokenizer adds one to its own encodings and the template did not write it (a base model's tokenizer)."""
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    if bos is not None and ids[:1] != [bos] and _adds_bos(tok):
+        ids = [bos, *ids]
+    return ids
 
 
-def encode_answer(tok: Any, answer: str) -> list[int]:
-    """Token ids of an answer, ending with eos so the model learns to stop (tokenised apart from the prompt so the
-    boundary is exact)."""
-    return tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+def _adds_bos(tok: Any) -> bool:
+    """Whether the tokenizer's own encoding starts with BOS (Llama-2, Mistral, Gemma base tokenizers do)."""
+    cached = getattr(tok, "_rlhf_adds_bos", None)
+    if cached is None:
+        cached = tok("x", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
+        tok._rlhf_adds_bos = cached
+    return cached
+
+
+def encode_answer(tok: Any, prompt: list[dict[str, str]], answer: str) -> list[int]:
+    """Token ids of an answer to `prompt` as the chat template renders it, ending with the template's turn end
+    (Gemma's <end_of_turn>, Llama-3's <|eot_id|>, ChatML's <|im_end|>, eos for ours), as TRL takes the completion
+    from the rendered conversation: a model then learns to end its turn with the token the template ends it with,
+    the one rollouts and chat stop on. The answer is tokenised after the rendered prompt (so the boundary is exact),
+    and what the template writes after the turn end (a newline, an eos) is not part of it. A template that does
+    not render the answer after the prompt gets the answer's tokens and the first stop id (eos)."""
+    stops = stop_ids(tok)
+    head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    try:
+        whole = tok.apply_chat_template([*prompt, {"role": "assistant", "content": answer}], tokenize=False)
+    except Exception:  # a template with rules of its own: the plain form below
+        whole = ""
+    if whole.startswith(head) and answer.strip() in whole[len(head):]:
+        ids = tok(whole[len(head):], add_special_tokens=False)["input_ids"]
+        ends = [i for i, t in enumerate(ids) if t in stops]
+        if ends:
+            return ids[: ends[0] + 1]
+    return tok(answer, add_special_tokens=False)["input_ids"] + [stops[0]]
 
 
 def row_lengths(tok: Any, row: dict[str, Any]) -> tuple[int, int]:
     """(prompt tokens, longest prompt + answer tokens) of a normalised data row."""
     prompt = len(encode_prompt(tok, row["prompt"]))
     answers = [row.get(k) for k in ("completion", "chosen", "rejected")]
-    longest = max((len(encode_answer(tok, a)) for a in answers if isinstance(a, str)), default=0)
+    longest = max((len(encode_answer(tok, row["prompt"], a)) for a in answers if isinstance(a, str)), default=0)
     return prompt, prompt + longest
 
 
@@ -106,9 +180,10 @@ def resolve_tokenizer(name_or_path: str | None, data_dir: Path, option: str = "m
 
 
 def encode_sft_row(tok: Any, row: dict[str, Any], loss_on_prompt: bool) -> dict[str, list[int]]:
-    """input_ids = prompt + answer + eos; labels mask the prompt unless loss_on_prompt (DeepSpeed-Chat's default)."""
+    """input_ids = prompt + answer up to its turn end (encode_answer); labels mask the prompt unless loss_on_prompt
+    (DeepSpeed-Chat's default)."""
     prompt = encode_prompt(tok, row["prompt"])
-    answer = encode_answer(tok, row["completion"] if row.get("completion") else row["chosen"])
+    answer = encode_answer(tok, row["prompt"], row["completion"] if row.get("completion") else row["chosen"])
     labels = (prompt if loss_on_prompt else [IGNORE] * len(prompt)) + answer
     return {"input_ids": prompt + answer, "labels": labels}
 
