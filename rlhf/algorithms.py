@@ -41,12 +41,13 @@ def gae(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor
 
 def critic_free(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
                 mask: torch.Tensor, cfg: PPOConfig, kl_coef: float, all_reduce: AllReduce | None = None) -> Estimate:
-    """grpo / rloo / reinforce_pp: the score's group baseline (none for reinforce_pp), then the per-token KL, summed
+    """grpo / dr_grpo / dapo / rloo / reinforce_pp: the score's group baseline (none for reinforce_pp), then the per-token KL, summed
     to go (REINFORCE++ whitens over the batch); no critic learns the returns."""
     from rlhf.ppo_math import critic_free_advantages
 
+    baseline = {"rloo": "rloo", "reinforce_pp": "reinforce_pp"}.get(cfg.algorithm, "grpo")  # grpo, dr_grpo, dapo
     adv, rewards = critic_free_advantages(
-        logprobs, ref_logprobs, scores, mask, cfg.algorithm, cfg.group_size, kl_coef, cfg.gamma, cfg.group_std,
+        logprobs, ref_logprobs, scores, mask, baseline, cfg.group_size, kl_coef, cfg.gamma, cfg.group_std,
         all_reduce,
     )
     return rewards, adv, adv
@@ -55,6 +56,8 @@ def critic_free(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torc
 ESTIMATORS: dict[str, Callable[..., Estimate]] = {
     "ppo": gae,
     "grpo": critic_free,
+    "dr_grpo": critic_free,  # GRPO's baseline without the std (group_std false) and a constant length normaliser
+    "dapo": critic_free,  # GRPO's baseline; DAPO's token_mean and clip-higher are in the loss
     "rloo": critic_free,
     "reinforce_pp": critic_free,
 }

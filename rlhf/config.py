@@ -272,16 +272,40 @@ def resolve_engine(base: EngineConfig, override: ModelEngineConfig) -> EngineCon
     return EngineConfig.model_validate({**base.model_dump(), **changes})
 
 
-GROUP_ALGORITHMS = ("grpo", "rloo")  # step 3 algorithms whose baseline is the group of answers to one prompt
+GROUP_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo")  # step 3 algorithms whose baseline is the group of answers
+
+# Each algorithm's published settings, used for every key of this table that params.yaml leaves null (an explicit
+# value wins). Sources: ppo, ours since 2026-11 (DeepSpeed-Chat's shape: k1 KL in the reward; kl_coef 0.2 and the
+# running reward normalisation tuned on the shipped task); grpo, DeepSeekMath (Shao et al. 2024): k3 KL as a loss
+# at beta 0.04, 1/G sum_i 1/|o_i| sum_t, std-scaled group advantages, raw rewards; dr_grpo, Liu et al. 2025: no std
+# division, a constant length normaliser, no KL (TRL's beta 0); dapo, Yu et al. 2025: token_mean, clip-higher 0.28,
+# no KL; rloo, Ahmadian et al. 2024 as TRL runs it: k1 KL in the reward at 0.05, raw rewards; reinforce_pp, Hu 2025
+# as OpenRLHF runs it: k1 KL in the reward at OpenRLHF's init_kl_coef 0.01, returns whitened over the batch.
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ppo": {"kl_penalty": "reward", "kl_coef": 0.2, "loss_aggregation": "token_mean",
+            "reward_normalization": "running", "reward_clip": 5.0, "group_std": True, "clip_range_high": None},
+    "grpo": {"kl_penalty": "loss", "kl_coef": 0.04, "loss_aggregation": "seq_mean_token_mean",
+             "reward_normalization": "none", "reward_clip": 0.0, "group_std": True, "clip_range_high": None},
+    "dr_grpo": {"kl_penalty": "loss", "kl_coef": 0.0, "loss_aggregation": "seq_mean_token_sum_norm",
+                "reward_normalization": "none", "reward_clip": 0.0, "group_std": False, "clip_range_high": None},
+    "dapo": {"kl_penalty": "loss", "kl_coef": 0.0, "loss_aggregation": "token_mean",
+             "reward_normalization": "none", "reward_clip": 0.0, "group_std": True, "clip_range_high": 0.28},
+    "rloo": {"kl_penalty": "reward", "kl_coef": 0.05, "loss_aggregation": "token_mean",
+             "reward_normalization": "none", "reward_clip": 0.0, "group_std": True, "clip_range_high": None},
+    "reinforce_pp": {"kl_penalty": "reward", "kl_coef": 0.01, "loss_aggregation": "token_mean",
+                     "reward_normalization": "none", "reward_clip": 0.0, "group_std": True, "clip_range_high": None},
+}
 
 
 class PPOConfig(_Group):
     """Step 3. Every constant of the algorithm is here; none is hidden in the trainer (DeepSpeed-Chat hard-codes
     kl_ctl, clip ranges, gamma and lambda in ppo_trainer.py)."""
 
-    # ppo: critic + GAE; grpo: group-relative advantages (no critic); rloo: leave-one-out baseline over the group (no
-    # critic); reinforce_pp: REINFORCE++, token-level KL in the reward and batch-whitened returns (no critic)
-    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
+    # ppo: critic + GAE; grpo: group-relative advantages (no critic); dr_grpo: GRPO without the std and length
+    # biases; dapo: GRPO's baseline with DAPO's token_mean and clip-higher; rloo: leave-one-out baseline over the
+    # group (no critic); reinforce_pp: REINFORCE++, token-level KL in the reward and batch-whitened returns (no
+    # critic). The keys of ALGORITHM_DEFAULTS left null take the algorithm's published values
+    algorithm: Literal["ppo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp"] = "ppo"
     # your PPOTrainer subclass, "module:Class" importable from the project folder or the environment (null = ours)
     trainer: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     iterations: int = Field(100, gt=0)  # PPO iterations; each generates `rollout_batch_size` answers per rank
@@ -289,13 +313,13 @@ class PPOConfig(_Group):
     # answers sampled per prompt (OpenRLHF's n_samples_per_prompt; GRPO's group size G); null: 4 for grpo and rloo,
     # which compare the answers to one prompt, 1 otherwise
     answers_per_prompt: int | None = Field(None, gt=0)
-    group_std: bool = True  # grpo: divide by the group's std (GRPO); false: mean-centred only (Dr. GRPO)
+    group_std: bool | None = None  # group baselines: divide by the group's std (GRPO); false: mean-centred (Dr. GRPO)
     # how per-token losses become one: token_mean (every token alike: DAPO, PPO's masked mean), seq_mean_token_mean
     # (each answer alike: GRPO), seq_mean_token_sum_norm (token sums over max_answer_tokens: Dr. GRPO)
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] | None = None
     # reward: k1 KL per token in the reward (InstructGPT, PPO, REINFORCE++); loss: k3 KL as a loss term (GRPO).
     # kl_coef (adapted when kl_target is set) weighs it either way
-    kl_penalty: Literal["reward", "loss"] = "reward"
+    kl_penalty: Literal["reward", "loss"] | None = None
     entropy_coef: float = Field(0.0, ge=0)  # entropy bonus in the actor loss (0 = off)
     generation_batches: int = Field(1, gt=0)  # rollouts gathered before the PPO epochs (DeepSpeed-Chat's flag)
     ppo_epochs: int = Field(1, gt=0)  # passes over the gathered experience
@@ -316,17 +340,21 @@ class PPOConfig(_Group):
     lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
     adam_beta1: float = Field(0.9, gt=0, lt=1)
     adam_beta2: float = Field(0.95, gt=0, lt=1)
-    kl_coef: float = Field(0.2, ge=0)  # weight of the per-token KL to the reference in the reward
+    kl_coef: float | None = Field(None, ge=0)  # weight of the per-token KL to the reference (reward or loss)
+    kl_clamp: float = Field(0.0, ge=0)  # the k3 KL loss per token clamped to [0, c] (verl's 10); 0 = no clamp
     kl_target: float | None = Field(None, gt=0)  # set: adaptive KL (Ziegler et al. 2019) towards this KL/sequence
     kl_horizon: int = Field(10000, gt=0)  # adaptive KL: samples over which the coefficient adapts
     # running: the summed reward (rewards.*) z-scored by the mean and std of every reward so far before the KL
     # penalty is added, so kl_coef weighs the same whatever the reward's scale (a verifier's 0..1 or a reward
     # model's logits); none: the raw sum (DeepSpeed-Chat)
-    reward_normalization: Literal["running", "none"] = "running"
-    reward_clip: float = Field(5.0, ge=0)  # the (normalised) reward clipped to [-c, c]; 0 = no clipping
+    reward_normalization: Literal["running", "none"] | None = None
+    reward_clip: float | None = Field(None, ge=0)  # the (normalised) reward clipped to [-c, c]; 0 = no clipping
     clip_range: float = Field(0.2, gt=0)  # PPO policy ratio clip: ratio in [1 - low, 1 + high]
     clip_range_low: float | None = Field(None, gt=0, lt=1)  # null = clip_range
-    clip_range_high: float | None = Field(None, gt=0)  # null = clip_range; DAPO's clip-higher uses 0.28 over 0.2
+    clip_range_high: float | None = Field(None, gt=0)  # null = the algorithm's (dapo 0.28), else clip_range
+    # dual-clip PPO (Ye et al. 2020; verl's clip_ratio_c): for negative advantages the loss is at most -A x c, so a
+    # huge ratio cannot blow the step up; null = off (verl uses 3.0)
+    dual_clip: float | None = Field(None, gt=1)
     value_clip_range: float = Field(0.2, ge=0)  # value clip around the old values; 0 = no clipping
     gamma: float = Field(1.0, ge=0, le=1)  # discount
     lam: float = Field(0.95, ge=0, le=1)  # GAE lambda
@@ -368,6 +396,37 @@ class PPOConfig(_Group):
     critic_engine: ModelEngineConfig = Field(default_factory=ModelEngineConfig)
     ref_engine: ModelEngineConfig = Field(default_factory=ModelEngineConfig)
     reward_engine: ModelEngineConfig = Field(default_factory=ModelEngineConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_defaults(cls, raw: Any) -> Any:
+        """Every key of ALGORITHM_DEFAULTS that is missing or null takes the algorithm's value."""
+        if not isinstance(raw, dict):
+            return raw
+        defaults = ALGORITHM_DEFAULTS.get(raw.get("algorithm", "ppo"))
+        if defaults is None:
+            return raw  # an unknown algorithm: the Literal's error names it
+        return {**raw, **{k: v for k, v in defaults.items() if raw.get(k) is None}}
+
+    def describe(self) -> str:
+        """The effective step-3 configuration in one line (the stage prints it when it starts)."""
+        kl = (f"k3 KL loss x {self.kl_coef:g}" if self.kl_penalty == "loss" else f"k1 KL in the reward x {self.kl_coef:g}")
+        if self.kl_target is not None:
+            kl += f" (adaptive, target {self.kl_target:g})"
+        rewards = "rewards z-scored (running)" if self.reward_normalization == "running" else "raw rewards"
+        if self.reward_clip:
+            rewards += f" clipped to +-{self.reward_clip:g}"
+        parts = [self.algorithm, kl, rewards, self.loss_aggregation,
+                 f"ratio clip [{1 - self.clip_low:g}, {1 + self.clip_high:g}]"
+                 + (f", dual-clip {self.dual_clip:g}" if self.dual_clip else "")]
+        if self.algorithm in GROUP_ALGORITHMS:
+            parts.append(f"groups of {self.group_size}" + (" std-scaled" if self.group_std else " mean-centred"))
+        if self.needs_critic:
+            parts.append(f"GAE gamma {self.gamma:g} lambda {self.lam:g}"
+                         + (", whitened" if self.whiten_advantages else ""))
+        parts.append(f"{self.rollouts_per_iteration} rollouts/iteration, {self.rollouts_per_iteration // self.mini_batch} "
+                     f"optimizer step(s) x {self.ppo_epochs} epoch(s)")
+        return "; ".join(parts)
 
     @property
     def rollouts_per_iteration(self) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from rlhf import faults
-from rlhf.config import PPOConfig, RewardsConfig
+from rlhf.config import GROUP_ALGORITHMS, PPOConfig, RewardsConfig
 from rlhf.engine import evaluating, training
 from rlhf.errors import UserError
 from rlhf.models import classifier_parts as _classifier
@@ -323,7 +323,7 @@ class PPOTrainer:
         group whose answers scored differently, for the others some spread over the whole batch."""
         import torch
 
-        if self.config.algorithm in ("grpo", "rloo"):
+        if self.config.algorithm in GROUP_ALGORITHMS:
             groups = scores.double().view(-1, self.config.group_size)
             spread = (groups.max(-1).values > groups.min(-1).values).sum().double()
             return self._sum_over_ranks(spread).item() > 0
@@ -421,11 +421,13 @@ class PPOTrainer:
         out = self._logprobs(self.engine.actor.engine, exp.sequences, exp.attention_mask, p, entropy=cfg.entropy_coef > 0)
         logprobs, entropy = out if cfg.entropy_coef > 0 else (out, None)
         loss, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.clip_low,
-                                  cfg.clip_high, agg, norm, total)
+                                  cfg.clip_high, agg, norm, total, cfg.dual_clip)
         if cfg.kl_penalty == "loss":
-            kl_loss = aggregate_loss(k3_kl(logprobs, exp.ref_logprobs), exp.action_mask, agg, norm, total)
-            loss = loss + self.kl_ctl.value * kl_loss
-            stats["kl_loss"] = aggregate_loss(k3_kl(logprobs, exp.ref_logprobs).detach(), exp.action_mask, agg, norm).item()
+            k3 = k3_kl(logprobs, exp.ref_logprobs)
+            if cfg.kl_clamp > 0:  # verl's clamp: one token far from the reference cannot dominate the step
+                k3 = k3.clamp(max=cfg.kl_clamp)
+            loss = loss + self.kl_ctl.value * aggregate_loss(k3, exp.action_mask, agg, norm, total)
+            stats["kl_loss"] = aggregate_loss(k3.detach(), exp.action_mask, agg, norm).item()
         if entropy is not None:
             loss = loss - cfg.entropy_coef * aggregate_loss(entropy, exp.action_mask, agg, norm, total)
             stats["entropy"] = aggregate_loss(entropy.detach(), exp.action_mask, agg, norm).item()

@@ -232,6 +232,7 @@ def policy_loss(
     aggregation: str = "token_mean",
     norm_length: int | None = None,
     total: float | None = None,
+    dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate (Schulman et al. 2017 eq. 7; DeepSpeed-Chat actor_loss_fn), as a loss to minimise.
 
@@ -241,6 +242,8 @@ def policy_loss(
         ratio = exp(logprobs - old_logprobs)
         loss  = aggregate(max(-A * ratio, -A * clamp(ratio, 1 - eps_low, 1 + eps_high)))
     aggregation, norm_length, total: see aggregate_loss (token_mean is the masked mean over every real token).
+    dual_clip: c > 1 (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5; verl's clip_ratio_c): where
+    A < 0 the per-token loss is min(that loss, -A x c), so a ratio far above 1 + eps cannot make it unbounded.
     Returns (loss (), stats) with stats:
         clip_fraction  share of real tokens where the clipped term is the active (strictly larger) one
         approx_kl      masked_mean(0.5 * (logprobs - old_logprobs)^2), Schulman's k2 estimator of KL(old || new)
@@ -251,7 +254,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)  # (B, A)
     unclipped = -advantages * ratio  # (B, A)
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)  # (B, A)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, aggregation, norm_length, total)  # ()
+    per_token = torch.maximum(unclipped, clipped)  # (B, A)
+    if dual_clip is not None:
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
+    loss = aggregate_loss(per_token, mask, aggregation, norm_length, total)  # ()
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),

@@ -106,7 +106,9 @@ def phase_flops(engine: RLHFEngine, exp: Experience, ppo: Any) -> dict[str, floa
 def flat_reward_message(it: int, flat: int, scores: Any, ppo: Any) -> str:
     """The one line step 3 stops with when `flat` iterations in a row gave every answer (every group's answers)
     the same reward: the advantages are all 0, so training would only drift."""
-    alike = "every group's answers scored alike" if ppo.algorithm in ("grpo", "rloo") else "every answer scored alike"
+    from rlhf.config import GROUP_ALGORITHMS
+
+    alike = "every group's answers scored alike" if ppo.algorithm in GROUP_ALGORITHMS else "every answer scored alike"
     return (
         f"step 3 stopped at iteration {it}: for {flat} iterations in a row {alike} (reward {scores.mean().item():.3f}), "
         "so there was nothing to learn from and no model was written. Train SFT further (its answers must pass the "
@@ -181,6 +183,8 @@ def run_ppo(
     needed = folder_bytes(sft_path) * (1 + (ppo.ema_beta > 0)) + (folder_bytes(reward_path or sft_path) if ppo.needs_critic else 0)
     check_free_space(out_dir, needed, "the step-3 models")
     dist = init_distributed(params.engine)
+    if dist.is_main:  # what runs, with every algorithm default resolved (params.yaml's nulls)
+        print(f"[ppo] {ppo.describe()}", flush=True)
     seed_everything(params.seed)
     engine = RLHFEngine(params, dist, sft_path, reward_path)
     trainer = trainer_cls(engine, ppo, params.rewards, functions)

@@ -32,6 +32,9 @@ def _changed(a: dict, b: dict) -> int:
         # RLOO with DAPO's clip-higher and Dr. GRPO's constant normaliser
         ("rloo", {"clip_range_high": 0.28, "loss_aggregation": "seq_mean_token_sum_norm"}),
         ("reinforce_pp", {"answers_per_prompt": 2}),
+        # their published defaults alone (params.yaml's nulls)
+        ("dr_grpo", {}),
+        ("dapo", {}),
     ],
 )
 def test_critic_free_algorithm_trains_the_actor_and_builds_no_critic(trained: Path, tmp_path: Path,
@@ -43,6 +46,10 @@ def test_critic_free_algorithm_trains_the_actor_and_builds_no_critic(trained: Pa
     proc = run_cli("ppo", "--params", f"{algorithm}.yaml", "--out", str(out), "--metrics", str(metrics),
                    "--live", str(live), "--checkpoints", str(tmp_path / "ckpt"), cwd=trained)
     assert f"ppo ({algorithm}): models -> {out}/{{actor,actor_ema}}" in proc.stdout, proc.stdout
+    from rlhf.config import load_params
+
+    # the effective configuration, every algorithm default resolved, is the stage's first line
+    assert f"[ppo] {load_params(trained / f'{algorithm}.yaml').ppo.describe()}\n" in proc.stdout, proc.stdout
     assert _changed(_state(trained / "models/sft"), _state(out / "actor")) > 0
     assert (out / "actor_ema/config.json").is_file() and not (out / "critic").exists()
     result = json.loads(metrics.read_text())

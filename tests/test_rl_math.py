@@ -264,3 +264,30 @@ def test_dpo_loss_gradient_raises_chosen_and_lowers_rejected() -> None:
     # d/d pc of -log sigmoid(beta (pc - pr)) at 0 = -beta x sigmoid(0)... = -beta / 2 = -0.05; d/d pr = +0.05.
     assert_close(pc.grad, torch.tensor([-0.05]))
     assert_close(pr.grad, torch.tensor([0.05]))
+
+
+def test_dual_clip_bounds_the_loss_of_a_negative_advantage() -> None:
+    # A = -1 at ratio 5: the clipped surrogate is max(-A r, -A clip(r)) = max(5, 1.2) = 5; dual-clip with c = 3
+    # bounds it at -A c = 3. A = +1 at ratio 5: max(-5, -1.2) = -1.2, untouched by the dual clip (A > 0).
+    lp, old, mask = torch.log(t([[5.0, 5.0]])), t([[0.0, 0.0]]), t([[1, 1]])
+    per = lambda adv, c: policy_loss(lp, old, t([adv]), mask, 0.2, aggregation="token_mean", dual_clip=c)[0]
+    assert_close(per([-1.0, -1.0], None), torch.tensor(5.0))
+    assert_close(per([-1.0, -1.0], 3.0), torch.tensor(3.0))
+    assert_close(per([1.0, 1.0], 3.0), torch.tensor(-1.2))
+
+
+def test_each_algorithm_takes_its_published_defaults_unless_params_say_otherwise() -> None:
+    from rlhf.config import ALGORITHM_DEFAULTS, PPOConfig
+
+    grpo = PPOConfig(algorithm="grpo")  # DeepSeekMath: k3 KL loss at 0.04, per-answer means, raw rewards
+    assert (grpo.kl_penalty, grpo.kl_coef, grpo.loss_aggregation, grpo.reward_normalization, grpo.reward_clip) == (
+        "loss", 0.04, "seq_mean_token_mean", "none", 0.0)
+    assert PPOConfig(algorithm="dr_grpo").group_std is False
+    assert PPOConfig(algorithm="dapo").clip_high == 0.28 and PPOConfig(algorithm="dapo").kl_coef == 0.0
+    ppo = PPOConfig()  # ours, unchanged: the default pipeline's figures hold
+    assert (ppo.kl_penalty, ppo.kl_coef, ppo.reward_normalization, ppo.reward_clip) == ("reward", 0.2, "running", 5.0)
+    assert PPOConfig(algorithm="grpo", kl_coef=0.1, loss_aggregation=None).kl_coef == 0.1  # an explicit value wins
+    for name, defaults in ALGORITHM_DEFAULTS.items():
+        cfg = PPOConfig(algorithm=name, **({"answers_per_prompt": 2} if name == "reinforce_pp" else {}))
+        assert {k: getattr(cfg, k) for k in defaults} == defaults, name
+        assert cfg.describe().startswith(f"{name}; ")
