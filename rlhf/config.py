@@ -246,6 +246,7 @@ class DPOConfig(TrainConfig):
 
     beta: float = Field(0.1, gt=0)  # DPO's beta: the strength of the KL to the reference (IPO: its tau)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO (cDPO with label_smoothing > 0); ipo: IPO
+    ipo_length_normalize: bool = True  # ipo on mean log-probabilities per answer token (TRL's); false: summed
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO: the probability that a preference label is flipped
     # RPO (Pang et al. 2024; TRL's rpo_alpha): + sft_coef x the chosen answers' negative log-likelihood per token,
     # so that DPO cannot lower the likelihood of both answers of a pair (0 = plain DPO; on the shipped task it ran

@@ -61,6 +61,16 @@ def _policy_logprobs(engine: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any,
     return lp[:half], lp[half:], ref[:half], ref[half:], -lp[:half].sum() / chosen_tokens
 
 
+def per_token(logprobs: list[Any], answer: Any) -> list[Any]:
+    """(policy chosen, policy rejected, ref chosen, ref rejected) summed log-probabilities, each divided by its
+    answer's token count (answer: the (2B, T) answer positions, chosen rows then rejected): TRL's IPO takes the
+    log-ratios of mean log-probabilities, so a long answer does not weigh more."""
+    counts = answer[:, 1:].sum(-1).clamp(min=1).to(logprobs[0].device)  # (2B,) tokens of each answer
+    half = counts.shape[0] // 2
+    chosen, rejected = counts[:half], counts[half:]
+    return [logprobs[0] / chosen, logprobs[1] / rejected, logprobs[2] / chosen, logprobs[3] / rejected]
+
+
 def add_reference_logprobs(ref_model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
                            dist: Dist) -> None:
     """Fill each row's ref_chosen / ref_rejected (summed log-probabilities under the frozen reference), once; each
@@ -116,6 +126,8 @@ def run_dpo(
 
     def loss_fn(engine: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         *logprobs, nll = _policy_logprobs(engine, batch)
+        if cfg.loss_type == "ipo" and cfg.ipo_length_normalize:  # TRL's IPO: mean log-probabilities per token
+            logprobs = per_token(logprobs, batch["answer"])
         loss, stats = dpo_loss(*logprobs, cfg.beta, cfg.loss_type, cfg.label_smoothing)
         if cfg.sft_coef > 0:  # RPO (Pang et al. 2024; TRL's rpo_alpha): keep the chosen answers likely
             loss = loss + cfg.sft_coef * nll

@@ -291,3 +291,13 @@ def test_each_algorithm_takes_its_published_defaults_unless_params_say_otherwise
         cfg = PPOConfig(algorithm=name, **({"answers_per_prompt": 2} if name == "reinforce_pp" else {}))
         assert {k: getattr(cfg, k) for k in defaults} == defaults, name
         assert cfg.describe().startswith(f"{name}; ")
+
+
+def test_ipo_length_normalisation_divides_each_answer_by_its_token_count() -> None:
+    # Chosen answer of 2 tokens, rejected of 4 (answer positions from column 1 on, as sequence_logprobs counts them):
+    # summed log-probabilities -2 / -8 (policy) and -1 / -4 (reference) become means -1 / -2 and -0.5 / -1.
+    from rlhf.dpo import per_token
+
+    answer = t([[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    got = per_token([t([-2.0]), t([-8.0]), t([-1.0]), t([-4.0])], answer)
+    assert [g.item() for g in got] == [-1.0, -2.0, -0.5, -1.0]
