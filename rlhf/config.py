@@ -94,8 +94,13 @@ class DataConfig(_Group):
     data_split: str = "2,4,4"
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # share of each step's rows held out for evaluation
     invalid_rows: Literal["drop", "error"] = "drop"  # drop and count bad rows, or stop at the first one
-    max_prompt_tokens: int = Field(48, gt=0)  # rows whose prompt is longer are invalid
+    # Sized for the shipped task (its prompts are 12-25 tokens); real chat data needs more: prepare's warning names
+    # the 99th percentile of each source's lengths. Keep max_position_embeddings above max_seq_tokens
+    max_prompt_tokens: int = Field(48, gt=0)  # rows whose prompt is longer are invalid (unless truncate_prompts)
     max_seq_tokens: int = Field(96, gt=0)  # rows whose prompt + response is longer are invalid
+    # true: a prompt over max_prompt_tokens keeps its last max_prompt_tokens tokens (left truncation, TRL's) in every
+    # step instead of its row being dropped; the row is then checked against max_seq_tokens at that length
+    truncate_prompts: bool = False
     # ptx's data (ppo.ptx_coef > 0; DeepSpeed-Chat's --unsupervised_dataset_name): a source of plain text, rows with
     # a `text` column (a local json/jsonl/parquet/csv/arrow file or save_to_disk folder, or a hub id); null = the SFT
     # demonstrations. prepare writes it to data/prepared/ptx_train.jsonl, each text cut to max_seq_tokens

@@ -598,9 +598,13 @@ def validate_rows(
     max_prompt_tokens: int | None = None,
     max_seq_tokens: int | None = None,
     by_source: dict[str, dict[str, int]] | None = None,
+    truncate_prompts: bool = False,
+    lengths: dict[str, list[tuple[int, int]]] | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
     """Keep the rows every step can train on; return them (without private keys) and reason -> count.
-    `by_source`, when given, is filled with source -> reason -> count of the rows dropped.
+    `by_source`, when given, is filled with source -> reason -> count of the rows dropped, and `lengths` with
+    source -> every row's (prompt, prompt + longest answer) tokens. truncate_prompts: a prompt over the limit is
+    kept (its last max_prompt_tokens tokens, at encoding) instead of dropped.
 
     The counts hold every reason in REASONS, zeros included. `length_fn(row)` gives (prompt tokens, tokens of the
     prompt plus its longest answer); it needs the tokenizer, so the caller supplies it, and None skips length checks.
@@ -615,7 +619,8 @@ def validate_rows(
     seen: set[str] = set()
     for index, row in enumerate(rows):
         clean = {k: v for k, v in row.items() if not k.startswith("_")}
-        problem = _check(row) or _check_length(clean, length_fn, max_prompt_tokens, max_seq_tokens)
+        problem = _check(row) or _check_length(clean, length_fn, max_prompt_tokens, max_seq_tokens, truncate_prompts,
+                                               lengths)
         key = json.dumps([clean.get(k) for k in ("prompt", *_ANSWERS, "columns")], sort_keys=True, ensure_ascii=False,
                          default=str)
         if problem is None and key in seen:
@@ -634,8 +639,10 @@ def validate_rows(
     return kept, counts
 
 
-def length_warnings(drops: dict[str, dict[str, int]], max_prompt_tokens: int, max_seq_tokens: int) -> list[str]:
-    """One line per source whose rows were dropped for length: how many, which limit, the params to raise."""
+def length_warnings(drops: dict[str, dict[str, int]], max_prompt_tokens: int, max_seq_tokens: int,
+                    lengths: dict[str, list[tuple[int, int]]] | None = None) -> list[str]:
+    """One line per source whose rows were dropped for length: how many, which limit, and the values that would
+    keep 99% of that source's rows (the 99th percentiles of its prompt and prompt + answer lengths)."""
     out = []
     for source, reasons in sorted(drops.items()):
         prompts, sequences = reasons.get("prompt_too_long", 0), reasons.get("sequence_too_long", 0)
@@ -643,9 +650,18 @@ def length_warnings(drops: dict[str, dict[str, int]], max_prompt_tokens: int, ma
             continue
         parts = ([f"{prompts} with a prompt over data.max_prompt_tokens {max_prompt_tokens}"] if prompts else []) + (
             [f"{sequences} with prompt + answer over data.max_seq_tokens {max_seq_tokens}"] if sequences else [])
+        seen = sorted((lengths or {}).get(source, []))
+        p99 = ""
+        if seen:
+            def pct(values: list[int]) -> int:
+                return sorted(values)[min(len(values) - 1, int(0.99 * len(values)))]
+
+            p99 = (f" (99% of its rows fit data.max_prompt_tokens {pct([p for p, _ in seen])} and data.max_seq_tokens "
+                   f"{pct([s for _, s in seen])})")
         out.append(
             f"{prompts + sequences} rows of {source} dropped as too long ({', '.join(parts)}): raise "
-            "data.max_prompt_tokens / data.max_seq_tokens (and the model's max_position_embeddings) to keep them"
+            f"data.max_prompt_tokens / data.max_seq_tokens{p99} (and the model's max_position_embeddings), or set "
+            "data.truncate_prompts: true to keep long prompts' last tokens"
         )
     return out
 
@@ -693,10 +709,19 @@ def _check_length(
     length_fn: Callable[[dict], tuple[int, int]] | None,
     max_prompt_tokens: int | None,
     max_seq_tokens: int | None,
+    truncate: bool = False,
+    lengths: dict[str, list[tuple[int, int]]] | None = None,
 ) -> tuple[str, str] | None:
+    """A row too long for the limits, or None. truncate: a long prompt counts at max_prompt_tokens (its last tokens
+    are kept at encoding). `lengths` collects source -> [(prompt, sequence) tokens] for the warnings' percentiles."""
     if length_fn is None:
         return None
     prompt_tokens, seq_tokens = length_fn(row)
+    if lengths is not None:
+        lengths.setdefault(str(row.get("source", "?")), []).append((prompt_tokens, seq_tokens))
+    if truncate and max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens:
+        seq_tokens -= prompt_tokens - max_prompt_tokens
+        prompt_tokens = max_prompt_tokens
     if max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens:
         return "prompt_too_long", f"{prompt_tokens} prompt tokens > data.max_prompt_tokens {max_prompt_tokens}"
     if max_seq_tokens is not None and seq_tokens > max_seq_tokens:
@@ -969,8 +994,9 @@ def prepare_data(
     """
     data = params.data
     drops: dict[str, dict[str, int]] = {}
+    lengths: dict[str, list[tuple[int, int]]] = {}
     valid, invalid = validate_rows(rows, data.invalid_rows, length_fn, data.max_prompt_tokens, data.max_seq_tokens,
-                                   drops)
+                                   drops, data.truncate_prompts, lengths)
     if not valid:
         bad = {k: v for k, v in invalid.items() if v}
         raise UserError(
@@ -1011,7 +1037,7 @@ def prepare_data(
         "prompts_in_several_steps": sum(len(s) > 1 for s in steps_of.values()),  # only where sources' steps say so
         "sources": sources,
         "skipped_steps": skipped,  # steps with no data that the run does not need (read by their stages)
-        "warnings": length_warnings(drops, data.max_prompt_tokens, data.max_seq_tokens)
+        "warnings": length_warnings(drops, data.max_prompt_tokens, data.max_seq_tokens, lengths)
         + split_warnings(splits, unused, skipped),
     }
     return splits, stats

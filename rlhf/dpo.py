@@ -22,9 +22,10 @@ NO_PAIRS = (
 )
 
 
-def encode_dpo_pair(tok: Any, row: dict[str, Any]) -> dict[str, Any]:
-    """Prompt ids and the two answers' ids (each ending with the template's turn end)."""
-    return {"prompt": encode_prompt(tok, row["prompt"]), "chosen": encode_answer(tok, row["prompt"], row["chosen"]),
+def encode_dpo_pair(tok: Any, row: dict[str, Any], max_prompt: int | None = None) -> dict[str, Any]:
+    """Prompt ids (left-truncated to max_prompt) and the two answers' ids (each ending with the template's turn
+    end)."""
+    return {"prompt": encode_prompt(tok, row["prompt"], max_prompt), "chosen": encode_answer(tok, row["prompt"], row["chosen"]),
             "rejected": encode_answer(tok, row["prompt"], row["rejected"])}
 
 
@@ -110,11 +111,12 @@ def run_dpo(
     cfg = params.dpo
     check_model_folder(sft_path, "causal_lm", "--sft")
     tok = load_tokenizer(sft_path)
-    train_rows = [encode_dpo_pair(tok, r) for r in read_split(data_dir / "reward_train.jsonl")]
+    limit = params.data.max_prompt_tokens  # only data.truncate_prompts lets a longer prompt through prepare
+    train_rows = [encode_dpo_pair(tok, r, limit) for r in read_split(data_dir / "reward_train.jsonl")]
     if not train_rows and "reward" in skipped_steps(data_dir):
         return write_placeholder("dpo", {"dpo": cfg.model_dump()}, params.seed, data_dir, out_dir, live_dir,
                                  ckpt_dir, NO_PAIRS)
-    eval_rows = [encode_dpo_pair(tok, r) for r in read_split(data_dir / "reward_eval.jsonl")]
+    eval_rows = [encode_dpo_pair(tok, r, limit) for r in read_split(data_dir / "reward_eval.jsonl")]
     check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "dpo", launch_world_size(), "reward")
     check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")
     dist = init_distributed(params.engine)

@@ -64,10 +64,11 @@ def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig
     return out
 
 
-def _perplexity(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size: int) -> float:
+def _perplexity(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size: int,
+                max_prompt: int | None = None) -> float:
     from rlhf.tokenizer import encode_sft_row
 
-    encoded = [encode_sft_row(tok, r, loss_on_prompt=False) for r in rows]
+    encoded = [encode_sft_row(tok, r, loss_on_prompt=False, max_prompt=max_prompt) for r in rows]
     prompts = [[t for t, lab in zip(e["input_ids"], e["labels"]) if lab == -100] for e in encoded]
     answers = [e["input_ids"][len(p) :] for e, p in zip(encoded, prompts)]  # each ends with its eos
     nll = -sum(answer_logprobs(model, tok.pad_token_id, prompts, answers, batch_size))
@@ -76,7 +77,8 @@ def _perplexity(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size: in
 
 
 def evaluate_actors(
-    actors: dict[str, Path], reward_path: Path, data_dir: Path, cfg: EvaluateConfig, seed: int
+    actors: dict[str, Path], reward_path: Path, data_dir: Path, cfg: EvaluateConfig, seed: int,
+    max_prompt_tokens: int | None = None,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
     """Metrics per actor name (the first one is the SFT baseline for KL) and sample rows side by side. The scorers'
     means are under their labels (default_scorers)."""
@@ -115,7 +117,7 @@ def evaluate_actors(
         check_compatible(tok, load_tokenizer(reward_path), base_cfg, AutoConfig.from_pretrained(reward_path))
     for name, path in list(actors.items())[1:]:
         check_compatible(tok, load_tokenizer(path), base_cfg, AutoConfig.from_pretrained(path), other=f"{name} actor")
-    prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
+    prompts = [encode_prompt(tok, r["prompt"], max_prompt_tokens) for r in rows]
     texts = [r["prompt"][-1]["content"] for r in rows]
     reward = load_reward_model(reward_path).eval() if with_rm else None
     baseline = load_causal_lm(baseline_path).eval()
@@ -141,7 +143,7 @@ def evaluate_actors(
             **rm,
             "kl_to_sft": (sum(own) - sum(ref)) / max(tokens, 1),  # k1 estimate of KL(actor || sft) per token
             "response_length": sum(len(a) - (a[-1:] != [] and a[-1] in stops) for a in answers) / len(answers),
-            "perplexity": _perplexity(model, tok, demos, cfg.batch_size),
+            "perplexity": _perplexity(model, tok, demos, cfg.batch_size, max_prompt_tokens),
             "num_prompts": len(answers),
         }
         per_answer[name] = {label: [v for v in values if v is not None] for label, values in quality.items()}

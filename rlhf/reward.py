@@ -12,8 +12,8 @@ from rlhf.engine import Dist, evaluating
 from rlhf.tokenizer import encode_answer, encode_prompt
 
 
-def encode_pair(tok: Any, row: dict[str, Any]) -> dict[str, list[int]]:
-    prompt = encode_prompt(tok, row["prompt"])
+def encode_pair(tok: Any, row: dict[str, Any], max_prompt: int | None = None) -> dict[str, list[int]]:
+    prompt = encode_prompt(tok, row["prompt"], max_prompt)
     return {"chosen": prompt + encode_answer(tok, row["prompt"], row["chosen"]),
             "rejected": prompt + encode_answer(tok, row["prompt"], row["rejected"])}
 
@@ -104,11 +104,12 @@ def run_reward(
     # group started.
     tok = resolve_tokenizer(params.reward_model.name_or_path, data_dir, "reward_model.name_or_path")
     cfg = params.reward
-    train_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_train.jsonl")]
+    limit = params.data.max_prompt_tokens  # only data.truncate_prompts lets a longer prompt through prepare
+    train_rows = [encode_pair(tok, r, limit) for r in read_split(data_dir / "reward_train.jsonl")]
     if not train_rows and "reward" in skipped_steps(data_dir):
         return write_placeholder("reward", {"reward": params.reward.model_dump()}, params.seed, data_dir, out_dir,
                                  live_dir, ckpt_dir, NO_REWARD_MODEL)
-    eval_rows = [encode_pair(tok, r) for r in read_split(data_dir / "reward_eval.jsonl")]
+    eval_rows = [encode_pair(tok, r, limit) for r in read_split(data_dir / "reward_eval.jsonl")]
     check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "reward", launch_world_size())
     check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")
     dist = init_distributed(params.engine)

@@ -169,14 +169,15 @@ def run_ppo(
         check_compatible(tok, load_tokenizer(reward_path), AutoConfig.from_pretrained(sft_path), reward_cfg)
     train_rows = read_split(data_dir / "ppo_train.jsonl")
     eval_rows = read_split(data_dir / "ppo_eval.jsonl")[: ppo.eval_prompts]
-    train_prompts = [(encode_prompt(tok, r["prompt"]), r) for r in train_rows]
-    eval_prompts = [(encode_prompt(tok, r["prompt"]), r) for r in eval_rows]
+    limit = params.data.max_prompt_tokens  # only data.truncate_prompts lets a longer prompt through prepare
+    train_prompts = [(encode_prompt(tok, r["prompt"], limit), r) for r in train_rows]
+    eval_prompts = [(encode_prompt(tok, r["prompt"], limit), r) for r in eval_rows]
     ptx_rows = []
     if ppo.ptx_coef > 0:  # data.ptx_source's text (prepare wrote ptx_train.jsonl), else the SFT demonstrations
         if (data_dir / "ptx_train.jsonl").is_file():
             ptx_rows = [encode_text(tok, r["text"], params.data.max_seq_tokens) for r in read_split(data_dir / "ptx_train.jsonl")]
         else:
-            ptx_rows = [encode_sft_row(tok, r, False) for r in read_split(data_dir / "sft_train.jsonl")]
+            ptx_rows = [encode_sft_row(tok, r, False, limit) for r in read_split(data_dir / "sft_train.jsonl")]
     check_ppo_splits(data_dir, len(train_prompts), len(eval_prompts), len(ptx_rows), ppo, launch_world_size())
 
     # room for the actor (and EMA, critic) before any training: not an ENOSPC after it

@@ -49,8 +49,9 @@ def run_sft(
     # group started.
     tok = resolve_tokenizer(params.model.name_or_path, data_dir)
     cfg = params.sft
-    train_rows = [encode_sft_row(tok, r, cfg.loss_on_prompt) for r in read_split(data_dir / "sft_train.jsonl")]
-    eval_rows = [encode_sft_row(tok, r, cfg.loss_on_prompt) for r in read_split(data_dir / "sft_eval.jsonl")]
+    limit = params.data.max_prompt_tokens  # only data.truncate_prompts lets a longer prompt through prepare
+    train_rows = [encode_sft_row(tok, r, cfg.loss_on_prompt, limit) for r in read_split(data_dir / "sft_train.jsonl")]
+    eval_rows = [encode_sft_row(tok, r, cfg.loss_on_prompt, limit) for r in read_split(data_dir / "sft_eval.jsonl")]
     check_train_split(data_dir / "sft_train.jsonl", len(train_rows), cfg, "sft", launch_world_size())
     check_eval_split(data_dir / "sft_eval.jsonl", len(eval_rows), "perplexity")
     dist = init_distributed(params.engine)

@@ -116,14 +116,18 @@ def stop_ids(tok: Any) -> list[int]:
     return list(getattr(tok, "stop_token_ids", None) or [tok.eos_token_id])
 
 
-def encode_prompt(tok: Any, messages: list[dict[str, str]]) -> list[int]:
+def encode_prompt(tok: Any, messages: list[dict[str, str]], max_tokens: int | None = None) -> list[int]:
     """Token ids of a conversation with the assistant header open, ready for the answer; BOS first when the
-    tokenizer adds one to its own encodings and the template did not write it (a base model's tokenizer)."""
+    tokenizer adds one to its own encodings and the template did not write it (a base model's tokenizer).
+    max_tokens: a longer prompt keeps its last max_tokens tokens (left truncation, TRL's: the question and the open
+    assistant header stay), BOS still first when it had one. Prepare drops such rows unless data.truncate_prompts."""
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     bos = tok.bos_token_id
     if bos is not None and ids[:1] != [bos] and _adds_bos(tok):
         ids = [bos, *ids]
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = [bos, *ids[len(ids) - max_tokens + 1 :]] if bos is not None and ids[0] == bos else ids[-max_tokens:]
     return ids
 
 
@@ -179,10 +183,11 @@ def resolve_tokenizer(name_or_path: str | None, data_dir: Path, option: str = "m
     return load_tokenizer(path)
 
 
-def encode_sft_row(tok: Any, row: dict[str, Any], loss_on_prompt: bool) -> dict[str, list[int]]:
-    """input_ids = prompt + answer up to its turn end (encode_answer); labels mask the prompt unless loss_on_prompt
-    (DeepSpeed-Chat's default)."""
-    prompt = encode_prompt(tok, row["prompt"])
+def encode_sft_row(tok: Any, row: dict[str, Any], loss_on_prompt: bool,
+                   max_prompt: int | None = None) -> dict[str, list[int]]:
+    """input_ids = prompt (left-truncated to max_prompt) + answer up to its turn end (encode_answer); labels mask
+    the prompt unless loss_on_prompt (DeepSpeed-Chat's default)."""
+    prompt = encode_prompt(tok, row["prompt"], max_prompt)
     answer = encode_answer(tok, row["prompt"], row["completion"] if row.get("completion") else row["chosen"])
     labels = (prompt if loss_on_prompt else [IGNORE] * len(prompt)) + answer
     return {"input_ids": prompt + answer, "labels": labels}

@@ -39,7 +39,8 @@ def evaluate(
         actors["ema"] = ppo_dir / "actor_ema"
     if dpo_dir is not None and not is_placeholder(dpo_dir):  # no pairs, no DPO model: nothing to compare
         actors["dpo"] = dpo_dir
-    result, rows = guarded(evaluate_actors, actors, reward_model, data, params.evaluate, params.seed)
+    result, rows = guarded(evaluate_actors, actors, reward_model, data, params.evaluate, params.seed,
+                           params.data.max_prompt_tokens)
     write_json(metrics, result)
     write_json(plot, [{"model": name, **values} for name, values in result.items()])
     names = list(actors)

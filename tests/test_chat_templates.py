@@ -199,3 +199,21 @@ def test_generation_config_eos_ids_are_stop_ids(tmp_path: Path) -> None:
     tok = load_tokenizer(folder / "actor")
     ids = tok.convert_tokens_to_ids(["<|end|>", "<|endoftext|>", "<|user|>"])
     assert stop_ids(tok) == ids
+
+
+@pytest.mark.parametrize("family", ["gemma", "phi3"])
+def test_a_long_prompt_keeps_its_last_tokens_and_its_bos(family: str, tmp_path: Path) -> None:
+    """data.truncate_prompts: encode_prompt(max_tokens=n) keeps the last n tokens (the question's end and the open
+    assistant header, TRL's left truncation), with BOS still first where the template wrote one."""
+    from rlhf.tokenizer import encode_prompt, load_tokenizer
+
+    _tokenizer(family).save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    messages = [{"role": "user", "content": "Reverse the words: " + "red green blue " * 10}]
+    whole = encode_prompt(tok, messages)
+    cut = encode_prompt(tok, messages, max_tokens=12)
+    assert len(whole) > 12 and len(cut) == 12 and encode_prompt(tok, messages, max_tokens=len(whole)) == whole
+    if family == "gemma":  # <bos> first, then the last 11 tokens
+        assert cut[0] == tok.bos_token_id and cut[1:] == whole[-11:]
+    else:
+        assert cut == whole[-12:]

@@ -514,6 +514,22 @@ def test_prepare_data_with_length_limits() -> None:
     line = next(w for w in stats["warnings"] if "too long" in w)
     assert line.startswith(f"{dropped} rows of builtin dropped as too long (")
     assert "data.max_prompt_tokens 26" in line and "raise data.max_prompt_tokens" in line
+    # the lengths that would keep 99% of the rows: "Sort ascending: " plus 6 numbers of up to 2 digits is <= 33
+    assert "99% of its rows fit data.max_prompt_tokens 3" in line and "data.truncate_prompts: true" in line
+
+
+def test_truncate_prompts_keeps_the_rows_a_long_prompt_would_drop() -> None:
+    # The same limit with data.truncate_prompts: no row is dropped for its prompt; each long prompt counts at the
+    # limit (its last 26 tokens are kept when it is encoded), and its answer is checked at that length.
+    got = {}
+    for truncate in (False, True):
+        params = Params.model_validate({"task": {"num_rows": 200}, "data": {
+            "max_prompt_tokens": 26, "max_seq_tokens": 120, "truncate_prompts": truncate}})
+        got[truncate] = prepare_data(params, load_sources(params)[0], length_fn=chars)[1]
+    assert got[False]["invalid"]["prompt_too_long"] > 0
+    assert got[True]["invalid"]["prompt_too_long"] == 0
+    assert got[True]["rows_valid"] == got[False]["rows_valid"] + got[False]["invalid"]["prompt_too_long"]
+    assert not [w for w in got[True]["warnings"] if "too long" in w]
 
 
 # ------------------------------------------------------------------------------------------------ writing

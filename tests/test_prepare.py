@@ -93,3 +93,37 @@ def test_shared_sources_split_by_prompt_and_a_tiny_step_warns(tmp_path: Path) ->
     assert any(w.startswith(f"{unused} valid rows unused") for w in stats["warnings"])
     assert proc.stderr.splitlines() == [f"warning: {w}" for w in stats["warnings"]]
     assert (tmp_path / "data/prepared/COMPLETE.json").is_file()
+
+
+def test_long_prompts_are_dropped_with_a_warning_or_truncated_and_trained_on(tmp_path: Path) -> None:
+    """Our own task with prompts longer than data.max_prompt_tokens: by default prepare drops those rows and says
+    so per source, with the limits that would keep 99% of them; with data.truncate_prompts the rows stay and sft
+    trains on their last max_prompt_tokens prompt tokens."""
+    files = capitals(tmp_path)
+    long = [{"prompt": "Background: " + "the weather was fine that day. " * 6 + f"Capital of Country {i}?",
+             "completion": f"It is Country {i} City."} for i in range(40)]
+    files["long"] = jsonl(tmp_path / "data/sources/long.jsonl", long)
+    sources = [{"path": files["sft"], "steps": ["sft"]}, {"path": files["long"], "steps": ["sft"]},
+               {"path": files["pairs"], "steps": ["reward"]}, {"path": files["prompts"], "steps": ["ppo"]}]
+    write_params(tmp_path / "params.yaml", {"data": {"sources": sources, "max_prompt_tokens": 40}})
+    proc = run_cli("prepare", "--params", "params.yaml", cwd=tmp_path)
+    warning = next(line for line in proc.stderr.splitlines() if "dropped as too long" in line)
+    assert warning.startswith(f"warning: 40 rows of {files['long']} dropped as too long (40 with a prompt over "
+                              "data.max_prompt_tokens 40)") and "99% of its rows fit data.max_prompt_tokens" in warning
+
+    write_params(tmp_path / "params.yaml", {"data": {"sources": sources, "max_prompt_tokens": 40,
+                                                     "truncate_prompts": True}})
+    proc = run_cli("prepare", "--params", "params.yaml", cwd=tmp_path)
+    assert "dropped as too long" not in proc.stderr
+    prepared = json.loads((tmp_path / "metrics/prepare.json").read_text())
+    assert prepared["invalid"]["prompt_too_long"] == 0 and prepared["sources"][files["long"]]["rows_valid"] == 40
+    run_cli("sft", "--params", "params.yaml", cwd=tmp_path)
+    from rlhf.config import load_params
+    from rlhf.data import read_split
+    from rlhf.tokenizer import encode_sft_row, load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "models/sft")
+    rows = [r for r in read_split(tmp_path / "data/prepared/sft_train.jsonl") if r["source"] == files["long"]]
+    limit = load_params(tmp_path / "params.yaml").data.max_prompt_tokens
+    encoded = [encode_sft_row(tok, r, False, limit) for r in rows]
+    assert rows and all(e["labels"].count(-100) == limit for e in encoded)  # every long prompt cut to the limit
