@@ -274,8 +274,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if not torch.cuda.is_available():
-        # CPU kernels with a deterministic variant use it (the embedding's backward, index_add, scatter_add): on an
-        # Intel Xeon with AMX the reward stage's weights differed between two runs of the same seed in 1 of 3 runs
-        # without it (7 of 7 equal with it), which broke bit-exact resume. GPUs keep their fast kernels.
-        torch.use_deterministic_algorithms(True, warn_only=True)
