@@ -1,9 +1,9 @@
-"""Generation tokens/s: our decode loop (rlhf.decode, ppo.decoder: own) vs the `generate` path it replaced
+"""Generation tokens/s: our decode loop (rlhf.rollout.decode, ppo.decoder: own) vs the `generate` path it replaced
 (ppo.decoder: generate), side by side in one run, with the matmul floor and peak measured in the same run.
 
     PYTHONPATH=. python bench/decode.py --sizes tiny,50m,135m          # prints one JSON line at the end
 
-Both sides decode exactly what step 3 decodes in the hybrid engine's generation mode (rlhf.hybrid._decode: the
+Both sides decode exactly what step 3 decodes in the hybrid engine's generation mode (rlhf.rl.hybrid._decode: the
 same model, prompts, seed, sampling at temperature 1, log pi_old of every drawn token kept), every answer exactly
 `--answers` tokens long (min_new_tokens), one thread (`--threads`), in each `--dtypes` (bf16: the model's weights
 in bf16, as engine.dtype bf16 has them; the CPU's bf16 matmuls, AVX512-BF16 or AMX, where it has them). Each cell is the best of `--repeats`
@@ -79,7 +79,7 @@ def main() -> None:
     import torch
 
     from bench.matmul_efficiency import matmul_peak
-    from rlhf.hybrid import _decode
+    from rlhf.rl.hybrid import _decode
 
     torch.set_num_threads(args.threads)
     peak = matmul_peak("fp32", 1024, 1.0)

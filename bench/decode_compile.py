@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/decode_compile.py      # prints ms per step: eager static width, eager ours, compiled
 
-A probe (bench/README.md section 2 has its figures), not part of run_all: the step is rlhf.decode.LlamaDecoder.forward
+A probe (bench/README.md section 2 has its figures), not part of run_all: the step is rlhf.rollout.decode.LlamaDecoder.forward
 written for one fixed cache width (attention over every column with a mask) so that inductor compiles it once.
 """
 import time
@@ -10,7 +10,9 @@ import time
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
-from rlhf.decode import LlamaDecoder, _llama_model
+
+from rlhf.rollout.decode import LlamaDecoder, _llama_model
+
 torch.set_num_threads(1)
 v, h, l, hd, i = (512, 256, 6, 4, 768)
 cfg = LlamaConfig(vocab_size=v, hidden_size=h, num_hidden_layers=l, num_attention_heads=hd, num_key_value_heads=hd, intermediate_size=i, max_position_embeddings=512)

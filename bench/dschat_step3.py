@@ -99,7 +99,7 @@ STEP3_MAIN = "training/step3_rlhf_finetuning/main.py"
 
 def _prompt_ids(work: Path, size: str, n: int) -> list[list[int]]:
     """The run's prompts as run_ours encodes them."""
-    from rlhf.tokenizer import encode_prompt, load_tokenizer
+    from rlhf.models.tokenizer import encode_prompt, load_tokenizer
 
     tok = load_tokenizer(work / size / "sft")
     return [encode_prompt(tok, p) for p in rl._prompts(work, n)]
@@ -111,7 +111,7 @@ def write_dschat_critic(reward_dir: Path, out: Path, vocab_size: int) -> None:
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from rlhf.models import load_reward_model
+    from rlhf.models.build import load_reward_model
 
     state = load_reward_model(reward_dir).state_dict()
     vocab = 8 * math.ceil(vocab_size / 8)  # DS-Chat's create_hf_model resizes every model to this before loading
@@ -139,7 +139,7 @@ def write_dschat_critic(reward_dir: Path, out: Path, vocab_size: int) -> None:
 
 def setup(work: Path, size: str, args: argparse.Namespace) -> dict:
     """rl_iteration's models, prompts and matmul peak; DS-Chat's critic folder; its FusedAdam built once."""
-    from rlhf.tokenizer import load_tokenizer
+    from rlhf.models.tokenizer import load_tokenizer
 
     out = rl.setup(work, size, args)
     write_dschat_critic(work / size / "reward", work / size / "dschat_critic", len(load_tokenizer(work / size / "sft")))

@@ -16,7 +16,7 @@ Sections, each written to --out as soon as it is done (a later failure keeps wha
   actor and critic DeepSpeed engines in bf16 on CUDA (nccl, one rank), the rollout decoded as `--decoders` says;
   samples/s and tokens/s (prompt + answer, as DeepSpeed-Chat counts a sample's 512 tokens), and the share of the
   matmul peak of the engines' dtype (bf16 on CUDA, fp32 on CPU) the iteration's useful FLOPs reach
-  (rlhf.rl_loop.phase_flops; the 2026-12-04 H200 record counted 10 x params per token per model, no attention).
+  (rlhf.rl.recipe.phase_flops; the 2026-12-04 H200 record counted 10 x params per token per model, no attention).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def peak(device: str, n: int) -> dict:
 def _run(model, ids, mask, decoder: str, graphs: bool, answer: int, sample: bool):
     import torch
 
-    from rlhf.hybrid import _decode
+    from rlhf.rl.hybrid import _decode
 
     knobs = dict(do_sample=sample, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=answer,
                  min_new_tokens=answer, pad_token_id=0, eos_token_id=2)
@@ -150,12 +150,12 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
     import torch
 
     from rlhf.config import load_params
-    from rlhf.engine import init_distributed, seed_everything
-    from rlhf.models import build_causal_lm, build_reward_model, save_pretrained
-    from rlhf.ppo import PPOTrainer
-    from rlhf.rl_engine import RLHFEngine
-    from rlhf.rl_loop import phase_flops
-    from rlhf.tokenizer import load_tokenizer
+    from rlhf.models.build import build_causal_lm, build_reward_model, save_pretrained
+    from rlhf.models.tokenizer import load_tokenizer
+    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.recipe import phase_flops
+    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.training.runtime import init_distributed, seed_everything
 
     actor_size, (c_hidden, c_layers, c_heads, c_inter) = STEP3[size]
     _, hidden, layers, heads, _, inter = SIZES[actor_size]

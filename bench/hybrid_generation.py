@@ -5,7 +5,7 @@
 
 Both paths use the same model, prompts, sampling seed and lengths (eos is suppressed so every answer has exactly
 --new-tokens tokens). Naive: `model.generate(..., synced_gpus=True)` on the ZeRO-3 engine, which gathers every
-layer's shards for every token. Hybrid: rlhf.hybrid.HybridEngine.generate, which gathers once per rollout.
+layer's shards for every token. Hybrid: rlhf.rl.hybrid.HybridEngine.generate, which gathers once per rollout.
 Rank 0 prints tokens/s of each and the ratio, then the same as one JSON line (for bench/run_all.py).
 """
 
@@ -36,8 +36,8 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rlhf.config import EngineConfig, TrainConfig
-    from rlhf.engine import init_distributed, initialize
-    from rlhf.hybrid import HybridEngine
+    from rlhf.rl.hybrid import HybridEngine
+    from rlhf.training.runtime import init_distributed, initialize
 
     dist = init_distributed(EngineConfig(zero_stage=3))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // dist.world_size))

@@ -4,7 +4,7 @@
 
 Peak: the best of several large square matmuls (torch.mm) per dtype, fp32 and bf16, with torch's thread count
 (= cores), measured before and after the SFT steps; the higher of the two is the peak.
-SFT step: our real path -- rlhf.engine.initialize (DeepSpeed engine, ZeRO 0, fused torch AdamW), then per step
+SFT step: our real path -- rlhf.training.runtime.initialize (DeepSpeed engine, ZeRO 0, fused torch AdamW), then per step
 `engine(**batch).loss`, `engine.backward`, `engine.step`, on the shipped task's SFT rows (`rlhf prepare` in a
 temporary folder) collated as the sft stage collates them. Useful FLOPs per step count real tokens only:
 6 * N * tokens (N = parameters in matmuls: every Linear, lm_head included, embeddings not) plus causal attention
@@ -15,7 +15,7 @@ keeps the fraction low:
 - `bf16 grouped`: the same in engine.dtype bf16 (DeepSpeed's bf16 engine, fp32 master weights);
 - `fp32 grouped x4`: 4x the micro batch (fewer, larger matmuls).
 AdamW step alone, over each size's parameters (fp32, random gradients): torch's per-parameter loop (`foreach=False`,
-its CPU default), `foreach=True` and `fused=True` (one vectorised kernel, what rlhf.engine.initialize uses), the
+its CPU default), `foreach=True` and `fused=True` (one vectorised kernel, what rlhf.training.runtime.initialize uses), the
 three taking turns, best of `--steps` + 2 steps each.
 """
 
@@ -57,11 +57,11 @@ def matmul_peak(dtype: str, n: int, seconds: float) -> float:
 
 
 def batches(rows: list[dict], size: int, grouped: bool, seed: int) -> list[list[dict]]:
-    """The sft stage's training batches of epoch 0 on one rank (rlhf.trainer.make_loader): random, or grouped by
+    """The sft stage's training batches of epoch 0 on one rank (rlhf.training.loaders.make_loader): random, or grouped by
     length as sft.group_by_length groups them."""
-    from rlhf.engine import Dist
-    from rlhf.batching import sft_length
-    from rlhf.trainer import make_loader
+    from rlhf.data.batching import sft_length
+    from rlhf.training.loaders import make_loader
+    from rlhf.training.runtime import Dist
 
     lengths = [sft_length(r) for r in rows] if grouped else None
     one_rank = Dist(rank=0, world_size=1, local_rank=0, device="cpu")
@@ -81,9 +81,9 @@ def sft_step_flops(model, batch) -> float:
 def measure_sft(size: str, variant: str, rows: list[dict], tok, micro: int, steps: int) -> dict:
     """Mean seconds per optimizer step over `steps` steps (after one warm-up step) and useful FLOP/s."""
     from rlhf.config import EngineConfig, ModelConfig, TrainConfig
-    from rlhf.engine import initialize
-    from rlhf.models import build_causal_lm
-    from rlhf.batching import collate_sft
+    from rlhf.data.batching import collate_sft
+    from rlhf.models.build import build_causal_lm
+    from rlhf.training.runtime import initialize
 
     dtype, batching, mult = VARIANTS[variant]
     hidden, layers, heads, inter = SIZES[size]
@@ -119,7 +119,7 @@ def measure_adamw(size: str, tok, steps: int) -> dict:
     import torch
 
     from rlhf.config import ModelConfig
-    from rlhf.models import build_causal_lm
+    from rlhf.models.build import build_causal_lm
 
     hidden, layers, heads, inter = SIZES[size]
     model = build_causal_lm(
@@ -156,11 +156,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from rlhf.config import EngineConfig, load_params
-    from rlhf.data import read_split
-    from rlhf.engine import init_distributed
-    from rlhf.prepare import run_prepare
-    from rlhf.tokenizer import encode_sft_row
-    from rlhf.tokenizer import load_tokenizer
+    from rlhf.data.prepare import run_prepare
+    from rlhf.data.split import read_split
+    from rlhf.models.tokenizer import encode_sft_row, load_tokenizer
+    from rlhf.training.runtime import init_distributed
 
     init_distributed(EngineConfig(device="cpu"))
     with tempfile.TemporaryDirectory(prefix="mm-bench-") as tmp:

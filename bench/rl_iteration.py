@@ -1,4 +1,4 @@
-"""Seconds per RL iteration: our step 3 (rlhf.ppo: PPO, and GRPO and RLOO on identical work) vs TRL's GRPOTrainer and
+"""Seconds per RL iteration: our step 3 (rlhf.rl.trainer: PPO, and GRPO and RLOO on identical work) vs TRL's GRPOTrainer and
 RLOOTrainer, side by side in one run.
 
     PYTHONPATH=. python bench/rl_iteration.py --sizes tiny,50m            # prints one JSON line at the end
@@ -76,9 +76,9 @@ def _params(work: Path, size: str, args: argparse.Namespace, algorithm: str = "p
 def setup(work: Path, size: str, args: argparse.Namespace) -> dict:
     """Prepare data and tokenizer, save the random-init actor and reward model as HF folders; return the matmul
     peak of the run's dtype with the run's threads (measured in the same run as the iterations it is compared with)."""
-    from rlhf.models import build_causal_lm, build_reward_model, save_pretrained
-    from rlhf.prepare import run_prepare
-    from rlhf.tokenizer import load_tokenizer
+    from rlhf.data.prepare import run_prepare
+    from rlhf.models.build import build_causal_lm, build_reward_model, save_pretrained
+    from rlhf.models.tokenizer import load_tokenizer
 
     params = _params(work, size, args)
     if not (work / "data/tokenizer").is_dir():
@@ -92,7 +92,7 @@ def setup(work: Path, size: str, args: argparse.Namespace) -> dict:
 
 
 def _prompts(work: Path, n: int) -> list[list[dict[str, str]]]:
-    from rlhf.data import read_split
+    from rlhf.data.split import read_split
 
     return [r["prompt"] for r in read_split(work / "data/ppo_train.jsonl")][:n]
 
@@ -119,12 +119,12 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
     """Our iteration (`iteration`) on the task's prompts; `extra`: params overrides."""
     import torch
 
-    from rlhf.engine import init_distributed, seed_everything
-    from rlhf.batching import collate_prompts
-    from rlhf.ppo import PPOTrainer
-    from rlhf.rl_engine import RLHFEngine
-    from rlhf.rl_loop import phase_flops
-    from rlhf.tokenizer import encode_prompt
+    from rlhf.data.batching import collate_prompts
+    from rlhf.models.tokenizer import encode_prompt
+    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.recipe import phase_flops
+    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.training.runtime import init_distributed, seed_everything
 
     params = _params(work, size, args, algorithm, extra)
     dist = init_distributed(params.engine)
@@ -163,7 +163,7 @@ def run_trl(work: Path, size: str, args: argparse.Namespace, algo: str) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
-    from rlhf.tokenizer import load_tokenizer
+    from rlhf.models.tokenizer import load_tokenizer
 
     params = _params(work, size, args)
     tok = load_tokenizer(work / size / "sft")
@@ -267,7 +267,7 @@ def main() -> None:
             for side in sides:
                 row[side].update(s_per_iter=statistics.median(times[side]), fastest_s=min(times[side]),
                                  times=times[side])
-                if "flops" in row[side]:  # ours: useful FLOPs (rlhf.rl_loop.phase_flops) against the peak
+                if "flops" in row[side]:  # ours: useful FLOPs (rlhf.rl.recipe.phase_flops) against the peak
                     row[side]["peak_fraction"] = row[side]["flops"] / row[side]["s_per_iter"] / row["peak_flops_per_s"]
             row["load_after"] = os.getloadavg()
             for algo in trl_sides:

@@ -5,8 +5,8 @@ SIGKILL itself or see a non-finite loss at a chosen step. Unset (normal use) the
     RLHF_FAULT_NAN_AT_STEPS=3,4   the loss of the 3rd and 4th micro-batches (PPO: of iterations 3 and 4) is NaN
     RLHF_FAULT_RANK=R             only rank R is affected (default: every rank)
     RLHF_FAULT_KILL_AT_POINT=P    SIGKILL this process at the named point P, e.g. `replace:aside` (in
-                                  rlhf/outputs.py write_output_dir: the old folder moved aside, the new not yet in)
-    RLHF_FAULT_FREE_BYTES=N       the free space every disk reports (rlhf/outputs.py check_free_space): a full disk
+                                  rlhf/pipeline/outputs.py write_output_dir: the old folder moved aside, the new not yet in)
+    RLHF_FAULT_FREE_BYTES=N       the free space every disk reports (rlhf/pipeline/outputs.py check_free_space): a full disk
 """
 
 from __future__ import annotations

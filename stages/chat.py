@@ -22,7 +22,7 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="seed the sampler"),
 ) -> None:
     """Multi-turn chat with streaming; type `clear` to forget the conversation, `quit` (or Ctrl-D) to leave."""
-    from rlhf.chat import Chat
+    from rlhf.evaluation.chat import Chat
 
     checks = [  # every option up front, before a model loads
         (max_new_tokens >= 1, f"--max-new-tokens {max_new_tokens}: must be at least 1"),

@@ -14,7 +14,7 @@ def check(
     out: Path = typer.Option(Path("data/checked.txt"), help="written when the params pass (always the same bytes)"),
 ) -> None:
     """Check every params group and what it names (data paths, reward functions, models, device) in seconds."""
-    from rlhf.check import OK, run_check
+    from rlhf.pipeline.check import OK, run_check
 
     params = read_params(params_path)
     done = guarded(run_check, params)

@@ -65,7 +65,7 @@ def install_signal_handlers() -> None:
 def interrupted(term: bool) -> None:
     """One line saying where the newest complete checkpoint is and that a rerun resumes from it; exit 130 (Ctrl-C)
     or 143 (SIGTERM). Output folders are written whole or not at all, so nothing is left half-written."""
-    from rlhf.checkpoint import last_complete
+    from rlhf.training.checkpoint import last_complete
 
     how = "stopped by SIGTERM" if term else "interrupted (Ctrl-C)"
     root, path = last_complete()
@@ -125,7 +125,7 @@ NODE_RANK, MASTER_ADDR, MASTER_PORT = "RLHF_NODE_RANK", "RLHF_MASTER_ADDR", "RLH
 
 def launched() -> bool:
     """True inside a process that the deepspeed launcher started (a single process sets LOCAL_RANK itself, see
-    rlhf.engine.init_distributed, and says so)."""
+    rlhf.training.runtime.init_distributed, and says so)."""
     return "LOCAL_RANK" in os.environ and "RLHF_SINGLE_PROCESS" not in os.environ
 
 
@@ -135,7 +135,7 @@ def relaunch_if_distributed(params: Params) -> bool:
     engine = params.engine
     if launched() or (engine.num_procs == 1 and not engine.hostfile):
         return False
-    from rlhf.engine import _free_port, resolve_device
+    from rlhf.training.runtime import _free_port, resolve_device
 
     device = guarded(resolve_device, engine)
     env = dict(os.environ, DS_ACCELERATOR="cpu" if device == "cpu" else "cuda")

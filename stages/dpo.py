@@ -21,8 +21,9 @@ def dpo(
     ),
 ) -> None:
     """DPO (or cDPO, IPO: dpo.loss_type, dpo.label_smoothing) against the frozen SFT model, no reward model."""
-    from rlhf.dpo import run_dpo
-    from rlhf.outputs import check_outputs, write_json
+    from rlhf.pipeline.guards import check_outputs
+    from rlhf.pipeline.outputs import write_json
+    from rlhf.prefs.dpo import run_dpo
 
     params = read_params(params_path)
     guarded(

@@ -24,15 +24,16 @@ def evaluate(
 ) -> None:
     """Each scorer's mean (evaluate.scorers), reward-model score, KL to SFT, length and perplexity of each actor."""
     from rlhf.config import EVALUATE_METRICS
-    from rlhf.evaluate import evaluate_actors
-    from rlhf.outputs import check_outputs, write_json
+    from rlhf.evaluation.evaluate import evaluate_actors
+    from rlhf.pipeline.guards import check_outputs
+    from rlhf.pipeline.outputs import write_json
 
     params = read_params(params_path)
     guarded(
         check_outputs, [params_path, data, sft, ppo_dir, reward_model, dpo_dir],
         files=[("--metrics", metrics), ("--plot", plot), ("--samples", samples)],
     )
-    from rlhf.outputs import is_placeholder
+    from rlhf.pipeline.outputs import is_placeholder
 
     actors = {"sft": sft, params.ppo.algorithm: ppo_dir / "actor"}
     if (ppo_dir / "actor_ema" / "config.json").is_file():
@@ -65,7 +66,7 @@ def evaluate(
             "evaluate: no gold scorer is configured for this data, so quality is not measured (only reward-model "
             "score, KL, length, perplexity): list a function in evaluate.scorers (README: reward functions)"
         )
-    from rlhf.watch import evaluate_warnings
+    from rlhf.rl.watch import evaluate_warnings
 
     for line in evaluate_warnings(result, scorers):
         typer.echo(f"warning: {line}", err=True)

@@ -26,8 +26,9 @@ def ppo(
 ) -> None:
     """Step 3: PPO (critic, GAE), GRPO, RLOO or REINFORCE++ (ppo.algorithm) with a KL penalty to the reference, EMA
     and optional ptx, on the hybrid engine."""
-    from rlhf.outputs import check_outputs, write_json
-    from rlhf.rl_loop import run_ppo
+    from rlhf.pipeline.guards import check_outputs
+    from rlhf.pipeline.outputs import write_json
+    from rlhf.rl.recipe import run_ppo
 
     params = read_params(params_path)
     used_reward = reward_model if params.rewards.model_weight > 0 else None  # rewards.model_weight 0: functions only

@@ -15,8 +15,9 @@ def prepare(
     metrics: Path = typer.Option(Path("metrics/prepare.json"), help="row counts, invalid rows by reason"),
 ) -> None:
     """Load, validate and split the data; train the tokenizer when no pretrained model is named."""
-    from rlhf.outputs import check_outputs, write_json
-    from rlhf.prepare import run_prepare
+    from rlhf.data.prepare import run_prepare
+    from rlhf.pipeline.guards import check_outputs
+    from rlhf.pipeline.outputs import write_json
 
     params = read_params(params_path)
     sources = [s.path for s in params.data.sources]  # local files and folders among them are inputs

@@ -20,8 +20,9 @@ def reward(
     ),
 ) -> None:
     """Step 2: train the reward model on chosen/rejected pairs."""
-    from rlhf.outputs import check_outputs, write_json
-    from rlhf.reward import run_reward
+    from rlhf.pipeline.guards import check_outputs
+    from rlhf.pipeline.outputs import write_json
+    from rlhf.prefs.reward_model import run_reward
 
     params = read_params(params_path)
     guarded(

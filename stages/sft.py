@@ -20,8 +20,9 @@ def sft(
     ),
 ) -> None:
     """Step 1: fine-tune the actor on demonstrations."""
-    from rlhf.outputs import check_outputs, write_json
-    from rlhf.sft import run_sft
+    from rlhf.pipeline.guards import check_outputs
+    from rlhf.pipeline.outputs import write_json
+    from rlhf.training.sft import run_sft
 
     params = read_params(params_path)
     guarded(

@@ -12,7 +12,7 @@ from stages.common import fail
 def summary(folder: Path = typer.Option(Path("."), help="the project folder (with dvc.yaml and the metrics)")) -> None:
     """Per stage: its key figures (perplexity, pair accuracy, reward and KL, gold reward per actor), training time
     and output, at most 100 columns wide."""
-    from rlhf.summary import summary_lines
+    from rlhf.pipeline.summary import summary_lines
 
     lines = summary_lines(folder)
     if not lines:

@@ -89,6 +89,6 @@ def train(
         if code != 0:
             fail(f"step '{step}' failed (exit {code}); fix it and rerun `rlhf train` or `dvc repro`: done steps are cached")
     typer.echo("train: wall time per step: " + ", ".join(f"{s} {t:.0f}s" for s, t in times.items()))
-    from rlhf.summary import summary_lines
+    from rlhf.pipeline.summary import summary_lines
 
     typer.echo("\n".join(summary_lines(Path("."))))

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from rlhf.config import load_params
-from rlhf.engine import init_distributed
-from rlhf.ppo import Experience, PPOTrainer
-from rlhf.rl_engine import RLHFEngine
+from rlhf.rl.models import RLHFEngine
+from rlhf.rl.trainer import Experience, PPOTrainer
+from rlhf.training.runtime import init_distributed
 
 
 def scored_experience(saved: dict, rows: slice) -> Experience:

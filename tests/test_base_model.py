@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import base_model
 from rlhf.errors import UserError
+from rlhf.models import base_model
 from tests.conftest import run_cli, write_params
 
 
@@ -84,10 +84,10 @@ def test_export_keeps_a_tied_lm_head(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from rlhf.config import LoraConfig
-    from rlhf.engine import Dist
-    from rlhf.models import add_lora
-    from rlhf.tokenizer import train_tokenizer
-    from rlhf.trainer import export_model
+    from rlhf.models.build import add_lora
+    from rlhf.models.tokenizer import train_tokenizer
+    from rlhf.training.lifecycle import export_model
+    from rlhf.training.runtime import Dist
 
     tok = train_tokenizer(["Sort ascending: 3 1 2", "Sorted: 1 2 3"] * 20, 300)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -20,7 +20,7 @@ def test_chat_interactive_over_piped_stdin(trained: Path) -> None:
 
 
 def test_chat_api_keeps_and_clears_history(trained: Path) -> None:
-    from rlhf.chat import Chat
+    from rlhf.evaluation.chat import Chat
 
     chat = Chat(trained / "models/sft", max_new_tokens=6, seed=0)
     pieces: list[str] = []

@@ -65,7 +65,7 @@ def _tokenizer(family: str):
 def _model_folder(path: Path, family: str, generation_eos: list[str] | None = None) -> Path:
     """A tiny Llama actor and a reward model with the family's tokenizer, as folders from elsewhere."""
     from rlhf.config import ModelConfig
-    from rlhf.models import build_causal_lm, build_reward_model
+    from rlhf.models.build import build_causal_lm, build_reward_model
 
     tok = _tokenizer(family)
     cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
@@ -91,7 +91,7 @@ def _prefer_turn_end(model, tok, prompt_ids: list[int], turn_end: int) -> None:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_sft_rows_end_with_the_templates_turn_end(family: str, tmp_path: Path) -> None:
-    from rlhf.tokenizer import encode_prompt, encode_sft_row, load_tokenizer, stop_ids
+    from rlhf.models.tokenizer import encode_prompt, encode_sft_row, load_tokenizer, stop_ids
 
     spec = FAMILIES[family]
     _tokenizer(family).save_pretrained(tmp_path)
@@ -115,13 +115,13 @@ def test_sft_rows_end_with_the_templates_turn_end(family: str, tmp_path: Path) -
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_rollouts_stop_on_the_turn_end_and_the_reward_is_read_there(family: str, tmp_path: Path) -> None:
-    from rlhf.batching import collate_prompts
     from rlhf.config import EngineConfig, load_params
-    from rlhf.engine import init_distributed
-    from rlhf.models import last_token_scores, load_causal_lm
-    from rlhf.ppo import PPOTrainer
-    from rlhf.rl_engine import RLHFEngine
-    from rlhf.tokenizer import encode_prompt, load_tokenizer
+    from rlhf.data.batching import collate_prompts
+    from rlhf.models.build import last_token_scores, load_causal_lm
+    from rlhf.models.tokenizer import encode_prompt, load_tokenizer
+    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.training.runtime import init_distributed
 
     folder = _model_folder(tmp_path / "models", family)
     tok = load_tokenizer(folder / "actor")
@@ -169,10 +169,10 @@ def test_rollouts_stop_on_the_turn_end_and_the_reward_is_read_there(family: str,
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_chat_stops_on_the_turn_end(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rlhf.models
-    from rlhf.chat import Chat
-    from rlhf.models import load_causal_lm
-    from rlhf.tokenizer import encode_prompt, load_tokenizer
+    import rlhf.rollout.hf
+    from rlhf.evaluation.chat import Chat
+    from rlhf.models.build import load_causal_lm
+    from rlhf.models.tokenizer import encode_prompt, load_tokenizer
 
     folder = _model_folder(tmp_path / "models", family)
     tok = load_tokenizer(folder / "actor")
@@ -182,8 +182,8 @@ def test_chat_stops_on_the_turn_end(family: str, tmp_path: Path, monkeypatch: py
     actor.save_pretrained(folder / "actor")
 
     drawn = []
-    generate = rlhf.models.generate_tokens
-    monkeypatch.setattr(rlhf.models, "generate_tokens", lambda *a, **kw: drawn.append(out := generate(*a, **kw)) or out)
+    generate = rlhf.rollout.hf.generate_tokens
+    monkeypatch.setattr(rlhf.rollout.hf, "generate_tokens", lambda *a, **kw: drawn.append(out := generate(*a, **kw)) or out)
     chat = Chat(folder / "actor", do_sample=False, max_new_tokens=10)
     assert chat.reply("hi there") == ""  # greedy: the turn ends at once (before, it ran on for 10 tokens)
     prompt = encode_prompt(tok, [{"role": "user", "content": "hi there"}])
@@ -193,7 +193,7 @@ def test_chat_stops_on_the_turn_end(family: str, tmp_path: Path, monkeypatch: py
 def test_generation_config_eos_ids_are_stop_ids(tmp_path: Path) -> None:
     """Llama-3 instruct checkpoints list <|eot_id|> in generation_config.json: it stops rollouts too, even where
     the template and the tokenizer say otherwise."""
-    from rlhf.tokenizer import load_tokenizer, stop_ids
+    from rlhf.models.tokenizer import load_tokenizer, stop_ids
 
     folder = _model_folder(tmp_path / "models", "phi3", generation_eos=["<|endoftext|>", "<|user|>"])
     tok = load_tokenizer(folder / "actor")
@@ -205,7 +205,7 @@ def test_generation_config_eos_ids_are_stop_ids(tmp_path: Path) -> None:
 def test_a_long_prompt_keeps_its_last_tokens_and_its_bos(family: str, tmp_path: Path) -> None:
     """data.truncate_prompts: encode_prompt(max_tokens=n) keeps the last n tokens (the question's end and the open
     assistant header, TRL's left truncation), with BOS still first where the template wrote one."""
-    from rlhf.tokenizer import encode_prompt, load_tokenizer
+    from rlhf.models.tokenizer import encode_prompt, load_tokenizer
 
     _tokenizer(family).save_pretrained(tmp_path)
     tok = load_tokenizer(tmp_path)

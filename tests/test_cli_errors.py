@@ -130,7 +130,7 @@ PAIR = {"prompt": "Sort 3 1 2.", "chosen": "1 2 3", "rejected": "3 2 1"}
 SAY = jsonl(*({"prompt": f"Say {i}.", "completion": f"{i}"} for i in range(20)))  # demonstrations, no pairs
 # No pairs, a reward from a function alone: prepare skips step 2 and the reward stage writes its placeholder.
 VERIFIER_ONLY = merge(source("d.jsonl"), {"rewards": {"model_weight": 0.0,
-                                                      "functions": [{"function": "rlhf.task:gold_reward_fn"}]}})
+                                                      "functions": [{"function": "rlhf.data.task:gold_reward_fn"}]}})
 
 
 @dataclass(frozen=True)

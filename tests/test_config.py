@@ -1,4 +1,4 @@
-"""rlhf/config.py: the shipped params.yaml parses, and every bad key or value is one line naming the key and a fix."""
+"""rlhf/config/: the shipped params.yaml parses, and every bad key or value is one line naming the key and a fix."""
 
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def test_frozen_model_offload_optimizer_is_refused(model: str) -> None:
 
 
 def test_zero3_persistence_threshold_reaches_deepspeed() -> None:
-    from rlhf.engine import zero_config
+    from rlhf.training.runtime import zero_config
 
     p = load_params(PARAMS, {"engine.zero_stage": 3, "engine.zero3_persistence_threshold": 0})
     assert zero_config(p.engine)["stage3_param_persistence_threshold"] == 0

@@ -1,4 +1,4 @@
-"""rlhf/data.py: every format and file type to the normalised schema, validation reasons, the three-way split."""
+"""rlhf/data/: every format and file type to the normalised schema, validation reasons, the three-way split."""
 
 from __future__ import annotations
 
@@ -10,19 +10,12 @@ from pathlib import Path
 import pytest
 
 from rlhf.config import Params, SourceConfig, TaskConfig
-from rlhf.data import (
-    REASONS,
-    SPLITS,
-    load_source,
-    load_sources,
-    prepare_data,
-    read_split,
-    split_phases,
-    validate_rows,
-    write_splits,
-)
+from rlhf.data.prepare import load_sources, prepare_data
+from rlhf.data.sources import load_source
+from rlhf.data.split import SPLITS, read_split, split_phases, write_splits
+from rlhf.data.task import generate_rows
+from rlhf.data.validate import REASONS, validate_rows
 from rlhf.errors import UserError
-from rlhf.task import generate_rows
 
 TASK = TaskConfig(num_rows=50)
 
@@ -663,7 +656,7 @@ def test_no_pairs_with_a_reward_from_functions_alone_skips_the_reward_step() -> 
     """rewards.model_weight 0 needs no reward model: with no preference pair at all prepare skips step 2 (its splits
     empty, stats.skipped_steps names it) instead of stopping; with pairs, or with model_weight > 0, nothing changes."""
     rows = [norm([user(f"q{i}")], completion=f"a{i}", source="pc") for i in range(20)]
-    verifier = {"model_weight": 0.0, "functions": [{"function": "rlhf.task:gold_reward_fn"}]}
+    verifier = {"model_weight": 0.0, "functions": [{"function": "rlhf.data.task:gold_reward_fn"}]}
     params = Params.model_validate({"data": {"sources": [{"path": "pc"}]}, "rewards": verifier})
     splits, stats = prepare_data(params, rows)
     assert stats["skipped_steps"] == ["reward"]
@@ -691,14 +684,14 @@ def test_a_far_smaller_train_split_warns() -> None:
 
 
 def test_a_local_source_outside_the_prepare_deps_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rlhf.data import check_sources_tracked
+    from rlhf.data.prepare import check_sources_tracked
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/sources").mkdir(parents=True)
     (tmp_path / "data/sources/mine.jsonl").write_text("{}\n")
     (tmp_path / "elsewhere.jsonl").write_text("{}\n")
     dvc_yaml = tmp_path / "dvc.yaml"
-    dvc_yaml.write_text("stages:\n  prepare:\n    cmd: rlhf prepare\n    deps:\n      - data/sources\n      - rlhf/data.py\n")
+    dvc_yaml.write_text("stages:\n  prepare:\n    cmd: rlhf prepare\n    deps:\n      - data/sources\n      - rlhf/data/\n")
     ok = [SourceConfig(path="builtin"), SourceConfig(path="data/sources/mine.jsonl"), SourceConfig(path="a/hub-id")]
     check_sources_tracked(ok, dvc_yaml)
     check_sources_tracked([SourceConfig(path=str(tmp_path / "data/sources/mine.jsonl"))], dvc_yaml)  # absolute
@@ -710,7 +703,7 @@ def test_a_local_source_outside_the_prepare_deps_is_refused(tmp_path: Path, monk
 def test_source_identity_records_sha256_and_hub_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
-    from rlhf.data import load_source_info
+    from rlhf.data.sources import load_source_info
 
     path = write([{"prompt": "a", "completion": "b"}], tmp_path, "jsonl")
     _, info = load_source_info(SourceConfig(path=str(path)), TASK, 0)
@@ -725,6 +718,6 @@ def test_source_identity_records_sha256_and_hub_revision(tmp_path: Path, monkeyp
     arrow = next((tmp_path / "saved").glob("*.arrow"))
     (cached / "name-train.arrow").write_bytes(arrow.read_bytes())
     hub = datasets.Dataset.from_file(str(cached / "name-train.arrow"))
-    monkeypatch.setattr("rlhf.data._read_hub", lambda src: hub)
+    monkeypatch.setattr("rlhf.data.sources._read_hub", lambda src: hub)
     _, info = load_source_info(SourceConfig(path="owner/name"), TASK, 0)
     assert info["revision"] == commit and info["fingerprint"] == hub._fingerprint and info["format"] == "preference"

@@ -1,4 +1,4 @@
-"""Our decode loop (rlhf.decode) against transformers' generate: the same tokens for the same seed and the
+"""Our decode loop (rlhf.rollout.decode) against transformers' generate: the same tokens for the same seed and the
 log-probabilities generate's raw logits give, on Llama-family models (the lean step) and others (the model's own
 forward), with left padding, repeated prompts, GQA, top-k/top-p, min_new_tokens and a pad token that is the eos."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.decode import decode, sample
-from rlhf.models import generate_tokens
-from rlhf.ppo_math import logprobs_from_logits
+from rlhf.models.logprobs import logprobs_from_logits
+from rlhf.rollout.decode import decode, sample
+from rlhf.rollout.hf import generate_tokens
 
 EOS = 5
 

@@ -65,8 +65,8 @@ def test_two_rank_zero3_sft_through_the_launcher(zero3_sft: tuple[Path, subproce
     from transformers import AutoModelForCausalLM
 
     from rlhf.config import load_params
-    from rlhf.models import build_causal_lm
-    from rlhf.tokenizer import resolve_tokenizer
+    from rlhf.models.build import build_causal_lm
+    from rlhf.models.tokenizer import resolve_tokenizer
 
     prepared, proc = zero3_sft
     assert "launching 2 ranks" in proc.stderr
@@ -150,7 +150,7 @@ def test_two_nodes_equal_one_node_with_two_ranks(zero3_sft: tuple[Path, subproce
                                                  zero3_ppo: tuple[Path, subprocess.CompletedProcess]) -> None:
     """sft and ppo as 2 nodes x 1 rank (node_rank 0 and 1, DeepSpeed --no_ssh) write the same weights as the
     2-rank single-node runs; only node 0's rank 0 writes."""
-    from rlhf.engine import _free_port
+    from rlhf.training.runtime import _free_port
 
     work, _ = zero3_ppo  # the trained folder: data, models/sft, models/reward, and the single-node outputs
     assert zero3_sft[0] == work

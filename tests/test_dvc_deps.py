@@ -4,7 +4,7 @@ Python files that the stage's command can run, its import closure.
 The closure starts at the stage's command module (`rlhf sft` -> stages/sft.py) and follows every import of a project
 module, at module level and inside functions (a superset of what one run executes), plus stages/cli.py, which
 dispatches to it. Not followed: stages/cli.py's own imports (the sibling command modules only define other
-commands), `if TYPE_CHECKING:` blocks and a package's lazy PEP 562 `__getattr__` (rlhf/__init__.py loads rlhf.ppo
+commands), `if TYPE_CHECKING:` blocks and a package's lazy PEP 562 `__getattr__` (rlhf/__init__.py loads rlhf.rl.trainer
 only when a user names rlhf.PPOTrainer; no stage does).
 """
 
@@ -111,12 +111,12 @@ def test_closure_follows_function_level_imports(tmp_path: Path) -> None:
 
 
 def test_importing_a_step_module_does_not_load_ppo() -> None:
-    """rlhf/__init__.py is lazy: `import rlhf.sft` must not run rlhf/ppo.py (else every stage depends on it),
+    """rlhf/__init__.py is lazy: `import rlhf.training.sft` must not run rlhf/rl/trainer.py (else every stage depends on it),
     while `from rlhf import PPOTrainer` still works."""
     import subprocess
     import sys
 
-    code = "import sys, rlhf.sft; assert 'rlhf.ppo' not in sys.modules; from rlhf import PPOTrainer; print('ok')"
+    code = "import sys, rlhf.training.sft; assert 'rlhf.rl.trainer' not in sys.modules; from rlhf import PPOTrainer; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 

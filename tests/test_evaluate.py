@@ -33,7 +33,7 @@ def test_evaluate_writes_metrics_per_actor_plot_rows_and_samples(ppo_trained: Pa
 
 def _pad_is_eos_tokenizer():
     """A tiny trained tokenizer whose pad is its eos (what load_tokenizer gives a tokenizer without a pad)."""
-    from rlhf.tokenizer import train_tokenizer
+    from rlhf.models.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["Sort ascending: 3 1 2", "1 2 3", "Sort descending: 9 4"] * 4, vocab_size=300)
     tok.pad_token = tok.eos_token
@@ -45,7 +45,7 @@ def _tiny(tok, kind: str):
     import torch
 
     from rlhf.config import ModelConfig
-    from rlhf.models import build_causal_lm, build_reward_model
+    from rlhf.models.build import build_causal_lm, build_reward_model
 
     cfg = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
     model = (build_causal_lm if kind == "lm" else build_reward_model)(cfg, tok, 0).eval()
@@ -59,7 +59,7 @@ def test_answers_are_cut_after_the_first_eos_and_keep_it(monkeypatch) -> None:
     import torch
 
     from rlhf.config import EvaluateConfig
-    from rlhf.evaluate import _answers
+    from rlhf.evaluation.evaluate import _answers
 
     tok = _pad_is_eos_tokenizer()
     eos = tok.eos_token_id
@@ -86,8 +86,8 @@ def test_reward_scores_are_read_at_the_eos_when_pad_is_eos() -> None:
     eos. The evaluate scorer reads the last real token by position, as PPO's reward_scores does."""
     import torch
 
-    from rlhf.evaluate import _reward_scores
-    from rlhf.models import classifier_parts
+    from rlhf.evaluation.evaluate import _reward_scores
+    from rlhf.models.build import classifier_parts
 
     tok = _pad_is_eos_tokenizer()
     eos = tok.eos_token_id
@@ -110,7 +110,7 @@ def test_answer_logprobs_score_each_answer_as_given_at_the_temperature() -> None
     answer that never stopped."""
     import torch
 
-    from rlhf.scoring import answer_logprobs
+    from rlhf.models.logprobs import answer_logprobs
 
     tok = _pad_is_eos_tokenizer()
     eos = tok.eos_token_id
@@ -130,7 +130,7 @@ def test_an_empty_held_out_split_is_one_line_not_a_division_by_zero(tmp_path: Pa
 
     from rlhf.config import EvaluateConfig
     from rlhf.errors import UserError
-    from rlhf.evaluate import evaluate_actors
+    from rlhf.evaluation.evaluate import evaluate_actors
 
     for name in ("sft", "reward"):
         (tmp_path / name).mkdir()
@@ -144,7 +144,7 @@ def test_an_empty_held_out_split_is_one_line_not_a_division_by_zero(tmp_path: Pa
 
 
 def test_evaluate_warns_when_no_actor_differs_from_sft_beyond_noise() -> None:
-    from rlhf.evaluate import no_difference_warning
+    from rlhf.evaluation.evaluate import no_difference_warning
 
     # Every actor scored 0 on every answer, as on a verifier the model never passes: nothing moved.
     zeros = {"gold": [0.0] * 50}

@@ -41,8 +41,10 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_as_if_the_batch_were_
     """In process, on a real DeepSpeed engine: training on [a, NaN-batch, b] ends bit for bit where training on
     [a, b] ends, weights and Adam moments alike."""
     from rlhf.config import EngineConfig, TrainConfig
-    from rlhf.engine import init_distributed, initialize
-    from rlhf.trainer import MetricsLogger, fit, make_loader
+    from rlhf.training.loaders import make_loader
+    from rlhf.training.loop import fit
+    from rlhf.training.metrics import MetricsLogger
+    from rlhf.training.runtime import init_distributed, initialize
 
     engine_cfg = EngineConfig(device="cpu")
     train = TrainConfig(micro_batch_size=1, learning_rate=0.1, warmup_ratio=0.0, lr_schedule="constant", log_every=1)

@@ -17,12 +17,12 @@ ITERATIONS = 15
 
 def _run(trained: Path, algorithm: str, flip: bool = False) -> list[float]:
     """Mean reward of each iteration's rollouts over ITERATIONS iterations of `algorithm`."""
-    from rlhf.batching import collate_prompts
     from rlhf.config import EngineConfig, load_params
-    from rlhf.engine import init_distributed
-    from rlhf.ppo import PPOTrainer
-    from rlhf.rl_engine import RLHFEngine
-    from rlhf.tokenizer import encode_prompt
+    from rlhf.data.batching import collate_prompts
+    from rlhf.models.tokenizer import encode_prompt
+    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.training.runtime import init_distributed
 
     class TokenShare(PPOTrainer):
         """Reward: the share of an answer's tokens whose id is even (the reward-model term is off)."""

@@ -1,5 +1,5 @@
 """logging.report_to: TensorBoard and W&B (offline, no network) get the same scalars as dvclive, under the same
-names; every training stage logs tokens/s and achieved FLOP/s (rlhf/flops.py)."""
+names; every training stage logs tokens/s and achieved FLOP/s (rlhf/training/flops.py)."""
 
 from __future__ import annotations
 
@@ -100,8 +100,8 @@ def test_every_training_stage_logs_tokens_per_second_and_flops(ppo_trained: Path
 def test_a_logger_whose_package_is_missing_is_one_line(monkeypatch) -> None:
     import importlib.util
 
-    from rlhf.errors import UserError
     from rlhf.config import check_loggers
+    from rlhf.errors import UserError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

@@ -1,5 +1,5 @@
 """Reward scores are read by position, not by token id: a tokenizer whose pad token is its eos (SmolLM2's, and any
-tokenizer without a pad, which rlhf/tokenizer.py gives pad = eos) must not lose the eos that ends each answer."""
+tokenizer without a pad, which rlhf/models/tokenizer.py gives pad = eos) must not lose the eos that ends each answer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from rlhf.config import ModelConfig
 
 
 def _pad_is_eos_tokenizer():
-    from rlhf.tokenizer import train_tokenizer
+    from rlhf.models.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["Sort ascending: 3 1 2", "Sure! Here they are in order: 1 2 3."] * 20, 300)
     tok.pad_token = tok.eos_token
@@ -28,8 +28,8 @@ class _Engine:
 
 
 def test_reward_scores_are_read_at_the_eos_when_pad_is_eos() -> None:
-    from rlhf.models import build_reward_model, classifier_parts
-    from rlhf.reward import _scores, collate_pairs, encode_pair
+    from rlhf.models.build import build_reward_model, classifier_parts
+    from rlhf.prefs.reward_model import _scores, collate_pairs, encode_pair
 
     tok = _pad_is_eos_tokenizer()
     cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from rlhf.errors import UserError
-from rlhf.outputs import check_outputs, make_manifest, write_output_dir
+from rlhf.pipeline.guards import check_outputs
+from rlhf.pipeline.outputs import make_manifest, write_output_dir
 from tests.conftest import ROOT, cli_env
 
 MANIFEST = make_manifest("sft", {}, {}, seed=1, world_size=1)
@@ -81,7 +82,7 @@ def test_outputs_that_are_inputs_files_or_the_working_folder_are_refused(tmp_pat
 KILLED_WRITE = """
 import sys
 from pathlib import Path
-from rlhf.outputs import make_manifest, write_output_dir
+from rlhf.pipeline.outputs import make_manifest, write_output_dir
 write_output_dir(Path(sys.argv[1]), lambda d: (d / "weights.txt").write_text("new"), make_manifest("sft", {}, {}, 1, 1))
 """
 
@@ -146,7 +147,7 @@ def test_a_fill_that_fails_leaves_the_previous_folder_and_no_temp(tmp_path: Path
 
 
 def test_a_split_edited_by_hand_is_refused_naming_the_file_and_the_fix(tmp_path: Path) -> None:
-    from rlhf.data import read_split, write_splits
+    from rlhf.data.split import read_split, write_splits
 
     out = tmp_path / "prepared"
     write_output_dir(out, lambda d: write_splits(d, {"sft_train": [{"prompt": "a", "completion": "b"}]}),
@@ -162,8 +163,8 @@ def test_a_split_edited_by_hand_is_refused_naming_the_file_and_the_fix(tmp_path:
 
 
 def test_dvclive_is_not_touched_until_the_first_point(tmp_path: Path) -> None:
-    from rlhf.engine import Dist
-    from rlhf.trainer import MetricsLogger
+    from rlhf.training.metrics import MetricsLogger
+    from rlhf.training.runtime import Dist
 
     live = tmp_path / "dvclive/sft"
     (live / "plots/metrics/train").mkdir(parents=True)
@@ -182,7 +183,7 @@ def test_dvclive_is_not_touched_until_the_first_point(tmp_path: Path) -> None:
 
 def test_a_split_smaller_than_one_global_batch_is_refused_with_its_size_and_the_fix() -> None:
     from rlhf.config import SFTConfig
-    from rlhf.trainer import check_eval_split, check_train_split, optimizer_steps
+    from rlhf.training.checks import check_eval_split, check_train_split, optimizer_steps
 
     cfg = SFTConfig(micro_batch_size=8, gradient_accumulation_steps=2)
     check_train_split("sft_train.jsonl", 32, cfg, "sft", world_size=2)  # exactly one global batch: one step
@@ -201,7 +202,7 @@ def test_a_split_smaller_than_one_global_batch_is_refused_with_its_size_and_the_
 
 def test_ppo_prompts_fewer_than_one_rollout_batch_are_refused() -> None:
     from rlhf.config import PPOConfig
-    from rlhf.trainer import check_ppo_splits
+    from rlhf.training.checks import check_ppo_splits
 
     ppo = PPOConfig(rollout_batch_size=8, micro_batch_size=4, eval_prompts=4)
     check_ppo_splits(Path("d"), 16, 1, 0, ppo, world_size=2)
@@ -215,9 +216,9 @@ def test_ppo_prompts_fewer_than_one_rollout_batch_are_refused() -> None:
 
 
 def test_an_empty_prompt_loader_stops_instead_of_recursing_forever() -> None:
-    from rlhf.engine import Dist
-    from rlhf.batching import Cycle
-    from rlhf.trainer import make_loader
+    from rlhf.data.batching import Cycle
+    from rlhf.training.loaders import make_loader
+    from rlhf.training.runtime import Dist
 
     dist = Dist(rank=0, world_size=1, local_rank=0, device="cpu")
     cycle = Cycle(make_loader([[1], [2], [3]], 4, lambda b: b, dist, seed=0, shuffle=True))  # drop_last: no batch

@@ -40,7 +40,7 @@ def _pretrained_folder(path: Path, texts: list[str]) -> None:
     """A tiny Llama with a tokenizer that has no pad token: what a user brings from elsewhere."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.tokenizer import train_tokenizer
+    from rlhf.models.tokenizer import train_tokenizer
 
     tok = train_tokenizer(texts, 300)
     tok.pad_token = None

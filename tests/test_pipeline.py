@@ -19,8 +19,8 @@ def _changed(saved: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -
 def _initial_actor(work: Path, params_file: str = "params.yaml"):
     """The actor exactly as training started it (seeded build)."""
     from rlhf.config import load_params
-    from rlhf.models import build_causal_lm
-    from rlhf.tokenizer import resolve_tokenizer
+    from rlhf.models.build import build_causal_lm
+    from rlhf.models.tokenizer import resolve_tokenizer
 
     p = load_params(work / params_file)
     return build_causal_lm(p.model, resolve_tokenizer(None, work / "data/prepared"), p.seed)
@@ -81,16 +81,16 @@ def test_reward_trains_and_scores_a_pair(prepared: Path) -> None:
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     # Training moved the weights away from the seeded build it started from.
     from rlhf.config import load_params
-    from rlhf.models import build_reward_model
-    from rlhf.tokenizer import resolve_tokenizer
+    from rlhf.models.build import build_reward_model
+    from rlhf.models.tokenizer import resolve_tokenizer
 
     p = load_params(prepared / "params.yaml")
     initial = build_reward_model(p.reward_model, resolve_tokenizer(None, prepared / "data/prepared"), p.seed)
     initial_state = initial.state_dict()
     assert len(_changed(model.state_dict(), initial_state)) >= len(initial_state) // 2
     # The reported metrics are the saved model's: recomputed pair by pair, one unpadded sequence at a time.
-    from rlhf.data import read_split
-    from rlhf.reward import encode_pair
+    from rlhf.data.split import read_split
+    from rlhf.prefs.reward_model import encode_pair
 
     rows = read_split(prepared / "data/prepared/reward_eval.jsonl")
     chosen, rejected = [], []

@@ -11,7 +11,6 @@ import torch
 
 from tests.conftest import run_cli, write_params
 
-
 # The test models are below DeepSpeed's default persistence threshold: without this, ZeRO-3 would keep every
 # parameter whole and no ZeRO-3 test would exercise a gather.
 SHARD_ALL = {"zero3_persistence_threshold": 0}
@@ -19,7 +18,7 @@ SHARD_ALL = {"zero3_persistence_threshold": 0}
 
 def assert_sharded(module) -> None:
     """Every parameter is a ZeRO-3 partition (whole tensors only inside a gather)."""
-    from rlhf.engine import zero3_partitioning
+    from rlhf.training.runtime import zero3_partitioning
 
     split = zero3_partitioning(module)
     assert split["partitioned"] == split["parameters"] > 0, split
@@ -29,7 +28,7 @@ def assert_sharded(module) -> None:
 @pytest.fixture(scope="module")
 def dist():
     from rlhf.config import EngineConfig
-    from rlhf.engine import init_distributed
+    from rlhf.training.runtime import init_distributed
 
     return init_distributed(EngineConfig(device="cpu"))
 
@@ -41,8 +40,8 @@ def _params(trained: Path, name: str, *overrides: dict):
 
 
 def _prompts(tok, texts: list[str]) -> dict[str, torch.Tensor]:
-    from rlhf.batching import collate_prompts
-    from rlhf.tokenizer import encode_prompt
+    from rlhf.data.batching import collate_prompts
+    from rlhf.models.tokenizer import encode_prompt
 
     ids = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in texts]
     return collate_prompts(max(map(len, ids)), tok.pad_token_id)(ids)
@@ -57,11 +56,11 @@ def _prompts(tok, texts: list[str]) -> dict[str, torch.Tensor]:
 def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: dict, lora: int) -> None:
     """Same seed, same tokens: the hybrid engine's generation mode (gathered, LoRA fused) against transformers'
     generate on a plain copy of the same weights (LoRA merged)."""
-    from rlhf import engine as eng
-    from rlhf.hybrid import HybridEngine
-    from rlhf.models import add_lora, load_causal_lm, unwrap_for_saving
-    from rlhf.rl_engine import _train_cfg
-    from rlhf.tokenizer import load_tokenizer
+    from rlhf.models.build import add_lora, load_causal_lm, unwrap_for_saving
+    from rlhf.models.tokenizer import load_tokenizer
+    from rlhf.rl.hybrid import HybridEngine
+    from rlhf.rl.models import _train_cfg
+    from rlhf.training import runtime as eng
 
     params = _params(trained, "hybrid.yaml", {"engine": engine, "ppo": {"actor_lora": {"rank": lora}}})
     tok = load_tokenizer(trained / "models/sft")
@@ -99,9 +98,9 @@ def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: d
 
 
 def test_one_ppo_update_moves_actor_and_critic_not_reference(trained: Path, dist) -> None:
-    from rlhf.engine import full_state_dict
-    from rlhf.ppo import PPOTrainer
-    from rlhf.rl_engine import RLHFEngine
+    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.training.runtime import full_state_dict
 
     # Each model its own ZeRO stage, as DeepSpeed-Chat allows for the actor and critic; the frozen reference
     # sharded by ZeRO-3 with its weights offloaded.
@@ -131,7 +130,7 @@ def test_one_ppo_update_moves_actor_and_critic_not_reference(trained: Path, dist
     a_loss, c_loss, stats = trainer.train_rlhf(exp)
     # Before the first step pi = pi_old (up to rounding), so the clipped surrogate is -mean(A) over the real tokens,
     # and the critic still gives the rollout's values: the value loss is 0.5 x mean((V - returns)^2)
-    from rlhf.ppo_math import masked_mean
+    from rlhf.training.stats import masked_mean
 
     assert abs(stats["ratio"] - 1) < 1e-4 and stats["clip_fraction"] == 0
     assert abs(a_loss + masked_mean(exp.advantages, exp.action_mask).item()) < 1e-4, a_loss
@@ -199,7 +198,7 @@ def test_mismatched_tokenizers_fail_the_gate(trained: Path, tmp_path: Path) -> N
 
 def _tiny_lm(tok):
     from rlhf.config import load_params
-    from rlhf.models import build_causal_lm
+    from rlhf.models.build import build_causal_lm
 
     return build_causal_lm(load_params(Path("params.yaml"), {"model.num_layers": 2}).model, tok, 0)
 
@@ -214,8 +213,8 @@ def _grouped_batch(tok, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_shared_prefix_forward_matches_full_forward(trained: Path) -> None:
     """Each repeated prompt runs once and its cache is copied to its rows: the answers' logits and the gradients
     equal one full forward pass's up to float rounding, and sampled generations are token for token the same."""
-    from rlhf.prefix import answer_outputs, position_ids, prefill_shared, prompt_groups
-    from rlhf.tokenizer import load_tokenizer
+    from rlhf.models.prefix import answer_outputs, position_ids, prefill_shared, prompt_groups
+    from rlhf.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(trained / "models/sft")
     model = _tiny_lm(tok)
@@ -265,12 +264,11 @@ def test_shared_prefix_forward_matches_full_forward(trained: Path) -> None:
 def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
     """k answers per prompt come out grouped, log pi_old kept from generation equals the recomputed one, and an
     update through the shared-prefix forward moves a ZeRO-3 actor (two forward calls before one backward)."""
-    from rlhf.engine import full_state_dict
-    from rlhf.ppo import PPOTrainer
-    from rlhf.rl_engine import RLHFEngine
-
-    from rlhf.models import load_causal_lm
-    from rlhf.prefix import position_ids
+    from rlhf.models.build import load_causal_lm
+    from rlhf.models.prefix import position_ids
+    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.training.runtime import full_state_dict
 
     # Sampled at temperature 0.7 among the 5 likeliest tokens: log pi_old, log pi_ref and the update's log pi are
     # all log_softmax(logits / 0.7) over the whole vocabulary (PPOConfig's convention); top_k truncates sampling only.
@@ -309,7 +307,7 @@ def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
     before = full_state_dict(engine.actor.module, 3, is_main=True)
     a_loss, c_loss, stats = trainer.train_rlhf(exp)
     after = full_state_dict(engine.actor.module, 3, is_main=True)
-    from rlhf.ppo_math import masked_mean
+    from rlhf.training.stats import masked_mean
 
     assert abs(a_loss + masked_mean(exp.advantages, exp.action_mask).item()) < 1e-4, a_loss  # ratio 1: -mean(A)
     # The update's log pi uses the same processing: before the step pi = pi_old, a ratio of 1 on every token.
@@ -342,10 +340,10 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
     """With pad == eos, the action mask is by position: every answer token up to and including the first eos, the
     eos itself (the decision to stop) included; rows that never stop are real throughout; the reward model's score
     is the one at the eos (or at the last token of an answer that never stopped)."""
-    from rlhf.decode import Decoded
-    from rlhf.models import classifier_parts
-    from rlhf.ppo import PPOTrainer
-    from rlhf.rl_engine import RLHFEngine
+    from rlhf.models.build import classifier_parts
+    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.rollout.decode import Decoded
 
     sft, reward = _pad_is_eos_copies(trained, tmp_path)
     params = _params(trained, "ppo_eos.yaml", {"ppo": {"rollout_logprobs": "recompute", "kl_coef": 0.0,
@@ -402,8 +400,8 @@ def test_generate_tokens_takes_no_knob_from_the_models_generation_config(trained
     generation_config draws under the same explicit knobs, and leaves the model's own config as it was."""
     from transformers import GenerationConfig
 
-    from rlhf.models import generate_tokens
-    from rlhf.tokenizer import load_tokenizer
+    from rlhf.models.tokenizer import load_tokenizer
+    from rlhf.rollout.hf import generate_tokens
 
     tok = load_tokenizer(trained / "models/sft")
     model = _tiny_lm(tok).eval()
@@ -431,9 +429,9 @@ def test_bf16_step3_fp32_master_weights_recomputed_log_pi_old_and_loadable_outpu
     from a ratio of 1; the stage's outputs load with the Auto classes."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    from rlhf.engine import full_state_dict
-    from rlhf.ppo import PPOTrainer
-    from rlhf.rl_engine import RLHFEngine
+    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.training.runtime import full_state_dict
 
     params = _params(trained, "ppo_bf16.yaml", {"engine": {"dtype": "bf16"}})
     assert params.ppo.rollout_logprobs == "auto" and params.ppo.recomputes_logprobs("bf16")

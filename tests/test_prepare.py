@@ -119,8 +119,8 @@ def test_long_prompts_are_dropped_with_a_warning_or_truncated_and_trained_on(tmp
     assert prepared["invalid"]["prompt_too_long"] == 0 and prepared["sources"][files["long"]]["rows_valid"] == 40
     run_cli("sft", "--params", "params.yaml", cwd=tmp_path)
     from rlhf.config import load_params
-    from rlhf.data import read_split
-    from rlhf.tokenizer import encode_sft_row, load_tokenizer
+    from rlhf.data.split import read_split
+    from rlhf.models.tokenizer import encode_sft_row, load_tokenizer
 
     tok = load_tokenizer(tmp_path / "models/sft")
     rows = [r for r in read_split(tmp_path / "data/prepared/sft_train.jsonl") if r["source"] == files["long"]]

@@ -1,4 +1,4 @@
-"""Reward functions (rlhf/rewards.py): TRL's signature, extra data columns, every way a function can be wrong; the
+"""Reward functions (rlhf/rl/rewards.py): TRL's signature, extra data columns, every way a function can be wrong; the
 data side (extra columns kept in the prepared splits); and, through the CLI, bad functions stopping step 3 and
 evaluate in one line with nothing written."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from rlhf.config import RewardFunctionConfig
 from rlhf.errors import UserError
-from rlhf.rewards import function_values, load_functions, require_applies, user_completion, user_prompt, weighted_sum
+from rlhf.rl.rewards import function_values, load_functions, require_applies, user_completion, user_prompt, weighted_sum
 from tests.conftest import run_cli, write_params
 
 MODULE = '''
@@ -149,7 +149,7 @@ def test_a_function_that_cannot_load_is_one_line(module: str, spec: str, message
 
 
 def test_the_gold_scorer_does_not_pass_for_a_score_of_other_prompts() -> None:
-    from rlhf.task import gold_reward_fn
+    from rlhf.data.task import gold_reward_fn
 
     got = gold_reward_fn(["Sort ascending: 3 1 2", "Reverse the words: a b"], ["Sorted: 1 2 3", "b a"])
     assert got == [0.75, None]
@@ -159,7 +159,8 @@ def test_the_gold_scorer_does_not_pass_for_a_score_of_other_prompts() -> None:
 
 def test_prepare_keeps_extra_columns_and_the_conversational_form(tmp_path: Path) -> None:
     from rlhf.config import SourceConfig, TaskConfig
-    from rlhf.data import load_source, validate_rows
+    from rlhf.data.sources import load_source
+    from rlhf.data.validate import validate_rows
 
     src = tmp_path / "rows.jsonl"
     rows = [
@@ -172,10 +173,10 @@ def test_prepare_keeps_extra_columns_and_the_conversational_form(tmp_path: Path)
     kept, _ = validate_rows(got)
     assert [r["columns"] for r in kept] == [{"answer": "4", "meta": {"level": 1}}, {"answer": "6", "meta": {"level": 2}}]
     assert [r.get("conversational", False) for r in kept] == [False, True]
-    from rlhf.data import _normalise
+    from rlhf.data.formats import normalise
 
     with pytest.raises(Exception, match="column 'answer' holds a set"):
-        _normalise(rows[2], "prompt", {"prompt", "answer"})
+        normalise(rows[2], "prompt", {"prompt", "answer"})
 
 
 # ------------------------------------------------------------------------------------------- through the CLI
@@ -216,7 +217,7 @@ def _not_the_task(trained: Path, work: Path) -> Path:
     standing in as the PPO actor; the split is resealed as prepare would (COMPLETE.json lists the new hash)."""
     import shutil
 
-    from rlhf.outputs import COMPLETE, sha256_file, write_json
+    from rlhf.pipeline.outputs import COMPLETE, sha256_file, write_json
 
     shutil.copytree(trained / "data", work / "data")
     shutil.copytree(trained / "models/sft", work / "ppo/actor")
@@ -240,11 +241,11 @@ def _evaluate(trained: Path, work: Path, params: Path):
 def test_evaluate_refuses_the_gold_scorer_on_prompts_it_does_not_apply_to(tmp_path: Path, trained: Path) -> None:
     """The shipped task's scorer named on someone else's prompts: one line, not a gold reward of 0."""
     work = _not_the_task(trained, tmp_path / "work")
-    params = write_params(work / "params.yaml", {"evaluate": {"scorers": [{"function": "rlhf.task:gold_reward_fn"}]}})
+    params = write_params(work / "params.yaml", {"evaluate": {"scorers": [{"function": "rlhf.data.task:gold_reward_fn"}]}})
     out = _evaluate(trained, work, params)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith(
-        "error: evaluate.scorers[0] 'rlhf.task:gold_reward_fn' returned None for all "
+        "error: evaluate.scorers[0] 'rlhf.data.task:gold_reward_fn' returned None for all "
     ), out.stderr[-2000:]
     assert "does not apply" in out.stderr and "Traceback" not in out.stderr
     assert not (work / "metrics").exists()

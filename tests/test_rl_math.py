@@ -1,4 +1,4 @@
-"""The critic-free family's and DPO's math in rlhf/ppo_math.py, on tiny tensors whose expected values are derived by
+"""The critic-free family's and DPO's math in rlhf/training/losses.py, on tiny tensors whose expected values are derived by
 hand from each paper's formula in the comments."""
 
 from __future__ import annotations
@@ -9,16 +9,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf.ppo_math import (
-    aggregate_loss,
-    critic_free_advantages,
-    discounted_returns,
-    dpo_loss,
-    entropy_from_logits,
-    group_advantages,
-    k3_kl,
-    policy_loss,
-)
+from rlhf.models.logprobs import entropy_from_logits
+from rlhf.rl.advantages import critic_free_advantages, discounted_returns, group_advantages
+from rlhf.training.losses import aggregate_loss, dpo_loss, k3_kl, policy_loss
 
 
 def t(rows: list) -> torch.Tensor:
@@ -65,7 +58,7 @@ def test_a_group_of_equal_scores_has_exactly_zero_advantage(group: int, baseline
 def test_masked_whiten_over_ranks_equals_whiten_of_the_whole_batch() -> None:
     # Two ranks' halves, with all_reduce summing the halves' statistics: the same mean and variance as one batch of
     # every real token (verl's and OpenRLHF's global whitening), so each half is whitened as part of the whole.
-    from rlhf.ppo_math import masked_whiten
+    from rlhf.training.stats import masked_whiten
 
     x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
     mask = (torch.rand(8, 5, generator=torch.Generator().manual_seed(2)) > 0.3).float()
@@ -96,7 +89,7 @@ def test_masked_whiten_over_ranks_equals_whiten_of_the_whole_batch() -> None:
 def test_aggregate_loss_of_micro_batches_with_the_mini_batch_total_adds_up_to_the_whole(mode: str) -> None:
     # token_mean over 3 + 1 tokens is (1+2+3 + 10) / 4 = 4; the micro batches' own means (2 and 10) averaged give 6.
     # With total = the mini batch's count (4 tokens, or 2 rows) the micro batches' losses sum to the whole's.
-    from rlhf.ppo_math import aggregation_count
+    from rlhf.training.losses import aggregation_count
 
     loss, mask = t([[1, 2, 3], [10, 0, 0]]), t([[1, 1, 1], [1, 0, 0]])
     whole = aggregate_loss(loss, mask, mode, norm_length=3)
@@ -296,7 +289,7 @@ def test_each_algorithm_takes_its_published_defaults_unless_params_say_otherwise
 def test_ipo_length_normalisation_divides_each_answer_by_its_token_count() -> None:
     # Chosen answer of 2 tokens, rejected of 4 (answer positions from column 1 on, as sequence_logprobs counts them):
     # summed log-probabilities -2 / -8 (policy) and -1 / -4 (reference) become means -1 / -2 and -0.5 / -1.
-    from rlhf.dpo import per_token
+    from rlhf.prefs.dpo import per_token
 
     answer = t([[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
     got = per_token([t([-2.0]), t([-8.0]), t([-1.0]), t([-4.0])], answer)

@@ -4,12 +4,9 @@ learning-rate schedule counts the steps taken (ptx included)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
-from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -25,15 +22,15 @@ SCORED = ("sequences", "attention_mask", "action_mask", "logprobs", "ref_logprob
 @pytest.fixture(scope="module")
 def dist():
     from rlhf.config import EngineConfig
-    from rlhf.engine import init_distributed
+    from rlhf.training.runtime import init_distributed
 
     return init_distributed(EngineConfig(device="cpu"))
 
 
 def _trainer(trained: Path, dist, name: str, ppo: dict, sft: Path | None = None):
     from rlhf.config import load_params
-    from rlhf.ppo import PPOTrainer
-    from rlhf.rl_engine import RLHFEngine
+    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.trainer import PPOTrainer
 
     params = load_params(write_params(trained / name, {"ppo": {"ema_beta": 0.0, **ppo}}))
     engine = RLHFEngine(params, dist, sft or trained / "models/sft", trained / "models/reward")
@@ -41,8 +38,8 @@ def _trainer(trained: Path, dist, name: str, ppo: dict, sft: Path | None = None)
 
 
 def _prompts(tok, n: int) -> dict[str, torch.Tensor]:
-    from rlhf.batching import collate_prompts
-    from rlhf.tokenizer import encode_prompt
+    from rlhf.data.batching import collate_prompts
+    from rlhf.models.tokenizer import encode_prompt
 
     ids = [encode_prompt(tok, [{"role": "user", "content": f"Sort ascending: {i} {i * 7 % 23} 3 {i % 5}"}])
            for i in range(n)]
@@ -102,7 +99,7 @@ def test_one_mini_batch_as_1x16_or_4x4_takes_the_same_step(trained: Path, dist, 
     """A mini batch of 16 rollouts as one micro batch of 16 or four of 4: the gradients accumulated for its one
     optimizer step are the same (each loss normalised over the mini batch's tokens or answers), and so are the
     weights after it. Before, each micro batch of 4 was its own step on its own mean."""
-    from rlhf.engine import full_state_dict
+    from rlhf.training.runtime import full_state_dict
 
     ppo = {"algorithm": algorithm, "loss_aggregation": aggregation, "rollout_batch_size": 4, "answers_per_prompt": 4,
            "mini_batch_size": 16, "kl_penalty": "loss", "entropy_coef": 0.01, "actor_learning_rate": 1e-3}

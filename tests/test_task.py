@@ -1,14 +1,14 @@
-"""rlhf/task.py: the gold reward on hand-scored answers, and the seeded noisy rows the pipeline trains on."""
+"""rlhf/data/task.py: the gold reward on hand-scored answers, and the seeded noisy rows the pipeline trains on."""
 
 from __future__ import annotations
 
 import pytest
 
-from rlhf.task import (
+from rlhf.data.task import (
     BARE_PREFIX,
-    _corrupt,
     POLITE_PREFIX,
     POLITE_WEIGHT,
+    _corrupt,
     generate_rows,
     gold_reward,
     make_prompt,

@@ -1,4 +1,4 @@
-"""rlhf/trainer.py make_loader: length-grouped training batches pad far less than random ones, yet each rank sees
+"""rlhf/training/loop.py make_loader: length-grouped training batches pad far less than random ones, yet each rank sees
 the same rows as DistributedSampler gives it, in an order fixed by (seed, epoch)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.engine import Dist
-from rlhf.trainer import make_loader
+from rlhf.training.loaders import make_loader
+from rlhf.training.runtime import Dist
 
 
 def _rank(rank: int, world_size: int = 1) -> Dist:
@@ -29,11 +29,10 @@ def _padding(loader) -> float:
 
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_grouped_batches_pad_much_less_on_the_shipped_rows(prepared: Path, stage: str) -> None:
-    from rlhf.data import read_split
-    from rlhf.reward import collate_pairs, encode_pair, pair_length
-    from rlhf.batching import collate_sft, sft_length
-    from rlhf.tokenizer import encode_sft_row
-    from rlhf.tokenizer import load_tokenizer
+    from rlhf.data.batching import collate_sft, sft_length
+    from rlhf.data.split import read_split
+    from rlhf.models.tokenizer import encode_sft_row, load_tokenizer
+    from rlhf.prefs.reward_model import collate_pairs, encode_pair, pair_length
 
     tok = load_tokenizer(prepared / "data/prepared/tokenizer")
     if stage == "sft":

@@ -60,7 +60,7 @@ def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path)
     out = run_ok("dvc", "repro", cwd=repo)
     assert "Running stage 'evaluate'" in out, out
     assert "no reward model to train (no preference pairs, rewards.model_weight 0): placeholder" in out, out
-    from rlhf.outputs import is_placeholder
+    from rlhf.pipeline.outputs import is_placeholder
 
     assert is_placeholder(repo / "models/reward") and not (repo / "models/reward/config.json").exists()
     assert json.loads((repo / "metrics/prepare.json").read_text())["skipped_steps"] == ["reward"]

@@ -1,8 +1,8 @@
-"""Over-optimisation warnings (rlhf/watch.py), on the figures of a hacked run and of a healthy one."""
+"""Over-optimisation warnings (rlhf/rl/watch.py), on the figures of a hacked run and of a healthy one."""
 
 from __future__ import annotations
 
-from rlhf.watch import evaluate_warnings, ppo_warnings
+from rlhf.rl.watch import evaluate_warnings, ppo_warnings
 
 # What a new user's run did (issue 13): the reward model's score driven to the clip, KL ~10 nats per answer,
 # answers at the length limit, and the task's own scorer down to 0. Every stage exited 0 without a word.

@@ -1,0 +1,23 @@
+"""params.yaml as typed groups, one module per concern; import them from here:
+`from rlhf.config import PPOConfig, Params, load_params`."""
+
+from __future__ import annotations
+
+from rlhf.config.base import ConfigError, Group
+from rlhf.config.data import FORMAT_STEPS, STEPS, DataConfig, SourceConfig, TaskConfig
+from rlhf.config.evaluation import EVALUATE_METRICS, EvaluateConfig, LoggingConfig
+from rlhf.config.models import (
+    BaseModelConfig,
+    EngineConfig,
+    LoraConfig,
+    ModelConfig,
+    ModelEngineConfig,
+    TokenizerConfig,
+    resolve_engine,
+)
+from rlhf.config.params import Params, check_loggers, load_params, parse_params, read_yaml
+from rlhf.config.rewards import RewardFunctionConfig, RewardsConfig, unique_labels
+from rlhf.config.rl import ALGORITHM_DEFAULTS, GROUP_ALGORITHMS, PPOConfig
+from rlhf.config.training import DPOConfig, RewardConfig, SFTConfig, TrainConfig
+
+__all__ = ["ALGORITHM_DEFAULTS", "BaseModelConfig", "ConfigError", "DPOConfig", "DataConfig", "EVALUATE_METRICS", "EngineConfig", "EvaluateConfig", "FORMAT_STEPS", "GROUP_ALGORITHMS", "Group", "LoggingConfig", "LoraConfig", "ModelConfig", "ModelEngineConfig", "PPOConfig", "Params", "RewardConfig", "RewardFunctionConfig", "RewardsConfig", "SFTConfig", "STEPS", "SourceConfig", "TaskConfig", "TokenizerConfig", "TrainConfig", "check_loggers", "load_params", "parse_params", "read_yaml", "resolve_engine", "unique_labels"]

@@ -1,0 +1,46 @@
+"""Params of evaluation and logging."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlhf.config.base import Group
+from rlhf.config.rewards import RewardFunctionConfig, unique_labels
+
+# What evaluate reports of every actor besides the scorers (whose names must differ from these).
+EVALUATE_METRICS = ("rm_reward", "kl_to_sft", "response_length", "perplexity", "num_prompts")
+
+
+class EvaluateConfig(Group):
+    """The evaluate stage: every actor answers the same held-out prompts with the same sampling seed."""
+
+    num_prompts: int = Field(500, gt=0)  # held-out PPO prompts (and SFT demonstrations for perplexity)
+    do_sample: bool = True  # sample as the policy does (False: greedy)
+    temperature: float = Field(1.0, gt=0)  # sampling temperature; kl_to_sft compares both models at it
+    top_k: int = Field(0, ge=0)  # sample among the k most likely tokens only; 0 = off (never transformers' 50)
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling; 1.0 = off
+    max_answer_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(64, gt=0)
+    num_samples: int = Field(8, ge=0)  # sample answers shown side by side
+    # Scorers of quality, each reported per actor under its name; null = the shipped task's gold scorer when the
+    # held-out prompts are the builtin task's, else none (evaluate then says so). Weights are not used here.
+    scorers: list[RewardFunctionConfig] | None = None
+
+    @model_validator(mode="after")
+    def _scorers(self) -> EvaluateConfig:
+        unique_labels(self.scorers or [], "evaluate.scorers", EVALUATE_METRICS)
+        return self
+
+
+class LoggingConfig(Group):
+    """Where the training stages' curves go. dvclive always (DVC reads it); TensorBoard and W&B get the same scalars
+    under the same names. Changes no result, so no stage lists this group in dvc.yaml."""
+
+    report_to: list[Literal["dvclive", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["dvclive"])
+    tensorboard_dir: str = "runs"  # event files under <tensorboard_dir>/<stage>/ (tensorboard --logdir runs)
+    wandb_project: str = "rlhf-dvc"
+    wandb_dir: str = "."  # W&B keeps its runs under <wandb_dir>/wandb/
+    # auto: online when W&B has a key (WANDB_API_KEY or `wandb login`), else offline (`wandb sync` uploads later)
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"

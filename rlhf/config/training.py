@@ -1,0 +1,63 @@
+"""Params of steps 1 and 2: the shared training knobs (SFT, reward model) and DPO's."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from rlhf.config.base import Group
+from rlhf.config.models import LoraConfig
+
+
+class TrainConfig(Group):
+    """Optimisation knobs shared by the SFT and reward steps."""
+
+    epochs: int = Field(1, gt=0)
+    micro_batch_size: int = Field(16, gt=0)  # per rank, per forward pass
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    # Samples per optimizer step over all ranks, as a check: 0 derives it (micro_batch_size x
+    # gradient_accumulation_steps x engine.num_procs); non-zero must equal that product, so a changed rank count
+    # cannot silently change the effective batch (DeepSpeed's train_batch_size rule).
+    global_batch_size: int = Field(0, ge=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)  # share of optimizer steps with linear warmup
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    adam_beta1: float = Field(0.9, gt=0, lt=1)
+    adam_beta2: float = Field(0.95, gt=0, lt=1)
+    eval_batch_size: int = Field(64, gt=0)
+    # Training micro batches of rows of similar length (HF transformers' group_by_length): far less padding, the
+    # same rows per epoch; False gives DistributedSampler's random batches. Evaluation order is unaffected.
+    group_by_length: bool = False
+    length_group_batches: int = Field(50, gt=0)  # micro batches sorted by length together (HF uses 50)
+    max_steps: int = Field(0, ge=0)  # stop after this many optimizer steps (0 = run all epochs)
+    log_every: int = Field(10, gt=0)  # optimizer steps between logged points
+    checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable checkpoints (0 = none)
+    max_bad_steps: int = Field(3, gt=0)  # consecutive non-finite steps (skipped) before the stage aborts
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class SFTConfig(TrainConfig):
+    loss_on_prompt: bool = False  # True restores DeepSpeed-Chat's whole-sequence loss
+
+
+class RewardConfig(TrainConfig):
+    pass
+
+
+class DPOConfig(TrainConfig):
+    """Step 2's alternative (DeepSpeed-Chat step2_dpo): the SFT actor trained on the preference pairs against itself
+    frozen as the reference, no reward model and no RL."""
+
+    beta: float = Field(0.1, gt=0)  # DPO's beta: the strength of the KL to the reference (IPO: its tau)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO (cDPO with label_smoothing > 0); ipo: IPO
+    ipo_length_normalize: bool = True  # ipo on mean log-probabilities per answer token (TRL's); false: summed
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO: the probability that a preference label is flipped
+    # RPO (Pang et al. 2024; TRL's rpo_alpha): + sft_coef x the chosen answers' negative log-likelihood per token,
+    # so that DPO cannot lower the likelihood of both answers of a pair (0 = plain DPO; on the shipped task it ran
+    # every answer to the length limit at this learning rate: README)
+    sft_coef: float = Field(1.0, ge=0)
+    # dropout off in the trained policy (the reference is scored in eval mode): with it on, the first step's
+    # log-ratios are noise and its loss is not log 2 (TRL's disable_dropout)
+    disable_dropout: bool = True

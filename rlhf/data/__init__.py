@@ -1,0 +1,1 @@
+"""Sources -> rows -> splits: reading, normalising, validating, splitting and tokenising data, and the shipped task."""

@@ -1,0 +1,1 @@
+"""Evaluation of the trained actors, and chat with one."""

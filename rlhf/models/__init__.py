@@ -1,0 +1,1 @@
+"""Building, loading and describing models: architectures, tokenizers and chat templates, log-probs, cards."""

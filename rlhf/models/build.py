@@ -1,0 +1,191 @@
+"""Build, load and save the models: causal LMs (actor, reference), classifiers (reward model, critic), LoRA, dropout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import LoraConfig, ModelConfig
+from rlhf.errors import UserError
+
+
+def _llama_config(cfg: ModelConfig, tok: Any, **extra: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        attention_dropout=cfg.dropout,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def _from_pretrained(auto_cls: Any, path: str, **kwargs: Any) -> Any:
+    from safetensors import SafetensorError
+
+    from rlhf.pipeline.guards import verify_output_dir
+
+    verify_output_dir(Path(path))
+    try:
+        return auto_cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:
+        raise UserError(
+            f"'{path}' is not a loadable model ({str(err).splitlines()[0][:160]}): "
+            "give an HF model folder with config.json and weights, or a hub id on a connected machine"
+        ) from None
+
+
+def build_causal_lm(cfg: ModelConfig, tok: Any, seed: int) -> Any:
+    """The actor: `cfg.name_or_path` loaded, or a fresh Llama-style model from the config."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    if cfg.name_or_path:
+        model = _from_pretrained(AutoModelForCausalLM, cfg.name_or_path, dtype=torch.float32)
+    else:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(_llama_config(cfg, tok))
+    _check_vocab(model, tok, cfg.name_or_path or "model")
+    model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def build_reward_model(cfg: ModelConfig, tok: Any, seed: int) -> Any:
+    """The reward model: a sequence classifier with one label, scored at the last real (non-pad) token.
+
+    From a causal LM checkpoint (as DeepSpeed-Chat does with OPT-350m) transformers adds a fresh score head.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+
+    if cfg.name_or_path:
+        model = _from_pretrained(
+            AutoModelForSequenceClassification, cfg.name_or_path, num_labels=1, dtype=torch.float32
+        )
+    else:
+        torch.manual_seed(seed)
+        model = LlamaForSequenceClassification(_llama_config(cfg, tok, num_labels=1))
+    _check_vocab(model, tok, cfg.name_or_path or "reward_model")
+    model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def load_causal_lm(path: str | Path) -> Any:
+    """A causal LM from an HF folder (fp32; DeepSpeed casts it to the engine dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, str(path), dtype=torch.float32)
+
+
+def load_reward_model(path: str | Path) -> Any:
+    """A one-label sequence classifier from an HF folder (the reward model, or the critic's starting point)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    return _from_pretrained(AutoModelForSequenceClassification, str(path), num_labels=1, dtype=torch.float32)
+
+
+def classifier_parts(module: Any) -> tuple[Any, Any]:
+    """(body, score head) of a sequence classifier (LlamaForSequenceClassification and kin), LoRA or not."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return getattr(base, base.base_model_prefix), base.score
+
+
+def last_token_scores(module: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """(B,) a sequence classifier's score at each row's last real token, found by the attention mask.
+
+    transformers' own pooling takes the last token that is not pad_token_id: when the pad is the eos (a tokenizer
+    without a pad), that is the token before the eos, not the eos that ends the answer. Rows may be left- or
+    right-padded; position ids start at each row's first real token."""
+    import torch
+
+    from rlhf.models.prefix import position_ids
+
+    body, score = classifier_parts(module)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (cols * attention_mask.long()).argmax(-1)  # (B,) the rightmost real position
+    rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
+    return score(hidden.last_hidden_state[rows, last]).squeeze(-1).float()
+
+
+def _check_vocab(model: Any, tok: Any, name: str) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tok):
+        raise UserError(
+            f"{name} has {rows} embedding rows but the tokenizer has {len(tok)} tokens: "
+            "use the tokenizer that was trained with this model"
+        )
+
+
+def add_lora(model: Any, cfg: LoraConfig, task_type: str) -> Any:
+    """Wrap with peft LoRA adapters when cfg.rank > 0; optionally keep the base weights trainable too."""
+    if cfg.rank == 0:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type=task_type,
+    )
+    try:
+        model = get_peft_model(model, peft_cfg)
+    except ValueError as err:
+        raise UserError(f"LoRA could not be added ({str(err).splitlines()[0][:160]}): fix lora.target_modules") from None
+    if not cfg.only_optimize_lora:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return model
+
+
+# Module attributes that hold a dropout probability as a plain float, read in forward (Llama's and Qwen's
+# attention_dropout, OPT's dropout/activation_dropout, OPT's layerdrop): nn.Dropout modules are not the only kind.
+_DROPOUT_FLOATS = ("dropout", "attention_dropout", "activation_dropout", "attn_dropout", "resid_dropout",
+                   "embd_pdrop", "resid_pdrop", "attn_pdrop", "hidden_dropout", "layerdrop")
+
+
+def disable_dropout(model: Any) -> Any:
+    """`model` with every dropout probability set to 0, in train mode too (TRL's disable_dropout_in_model, which
+    also sees the float probabilities some attention modules read): the RL ratio pi / pi_old and DPO's log-ratios
+    then compare the same function in train and eval mode. The config is left as it was, so a saved model keeps
+    its dropout for whoever trains it next."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in _DROPOUT_FLOATS:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, 0.0)
+    return model
+
+
+def unwrap_for_saving(model: Any) -> Any:
+    """The plain transformers model, with any LoRA adapters merged into the base weights."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def save_pretrained(model: Any, tok: Any, out_dir: Path) -> None:
+    """An HF folder that transformers' Auto classes load: safetensors, config, tokenizer with its chat template."""
+    model = unwrap_for_saving(model)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)

@@ -1,0 +1,1 @@
+"""What makes every stage a good DVC citizen: atomic output folders, manifests, the check stage, the summary."""

@@ -1,0 +1,141 @@
+"""Step 3's models: the actor behind the hybrid engine, the frozen reference and reward model, the critic (ppo
+only) and the actor's EMA, each a DeepSpeed engine built from the earlier stages' folders (DeepSpeed-Chat's
+DeepSpeedRLHFEngine)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import EngineConfig, Params, PPOConfig, TrainConfig, resolve_engine
+from rlhf.models.build import classifier_parts as _classifier
+from rlhf.models.tokenizer import check_compatible
+from rlhf.training.runtime import Dist
+
+
+@torch.no_grad()
+def ema_update(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor], beta: float) -> None:
+    """In place, parameter by parameter: ema = beta * ema + (1 - beta) * param (DeepSpeed-Chat moving_average).
+
+    The two iterables pair up in order and must have the same length (ValueError otherwise); each param is
+    cast to its ema tensor's dtype and device first.
+    """
+    for ema, param in zip(ema_params, params, strict=True):
+        ema.mul_(beta).add_(param.to(device=ema.device, dtype=ema.dtype), alpha=1.0 - beta)
+
+
+def _train_cfg(ppo: PPOConfig, lr: float) -> TrainConfig:
+    """A trained model's optimisation settings: one optimizer step per mini batch of micro batches."""
+    return TrainConfig(
+        micro_batch_size=ppo.micro_batch_size,
+        gradient_accumulation_steps=ppo.mini_batch // ppo.micro_batch_size,
+        learning_rate=lr,
+        weight_decay=ppo.weight_decay,
+        warmup_ratio=ppo.warmup_ratio,
+        lr_schedule=ppo.lr_schedule,
+        adam_beta1=ppo.adam_beta1,
+        adam_beta2=ppo.adam_beta2,
+    )
+
+
+def _frozen_engine(model: Any, engine: EngineConfig, micro_batch_size: int) -> Any:
+    """A DeepSpeed engine for a frozen model: sharded under ZeRO-3 like the trained ones (weights offloaded with
+    offload_params), else whole."""
+    import deepspeed
+
+    from rlhf.training.runtime import report_zero3, zero_config
+
+    model.requires_grad_(False)
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "zero_optimization": zero_config(engine, trained=False),
+        "bf16": {"enabled": engine.dtype == "bf16"},
+        "fp16": {"enabled": engine.dtype == "fp16"},
+        "steps_per_print": 10**9,
+    }
+    ds_engine, *_ = deepspeed.initialize(model=model, config=config)
+    ds_engine.eval()
+    if engine.zero_stage == 3:
+        report_zero3(f"frozen {type(model).__name__}", ds_engine.module)
+    return ds_engine
+
+
+def critic_from_actor(path: str | Path) -> Any:
+    """A critic without a reward model (rewards.model_weight 0, as OpenRLHF allows): the SFT actor's body with a
+    fresh value head, zeroed so that every value starts at 0."""
+    from rlhf.models.build import load_reward_model
+
+    critic = load_reward_model(path)
+    _classifier(critic)[1].weight.data.zero_()
+    return critic
+
+
+class RLHFEngine:
+    """Builds and owns the four models of step 3 (and the actor's EMA), each a DeepSpeed engine.
+
+    actor: from the SFT output, trained, behind the hybrid engine; ref: frozen copy of SFT; critic (ppo only, else
+    None): initialised from the reward model (from the actor with a fresh value head when reward_path is None),
+    trained; reward: frozen, or None without a reward model. `build_actor()` / `build_critic()` return fresh skeletons of the trained
+    architectures (LoRA included) for exporting gathered weights.
+    """
+
+    def __init__(self, params: Params, dist: Dist, sft_path: Path, reward_path: Path | None):
+        from transformers import AutoConfig
+
+        from rlhf.models.build import add_lora, disable_dropout, load_causal_lm, load_reward_model
+        from rlhf.models.tokenizer import load_tokenizer
+        from rlhf.rl.hybrid import HybridEngine
+        from rlhf.training import runtime as eng
+
+        self.params, self.dist = params, dist
+        ppo = params.ppo
+        self.tok = load_tokenizer(sft_path)
+        if reward_path is not None:
+            reward_tok = load_tokenizer(reward_path)
+            check_compatible(self.tok, reward_tok, AutoConfig.from_pretrained(sft_path), AutoConfig.from_pretrained(reward_path))
+        self.tok.padding_side = "left"  # prompts are left-padded for batched generation
+
+        quiet = disable_dropout if ppo.disable_dropout else (lambda m: m)  # the same function in train and eval mode
+        self.build_actor: Callable[[], Any] = lambda: quiet(add_lora(load_causal_lm(sft_path), ppo.actor_lora, "CAUSAL_LM"))
+        critic_body = (lambda: load_reward_model(reward_path)) if reward_path is not None else (lambda: critic_from_actor(sft_path))
+        self.build_critic: Callable[[], Any] | None = None
+        if ppo.needs_critic:
+            self.build_critic = lambda: quiet(add_lora(critic_body(), ppo.critic_lora, "SEQ_CLS"))
+        steps = ppo.optimizer_steps  # the ptx loss joins the RL loss in the same step: no extra steps
+        self.engines = {
+            name: resolve_engine(params.engine, getattr(ppo, f"{name}_engine"))
+            for name in ("actor", "critic", "ref", "reward")
+        }
+        self.actor = HybridEngine(
+            eng.initialize(self.build_actor(), self.engines["actor"], _train_cfg(ppo, ppo.actor_learning_rate), steps),
+            self.engines["actor"].zero_stage,
+        )
+        self.critic = None  # the critic-free family has none: nothing built, stepped or saved
+        if self.build_critic is not None:
+            self.critic = eng.initialize(
+                self.build_critic(), self.engines["critic"], _train_cfg(ppo, ppo.critic_learning_rate), steps
+            )
+        self.ref = _frozen_engine(quiet(load_causal_lm(sft_path)), self.engines["ref"], ppo.micro_batch_size)
+        self.reward = None
+        if reward_path is not None:
+            self.reward = _frozen_engine(quiet(load_reward_model(reward_path)), self.engines["reward"], ppo.micro_batch_size)
+        self.ema = None
+        if ppo.ema_beta > 0:
+            state = eng.full_state_dict(self.actor.module, self.actor.zero_stage, is_main=True, all_ranks=True)
+            self.ema = self.build_actor().requires_grad_(False)
+            self.ema.load_state_dict(state, strict=False)
+
+    def update_ema(self) -> None:
+        """ema = beta * ema + (1 - beta) * actor, parameter by parameter (gathered under ZeRO-3)."""
+        if self.ema is None:
+            return
+        from rlhf.rl.models import ema_update
+        from rlhf.training.runtime import full_state_dict
+
+        state = full_state_dict(self.actor.module, self.actor.zero_stage, is_main=True, all_ranks=True)
+        ema_params = dict(self.ema.named_parameters())
+        names = [n for n in ema_params if n in state]
+        ema_update([ema_params[n] for n in names], [state[n] for n in names], self.params.ppo.ema_beta)

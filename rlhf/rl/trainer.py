@@ -1,0 +1,476 @@
+"""Step 3: RL against the reward (InstructGPT section 3.5; DeepSpeed-Chat step 3), on our hybrid engine: PPO (critic,
+GAE) or the critic-free family (GRPO, RLOO, REINFORCE++), chosen by `ppo.algorithm`.
+
+Public API, in DeepSpeed-Chat's shape (the stage loop around it is rlhf/rl/recipe.py's run_ppo):
+
+    engine = RLHFEngine(params, dist, sft_path, reward_path)   # rlhf/rl/models.py: actor, ref, critic, reward, EMA
+    trainer = PPOTrainer(engine, params.ppo)
+    exp, info = trainer.make_experience([prompt_batch, ...])    # -> Experience, timings and token count
+    stats = trainer.update(exp, seed)                           # ppo_epochs x one step per mini batch
+    actor_loss, critic_loss, stats = trainer.train_rlhf(exp)    # or: one optimizer step on exp as one mini batch
+
+Every algorithm shares one rollout and scoring path (`generate` -> Rollout, `reward_scores`, reference log-probs);
+what differs is the estimator (rlhf/rl/advantages.py, on rlhf/training/losses.py's pure functions) and whether a critic exists. The
+reward is params.yaml `rewards`: the reward model's score times `rewards.model_weight` plus verifier functions
+(rlhf/rl/rewards.py), no code needed. Subclass PPOTrainer and override the small documented methods (`reward_scores`,
+`advantages`) to change the estimator, and name it in `ppo.trainer` for the stage to use it; see README.md.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from rlhf import faults
+from rlhf.config import GROUP_ALGORITHMS, PPOConfig, RewardsConfig
+from rlhf.errors import UserError
+from rlhf.models.build import classifier_parts as _classifier
+from rlhf.models.prefix import answer_outputs
+from rlhf.training.loop import NonFiniteGuard
+from rlhf.training.runtime import evaluating, training
+
+if TYPE_CHECKING:
+    import torch
+
+    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.rewards import RewardFunction
+
+
+
+@dataclass
+class Rollout:
+    """What `generate` returns: B answers to left-padded prompts of P = prompt_width tokens."""
+
+    sequences: torch.Tensor  # (B, P + R) prompt + answer ids, padded after each answer's first eos
+    attention_mask: torch.Tensor  # (B, P + R) the prompt's mask, then 1 on answer tokens up to the first eos
+    action_mask: torch.Tensor  # (B, R) float 1 on answer tokens up to and including the first eos
+    logprobs: torch.Tensor | None  # (B, R) log pi_old from the rollout's own logits; None: to be recomputed
+    prompt_width: int  # P: answers start at sequences[:, P:]
+
+    def answers(self) -> list[list[int]]:
+        """Each answer's real token ids (up to and including its eos)."""
+        lengths = self.action_mask.sum(-1).long().tolist()
+        return [row[:n] for row, n in zip(self.sequences[:, self.prompt_width :].tolist(), lengths)]
+
+
+@dataclass
+class Experience:
+    """One rollout batch. B = rollouts, T = P + R (left-padded prompt of P tokens, answer of R tokens)."""
+
+    sequences: torch.Tensor  # (B, T) prompt + answer token ids, pad_token_id in the padding
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    action_mask: torch.Tensor  # (B, R) 1 on answer tokens up to and including eos, 0 after
+    logprobs: torch.Tensor  # (B, R) log pi_old(a_t | s_t) of the actor that generated the answer
+    ref_logprobs: torch.Tensor  # (B, R) log pi_ref(a_t | s_t) of the frozen SFT model
+    values: torch.Tensor  # (B, R) V_old(s_t) of the critic (0 without one)
+    scores: torch.Tensor  # (B,) the summed reward (rewards.*) of each answer, raw
+    rewards: torch.Tensor  # (B, R) per-token rewards the advantages came from (score, baselined for grpo/rloo, at
+                           # the last answer token; minus kl_coef x KL per token under kl_penalty: reward)
+    advantages: torch.Tensor  # (B, R) GAE (ppo) or reward-to-go of the critic-free family
+    returns: torch.Tensor  # (B, R) advantages + values: the critic's targets (ppo)
+    kl: torch.Tensor  # (B, R) per-token log pi_old - log pi_ref
+
+    def slice(self, start: int, stop: int) -> Experience:
+        return Experience(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
+
+    def select(self, rows: torch.Tensor) -> Experience:
+        """The experiences at `rows` (a (n,) index tensor), in that order."""
+        return Experience(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @staticmethod
+    def cat(parts: list[Experience]) -> Experience:
+        """Concatenate rollouts along B, right-padding (B, R) tensors to the longest R (masked out)."""
+        import torch
+
+        def pad(ts: list[Any], value: float) -> Any:
+            width = max(t.shape[1] for t in ts)
+            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in ts])
+
+        out = {}
+        for f in fields(Experience):
+            ts = [getattr(p, f.name) for p in parts]
+            out[f.name] = torch.cat(ts) if ts[0].dim() == 1 else pad(ts, 0)
+        return Experience(**out)
+
+
+def shares_cache(module: Any) -> bool:
+    """Whether a forward pass of `module` keeps a KV cache: gradient checkpointing drops it while training."""
+    return not (module.training and getattr(module, "is_activation_checkpointing", False))
+
+
+def token_values(module: Any, sequences: Any, attention_mask: Any, prompt_len: int) -> Any:
+    """(B, R) per-token values of a sequence classifier (the critic): its score head on the hidden states of
+    positions P - 1 .. T - 2, the states in which each answer token is chosen."""
+    body, score = _classifier(module)
+    hidden = answer_outputs(body, "last_hidden_state", sequences, attention_mask, prompt_len, shares_cache(module),
+                            last=False)
+    return score(hidden).squeeze(-1).float()
+
+
+class PPOTrainer:
+    """Step 3's trainer: one rollout and scoring path, the estimator of `ppo.algorithm`, a clipped policy loss
+    (asymmetric clip, loss aggregation, k3 KL loss and entropy bonus as configured) and, for ppo, a clipped value
+    loss. Override the small methods to customise.
+
+    The reward is `rewards` (default: engine.params.rewards): model_weight x the reward model's score plus each
+    function's weight x value; `functions` are the loaded rewards.functions (rlhf.rl.rewards.load_functions)."""
+
+    def __init__(self, engine: RLHFEngine, config: PPOConfig, rewards: RewardsConfig | None = None,
+                 functions: list[RewardFunction] | None = None):
+        from rlhf.rl.kl import AdaptiveKLController
+        from rlhf.rl.rewards import load_functions
+        from rlhf.training.stats import RunningMoments
+
+        self.engine, self.config = engine, config
+        self.rewards = rewards if rewards is not None else engine.params.rewards
+        if self.rewards.model_weight > 0 and engine.reward is None:
+            raise UserError("rewards.model_weight > 0 needs a reward model: pass --reward, or set rewards.model_weight: 0")
+        if config.needs_critic and engine.critic is None:
+            raise UserError(f"ppo.algorithm {config.algorithm} needs a critic, but the engine was built without one")
+        self.functions = functions if functions is not None else load_functions(self.rewards.functions, "rewards.functions")
+        # label -> [sum, count] of each reward term over the rollouts since the last reset (logged per iteration)
+        self.term_stats: dict[str, list[float]] = {}
+        self.tok = engine.tok
+        self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.reward_moments = RunningMoments()  # of every summed reward so far (ppo.reward_normalization: running)
+        self.iteration = 0  # the iteration under way (1-based), for messages and fault injection
+        self.guard = NonFiniteGuard(config.max_bad_steps, "ppo")
+        self.ptx: Any = None  # an iterator of ptx micro batches when ppo.ptx_coef > 0 (the stage sets it)
+
+    # ------------------------------------------------------------------ overridable pieces (small on purpose)
+
+    def reward_scores(self, rollout: Rollout, rows: list[dict] | None = None) -> torch.Tensor:
+        """(B,) reward for each prompt + answer: rewards.model_weight x the reward model's score at the last real
+        token, plus weight x value of each function in rewards.functions (`rows`: the data row of each sample, for
+        the prompt as the user wrote it and the extra columns). Each term's sum and count go to `term_stats`.
+        Override to add terms or to call another scorer."""
+        import torch
+
+        from rlhf.rl.rewards import function_values, weighted_sum
+
+        sequences = rollout.sequences
+        total = torch.zeros(sequences.shape[0], device=sequences.device)
+        if self.rewards.model_weight > 0:
+            model = self.model_scores(rollout)
+            self._add_stat("model", model.tolist())
+            total = total + self.rewards.model_weight * model
+        if self.functions:
+            if rows is None:
+                raise UserError("reward functions need the data rows of the batch: pass `rows` to reward_scores")
+            ids = rollout.answers()
+            texts = [self.tok.decode(i, skip_special_tokens=True) for i in ids]
+            values = function_values(self.functions, rows, texts, ids)
+            for label, got in values.items():
+                self._add_stat(label, got)
+            added = weighted_sum(self.functions, values, len(rows))
+            total = total + torch.tensor(added, device=total.device, dtype=total.dtype)
+        return total.float()
+
+    def model_scores(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) the reward model's score of each prompt + answer at its last real token."""
+        import torch
+
+        p = rollout.prompt_width
+        body, score = _classifier(self.engine.reward.module)
+        hidden = answer_outputs(body, "last_hidden_state", rollout.sequences, rollout.attention_mask, p)  # P-1 .. T-1
+        last = rollout.attention_mask[:, p:].sum(-1)  # answers are contiguous: the last real token, 0 = the prompt's
+        return score(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+
+    def _add_stat(self, label: str, values: list[float | None]) -> None:
+        got = [v for v in values if v is not None]
+        stat = self.term_stats.setdefault(label, [0.0, 0.0])
+        stat[0] += sum(got)
+        stat[1] += len(got)
+
+    def term_labels(self) -> list[str]:
+        """The reward terms in use, as logged: `model` (the reward model) and each function's label."""
+        return (["model"] if self.rewards.model_weight > 0 else []) + [f.label for f in self.functions]
+
+    def normalized(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B,) the summed rewards as the estimator takes them: under ppo.reward_normalization: running, z-scored by
+        the moments of every reward so far, this batch's included (summed over ranks, so each rank normalises
+        alike); under none, unchanged. Then clipped to [-reward_clip, reward_clip] (0: no clip)."""
+        if self.config.reward_normalization == "running":
+            from rlhf.training.loop import all_reduce_sum
+
+            total, total_sq, n = all_reduce_sum(
+                [scores.sum().item(), scores.double().pow(2).sum().item(), float(scores.numel())], self.engine.dist
+            )
+            self.reward_moments.update(total, total_sq, n)
+            scores = self.reward_moments.normalize(scores)
+        clip = self.config.reward_clip
+        return scores.clamp(-clip, clip) if clip > 0 else scores
+
+    def advantages(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor,
+                   scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The estimator of ppo.algorithm (rlhf/rl/advantages.py) -> (rewards, advantages, returns), each (B, R).
+        scores: (B,) normalised. Under kl_penalty: loss the reward has no KL term (the loss carries it). Batch
+        statistics (whitening) are taken over every rank's rows."""
+        from rlhf.rl.advantages import ESTIMATORS
+
+        kl_coef = self.kl_ctl.value if self.config.kl_penalty == "reward" else 0.0
+        reduce = self._sum_over_ranks if self.engine.dist.world_size > 1 else None
+        return ESTIMATORS[self.config.algorithm](logprobs, ref_logprobs, values, scores, mask, self.config, kl_coef,
+                                                 reduce)
+
+    # ------------------------------------------------------------------------------------------ the phases
+
+    def _logprobs(self, model: Any, sequences: Any, attention_mask: Any, prompt_len: int,
+                  entropy: bool = False) -> Any:
+        """(B, R) log-probabilities of the answer tokens under `model` at the rollout temperature, over the whole
+        vocabulary: the one processing log pi_old, log pi and log pi_ref share (see PPOConfig.temperature). With
+        `entropy`, also the (B, R) entropy of each position's distribution: (logprobs, entropy)."""
+        from rlhf.models.logprobs import entropy_from_logits, logprobs_from_logits
+
+        module = getattr(model, "module", model)
+        logits = answer_outputs(model, "logits", sequences, attention_mask, prompt_len, shares_cache(module), last=False)
+        logprobs = logprobs_from_logits(logits, sequences[:, prompt_len:], self.config.temperature)
+        if entropy:
+            return logprobs, entropy_from_logits(logits, self.config.temperature)
+        return logprobs
+
+    def generate(self, prompt_ids: Any, prompt_mask: Any) -> Rollout:
+        """Rollout in the hybrid engine's generation mode."""
+        import torch
+
+        from rlhf.models.tokenizer import stop_ids
+        from rlhf.rollout.base import answer_mask
+
+        cfg = self.config
+        out = self.engine.actor.generate(
+            prompt_ids,
+            prompt_mask,
+            decoder=cfg.decoder,
+            cuda_graphs=cfg.cuda_graphs,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_answer_tokens,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=stop_ids(self.tok),  # the template's turn end, eos and generation_config's eos ids
+        )
+        seq = out.sequences
+        answer = seq[:, prompt_ids.shape[1] :]
+        # (B, R) log pi_old of the sampled tokens from the rollout's own logits, or None: generate_experience then
+        # runs the actor once more
+        logprobs = None if cfg.recomputes_logprobs(self.engine.engines["actor"].dtype) else out.logprobs
+        # Real answer tokens by position: everything up to and including the first eos (generate pads after it,
+        # with a pad that may be the eos itself). The prompt's own mask stays as the collate built it.
+        action_mask = answer_mask(answer, stop_ids(self.tok))
+        attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
+        return Rollout(seq, attention_mask, action_mask, logprobs, prompt_ids.shape[1])
+
+    def generate_experience(self, prompt_batch: dict[str, Any]) -> tuple[Experience, dict[str, float]]:
+        """Phases 1-3 of an iteration on one batch of prompts: make_experience([prompt_batch])."""
+        return self.make_experience([prompt_batch])
+
+    def make_experience(self, prompt_batches: list[dict[str, Any]]) -> tuple[Experience, dict[str, float]]:
+        """Phases 1-3 of an iteration: generate and score each batch of prompts (input_ids/attention_mask (N, P)),
+        then the advantages once over all of them (and over every rank): the running reward statistics, the
+        whitening and the KL means are those of the iteration's whole batch, however it was split into generation
+        batches. The experience has B = sum of N x answers per prompt rollouts (each prompt's answers in a row: a
+        group). Returns it and {generate_s, score_s, advantages_s, tokens} (seconds per phase, answer tokens)."""
+        import torch
+
+        info = {"generate_s": 0.0, "score_s": 0.0, "advantages_s": 0.0, "tokens": 0.0}
+        parts = []
+        for batch in prompt_batches:
+            part, timings = self._rollout_and_score(batch)
+            parts.append(part)
+            info = {k: v + timings.get(k, 0.0) for k, v in info.items()}
+        exp = Experience.cat(parts) if len(parts) > 1 else parts[0]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            exp.rewards, exp.advantages, exp.returns = self.advantages(
+                exp.logprobs, exp.ref_logprobs, exp.values, self.normalized(exp.scores), exp.action_mask
+            )
+        info["advantages_s"] = time.perf_counter() - t0
+        info["tokens"] = exp.action_mask.sum().item()
+        return exp, info
+
+    def _rollout_and_score(self, prompt_batch: dict[str, Any]) -> tuple[Experience, dict[str, float]]:
+        """Phases 1-2 on one batch of prompts: the experience without its estimate (rewards, advantages and
+        returns are zeros until make_experience fills them) and {generate_s, score_s}."""
+        import torch
+
+        device = self.engine.actor.engine.device
+        k = self.config.group_size  # each prompt k times in a row: the hybrid engine prefills it once
+        prompt_ids = prompt_batch["input_ids"].to(device).repeat_interleave(k, dim=0)
+        prompt_mask = prompt_batch["attention_mask"].to(device).repeat_interleave(k, dim=0)
+        rows = [r for r in prompt_batch.get("rows") or [] for _ in range(k)] or None  # the data row of each rollout
+
+        t0 = time.perf_counter()
+        rollout = self.generate(prompt_ids, prompt_mask)
+        t1 = time.perf_counter()
+        seq, mask, action_mask, p = rollout.sequences, rollout.attention_mask, rollout.action_mask, rollout.prompt_width
+        actor, critic = self.engine.actor.engine, self.engine.critic
+        with torch.no_grad(), evaluating(actor, critic):
+            logprobs = rollout.logprobs
+            if logprobs is None:
+                logprobs = self._logprobs(actor, seq, mask, p)
+            ref_logprobs = self._logprobs(self.engine.ref, seq, mask, p)
+            values = token_values(critic.module, seq, mask, p) if critic is not None else torch.zeros_like(logprobs)
+            scores = self.reward_scores(rollout, rows)
+            logprobs, ref_logprobs, values = logprobs * action_mask, ref_logprobs * action_mask, values * action_mask
+            kl = (logprobs - ref_logprobs) * action_mask
+        t2 = time.perf_counter()
+        zeros = torch.zeros_like(logprobs)
+        exp = Experience(seq, mask, action_mask, logprobs, ref_logprobs, values, scores, zeros, zeros, zeros, kl)
+        return exp, {"generate_s": t1 - t0, "score_s": t2 - t1}
+
+    def informative(self, scores: torch.Tensor) -> bool:
+        """Whether this iteration's raw scores (every rank's) have something to learn from: for grpo and rloo some
+        group whose answers scored differently, for the others some spread over the whole batch."""
+        import torch
+
+        if self.config.algorithm in GROUP_ALGORITHMS:
+            groups = scores.double().view(-1, self.config.group_size)
+            spread = (groups.max(-1).values > groups.min(-1).values).sum().double()
+            return self._sum_over_ranks(spread).item() > 0
+        low_high = torch.stack([scores.double().min(), -scores.double().max()])
+        if self.engine.dist.world_size > 1:
+            low_high = low_high.clone()
+            torch.distributed.all_reduce(low_high, op=torch.distributed.ReduceOp.MIN)
+        return low_high[0].item() < -low_high[1].item()
+
+    def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over every rank (a new tensor; x itself alone on one rank)."""
+        import torch
+
+        if self.engine.dist.world_size == 1:
+            return x
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    def update(self, exp: Experience, seed: int) -> dict[str, float]:
+        """Phase 4: ppo.ppo_epochs passes over the experience, each in a fresh order (a torch.Generator seeded
+        with `seed` and the epoch: the global RNG, which sampling uses, is left alone), one optimizer step per mini
+        batch of ppo.mini_batch_size rows. Returns each loss and statistic averaged over the steps."""
+        import torch
+
+        cfg = self.config
+        sums: dict[str, float] = {}
+        steps = 0
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(exp.sequences.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
+            for start in range(0, len(order), cfg.mini_batch):
+                ptx = [next(self.ptx) for _ in range(cfg.mini_batch // cfg.micro_batch_size)] if self.ptx else None
+                a_loss, c_loss, stats = self.train_rlhf(exp.select(order[start : start + cfg.mini_batch]), ptx)
+                losses = {"actor_loss": a_loss} | ({"critic_loss": c_loss} if self.engine.critic is not None else {})
+                for key, value in {**losses, **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                steps += 1
+        return {key: value / max(steps, 1) for key, value in sums.items()}
+
+    def train_rlhf(self, exp: Experience, ptx: list[dict[str, Any]] | None = None) -> tuple[float, float, dict[str, float]]:
+        """Phase 4 on one mini batch: one optimizer step of the actor and (ppo) one of the critic, the gradients of
+        its micro batches (ppo.micro_batch_size rows each) accumulated. Every loss is normalised over the whole
+        mini batch of every rank (ppo.loss_aggregation's count summed over micro batches and ranks), so the step
+        is the same however the mini batch is split. `ptx`: one language-model batch per micro batch, whose loss
+        x ppo.ptx_coef joins the same step (InstructGPT's PPO-ptx objective). Returns (actor_loss, critic_loss (0
+        without a critic), stats), the losses as the mini batch's."""
+        import torch
+
+        from rlhf.training.losses import aggregation_count
+
+        cfg = self.config
+        micro = [exp.slice(i, i + cfg.micro_batch_size) for i in range(0, exp.sequences.shape[0], cfg.micro_batch_size)]
+        world = self.engine.dist.world_size
+        counts = [aggregation_count(m.action_mask, cfg.loss_aggregation) for m in micro]
+        tokens = [aggregation_count(m.action_mask, "token_mean") for m in micro]
+        total, total_tokens = self._sum_over_ranks(torch.stack([sum(counts), sum(tokens)])).tolist()
+        actor, critic = self.engine.actor.engine, self.engine.critic
+        a_loss, stats, ptx_loss = 0.0, {}, 0.0
+        with training(actor):
+            steps = []
+            for j, m in enumerate(micro):
+                loss, micro_stats = self._actor_loss(m, total)
+                a_loss += loss.item() * world
+                if ptx is not None:  # each rank's LM mean, averaged over the micro batches (DeepSpeed averages ranks)
+                    lm = self._ptx_loss(ptx[j])
+                    ptx_loss += lm.item() / len(micro)
+                    loss = loss + cfg.ptx_coef * lm / len(micro) / world
+                steps.append(self._accumulate(actor, loss * world, j == len(micro) - 1))
+                for key, value in micro_stats.items():
+                    stats[key] = stats.get(key, 0.0) + value / len(micro)
+            self._finish_step(actor, all(steps))
+        if ptx is not None:
+            stats["ptx_loss"] = ptx_loss
+        if critic is None:
+            return a_loss, 0.0, stats
+        c_loss = 0.0
+        with training(critic):
+            steps = []
+            for j, m in enumerate(micro):
+                loss, c_stats = self._critic_loss(m, total_tokens)
+                c_loss += loss.item() * world
+                steps.append(self._accumulate(critic, loss * world, j == len(micro) - 1))
+                for key, value in c_stats.items():
+                    stats[key] = stats.get(key, 0.0) + value / len(micro)
+            self._finish_step(critic, all(steps))
+        return a_loss, c_loss, stats
+
+    def _actor_loss(self, exp: Experience, total: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro batch's share of the mini batch's actor loss (`total`: the mini batch's aggregation count)."""
+        from rlhf.training.losses import aggregate_loss, k3_kl, policy_loss
+
+        cfg = self.config
+        p = exp.sequences.shape[1] - exp.action_mask.shape[1]
+        agg, norm = cfg.loss_aggregation, cfg.max_answer_tokens
+        out = self._logprobs(self.engine.actor.engine, exp.sequences, exp.attention_mask, p, entropy=cfg.entropy_coef > 0)
+        logprobs, entropy = out if cfg.entropy_coef > 0 else (out, None)
+        loss, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.clip_low,
+                                  cfg.clip_high, agg, norm, total, cfg.dual_clip)
+        if cfg.kl_penalty == "loss":
+            k3 = k3_kl(logprobs, exp.ref_logprobs)
+            if cfg.kl_clamp > 0:  # verl's clamp: one token far from the reference cannot dominate the step
+                k3 = k3.clamp(max=cfg.kl_clamp)
+            loss = loss + self.kl_ctl.value * aggregate_loss(k3, exp.action_mask, agg, norm, total)
+            stats["kl_loss"] = aggregate_loss(k3.detach(), exp.action_mask, agg, norm).item()
+        if entropy is not None:
+            loss = loss - cfg.entropy_coef * aggregate_loss(entropy, exp.action_mask, agg, norm, total)
+            stats["entropy"] = aggregate_loss(entropy.detach(), exp.action_mask, agg, norm).item()
+        return faults.poison(loss, self.iteration), stats
+
+    def _critic_loss(self, exp: Experience, total_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro batch's share of the mini batch's value loss (a mean over its `total_tokens` real tokens)."""
+        from rlhf.training.losses import value_loss
+
+        p = exp.sequences.shape[1] - exp.action_mask.shape[1]
+        values = token_values(self.engine.critic.module, exp.sequences, exp.attention_mask, p)
+        return value_loss(values, exp.values, exp.returns, exp.action_mask, self.config.value_clip_range, total_tokens)
+
+    def _ptx_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The language-model loss of one ptx batch under the actor (train mode is the caller's)."""
+        actor = self.engine.actor.engine
+        return actor(**{k: v.to(actor.device) for k, v in batch.items()}).loss
+
+    def _accumulate(self, engine: Any, loss: torch.Tensor, last: bool) -> bool:
+        """Backward of one micro batch's loss into the accumulated gradients (DeepSpeed reduces them over ranks at
+        the mini batch's last micro batch, `last`). The loss is already normalised over the mini batch, so
+        DeepSpeed's own division by the accumulation steps is off. False (and no backward) when the loss is not
+        finite on some rank: the mini batch then takes no step."""
+        from rlhf.training.loop import all_finite
+
+        if not self.guard.ok(all_finite(loss, self.engine.dist), self.iteration):
+            return False
+        engine.set_gradient_accumulation_boundary(last)
+        engine.backward(loss, scale_wrt_gas=False)
+        return True
+
+    def _finish_step(self, engine: Any, ok: bool) -> None:
+        """The mini batch's optimizer step, unless a micro batch's loss or the reduced gradients were not finite:
+        then the gradients are dropped (weights and optimizer state untouched) and the step counted as skipped;
+        `guard` aborts after too many in a row."""
+        from rlhf.training.loop import grads_finite
+
+        if ok and self.guard.ok(grads_finite(engine), self.iteration):
+            engine.set_gradient_accumulation_boundary(True)
+            engine.step()
+            return
+        engine.zero_grad()
+        if hasattr(engine.optimizer, "zero_grad"):
+            engine.optimizer.zero_grad()

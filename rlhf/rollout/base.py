@@ -1,0 +1,131 @@
+"""The rollout interface: prompts and a sampling config in; answers (token ids, masks, the drawn tokens'
+log-probabilities, why each answer ended) out.
+
+Step 3's scoring, rewards and algorithms read a `Rollout` and nothing else of the engine that made it, so an engine
+is one class with one method (`RolloutEngine.generate`). Two are built in, chosen by `ppo.decoder`:
+
+    own       rlhf/rollout/decode.py  our decode loop: preallocated KV cache, lean Llama-family step, CUDA graphs
+    generate  rlhf/rollout/hf.py      transformers' generate, for any architecture
+
+Both run on a model handed over by a context manager (the hybrid engine's generation mode: ZeRO-3 shards gathered
+once, LoRA fused), draw with the same arithmetic, and stop on every stop id of the tokenizer (the chat template's
+turn end, eos, generation_config's eos ids). A new engine (vLLM, a multi-turn environment) subclasses `ModelRollout`
+or implements `generate` outright and is added to `ENGINES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+# ppo.decoder -> the engine's class, imported when chosen ("module:Class")
+ENGINES = {"own": "rlhf.rollout.decode:DecodeLoop", "generate": "rlhf.rollout.hf:GenerateRollout"}
+
+ModelContext = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How answers are drawn, the same knobs wherever a model samples (rollouts, evaluation, chat)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    do_sample: bool = True  # False: greedy
+    min_new_tokens: int = 0  # no stop id is drawn before this many tokens (benchmarks: answers of a fixed length)
+
+    def knobs(self) -> dict[str, Any]:
+        """The keyword arguments of rlhf.rollout.decode.decode and rlhf.rollout.hf.generate_tokens."""
+        return {"do_sample": self.do_sample, "temperature": self.temperature, "top_k": self.top_k,
+                "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass
+class Rollout:
+    """B answers to left-padded prompts of P = prompt_width tokens."""
+
+    sequences: torch.Tensor  # (B, P + R) prompt + answer ids, padded after each answer's first stop id
+    attention_mask: torch.Tensor  # (B, P + R) the prompt's mask, then 1 on answer tokens up to the first stop id
+    action_mask: torch.Tensor  # (B, R) float 1 on answer tokens up to and including the first stop id
+    logprobs: torch.Tensor | None  # (B, R) log pi_old of the drawn tokens from the rollout's own logits; None: recompute
+    prompt_width: int  # P: answers start at sequences[:, P:]
+    stop_reasons: list[str] = field(default_factory=list)  # per row: "stop" (drew a stop id) or "length" (ran out)
+
+    def answers(self) -> list[list[int]]:
+        """Each answer's real token ids (up to and including its stop id)."""
+        lengths = self.action_mask.sum(-1).long().tolist()
+        return [row[:n] for row, n in zip(self.sequences[:, self.prompt_width :].tolist(), lengths, strict=True)]
+
+
+class RolloutEngine(Protocol):
+    """What step 3 needs of a rollout engine."""
+
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling) -> Rollout:
+        """(B, P) left-padded prompts and their mask -> B answers, one per row."""
+        ...
+
+
+def answer_mask(answer: torch.Tensor, eos_token_id: int | Sequence[int]) -> torch.Tensor:
+    """(B, R) float 1 on every answer position up to and including the first eos, 0 after it.
+
+    answer: (B, R) generated token ids; eos_token_id: the id, or every id, that ends an answer (a chat model's
+    turn end and its eos). By position, never by token id: generate pads after the eos with pad_token_id, which is
+    the eos itself for many tokenizers (and for any that `load_tokenizer` gave a pad), so `answer !=
+    pad_token_id` would drop the eos, the decision to stop. A row without eos is real throughout.
+    """
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    is_eos = torch.isin(answer, torch.tensor(ids, device=answer.device)).long()  # (B, R)
+    eos_before = is_eos.cumsum(-1) - is_eos  # (B, R) eos tokens strictly before position t
+    return (eos_before == 0).float()
+
+
+def finish(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sequences: torch.Tensor,
+           logprobs: torch.Tensor | None, stop_ids: Sequence[int]) -> Rollout:
+    """The Rollout of decoded `sequences` (B, P + R): the answer mask by position up to the first stop id (the pad
+    after it may be that id itself), the prompt's own mask kept, and each row's stop reason."""
+    p = prompt_ids.shape[1]
+    answer = sequences[:, p:]
+    action_mask = answer_mask(answer, stop_ids)
+    stopped = torch.isin(answer, torch.tensor(list(stop_ids), device=answer.device)).any(-1).tolist()
+    attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
+    return Rollout(sequences, attention_mask, action_mask, logprobs, p,
+                   ["stop" if s else "length" for s in stopped])
+
+
+class ModelRollout:
+    """An engine that decodes with a model held by `model_context()` (the hybrid engine's generation mode, or
+    `contextlib.nullcontext(model)` for a plain model). Columns that are padding in every prompt are not fed to the
+    model; subclasses implement `decode` on the rest."""
+
+    def __init__(self, model_context: ModelContext, stop_ids: Sequence[int], pad_token_id: int,
+                 cuda_graphs: bool = False):
+        self.model_context, self.stop_ids, self.pad_token_id = model_context, list(stop_ids), pad_token_id
+        self.cuda_graphs = cuda_graphs
+
+    def decode(self, model: Any, ids: torch.Tensor, mask: torch.Tensor,
+               sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, P') prompts without all-padding columns -> (sequences (B, P' + R), logprobs (B, R))."""
+        raise NotImplementedError
+
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling) -> Rollout:
+        from rlhf.models.prefix import first_real_column
+
+        start = first_real_column(prompt_mask)
+        with self.model_context() as model:
+            sequences, logprobs = self.decode(model, prompt_ids[:, start:], prompt_mask[:, start:], sampling)
+        sequences = torch.nn.functional.pad(sequences, (start, 0), value=self.pad_token_id)
+        return finish(prompt_ids, prompt_mask, sequences, logprobs, self.stop_ids)
+
+
+def make_rollout_engine(name: str, model_context: ModelContext, stop_ids: Sequence[int], pad_token_id: int,
+                        cuda_graphs: bool = False) -> RolloutEngine:
+    """The engine `ppo.decoder` names (ENGINES), decoding with the model that `model_context()` holds."""
+    import importlib
+
+    module, cls = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(model_context, stop_ids, pad_token_id, cuda_graphs)

@@ -1,0 +1,176 @@
+"""Every loss in one place: the policy and value losses of step 3 (with their aggregations and the k3 KL term) and the DPO family."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.training.stats import masked_mean
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregation_count(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """() what aggregate_loss divides by in `mode`: the real tokens of mask (token_mean) or its rows (the sequence
+    modes). Summed over every micro batch and rank of a mini batch, it is the `total` that makes the micro batches'
+    losses add up to the mini batch's."""
+    return mask.bool().sum().double() if mode == "token_mean" else torch.tensor(float(mask.shape[0]), dtype=torch.float64)
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: int | None = None,
+                   total: float | None = None) -> torch.Tensor:
+    """One scalar from per-token losses (B, A) over the real tokens of mask (B, A):
+
+        token_mean               sum_{i,t} l_it / sum_{i,t} m_it    every token weighs the same (DAPO; PPO's
+                                                                    masked mean)
+        seq_mean_token_mean      1/B sum_i (sum_t l_it / sum_t m_it)  each answer weighs the same, its tokens
+                                                                    averaged (GRPO's 1/G sum_i 1/|o_i| sum_t)
+        seq_mean_token_sum_norm  1/B sum_i (sum_t l_it / L)           Dr. GRPO: a constant L (norm_length, the
+                                                                    longest answer allowed) instead of |o_i|, so
+                                                                    the loss has no length bias
+
+    Padding entries are replaced by 0 (not multiplied), so inf/NaN there cannot leak in; an answer with no real
+    token counts as 0 in the sequence means.
+
+    total: divide the sum by this count instead of this batch's own (aggregation_count): a mini batch taken as
+    several micro batches (and ranks) then adds up to exactly the loss of the whole mini batch, with `total` the
+    mini batch's count (verl's and TRL's global token normalisation).
+    """
+    keep = mask.bool()
+    per_token = torch.where(keep, loss, torch.zeros_like(loss))  # (B, A)
+    if mode == "token_mean":
+        summed = per_token.sum()
+    elif mode == "seq_mean_token_mean":
+        summed = (per_token.sum(-1) / keep.sum(-1).clamp(min=1)).sum()
+    elif mode == "seq_mean_token_sum_norm":
+        if not norm_length or norm_length <= 0:
+            raise ValueError("seq_mean_token_sum_norm needs norm_length > 0 (the longest answer allowed)")
+        summed = (per_token.sum(-1) / norm_length).sum()
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}: use one of {', '.join(LOSS_AGGREGATIONS)}")
+    count = aggregation_count(mask, mode).item() if total is None else total
+    return summed / max(count, 1.0)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    clip_range_high: float | None = None,
+    aggregation: str = "token_mean",
+    norm_length: int | None = None,
+    total: float | None = None,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate (Schulman et al. 2017 eq. 7; DeepSpeed-Chat actor_loss_fn), as a loss to minimise.
+
+    logprobs: (B, A) log pi_theta(a_t|s_t) with gradient; old_logprobs: (B, A) at rollout time;
+    advantages: (B, A); mask: (B, A); clip_range: epsilon (the low side, eps_low); clip_range_high: eps_high
+    (None = clip_range: the symmetric clip; larger lets unlikely tokens grow, DAPO's clip-higher).
+        ratio = exp(logprobs - old_logprobs)
+        loss  = aggregate(max(-A * ratio, -A * clamp(ratio, 1 - eps_low, 1 + eps_high)))
+    aggregation, norm_length, total: see aggregate_loss (token_mean is the masked mean over every real token).
+    dual_clip: c > 1 (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5; verl's clip_ratio_c): where
+    A < 0 the per-token loss is min(that loss, -A x c), so a ratio far above 1 + eps cannot make it unbounded.
+    Returns (loss (), stats) with stats:
+        clip_fraction  share of real tokens where the clipped term is the active (strictly larger) one
+        approx_kl      masked_mean(0.5 * (logprobs - old_logprobs)^2), Schulman's k2 estimator of KL(old || new)
+        ratio          masked mean of the ratio
+    """
+    high = clip_range if clip_range_high is None else clip_range_high
+    log_ratio = logprobs - old_logprobs  # (B, A)
+    ratio = torch.exp(log_ratio)  # (B, A)
+    unclipped = -advantages * ratio  # (B, A)
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)  # (B, A)
+    per_token = torch.maximum(unclipped, clipped)  # (B, A)
+    if dual_clip is not None:
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
+    loss = aggregate_loss(per_token, mask, aggregation, norm_length, total)  # ()
+    with torch.no_grad():
+        stats = {
+            "clip_fraction": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, mask).item(),
+            "ratio": masked_mean(ratio, mask).item(),
+        }
+    return loss, stats
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """(B, A) per-token k3 estimate of KL(pi || pi_ref) at tokens sampled from pi (Schulman 2020; GRPO eq. 4):
+
+        k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1     (>= 0, unbiased, low variance)
+
+    Differentiable in logprobs: GRPO adds beta * k3 to the loss instead of putting the KL in the reward.
+    """
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    total: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss (DeepSpeed-Chat critic_loss_fn; PPO2's value clipping).
+
+    values: (B, A) V_theta(s_t) with gradient; old_values: (B, A) at rollout time; returns: (B, A) targets;
+    mask: (B, A); clip_range: c, where c <= 0 turns clipping off (plain 0.5 * masked MSE).
+        v_clipped = old + clamp(values - old, -c, c)
+        loss      = 0.5 * masked_mean(max((values - returns)^2, (v_clipped - returns)^2))
+    total: the real tokens of the whole mini batch (see aggregate_loss), None: this batch's.
+    Returns (loss (), {"value_clip_fraction": share of real tokens where the clipped error was strictly larger}).
+    """
+    err = (values - returns) ** 2  # (B, A)
+    if clip_range <= 0:
+        return 0.5 * aggregate_loss(err, mask, "token_mean", total=total), {"value_clip_fraction": 0.0}
+    v_clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)  # (B, A)
+    err_clipped = (v_clipped - returns) ** 2  # (B, A)
+    loss = 0.5 * aggregate_loss(torch.maximum(err, err_clipped), mask, "token_mean", total=total)  # ()
+    with torch.no_grad():
+        frac = masked_mean((err_clipped > err).to(err.dtype), mask).item()
+    return loss, {"value_clip_fraction": frac}
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Preference loss on (B,) summed answer log-probabilities of the policy and the frozen reference.
+
+        h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))       the implicit reward margin / beta
+        sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)    DPO eq. 7; eps > 0 is cDPO: a label
+                                                                              flipped with probability eps
+        ipo      (h - 1 / (2 beta))^2                                          IPO eq. 17 (beta is its tau)
+
+    Returns (mean loss, stats): rewards_chosen / rewards_rejected (mean beta x log-ratio, DPO's implicit rewards),
+    margin (their difference) and accuracy (share of pairs whose chosen implicit reward is the larger).
+    """
+    import torch.nn.functional as F
+
+    chosen = policy_chosen - ref_chosen  # (B,)
+    rejected = policy_rejected - ref_rejected  # (B,)
+    h = chosen - rejected
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}: sigmoid or ipo")
+    with torch.no_grad():
+        r_c, r_r = beta * chosen, beta * rejected
+        stats = {
+            "rewards_chosen": r_c.mean().item(),
+            "rewards_rejected": r_r.mean().item(),
+            "margin": (r_c - r_r).mean().item(),
+            "accuracy": (r_c > r_r).float().mean().item(),
+        }
+    return losses.mean(), stats
