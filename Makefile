@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ACTIVATE := . $(VENV)/bin/activate
 
-.PHONY: setup browser repro test bench clean-venv
+.PHONY: setup browser repro test unit bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -30,7 +30,10 @@ browser:
 	  echo "no Chromium (needs root and apt): tests/test_plots.py will skip"
 
 test: setup browser
-	$(ACTIVATE) && python -m pytest -q -p no:cacheprovider tests
+	$(ACTIVATE) && ruff check . && python -m pytest -q -p no:cacheprovider tests
+
+unit: setup  # the unit layer alone: no process launched, a few minutes (see tests/conftest.py)
+	$(ACTIVATE) && python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

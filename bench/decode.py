@@ -6,7 +6,8 @@
 Both sides decode exactly what step 3 decodes in the hybrid engine's generation mode (rlhf.rl.hybrid._decode: the
 same model, prompts, seed, sampling at temperature 1, log pi_old of every drawn token kept), every answer exactly
 `--answers` tokens long (min_new_tokens), one thread (`--threads`), in each `--dtypes` (bf16: the model's weights
-in bf16, as engine.dtype bf16 has them; the CPU's bf16 matmuls, AVX512-BF16 or AMX, where it has them). Each cell is the best of `--repeats`
+in bf16, as engine.dtype bf16 has them; the CPU's bf16 matmuls, AVX512-BF16 or AMX, where it has them).
+Each cell is the best of `--repeats`
 timed rollouts after a warm-up; the two sides alternate, so a load change hits both.
 
 Two references tell how close to the machine each side is:

@@ -14,9 +14,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rlhf.rollout.decode import LlamaDecoder, _llama_model
 
 torch.set_num_threads(1)
-v, h, l, hd, i = (512, 256, 6, 4, 768)
-cfg = LlamaConfig(vocab_size=v, hidden_size=h, num_hidden_layers=l, num_attention_heads=hd, num_key_value_heads=hd, intermediate_size=i, max_position_embeddings=512)
-torch.manual_seed(0); m = LlamaForCausalLM(cfg).eval()
+v, h, layers, hd, i = (512, 256, 6, 4, 768)
+cfg = LlamaConfig(vocab_size=v, hidden_size=h, num_hidden_layers=layers, num_attention_heads=hd,
+                  num_key_value_heads=hd, intermediate_size=i, max_position_embeddings=512)
+torch.manual_seed(0)
+m = LlamaForCausalLM(cfg).eval()
 B, P, R = 8, 16, 32
 W = P + R
 dec = LlamaDecoder(m, _llama_model(m), B, W)
@@ -45,11 +47,13 @@ with torch.no_grad():
     ids = torch.randint(3, v, (B, P))
     dec.forward(ids, 0, torch.arange(P).expand(B, P), None)
     tok = torch.randint(3, v, (B, 1))
-    mask = torch.zeros(B, 1, 1, W, dtype=torch.bool); mask[..., :P + 1] = True
+    mask = torch.zeros(B, 1, 1, W, dtype=torch.bool)
+    mask[..., :P + 1] = True
     def run(fn, n=R):
         t0 = time.perf_counter()
         for j in range(n):
-            c = torch.tensor([P + (j % R)]); mask[..., : P + (j % R) + 1] = True
+            c = torch.tensor([P + (j % R)])
+            mask[..., : P + (j % R) + 1] = True
             fn(tok, c, torch.full((B, 1), P + (j % R)), mask)
         return (time.perf_counter() - t0) / n * 1e3
     run(step)
@@ -61,4 +65,5 @@ with torch.no_grad():
     comp = min(run(cstep) for _ in range(3))
     # the eager variable-width step as decode uses it
     dyn = min(run(lambda t, c, p, mk: dec.forward(t, int(c), p, None)) for _ in range(3))
-    print(f"eager static-width {eager:.2f} ms/step, eager variable width {dyn:.2f}, compiled {comp:.2f} ms/step, compile {ct:.1f} s")
+    print(f"eager static-width {eager:.2f} ms/step, eager variable width {dyn:.2f}, compiled {comp:.2f} ms/step, "
+          f"compile {ct:.1f} s")

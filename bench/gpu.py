@@ -16,7 +16,7 @@ Sections, each written to --out as soon as it is done (a later failure keeps wha
   actor and critic DeepSpeed engines in bf16 on CUDA (nccl, one rank), the rollout decoded as `--decoders` says;
   samples/s and tokens/s (prompt + answer, as DeepSpeed-Chat counts a sample's 512 tokens), and the share of the
   matmul peak of the engines' dtype (bf16 on CUDA, fp32 on CPU) the iteration's useful FLOPs reach
-  (rlhf.rl.recipe.phase_flops; the 2026-12-04 H200 record counted 10 x params per token per model, no attention).
+  (rlhf.rl.report.phase_flops; the 2026-12-04 H200 record counted 10 x params per token per model, no attention).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
     from rlhf.models.build import build_causal_lm, build_reward_model, save_pretrained
     from rlhf.models.tokenizer import load_tokenizer
     from rlhf.rl.models import RLHFEngine
-    from rlhf.rl.recipe import phase_flops
+    from rlhf.rl.report import phase_flops
     from rlhf.rl.trainer import PPOTrainer
     from rlhf.training.runtime import init_distributed, seed_everything
 

@@ -5,7 +5,8 @@
 
 Both paths use the same model, prompts, sampling seed and lengths (eos is suppressed so every answer has exactly
 --new-tokens tokens). Naive: `model.generate(..., synced_gpus=True)` on the ZeRO-3 engine, which gathers every
-layer's shards for every token. Hybrid: rlhf.rl.hybrid.HybridEngine.generate, which gathers once per rollout.
+layer's shards for every token. Hybrid: our rollout engine in rlhf.rl.hybrid.HybridEngine's generation mode,
+which gathers once per rollout.
 Rank 0 prints tokens/s of each and the ratio, then the same as one JSON line (for bench/run_all.py).
 """
 
@@ -35,8 +36,9 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.config import EngineConfig, TrainConfig
+    from rlhf.config import EngineConfig, Sampling, TrainConfig
     from rlhf.rl.hybrid import HybridEngine
+    from rlhf.rollout.base import make_rollout_engine
     from rlhf.training.runtime import init_distributed, initialize
 
     dist = init_distributed(EngineConfig(zero_stage=3))
@@ -65,10 +67,14 @@ def main() -> None:
 
         def naive() -> None:
             with torch.no_grad():
-                engine.module.generate(input_ids=prompts, attention_mask=mask, synced_gpus=True, **kwargs)
+                engine.module.generate(  # noqa: F821 - `del engine` comes after this size's timings
+                    input_ids=prompts, attention_mask=mask, synced_gpus=True, **kwargs)
+
+        rollouts = make_rollout_engine("own", hybrid.generation_mode, [2], 0)  # eos 2, pad 0, as above
+        sampling = Sampling(args.new_tokens, min_new_tokens=args.new_tokens)
 
         def fast() -> None:
-            hybrid.generate(prompts, mask, **kwargs)
+            rollouts.generate(prompts, mask, sampling)
 
         timings = {}
         for name, fn in (("naive_zero3", naive), ("hybrid", fast)):

@@ -99,8 +99,11 @@ def _prompts(work: Path, n: int) -> list[list[dict[str, str]]]:
 
 def fixed_length(engine, tokens: int) -> None:
     """Every answer the actor generates exactly `tokens` long (eos held back: min_new_tokens)."""
-    generate = engine.actor.generate
-    engine.actor.generate = lambda *a, **kw: generate(*a, min_new_tokens=tokens, **kw)
+    import dataclasses
+
+    generate = engine.rollout.generate
+    engine.rollout.generate = lambda ids, mask, sampling: generate(
+        ids, mask, dataclasses.replace(sampling, min_new_tokens=tokens))
 
 
 def iteration(trainer, engine, batch: dict, micro_batch: int) -> tuple:
@@ -122,7 +125,7 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
     from rlhf.data.batching import collate_prompts
     from rlhf.models.tokenizer import encode_prompt
     from rlhf.rl.models import RLHFEngine
-    from rlhf.rl.recipe import phase_flops
+    from rlhf.rl.report import phase_flops
     from rlhf.rl.trainer import PPOTrainer
     from rlhf.training.runtime import init_distributed, seed_everything
 
@@ -267,7 +270,7 @@ def main() -> None:
             for side in sides:
                 row[side].update(s_per_iter=statistics.median(times[side]), fastest_s=min(times[side]),
                                  times=times[side])
-                if "flops" in row[side]:  # ours: useful FLOPs (rlhf.rl.recipe.phase_flops) against the peak
+                if "flops" in row[side]:  # ours: useful FLOPs (rlhf.rl.report.phase_flops) against the peak
                     row[side]["peak_fraction"] = row[side]["flops"] / row[side]["s_per_iter"] / row["peak_flops_per_s"]
             row["load_after"] = os.getloadavg()
             for algo in trl_sides:
@@ -277,7 +280,8 @@ def main() -> None:
                     row[f"ppo_speedup_vs_{algo}"] = row[algo]["s_per_iter"] / row["ours"]["s_per_iter"]
             rows.append(row)
     print(json.dumps({"bench": "rl_iteration", "prompts": args.prompts, "completions": args.completions,
-                      "new_tokens": args.new_tokens, "iters": args.iters, "rounds": args.rounds, "threads": args.threads, "dtype": args.dtype,
+                      "new_tokens": args.new_tokens, "iters": args.iters, "rounds": args.rounds,
+                      "threads": args.threads, "dtype": args.dtype,
                       "rows": rows}))
 
 

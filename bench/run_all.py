@@ -118,7 +118,7 @@ def table_rl_iteration(rec: dict) -> list[str]:
     out.append(f"{r['prompts']} prompts x {r['completions']} answers x {r['new_tokens']} tokens per iteration; median "
                f"of {r['iters']} timed iterations x {r['rounds']} alternating rounds per side; {rec['date']}; "
                f"{rec['machine']}; {_load(rec)} (1-min average before / after, the machine is shared). "
-               + (f"`of peak`: the iteration's useful FLOPs (rlhf.rl.recipe.phase_flops) over the 1024^3 matmul peak "
+               + (f"`of peak`: the iteration's useful FLOPs (rlhf.rl.report.phase_flops) over the 1024^3 matmul peak "
                   f"measured in the same run with the same threads (GFLOP/s: {peaks}). " if peaks else "")
                + f"Command: `{rec['command']}`")
     return out
@@ -194,7 +194,7 @@ def table_step3_scaling(rec: dict) -> list[str]:
          f"{row['peak_fraction']:.0%}"] for row in r["rows"]])
     out += ["", f"Our PPO iteration (critic, EMA), {r['prompts']} prompts x {r['completions']} answers of exactly the "
             f"given length, {r['dtype']}, {r['threads']} thread; median of {r['iters']} timed iterations after a "
-            f"warm-up; `of peak`: useful FLOPs (rlhf.rl.recipe.phase_flops) over the {r['dtype']} 1024^3 matmul peak "
+            f"warm-up; `of peak`: useful FLOPs (rlhf.rl.report.phase_flops) over the {r['dtype']} 1024^3 matmul peak "
             f"measured by the same run ({r['rows'][0]['peak_flops_per_s'] / 1e9:.0f} GFLOP/s); {rec['date']}; "
             f"{rec['machine']}; {_load(rec)}. Command: `{rec['command']}`"]
     return out

@@ -7,7 +7,7 @@ Each cell is bench/rl_iteration.py's `run_ours` (our iteration exactly as run_pp
 `--prompts` prompts x `--completions` answers of exactly N tokens, one optimizer step, fp32 (or `--dtype`), one
 thread. The length sweep runs at every size in `--length-sizes`; the size sweep at `--size-length` tokens. Per cell:
 seconds per iteration (median of `--iters` after a warm-up), seconds per answer token, the three phases' shares,
-and the iteration's useful FLOPs (rlhf.rl.recipe.phase_flops) over the matmul peak measured by the same setup run.
+and the iteration's useful FLOPs (rlhf.rl.report.phase_flops) over the matmul peak measured by the same setup run.
 Linear in tokens means seconds per answer token stay flat as N grows (the prompt is a fixed cost that N spreads).
 """
 

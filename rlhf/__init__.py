@@ -14,15 +14,17 @@ __version__ = "0.1.0"
 __all__ = ["Experience", "PPOTrainer", "RLHFEngine", "Rollout"]
 
 _HOMES = {
-    "Experience": "rlhf.rl.trainer",
+    "Experience": "rlhf.rl.experience",
     "PPOTrainer": "rlhf.rl.trainer",
-    "Rollout": "rlhf.rl.trainer",
+    "Rollout": "rlhf.rollout.base",
     "RLHFEngine": "rlhf.rl.models",
 }
 
 if TYPE_CHECKING:
+    from rlhf.rl.experience import Experience
     from rlhf.rl.models import RLHFEngine
-    from rlhf.rl.trainer import Experience, PPOTrainer, Rollout
+    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.rollout.base import Rollout
 
 
 def __getattr__(name: str) -> Any:

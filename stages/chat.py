@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,13 +12,13 @@ from stages.common import fail, guarded
 
 def chat(
     model: Path = typer.Option(Path("models/ppo/actor"), help="HF model folder of an actor"),
-    prompt: Optional[str] = typer.Option(None, help="answer this one message and exit (for scripts)"),
+    prompt: str | None = typer.Option(None, help="answer this one message and exit (for scripts)"),
     temperature: float = typer.Option(0.7, help="sampling temperature"),
     top_p: float = typer.Option(0.9, help="nucleus sampling"),
     top_k: int = typer.Option(0, help="sample among the k likeliest tokens (0 = off)"),
     max_new_tokens: int = typer.Option(64, help="longest answer"),
     greedy: bool = typer.Option(False, help="greedy decoding instead of sampling"),
-    seed: Optional[int] = typer.Option(None, help="seed the sampler"),
+    seed: int | None = typer.Option(None, help="seed the sampler"),
 ) -> None:
     """Multi-turn chat with streaming; type `clear` to forget the conversation, `quit` (or Ctrl-D) to leave."""
     from rlhf.evaluation.chat import Chat

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import sys
-from typing import Optional
 
 import typer
 
@@ -15,7 +14,7 @@ commands = typer.Typer(add_completion=False, no_args_is_help=True, pretty_except
 
 @commands.callback()
 def main(
-    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
+    local_rank: int | None = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """InstructGPT-style RLHF on DeepSpeed; every step a DVC stage (see dvc.yaml)."""
     # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same, so it is ignored.

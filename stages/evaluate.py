@@ -4,7 +4,6 @@ prompts, by evaluate.scorers."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,7 +16,7 @@ def evaluate(
     sft: Path = typer.Option(Path("models/sft"), help="the SFT actor (the baseline)"),
     ppo_dir: Path = typer.Option(Path("models/ppo"), "--ppo", help="folder with actor/ and actor_ema/"),
     reward_model: Path = typer.Option(Path("models/reward"), "--reward", help="the reward model"),
-    dpo_dir: Optional[Path] = typer.Option(None, "--dpo", help="the DPO actor (skipped when it is a placeholder)"),
+    dpo_dir: Path | None = typer.Option(None, "--dpo", help="the DPO actor (skipped when it is a placeholder)"),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="metrics per actor (JSON)"),
     plot: Path = typer.Option(Path("metrics/evaluate_plot.json"), help="rows for `dvc plots show`"),
     samples: Path = typer.Option(Path("metrics/samples.md"), help="sample answers side by side (Markdown)"),

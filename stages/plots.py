@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -34,7 +33,7 @@ def offline_template(path: Path = TEMPLATE) -> Path:
 
 
 def plots(
-    targets: Optional[list[str]] = typer.Argument(None, help="plots or curve files to show (default: every plot)"),
+    targets: list[str] | None = typer.Argument(None, help="plots or curve files to show (default: every plot)"),
     out: Path = typer.Option(Path("dvc_plots"), help="folder for index.html (as `dvc plots show -o`)"),
 ) -> None:
     """Render the plots of dvc.yaml (or only TARGETS) to OUT/index.html, drawable offline."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -23,7 +22,7 @@ DEPLOYMENTS = {
 }
 
 
-def plan(deployment: str, num_gpus: int | None, hostfile: Optional[Path]) -> dict:
+def plan(deployment: str, num_gpus: int | None, hostfile: Path | None) -> dict:
     """The engine group for a deployment type."""
     if deployment not in DEPLOYMENTS:
         fail(f"--deployment-type '{deployment}' is unknown: use one of {', '.join(DEPLOYMENTS)}")
@@ -44,11 +43,11 @@ def plan(deployment: str, num_gpus: int | None, hostfile: Optional[Path]) -> dic
 
 
 def train(
-    actor_model: Optional[str] = typer.Option(None, help="actor: local HF folder or hub id (default: built from params)"),
-    reward_model: Optional[str] = typer.Option(None, help="reward model: local HF folder or hub id"),
+    actor_model: str | None = typer.Option(None, help="actor: local HF folder or hub id (default: built from params)"),
+    reward_model: str | None = typer.Option(None, help="reward model: local HF folder or hub id"),
     deployment_type: str = typer.Option("cpu", help="cpu | single_gpu | single_node | multi_node"),
-    num_gpus: Optional[int] = typer.Option(None, help="GPUs per node (default: all visible)"),
-    hostfile: Optional[Path] = typer.Option(None, help="DeepSpeed hostfile, for multi_node"),
+    num_gpus: int | None = typer.Option(None, help="GPUs per node (default: all visible)"),
+    hostfile: Path | None = typer.Option(None, help="DeepSpeed hostfile, for multi_node"),
     params_path: Path = PARAMS_OPTION,
     dry_run: bool = typer.Option(False, help="write params.yaml and show the plan, run nothing"),
 ) -> None:

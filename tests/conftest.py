@@ -1,7 +1,12 @@
-"""Shared test helpers: tiny params built from the shipped params.yaml, and the real CLI in a subprocess."""
+"""Shared test helpers: tiny params built from the shipped params.yaml, and the real CLI in a subprocess.
+
+Two layers: `make test` runs everything; `python -m pytest -m "not slow" tests` runs the unit layer alone (minutes).
+A test is `slow` when it launches a process (the CLI, dvc, git, torchrun) or uses a fixture that does; it is marked
+here at collection, and under `-m "not slow"` a test that still launches one fails and says to mark it."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
@@ -151,3 +156,51 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reproduced_repo(tmp_path: Path, reproduced: Path) -> Path:
     """The test's own copy of the `reproduced` repo (git history, DVC cache and outputs) in tmp_path/repo."""
     return Path(shutil.copytree(reproduced, tmp_path / "repo", symlinks=True))
+
+
+# ------------------------------------------------------------------------------------------------- the slow layer
+
+SLOW_FIXTURES = {"prepared", "trained", "ppo_trained", "reproduced", "reproduced_repo"}
+LAUNCHERS = ("run_cli(", "run_ok(", "commit(", "subprocess.", "torchrun", "_torchrun(")
+
+
+def _launchers(module: Any) -> set[str]:
+    """Names of `module`'s own functions that launch a process (one level: a helper calling run_cli)."""
+    found = set()
+    for name, obj in vars(module).items():
+        if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not name.startswith("test_"):
+            try:
+                src = inspect.getsource(obj)
+            except (OSError, TypeError):
+                continue
+            if any(word in src for word in LAUNCHERS):
+                found.add(name)
+    return found
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    helpers: dict[str, set[str]] = {}
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None or item.get_closest_marker("slow"):
+            continue
+        module = sys.modules[fn.__module__]
+        if fn.__module__ not in helpers:
+            helpers[fn.__module__] = _launchers(module)
+        src = inspect.getsource(fn)
+        calls = any(word in src for word in LAUNCHERS) or any(f"{h}(" in src for h in helpers[fn.__module__])
+        if calls or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+class _NoProcesses:
+    def __init__(self, *args: Any, **kwargs: Any):
+        raise AssertionError("this test launches a process, so it belongs to the slow layer: mark it "
+                             "@pytest.mark.slow (tests/conftest.py)")
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_launch_nothing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `-m "not slow"`, any process a test launches fails it: the unit layer stays in-process."""
+    if "not slow" in (request.config.getoption("-m") or "") and not request.node.get_closest_marker("slow"):
+        monkeypatch.setattr(subprocess, "Popen", _NoProcesses)

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from rlhf.config import load_params
+from rlhf.rl.experience import Experience
 from rlhf.rl.models import RLHFEngine
-from rlhf.rl.trainer import Experience, PPOTrainer
+from rlhf.rl.trainer import PPOTrainer
 from rlhf.training.runtime import init_distributed
 
 

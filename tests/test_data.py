@@ -635,7 +635,8 @@ def test_steps_a_source_cannot_feed_are_one_line_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("sources", "data_split", "expect"),
     [
-        ([{"path": "pc"}], "2,4,4", r"^reward_train is empty \(0 rows\), so the reward stage would train on nothing: .*preference pair"),
+        ([{"path": "pc"}], "2,4,4",
+         r"^reward_train is empty \(0 rows\), so the reward stage would train on nothing: .*preference pair"),
         ([{"path": "pairs"}], "0,4,4", r"^sft_train is empty.*share of 0: give sft a share"),
         ([{"path": "pairs", "steps": ["reward", "ppo"]}], "2,4,4", r"sft_train.*names other steps: add sft to"),
         ([{"path": "pairs", "steps": ["sft"]}], "2,4,4", r"^reward_train is empty"),

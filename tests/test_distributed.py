@@ -21,7 +21,8 @@ SHARD_ALL = {"zero_stage": 3, "num_procs": 2, "zero3_persistence_threshold": 0}
 
 def assert_sharded(stdout: str, model: str) -> None:
     """The engine's `[zero-3]` line: every parameter partitioned, rank 0 holding about half the elements."""
-    found = re.search(rf"\[zero-3\] {model}: (\d+)/(\d+) parameters partitioned over 2 ranks; rank 0 holds ([\d,]+) of ([\d,]+)", stdout)
+    pattern = rf"\[zero-3\] {model}: (\d+)/(\d+) parameters partitioned over 2 ranks; rank 0 holds ([\d,]+) of ([\d,]+)"
+    found = re.search(pattern, stdout)
     assert found, stdout[-3000:]
     parts, total, local, elements = (int(g.replace(",", "")) for g in found.groups())
     assert parts == total > 0 and local < 0.6 * elements, found.group(0)

@@ -56,10 +56,12 @@ def _prompts(tok, texts: list[str]) -> dict[str, torch.Tensor]:
 def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: dict, lora: int) -> None:
     """Same seed, same tokens: the hybrid engine's generation mode (gathered, LoRA fused) against transformers'
     generate on a plain copy of the same weights (LoRA merged)."""
+    from rlhf.config import Sampling
     from rlhf.models.build import add_lora, load_causal_lm, unwrap_for_saving
     from rlhf.models.tokenizer import load_tokenizer
     from rlhf.rl.hybrid import HybridEngine
     from rlhf.rl.models import _train_cfg
+    from rlhf.rollout.base import make_rollout_engine
     from rlhf.training import runtime as eng
 
     params = _params(trained, "hybrid.yaml", {"engine": engine, "ppo": {"actor_lora": {"rank": lora}}})
@@ -86,8 +88,9 @@ def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: d
     with torch.no_grad():
         want = plain.generate(**batch, **kwargs)
     for decoder in ("own", "generate"):  # our decode loop (the default) and transformers' generate (the fallback)
+        rollouts = make_rollout_engine(decoder, hybrid.generation_mode, [tok.eos_token_id], tok.pad_token_id)
         torch.manual_seed(123)
-        got = hybrid.generate(batch["input_ids"], batch["attention_mask"], decoder=decoder, **kwargs)
+        got = rollouts.generate(batch["input_ids"], batch["attention_mask"], Sampling(max_new_tokens=10))
         assert torch.equal(got.sequences, want), decoder
         assert got.logprobs.shape == (want.shape[0], want.shape[1] - batch["input_ids"].shape[1]), decoder
     # State restored: training mode, no merged adapters, shards released, weights untouched.
@@ -341,9 +344,10 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
     eos itself (the decision to stop) included; rows that never stop are real throughout; the reward model's score
     is the one at the eos (or at the last token of an answer that never stopped)."""
     from rlhf.models.build import classifier_parts
+    from rlhf.models.tokenizer import stop_ids
     from rlhf.rl.models import RLHFEngine
     from rlhf.rl.trainer import PPOTrainer
-    from rlhf.rollout.decode import Decoded
+    from rlhf.rollout.base import finish
 
     sft, reward = _pad_is_eos_copies(trained, tmp_path)
     params = _params(trained, "ppo_eos.yaml", {"ppo": {"rollout_logprobs": "recompute", "kl_coef": 0.0,
@@ -362,7 +366,8 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
     want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.float32)
     seq = torch.cat([batch["input_ids"], answers], dim=1)
     # a rollout with known answers, through the real models (log pi_old recomputed: the rollout's are not read)
-    engine.actor.generate = lambda ids, mask, **kwargs: Decoded(seq, torch.full(answers.shape, float("nan")))
+    engine.rollout.generate = lambda ids, mask, sampling: finish(ids, mask, seq, torch.full(answers.shape, float("nan")),
+                                                                 stop_ids(tok))
     trainer = PPOTrainer(engine, params.ppo)
     exp, _ = trainer.generate_experience(batch)
 

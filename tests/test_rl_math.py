@@ -263,7 +263,10 @@ def test_dual_clip_bounds_the_loss_of_a_negative_advantage() -> None:
     # A = -1 at ratio 5: the clipped surrogate is max(-A r, -A clip(r)) = max(5, 1.2) = 5; dual-clip with c = 3
     # bounds it at -A c = 3. A = +1 at ratio 5: max(-5, -1.2) = -1.2, untouched by the dual clip (A > 0).
     lp, old, mask = torch.log(t([[5.0, 5.0]])), t([[0.0, 0.0]]), t([[1, 1]])
-    per = lambda adv, c: policy_loss(lp, old, t([adv]), mask, 0.2, aggregation="token_mean", dual_clip=c)[0]
+
+    def per(adv: list[float], c: float | None) -> torch.Tensor:
+        return policy_loss(lp, old, t([adv]), mask, 0.2, aggregation="token_mean", dual_clip=c)[0]
+
     assert_close(per([-1.0, -1.0], None), torch.tensor(5.0))
     assert_close(per([-1.0, -1.0], 3.0), torch.tensor(3.0))
     assert_close(per([1.0, 1.0], 3.0), torch.tensor(-1.2))

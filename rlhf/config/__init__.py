@@ -18,6 +18,41 @@ from rlhf.config.models import (
 from rlhf.config.params import Params, check_loggers, load_params, parse_params, read_yaml
 from rlhf.config.rewards import RewardFunctionConfig, RewardsConfig, unique_labels
 from rlhf.config.rl import ALGORITHM_DEFAULTS, GROUP_ALGORITHMS, PPOConfig
+from rlhf.config.sampling import Sampling
 from rlhf.config.training import DPOConfig, RewardConfig, SFTConfig, TrainConfig
 
-__all__ = ["ALGORITHM_DEFAULTS", "BaseModelConfig", "ConfigError", "DPOConfig", "DataConfig", "EVALUATE_METRICS", "EngineConfig", "EvaluateConfig", "FORMAT_STEPS", "GROUP_ALGORITHMS", "Group", "LoggingConfig", "LoraConfig", "ModelConfig", "ModelEngineConfig", "PPOConfig", "Params", "RewardConfig", "RewardFunctionConfig", "RewardsConfig", "SFTConfig", "STEPS", "SourceConfig", "TaskConfig", "TokenizerConfig", "TrainConfig", "check_loggers", "load_params", "parse_params", "read_yaml", "resolve_engine", "unique_labels"]
+__all__ = [
+    "ALGORITHM_DEFAULTS",
+    "BaseModelConfig",
+    "ConfigError",
+    "DPOConfig",
+    "DataConfig",
+    "EVALUATE_METRICS",
+    "EngineConfig",
+    "EvaluateConfig",
+    "FORMAT_STEPS",
+    "GROUP_ALGORITHMS",
+    "Group",
+    "LoggingConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "ModelEngineConfig",
+    "PPOConfig",
+    "Params",
+    "RewardConfig",
+    "RewardFunctionConfig",
+    "RewardsConfig",
+    "SFTConfig",
+    "STEPS",
+    "Sampling",
+    "SourceConfig",
+    "TaskConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "check_loggers",
+    "load_params",
+    "parse_params",
+    "read_yaml",
+    "resolve_engine",
+    "unique_labels",
+]

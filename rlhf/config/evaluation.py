@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from rlhf.config.base import Group
 from rlhf.config.rewards import RewardFunctionConfig, unique_labels
+from rlhf.config.sampling import Sampling
 
 # What evaluate reports of every actor besides the scorers (whose names must differ from these).
 EVALUATE_METRICS = ("rm_reward", "kl_to_sft", "response_length", "perplexity", "num_prompts")
@@ -27,6 +28,11 @@ class EvaluateConfig(Group):
     # Scorers of quality, each reported per actor under its name; null = the shipped task's gold scorer when the
     # held-out prompts are the builtin task's, else none (evaluate then says so). Weights are not used here.
     scorers: list[RewardFunctionConfig] | None = None
+
+    @property
+    def sampling(self) -> Sampling:
+        """How evaluate draws each actor's answers (rlhf/rollout/base.py)."""
+        return Sampling(self.max_answer_tokens, self.temperature, self.top_k, self.top_p, self.do_sample)
 
     @model_validator(mode="after")
     def _scorers(self) -> EvaluateConfig:

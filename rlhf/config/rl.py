@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from rlhf.config.base import Group
 from rlhf.config.models import LoraConfig, ModelEngineConfig
+from rlhf.config.sampling import Sampling
 
 GROUP_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo")  # step 3 algorithms whose baseline is the group of answers
 
@@ -164,6 +165,11 @@ class PPOConfig(Group):
         parts.append(f"{self.rollouts_per_iteration} rollouts/iteration, {self.rollouts_per_iteration // self.mini_batch} "
                      f"optimizer step(s) x {self.ppo_epochs} epoch(s)")
         return "; ".join(parts)
+
+    @property
+    def sampling(self) -> Sampling:
+        """How rollouts draw answers (rlhf/rollout/base.py)."""
+        return Sampling(self.max_answer_tokens, self.temperature, self.top_k, self.top_p)
 
     @property
     def rollouts_per_iteration(self) -> int:

@@ -27,6 +27,7 @@ class Chat:
     ):
         import torch
 
+        from rlhf.config import Sampling
         from rlhf.models.build import load_causal_lm
         from rlhf.models.tokenizer import load_tokenizer, stop_ids
         from rlhf.pipeline.guards import check_model_folder
@@ -36,15 +37,8 @@ class Chat:
         self.model = load_causal_lm(model_path).eval()
         # every sampling knob explicit (top_k 0 = off): none comes from the model's generation_config or from
         # transformers' defaults (its top_k=50), see rlhf.rollout.hf.generate_tokens
-        self.gen = dict(
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.tok.pad_token_id,
-            eos_token_id=stop_ids(self.tok),  # the template's turn end too (Gemma's <end_of_turn>, ...)
-        )
+        self.sampling = Sampling(max_new_tokens, temperature, top_k, top_p, do_sample)
+        self.stop_ids = stop_ids(self.tok)  # the template's turn end too (Gemma's <end_of_turn>, ...)
         if seed is not None:
             torch.manual_seed(seed)
         self.history: list[dict[str, str]] = []
@@ -65,7 +59,8 @@ class Chat:
         from rlhf.rollout.hf import generate_tokens
 
         with torch.no_grad():
-            out = generate_tokens(self.model, ids["input_ids"], ids["attention_mask"], streamer=streamer, **self.gen)
+            out = generate_tokens(self.model, ids["input_ids"], ids["attention_mask"], streamer=streamer,
+                                  **self.sampling.knobs(), pad_token_id=self.tok.pad_token_id, eos_token_id=self.stop_ids)
         answer = self.tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         self.history.append({"role": "assistant", "content": answer})
         return answer

@@ -46,18 +46,8 @@ def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig
         chunk = prompts[i : i + cfg.batch_size]
         batch = collate_prompts(max(map(len, chunk)), tok.pad_token_id)(chunk)
         with torch.no_grad():
-            seq = generate_tokens(
-                model,
-                batch["input_ids"],
-                batch["attention_mask"],
-                do_sample=cfg.do_sample,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                max_new_tokens=cfg.max_answer_tokens,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=stop_ids(tok),
-            )
+            seq = generate_tokens(model, batch["input_ids"], batch["attention_mask"], **cfg.sampling.knobs(),
+                                  pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(tok))
         answer = seq[:, batch["input_ids"].shape[1] :]
         lengths = answer_mask(answer, stop_ids(tok)).sum(-1).long().tolist()
         out += [row[:n] for row, n in zip(answer.tolist(), lengths)]

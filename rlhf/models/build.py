@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +32,46 @@ def _llama_config(cfg: ModelConfig, tok: Any, **extra: Any) -> Any:
 
 
 def _from_pretrained(auto_cls: Any, path: str, **kwargs: Any) -> Any:
+    """`auto_cls.from_pretrained(path)` with transformers' own loading bar and LOAD REPORT table kept off stderr
+    (they read like failures when a reward model or critic starts from a causal LM, which is expected): a head
+    initialised fresh is said in one line of ours, and only when it is not the classifier's expected score head."""
     from safetensors import SafetensorError
 
     from rlhf.pipeline.guards import verify_output_dir
 
     verify_output_dir(Path(path))
     try:
-        return auto_cls.from_pretrained(path, **kwargs)
+        with quiet_transformers():
+            model, info = auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
         raise UserError(
             f"'{path}' is not a loadable model ({str(err).splitlines()[0][:160]}): "
             "give an HF model folder with config.json and weights, or a hub id on a connected machine"
         ) from None
+    fresh = [k for k in info.get("missing_keys", []) if not k.startswith("score.")]
+    if fresh:
+        import sys
+
+        shown = ", ".join(sorted(fresh)[:3]) + (f" and {len(fresh) - 3} more" if len(fresh) > 3 else "")
+        print(f"warning: {path}: {len(fresh)} weights are not in the checkpoint and start untrained ({shown})",
+              file=sys.stderr, flush=True)
+    return model
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars off and its logger at errors only, for the duration (both restored)."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def build_causal_lm(cfg: ModelConfig, tok: Any, seed: int) -> Any:

@@ -30,8 +30,9 @@ def _cell(value: Any) -> str:
 
 
 def model_card(folder: Path, manifest: dict[str, Any], name: str | None = None) -> str:
-    """The README.md text of the model folder `folder` (to be known as `name`, its final path): header (library_name, pipeline_tag, tags, base_model and datasets where
-    the params name hub ids), then the stage, its params groups, metrics and input hashes."""
+    """The README.md text of the model folder `folder` (to be known as `name`, its final path): header (library_name,
+    pipeline_tag, tags, base_model and datasets where the params name hub ids), then the stage, its params groups,
+    metrics and input hashes."""
     from huggingface_hub import ModelCard, ModelCardData
 
     step = str(manifest.get("step", "?"))

@@ -45,8 +45,8 @@ def gae(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor
 
 def critic_free(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
                 mask: torch.Tensor, cfg: PPOConfig, kl_coef: float, all_reduce: AllReduce | None = None) -> Estimate:
-    """grpo / dr_grpo / dapo / rloo / reinforce_pp: the score's group baseline (none for reinforce_pp), then the per-token KL, summed
-    to go (REINFORCE++ whitens over the batch); no critic learns the returns."""
+    """grpo / dr_grpo / dapo / rloo / reinforce_pp: the score's group baseline (none for reinforce_pp), then the
+    per-token KL, summed to go (REINFORCE++ whitens over the batch); no critic learns the returns."""
     from rlhf.rl.advantages import critic_free_advantages
 
     baseline = {"rloo": "rloo", "reinforce_pp": "reinforce_pp"}.get(cfg.algorithm, "grpo")  # grpo, dr_grpo, dapo

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from rlhf.rollout.decode import Decoded
-
+from typing import Any
 
 
 def _lora_layers(module: Any) -> list[Any]:
@@ -94,40 +90,3 @@ class HybridEngine:
                 yield module
         finally:
             module.train(was_training)
-
-    def generate(self, input_ids: Any, attention_mask: Any, *, decoder: str = "own", **kwargs: Any) -> Decoded:
-        """(B, P) left-padded prompts -> Decoded: sequences (B, P + R), R <= max_new_tokens, padded with
-        pad_token_id after each row's eos, and the (B, R) log-probabilities of the drawn tokens.
-        decoder: "own" (rlhf.rollout.decode: preallocated KV cache, lean Llama-family step) or "generate"
-        (transformers' generate, the fallback). kwargs: the sampling knobs of `rlhf.rollout.decode.decode` (every one
-        explicit). Columns that are padding in every prompt are not fed to the model, and a prompt that several
-        rows repeat is prefilled once."""
-        import torch
-
-        from rlhf.models.prefix import first_real_column
-
-        start = first_real_column(attention_mask)
-        ids, mask = input_ids[:, start:], attention_mask[:, start:]
-        with self.generation_mode() as model:
-            out = _decode(model, ids, mask, decoder, **kwargs)
-        out.sequences = torch.nn.functional.pad(out.sequences, (start, 0), value=kwargs["pad_token_id"])
-        return out
-
-
-def _decode(model: Any, ids: Any, mask: Any, decoder: str, **kwargs: Any) -> Decoded:
-    import torch
-
-    from rlhf.models.logprobs import logprobs_from_logits
-    from rlhf.models.prefix import prefill_shared
-    from rlhf.rollout.decode import Decoded, decode
-    from rlhf.rollout.hf import generate_tokens
-
-    if decoder == "own":
-        return decode(model, ids, mask, **kwargs)
-    kwargs.pop("cuda_graphs", None)
-    out = generate_tokens(model, ids, mask, use_cache=True, past_key_values=prefill_shared(model, ids, mask),
-                          return_dict_in_generate=True, output_logits=True, **kwargs)
-    # raw logits, before any processing, as the own loop scores them
-    logprobs = logprobs_from_logits(torch.stack(out.logits, dim=1), out.sequences[:, ids.shape[1]:],
-                                    kwargs["temperature"])
-    return Decoded(out.sequences, logprobs)

@@ -78,16 +78,17 @@ class RLHFEngine:
 
     actor: from the SFT output, trained, behind the hybrid engine; ref: frozen copy of SFT; critic (ppo only, else
     None): initialised from the reward model (from the actor with a fresh value head when reward_path is None),
-    trained; reward: frozen, or None without a reward model. `build_actor()` / `build_critic()` return fresh skeletons of the trained
-    architectures (LoRA included) for exporting gathered weights.
+    trained; reward: frozen, or None without a reward model. `build_actor()` / `build_critic()` return fresh skeletons
+    of the trained architectures (LoRA included) for exporting gathered weights.
     """
 
     def __init__(self, params: Params, dist: Dist, sft_path: Path, reward_path: Path | None):
         from transformers import AutoConfig
 
         from rlhf.models.build import add_lora, disable_dropout, load_causal_lm, load_reward_model
-        from rlhf.models.tokenizer import load_tokenizer
+        from rlhf.models.tokenizer import load_tokenizer, stop_ids
         from rlhf.rl.hybrid import HybridEngine
+        from rlhf.rollout.base import make_rollout_engine
         from rlhf.training import runtime as eng
 
         self.params, self.dist = params, dist
@@ -100,7 +101,10 @@ class RLHFEngine:
 
         quiet = disable_dropout if ppo.disable_dropout else (lambda m: m)  # the same function in train and eval mode
         self.build_actor: Callable[[], Any] = lambda: quiet(add_lora(load_causal_lm(sft_path), ppo.actor_lora, "CAUSAL_LM"))
-        critic_body = (lambda: load_reward_model(reward_path)) if reward_path is not None else (lambda: critic_from_actor(sft_path))
+        if reward_path is not None:
+            critic_body: Callable[[], Any] = lambda: load_reward_model(reward_path)  # noqa: E731
+        else:
+            critic_body = lambda: critic_from_actor(sft_path)  # noqa: E731
         self.build_critic: Callable[[], Any] | None = None
         if ppo.needs_critic:
             self.build_critic = lambda: quiet(add_lora(critic_body(), ppo.critic_lora, "SEQ_CLS"))
@@ -122,11 +126,19 @@ class RLHFEngine:
         self.reward = None
         if reward_path is not None:
             self.reward = _frozen_engine(quiet(load_reward_model(reward_path)), self.engines["reward"], ppo.micro_batch_size)
+        # rollouts decode with the actor in the hybrid engine's generation mode (ZeRO-3 gathered once, LoRA fused)
+        self.rollout = make_rollout_engine(ppo.decoder, self.actor.generation_mode, stop_ids(self.tok),
+                                           self.tok.pad_token_id, ppo.cuda_graphs)
         self.ema = None
         if ppo.ema_beta > 0:
             state = eng.full_state_dict(self.actor.module, self.actor.zero_stage, is_main=True, all_ranks=True)
             self.ema = self.build_actor().requires_grad_(False)
             self.ema.load_state_dict(state, strict=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the actor, and so the rollouts, live."""
+        return self.actor.engine.device
 
     def update_ema(self) -> None:
         """ema = beta * ema + (1 - beta) * actor, parameter by parameter (gathered under ZeRO-3)."""

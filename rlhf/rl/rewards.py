@@ -5,9 +5,9 @@ signature, named "module:function" in params.yaml (`rewards.functions`, `evaluat
 
 The function is called by keyword (trl GRPOTrainer._calculate_rewards): `prompts` and `completions` as the user's
 data holds them (plain strings; message lists, and completions as [{"role": "assistant", "content": ...}], for
-conversational data), `completion_ids` (the answer's token ids, its eos included when it stopped), and one list per extra column of the
-data rows (an `answer` key column, say). A function receives the columns it names, or all of them through
-**kwargs. It returns one number per sample, or None where it does not apply (TRL's convention: that sample gets
+conversational data), `completion_ids` (the answer's token ids, its eos included when it stopped), and one list per
+extra column of the data rows (an `answer` key column, say). A function receives the columns it names, or all of them
+through **kwargs. It returns one number per sample, or None where it does not apply (TRL's convention: that sample gets
 nothing from it, and the term's mean leaves it out). A function that applies to no sample at all is an error.
 
 Every way a function can be wrong (it does not import, is not callable, cannot take the arguments, raises, returns
@@ -65,7 +65,8 @@ class RewardFunction:
         set_(self, "positional_only", [p.name for p in params if p.kind == p.POSITIONAL_ONLY and p.default is p.empty])
         set_(self, "var_kw", var_kw)
 
-    def __call__(self, prompts: list[Any], completions: list[Any], ids: list[list[int]], columns: list[dict]) -> list[float | None]:
+    def __call__(self, prompts: list[Any], completions: list[Any], ids: list[list[int]],
+                 columns: list[dict]) -> list[float | None]:
         """The function's values for a batch, checked: one finite number or None per sample."""
         named, var_kw, required = self.named, self.var_kw, self.required
         names = dict.fromkeys(c for row in columns for c in row)  # every extra column, in first-seen order

@@ -10,16 +10,17 @@ Public API, in DeepSpeed-Chat's shape (the stage loop around it is rlhf/rl/recip
     actor_loss, critic_loss, stats = trainer.train_rlhf(exp)    # or: one optimizer step on exp as one mini batch
 
 Every algorithm shares one rollout and scoring path (`generate` -> Rollout, `reward_scores`, reference log-probs);
-what differs is the estimator (rlhf/rl/advantages.py, on rlhf/training/losses.py's pure functions) and whether a critic exists. The
-reward is params.yaml `rewards`: the reward model's score times `rewards.model_weight` plus verifier functions
-(rlhf/rl/rewards.py), no code needed. Subclass PPOTrainer and override the small documented methods (`reward_scores`,
-`advantages`) to change the estimator, and name it in `ppo.trainer` for the stage to use it; see README.md.
+what differs is the estimator (rlhf/rl/advantages.py, on rlhf/training/losses.py's pure functions) and whether a critic
+exists. The reward is params.yaml `rewards`: the reward model's score times `rewards.model_weight` plus verifier
+functions (rlhf/rl/rewards.py), no code needed. Subclass PPOTrainer and override the small documented methods
+(`reward_scores`, `advantages`) to change the estimator, and name it in `ppo.trainer` for the stage to use it; see
+README.md.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from rlhf import faults
@@ -27,85 +28,17 @@ from rlhf.config import GROUP_ALGORITHMS, PPOConfig, RewardsConfig
 from rlhf.errors import UserError
 from rlhf.models.build import classifier_parts as _classifier
 from rlhf.models.prefix import answer_outputs
+from rlhf.rl.experience import Experience, shares_cache, token_values
+from rlhf.rollout.base import Rollout
 from rlhf.training.loop import NonFiniteGuard
 from rlhf.training.runtime import evaluating, training
+from rlhf.training.stats import sum_over_ranks
 
 if TYPE_CHECKING:
     import torch
 
     from rlhf.rl.models import RLHFEngine
     from rlhf.rl.rewards import RewardFunction
-
-
-
-@dataclass
-class Rollout:
-    """What `generate` returns: B answers to left-padded prompts of P = prompt_width tokens."""
-
-    sequences: torch.Tensor  # (B, P + R) prompt + answer ids, padded after each answer's first eos
-    attention_mask: torch.Tensor  # (B, P + R) the prompt's mask, then 1 on answer tokens up to the first eos
-    action_mask: torch.Tensor  # (B, R) float 1 on answer tokens up to and including the first eos
-    logprobs: torch.Tensor | None  # (B, R) log pi_old from the rollout's own logits; None: to be recomputed
-    prompt_width: int  # P: answers start at sequences[:, P:]
-
-    def answers(self) -> list[list[int]]:
-        """Each answer's real token ids (up to and including its eos)."""
-        lengths = self.action_mask.sum(-1).long().tolist()
-        return [row[:n] for row, n in zip(self.sequences[:, self.prompt_width :].tolist(), lengths)]
-
-
-@dataclass
-class Experience:
-    """One rollout batch. B = rollouts, T = P + R (left-padded prompt of P tokens, answer of R tokens)."""
-
-    sequences: torch.Tensor  # (B, T) prompt + answer token ids, pad_token_id in the padding
-    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
-    action_mask: torch.Tensor  # (B, R) 1 on answer tokens up to and including eos, 0 after
-    logprobs: torch.Tensor  # (B, R) log pi_old(a_t | s_t) of the actor that generated the answer
-    ref_logprobs: torch.Tensor  # (B, R) log pi_ref(a_t | s_t) of the frozen SFT model
-    values: torch.Tensor  # (B, R) V_old(s_t) of the critic (0 without one)
-    scores: torch.Tensor  # (B,) the summed reward (rewards.*) of each answer, raw
-    rewards: torch.Tensor  # (B, R) per-token rewards the advantages came from (score, baselined for grpo/rloo, at
-                           # the last answer token; minus kl_coef x KL per token under kl_penalty: reward)
-    advantages: torch.Tensor  # (B, R) GAE (ppo) or reward-to-go of the critic-free family
-    returns: torch.Tensor  # (B, R) advantages + values: the critic's targets (ppo)
-    kl: torch.Tensor  # (B, R) per-token log pi_old - log pi_ref
-
-    def slice(self, start: int, stop: int) -> Experience:
-        return Experience(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
-
-    def select(self, rows: torch.Tensor) -> Experience:
-        """The experiences at `rows` (a (n,) index tensor), in that order."""
-        return Experience(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
-
-    @staticmethod
-    def cat(parts: list[Experience]) -> Experience:
-        """Concatenate rollouts along B, right-padding (B, R) tensors to the longest R (masked out)."""
-        import torch
-
-        def pad(ts: list[Any], value: float) -> Any:
-            width = max(t.shape[1] for t in ts)
-            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in ts])
-
-        out = {}
-        for f in fields(Experience):
-            ts = [getattr(p, f.name) for p in parts]
-            out[f.name] = torch.cat(ts) if ts[0].dim() == 1 else pad(ts, 0)
-        return Experience(**out)
-
-
-def shares_cache(module: Any) -> bool:
-    """Whether a forward pass of `module` keeps a KV cache: gradient checkpointing drops it while training."""
-    return not (module.training and getattr(module, "is_activation_checkpointing", False))
-
-
-def token_values(module: Any, sequences: Any, attention_mask: Any, prompt_len: int) -> Any:
-    """(B, R) per-token values of a sequence classifier (the critic): its score head on the hidden states of
-    positions P - 1 .. T - 2, the states in which each answer token is chosen."""
-    body, score = _classifier(module)
-    hidden = answer_outputs(body, "last_hidden_state", sequences, attention_mask, prompt_len, shares_cache(module),
-                            last=False)
-    return score(hidden).squeeze(-1).float()
 
 
 class PPOTrainer:
@@ -137,6 +70,29 @@ class PPOTrainer:
         self.iteration = 0  # the iteration under way (1-based), for messages and fault injection
         self.guard = NonFiniteGuard(config.max_bad_steps, "ppo")
         self.ptx: Any = None  # an iterator of ptx micro batches when ppo.ptx_coef > 0 (the stage sets it)
+
+    # ------------------------------------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs of the trainer beyond the engines' weights and optimizers: the adaptive KL
+        coefficient, the running reward moments, the skipped-step count, the ptx position and the EMA weights."""
+        ema = self.engine.ema
+        return {
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "reward_moments": self.reward_moments.state_dict(),
+            "skipped": self.guard.skipped,
+            "ptx": self.ptx.state_dict() if self.ptx is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.ptx is not None:
+            self.ptx.load_state_dict(state["ptx"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.reward_moments.load_state_dict(state["reward_moments"])
+        self.guard.skipped = state["skipped"]
+        if self.engine.ema is not None:
+            self.engine.ema.load_state_dict(state["ema"])
 
     # ------------------------------------------------------------------ overridable pieces (small on purpose)
 
@@ -210,7 +166,8 @@ class PPOTrainer:
         from rlhf.rl.advantages import ESTIMATORS
 
         kl_coef = self.kl_ctl.value if self.config.kl_penalty == "reward" else 0.0
-        reduce = self._sum_over_ranks if self.engine.dist.world_size > 1 else None
+        world = self.engine.dist.world_size
+        reduce = functools.partial(sum_over_ranks, world_size=world) if world > 1 else None
         return ESTIMATORS[self.config.algorithm](logprobs, ref_logprobs, values, scores, mask, self.config, kl_coef,
                                                  reduce)
 
@@ -230,37 +187,14 @@ class PPOTrainer:
             return logprobs, entropy_from_logits(logits, self.config.temperature)
         return logprobs
 
-    def generate(self, prompt_ids: Any, prompt_mask: Any) -> Rollout:
-        """Rollout in the hybrid engine's generation mode."""
-        import torch
-
-        from rlhf.models.tokenizer import stop_ids
-        from rlhf.rollout.base import answer_mask
-
-        cfg = self.config
-        out = self.engine.actor.generate(
-            prompt_ids,
-            prompt_mask,
-            decoder=cfg.decoder,
-            cuda_graphs=cfg.cuda_graphs,
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_answer_tokens,
-            pad_token_id=self.tok.pad_token_id,
-            eos_token_id=stop_ids(self.tok),  # the template's turn end, eos and generation_config's eos ids
-        )
-        seq = out.sequences
-        answer = seq[:, prompt_ids.shape[1] :]
-        # (B, R) log pi_old of the sampled tokens from the rollout's own logits, or None: generate_experience then
-        # runs the actor once more
-        logprobs = None if cfg.recomputes_logprobs(self.engine.engines["actor"].dtype) else out.logprobs
-        # Real answer tokens by position: everything up to and including the first eos (generate pads after it,
-        # with a pad that may be the eos itself). The prompt's own mask stays as the collate built it.
-        action_mask = answer_mask(answer, stop_ids(self.tok))
-        attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
-        return Rollout(seq, attention_mask, action_mask, logprobs, prompt_ids.shape[1])
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
+        """One answer per prompt row from the engine's rollout engine (ppo.decoder, rlhf/rollout/), drawn with
+        ppo's sampling config. log pi_old is taken from the rollout's own logits unless the actor's dtype asks for
+        a recompute (PPOConfig.recomputes_logprobs): then it is None and scoring runs the actor once more."""
+        rollout = self.engine.rollout.generate(prompt_ids, prompt_mask, self.config.sampling)
+        if self.config.recomputes_logprobs(self.engine.engines["actor"].dtype):
+            rollout.logprobs = None
+        return rollout
 
     def generate_experience(self, prompt_batch: dict[str, Any]) -> tuple[Experience, dict[str, float]]:
         """Phases 1-3 of an iteration on one batch of prompts: make_experience([prompt_batch])."""
@@ -295,7 +229,7 @@ class PPOTrainer:
         returns are zeros until make_experience fills them) and {generate_s, score_s}."""
         import torch
 
-        device = self.engine.actor.engine.device
+        device = self.engine.device
         k = self.config.group_size  # each prompt k times in a row: the hybrid engine prefills it once
         prompt_ids = prompt_batch["input_ids"].to(device).repeat_interleave(k, dim=0)
         prompt_mask = prompt_batch["attention_mask"].to(device).repeat_interleave(k, dim=0)
@@ -328,22 +262,12 @@ class PPOTrainer:
         if self.config.algorithm in GROUP_ALGORITHMS:
             groups = scores.double().view(-1, self.config.group_size)
             spread = (groups.max(-1).values > groups.min(-1).values).sum().double()
-            return self._sum_over_ranks(spread).item() > 0
+            return sum_over_ranks(spread, self.engine.dist.world_size).item() > 0
         low_high = torch.stack([scores.double().min(), -scores.double().max()])
         if self.engine.dist.world_size > 1:
             low_high = low_high.clone()
             torch.distributed.all_reduce(low_high, op=torch.distributed.ReduceOp.MIN)
         return low_high[0].item() < -low_high[1].item()
-
-    def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
-        """x summed over every rank (a new tensor; x itself alone on one rank)."""
-        import torch
-
-        if self.engine.dist.world_size == 1:
-            return x
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        return x
 
     def update(self, exp: Experience, seed: int) -> dict[str, float]:
         """Phase 4: ppo.ppo_epochs passes over the experience, each in a fresh order (a torch.Generator seeded
@@ -381,7 +305,7 @@ class PPOTrainer:
         world = self.engine.dist.world_size
         counts = [aggregation_count(m.action_mask, cfg.loss_aggregation) for m in micro]
         tokens = [aggregation_count(m.action_mask, "token_mean") for m in micro]
-        total, total_tokens = self._sum_over_ranks(torch.stack([sum(counts), sum(tokens)])).tolist()
+        total, total_tokens = sum_over_ranks(torch.stack([sum(counts), sum(tokens)]), world).tolist()
         actor, critic = self.engine.actor.engine, self.engine.critic
         a_loss, stats, ptx_loss = 0.0, {}, 0.0
         with training(actor):

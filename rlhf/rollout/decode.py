@@ -29,7 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rlhf.rollout.base import ModelRollout, Sampling
+from rlhf.config import Sampling
+from rlhf.rollout.base import ModelRollout
 
 if TYPE_CHECKING:
     import torch

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from rlhf.rollout.base import ModelRollout, Sampling
+from rlhf.config import Sampling
+from rlhf.rollout.base import ModelRollout
 
 
 def generate_tokens(

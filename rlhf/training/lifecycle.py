@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import TrainConfig
+from rlhf.config import LoggingConfig, TrainConfig
 from rlhf.training.checkpoint import Checkpointer
 from rlhf.training.checks import optimizer_steps
 from rlhf.training.loaders import make_loader
@@ -43,9 +43,7 @@ def train_and_export(
     the width a row is padded to in a batch; train.group_by_length sorts by it.
     """
     from rlhf.pipeline.guards import check_free_space
-    from rlhf.pipeline.outputs import hash_inputs, make_manifest
     from rlhf.training import runtime as eng
-    from rlhf.training.checkpoint import fingerprint
 
     model = build_model()
     check_free_space(out_dir, sum(t.numel() * t.element_size() for t in model.state_dict().values()), "the model")
@@ -56,32 +54,18 @@ def train_and_export(
         train_rows, train.micro_batch_size, collate, dist, params.seed, True, lengths, train.length_group_batches
     )
     eval_loader = make_loader(eval_rows, train.eval_batch_size, collate, dist, params.seed, shuffle=False)
-    inputs = hash_inputs(manifest_inputs)
-    ckpt = Checkpointer(
-        ckpt_dir, train.checkpoint_every, fingerprint(name, manifest_params, inputs, params.seed, dist.world_size), dist
-    )
-    resume = ckpt.latest()
-    saved = ckpt.load(resume, {"model": ds_engine}) if resume is not None else None
-    logger = MetricsLogger(live_dir, dist, saved["state"].get("log_rows") if saved else None, params.logging, name)
+    run = Lifecycle(name, seed=params.seed, logging=params.logging, dist=dist, manifest_params=manifest_params,
+                    manifest_inputs=manifest_inputs, ckpt_dir=ckpt_dir, checkpoint_every=train.checkpoint_every,
+                    live_dir=live_dir)
+    saved = run.start({"model": ds_engine})
     t0 = time.perf_counter()
-    metrics = fit(
-        ds_engine, train_loader, loss_fn, lambda: evaluate(ds_engine, eval_loader), train, dist, logger, name, total,
-        ckpt, saved,
-    )
+    metrics = fit(ds_engine, train_loader, loss_fn, lambda: evaluate(ds_engine, eval_loader), train, dist,
+                  run.logger, name, total, run, saved)
     metrics["train_seconds"] = time.perf_counter() - t0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    manifest = make_manifest(
-        name,
-        manifest_params,
-        inputs,
-        seed=params.seed,
-        world_size=dist.world_size,
-        metrics=metrics,
-        trainable_parameters=trainable,
-    )
+    manifest = run.manifest(metrics, trainable_parameters=trainable)
     export_model(ds_engine.module, build_model, tok, out_dir, manifest, params.engine.zero_stage, dist)
-    if dist.is_main:
-        logger.close(metrics)
+    run.close(metrics)
     return metrics
 
 

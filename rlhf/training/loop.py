@@ -1,4 +1,5 @@
-"""The training loop every supervised step shares (SFT, reward model, DPO): fit, the non-finite guard, and the reductions it logs."""
+"""The training loop every supervised step shares (SFT, reward model, DPO): fit, the non-finite guard, and the
+reductions it logs."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.config import TrainConfig
 from rlhf.errors import UserError
-from rlhf.training.checkpoint import Checkpointer
 from rlhf.training.metrics import MetricsLogger
 from rlhf.training.runtime import Dist, training
+
+if TYPE_CHECKING:
+    from rlhf.training.lifecycle import Lifecycle
 
 
 def all_finite(value: Any, dist: Dist) -> bool:
@@ -70,14 +73,15 @@ def fit(
     logger: MetricsLogger,
     desc: str,
     total: int,
-    ckpt: Checkpointer | None = None,
+    run: Lifecycle | None = None,
     saved: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train for `total` optimizer steps (see optimizer_steps), evaluating after each epoch.
 
     `loss_fn(engine, batch) -> (loss, extra metrics)`; `evaluate() -> metrics` runs on every rank (it may
-    all-reduce). Returns the last evaluation. `saved` (from Checkpointer.load) resumes mid-run: the epoch, the
-    batch position in it, the logging window and the RNG states continue exactly where the checkpoint left them.
+    all-reduce). Returns the last evaluation. `run` checkpoints when a step is due; `saved` (from `run.start`) resumes
+    mid-run: the epoch, the batch position in it, the logging window and the RNG states continue exactly where the
+    checkpoint left them.
     """
     from tqdm.auto import tqdm
 
@@ -144,12 +148,11 @@ def fit(
                     bar.set_postfix(loss=f"{point['train/loss']:.4f}", tok_s=f"{point['train/tokens_per_s']:.0f}",
                                     flops=flop_rate(flops / elapsed))
                     window, t0, work = [], time.perf_counter(), [0.0, 0.0]
-                if ckpt is not None and ckpt.due(step, total):
-                    state = {
-                        "step": step, "epoch": epoch, "batch": index, "micro": micro, "window": window,
-                        "skipped": guard.skipped, "metrics": metrics, "log_rows": logger.rows(),
-                    }
-                    ckpt.save(step, {"model": engine}, state)
+                if run is not None:
+                    run.save_if_due(step, total, {"model": engine}, lambda: {
+                        "step": step, "epoch": epoch, "batch": index, "micro": micro, "window": window,  # noqa: B023
+                        "skipped": guard.skipped, "metrics": metrics,  # noqa: B023 - called at once
+                    })
                 faults.kill_at(step)
                 if step >= total:
                     break

@@ -1,4 +1,5 @@
-"""Every loss in one place: the policy and value losses of step 3 (with their aggregations and the k3 KL term) and the DPO family."""
+"""Every loss in one place: the policy and value losses of step 3 (with their aggregations and the k3 KL term) and the
+DPO family."""
 
 from __future__ import annotations
 

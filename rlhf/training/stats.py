@@ -87,3 +87,12 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
+
+def sum_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """x summed over every rank (a new tensor; x itself alone on one rank)."""
+    if world_size == 1:
+        return x
+    x = x.clone()
+    torch.distributed.all_reduce(x)
+    return x
