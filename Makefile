@@ -21,13 +21,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 repro: setup
 	$(ACTIVATE) && dvc repro && rlhf summary   # `dvc metrics show` has every number
 
-# Chromium for tests/test_plots.py (the plots page in a real headless browser): Debian's package where apt can
+# Chromium for tests/pipeline/test_plots.py (the plots page in a real headless browser): Debian's package where apt can
 # install it (as root, CI's case); elsewhere that one test skips and says so.
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-	  echo "no Chromium (needs root and apt): tests/test_plots.py will skip"
+	  echo "no Chromium (needs root and apt): tests/pipeline/test_plots.py will skip"
 
 test: setup browser
 	$(ACTIVATE) && ruff check . && python -m pytest -q -p no:cacheprovider tests

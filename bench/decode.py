@@ -3,7 +3,7 @@
 
     PYTHONPATH=. python bench/decode.py --sizes tiny,50m,135m          # prints one JSON line at the end
 
-Both sides decode exactly what step 3 decodes in the hybrid engine's generation mode (rlhf.rl.hybrid._decode: the
+Both sides decode exactly what step 3 decodes in the hybrid engine's generation mode (the rollout engines of rlhf/rollout/: the
 same model, prompts, seed, sampling at temperature 1, log pi_old of every drawn token kept), every answer exactly
 `--answers` tokens long (min_new_tokens), one thread (`--threads`), in each `--dtypes` (bf16: the model's weights
 in bf16, as engine.dtype bf16 has them; the CPU's bf16 matmuls, AVX512-BF16 or AMX, where it has them).
@@ -21,6 +21,7 @@ Two references tell how close to the machine each side is:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -80,7 +81,8 @@ def main() -> None:
     import torch
 
     from bench.matmul_efficiency import matmul_peak
-    from rlhf.rl.hybrid import _decode
+    from rlhf.config import Sampling
+    from rlhf.rollout.base import make_rollout_engine
 
     torch.set_num_threads(args.threads)
     peak = matmul_peak("fp32", 1024, 1.0)
@@ -93,17 +95,18 @@ def main() -> None:
             prompts = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
             mask = torch.ones_like(prompts)
             for answers in map(int, args.answers.split(",")):
-                knobs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=answers,
-                             min_new_tokens=answers, pad_token_id=0, eos_token_id=2)
+                sampling = Sampling(answers, min_new_tokens=answers)  # eos 2 held back: answers of one length
+                engines = {d: make_rollout_engine(d, lambda m=model: contextlib.nullcontext(m), [2], 0)
+                           for d in ("generate", "own")}
                 best = {"generate": float("inf"), "own": float("inf")}
                 with torch.no_grad():
                     for decoder in best:
-                        _decode(model, prompts, mask, decoder, **knobs)  # warm-up
+                        engines[decoder].generate(prompts, mask, sampling)  # warm-up
                     for _ in range(args.repeats):
                         for decoder in best:
                             torch.manual_seed(7)
                             t0 = time.perf_counter()
-                            out = _decode(model, prompts, mask, decoder, **knobs)
+                            out = engines[decoder].generate(prompts, mask, sampling)
                             best[decoder] = min(best[decoder], time.perf_counter() - t0)
                             assert out.sequences.shape[1] == args.prompt_tokens + answers
                 floor = matmul_floor(model, batch, args.prompt_tokens, answers)

@@ -22,6 +22,7 @@ Sections, each written to --out as soon as it is done (a later failure keeps wha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -77,15 +78,14 @@ def peak(device: str, n: int) -> dict:
 def _run(model, ids, mask, decoder: str, graphs: bool, answer: int, sample: bool):
     import torch
 
-    from rlhf.rl.hybrid import _decode
+    from rlhf.config import Sampling
+    from rlhf.rollout.base import make_rollout_engine
 
-    knobs = dict(do_sample=sample, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=answer,
-                 min_new_tokens=answer, pad_token_id=0, eos_token_id=2)
-    if decoder == "own":
-        knobs["cuda_graphs"] = graphs
+    # eos 2, pad 0; eos held back so that every answer is `answer` tokens long
+    engine = make_rollout_engine(decoder, lambda: contextlib.nullcontext(model), [2], 0, cuda_graphs=graphs)
     torch.manual_seed(3)
     with torch.no_grad():
-        return _decode(model, ids, mask, decoder, **knobs)
+        return engine.generate(ids, mask, Sampling(answer, do_sample=sample, min_new_tokens=answer))
 
 
 def _prompts(batch: int, width: int, vocab: int, device: str):
@@ -152,9 +152,9 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
     from rlhf.config import load_params
     from rlhf.models.build import build_causal_lm, build_reward_model, save_pretrained
     from rlhf.models.tokenizer import load_tokenizer
-    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.models import RLModels
     from rlhf.rl.report import phase_flops
-    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.rl.trainer import RLTrainer
     from rlhf.training.runtime import init_distributed, seed_everything
 
     actor_size, (c_hidden, c_layers, c_heads, c_inter) = STEP3[size]
@@ -188,8 +188,8 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
                     save_pretrained(build_reward_model(params.reward_model, tok, params.seed), tok, work / "reward")
                 dist = dist or init_distributed(params.engine)
                 seed_everything(params.seed)
-                engine = RLHFEngine(params, dist, work / "sft", work / "reward")
-                trainer = PPOTrainer(engine, params.ppo)
+                engine = RLModels(params.ppo, params.engine, dist, work / "sft", work / "reward")
+                trainer = RLTrainer(engine, params.ppo, params.rewards)
                 fixed_length(engine, answer)
                 g = torch.Generator().manual_seed(1)
                 times, gen, flops = [], [], 0.0

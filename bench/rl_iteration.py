@@ -124,16 +124,16 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
 
     from rlhf.data.batching import collate_prompts
     from rlhf.models.tokenizer import encode_prompt
-    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.models import RLModels
     from rlhf.rl.report import phase_flops
-    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.rl.trainer import RLTrainer
     from rlhf.training.runtime import init_distributed, seed_everything
 
     params = _params(work, size, args, algorithm, extra)
     dist = init_distributed(params.engine)
     seed_everything(params.seed)
-    engine = RLHFEngine(params, dist, work / size / "sft", work / size / "reward")
-    trainer = PPOTrainer(engine, params.ppo)
+    engine = RLModels(params.ppo, params.engine, dist, work / size / "sft", work / size / "reward")
+    trainer = RLTrainer(engine, params.ppo, params.rewards)
     fixed_length(engine, args.new_tokens)
     prompts = [encode_prompt(engine.tok, p) for p in _prompts(work, args.prompts * (args.iters + 1))]
     collate = collate_prompts(max(len(p) for p in prompts), engine.tok.pad_token_id)

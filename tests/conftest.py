@@ -2,7 +2,8 @@
 
 Two layers: `make test` runs everything; `python -m pytest -m "not slow" tests` runs the unit layer alone (minutes).
 A test is `slow` when it launches a process (the CLI, dvc, git, torchrun) or uses a fixture that does; it is marked
-here at collection, and under `-m "not slow"` a test that still launches one fails and says to mark it."""
+here at collection, and under `-m "not slow"` a test that still launches the CLI, DVC or another Python fails and
+says to mark it."""
 
 from __future__ import annotations
 
@@ -193,14 +194,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
-class _NoProcesses:
-    def __init__(self, *args: Any, **kwargs: Any):
-        raise AssertionError("this test launches a process, so it belongs to the slow layer: mark it "
-                             "@pytest.mark.slow (tests/conftest.py)")
+# What the unit layer may not launch: a Python process (the rlhf CLI, a bench script), DVC or a launcher. Libraries'
+# own helpers (DeepSpeed's JIT compile through ninja, dvclive's git) stay allowed.
+LAUNCHED = {"rlhf", "dvc", "torchrun", "deepspeed"}
+
+
+class _UnitPopen(subprocess.Popen):
+    def __init__(self, args: Any, *rest: Any, **kwargs: Any):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        exe = os.path.basename(str(argv[0]).split()[0]) if argv else ""
+        if exe in LAUNCHED or exe.startswith("python") or str(argv[0]) == sys.executable:
+            raise AssertionError(f"this test launches `{exe}`, so it belongs to the slow layer: mark it "
+                                 "@pytest.mark.slow (tests/conftest.py)")
+        super().__init__(args, *rest, **kwargs)
 
 
 @pytest.fixture(autouse=True)
 def _unit_tests_launch_nothing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under `-m "not slow"`, any process a test launches fails it: the unit layer stays in-process."""
+    """Under `-m "not slow"`, a test that launches the CLI, DVC or another Python fails: the unit layer stays
+    in-process."""
     if "not slow" in (request.config.getoption("-m") or "") and not request.node.get_closest_marker("slow"):
-        monkeypatch.setattr(subprocess, "Popen", _NoProcesses)
+        monkeypatch.setattr(subprocess, "Popen", _UnitPopen)

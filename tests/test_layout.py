@@ -65,3 +65,10 @@ def test_imports_run_downwards() -> None:
                     name.startswith("rlhf.config") or name == "rlhf.errors"):
                 wrong.append(f"{rel} imports {name}")
     assert not wrong, wrong
+
+
+def test_the_earlier_class_names_still_import() -> None:
+    """`ppo.trainer` subclasses written against DeepSpeed-Chat's names keep working."""
+    import rlhf
+
+    assert rlhf.PPOTrainer is rlhf.RLTrainer and rlhf.RLHFEngine is rlhf.RLModels

@@ -44,7 +44,7 @@ class PPOConfig(Group):
     # group (no critic); reinforce_pp: REINFORCE++, token-level KL in the reward and batch-whitened returns (no
     # critic). The keys of ALGORITHM_DEFAULTS left null take the algorithm's published values
     algorithm: Literal["ppo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp"] = "ppo"
-    # your PPOTrainer subclass, "module:Class" importable from the project folder or the environment (null = ours)
+    # your RLTrainer subclass, "module:Class" importable from the project folder or the environment (null = ours)
     trainer: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     iterations: int = Field(100, gt=0)  # PPO iterations; each generates `rollout_batch_size` answers per rank
     rollout_batch_size: int = Field(32, gt=0)  # prompts per rank per iteration
@@ -114,7 +114,7 @@ class PPOConfig(Group):
     rollout_logprobs: Literal["auto", "generation", "recompute"] = "auto"
     # who decodes the rollouts: "own" (rlhf.decode: preallocated KV cache, a lean step for Llama-family models, the
     # model's forward for others) or "generate" (transformers' generate); the same tokens for the same seed, up to
-    # float rounding (tests/test_decode.py)
+    # float rounding (tests/rollout/test_decode.py)
     decoder: Literal["own", "generate"] = "own"
     # on CUDA, our loop replays its one-token step as a CUDA graph (rlhf/rollout/decode.py); no effect on CPU
     cuda_graphs: bool = True

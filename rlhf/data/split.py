@@ -66,6 +66,14 @@ def split_phases(
     """
     steps = steps or {}
     named = {src for src, st in steps.items() if st}
+    allowed = _allowed_phases(rows, steps, named)
+    classes = _classes(rows, allowed, named)
+    phase_of = _assign_phases(rows, classes, allowed, shares, seed)
+    return _hold_out(rows, phase_of, eval_fraction, seed)
+
+
+def _allowed_phases(rows: list[dict], steps: dict[str, list[str] | None], named: set[str]) -> list[frozenset]:
+    """The phases each row can feed: by its format, narrowed to its source's data.sources[].steps."""
     allowed = []
     for row in rows:
         can = frozenset(p for p, ok in zip(PHASES, feeds(row)) if ok)
@@ -76,10 +84,16 @@ def split_phases(
                 f"{steps[row['source']]} (a prompt-only row feeds ppo only, a row without a pair cannot feed reward): "
                 "fix its steps or its format"
             )
+    return allowed
+
+
+def _classes(rows: list[dict], allowed: list[frozenset],
+             named: set[str]) -> dict[tuple[tuple[str, ...], bool], list[list[int]]]:
+    """Units (rows that go to one phase together: a prompt group, or its part of one source with named steps),
+    grouped in classes of units with the same feedable phases (and whether a source named them), cut as one."""
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(prompt_key(row), []).append(i)
-    # A unit is rows that go to one phase together; units with the same feedable phases form a class, cut as one.
     classes: dict[tuple[tuple[str, ...], bool], list[list[int]]] = {}
     for members in groups.values():
         pinned = [i for i in members if rows[i].get("source") in named]
@@ -90,6 +104,13 @@ def split_phases(
             parts = [(common, members)] if common else _by_allowed(members, pinned, allowed)
         for able, unit in parts:
             classes.setdefault((tuple(p for p in PHASES if p in able), bool(pinned)), []).append(unit)
+    return classes
+
+
+def _assign_phases(rows: list[dict], classes: dict[tuple[tuple[str, ...], bool], list[list[int]]],
+                   allowed: list[frozenset], shares: tuple[float, float, float], seed: int) -> list[str]:
+    """Each row's phase ("" = unused): each class's units in one seeded order, cut into contiguous slices whose row
+    counts follow the shares renormalised over the phases the class can feed."""
     phase_of = [""] * len(rows)
     for (able, explicit), units in classes.items():
         local = [share if p in able else 0.0 for p, share in zip(PHASES, shares)]
@@ -117,6 +138,12 @@ def split_phases(
             phase = next((p for p, b in zip(PHASES, bounds) if middle < b), PHASES[-1])
             for i in units[j]:
                 phase_of[i] = phase if phase in allowed[i] else ""  # "": unused (its prompt feeds another step)
+    return phase_of
+
+
+def _hold_out(rows: list[dict], phase_of: list[str], eval_fraction: float, seed: int) -> dict[str, list[dict]]:
+    """Each phase's train and eval splits: round(eval_fraction * prompts) prompt groups held out, a prompt held out
+    by one phase held out by every phase it feeds; rows shuffled; SFT rows given their chosen answer as completion."""
     held_out: dict[str, bool] = {}  # prompt key -> held out (shared by every phase the prompt feeds)
     splits: dict[str, list[dict]] = {}
     for phase in PHASES:

@@ -15,8 +15,10 @@ from typing import Any
 
 from rlhf.config import EvaluateConfig, RewardFunctionConfig
 from rlhf.data.batching import right_pad
+from rlhf.data.split import read_split
 from rlhf.errors import UserError
 from rlhf.models.logprobs import answer_logprobs
+from rlhf.rl.rewards import function_values, load_functions, require_applies
 
 # The shipped task's scorer, the default of evaluate.scorers on the builtin task's prompts.
 BUILTIN_GOLD = RewardFunctionConfig(function="rlhf.data.task:gold_reward_fn", name="gold_reward")
@@ -72,19 +74,55 @@ def evaluate_actors(
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
     """Metrics per actor name (the first one is the SFT baseline for KL) and sample rows side by side. The scorers'
     means are under their labels (default_scorers)."""
-    from transformers import AutoConfig
-
-    from rlhf.data.split import read_split
     from rlhf.models.build import load_causal_lm, load_reward_model
-    from rlhf.models.tokenizer import check_compatible, encode_prompt, load_tokenizer, stop_ids
-    from rlhf.pipeline.guards import check_model_folder
+    from rlhf.models.tokenizer import encode_prompt, load_tokenizer
     from rlhf.pipeline.outputs import is_placeholder
-    from rlhf.rl.rewards import function_values, load_functions, require_applies
 
     with_rm = not is_placeholder(reward_path)  # the reward stage's placeholder: no reward model was needed
     rows = read_split(data_dir / "ppo_eval.jsonl")[: cfg.num_prompts]
     scorers = load_functions(default_scorers(cfg, rows), "evaluate.scorers")
-    if not with_rm and not scorers:
+    demos = _check_inputs(actors, reward_path, with_rm, data_dir, cfg, rows, bool(scorers))
+    baseline_path = next(iter(actors.values()))
+    tok = load_tokenizer(baseline_path)
+    _check_tokenizers(tok, actors, reward_path if with_rm else None)
+    prompts = [encode_prompt(tok, r["prompt"], max_prompt_tokens) for r in rows]
+    reward = load_reward_model(reward_path).eval() if with_rm else None
+    baseline = load_causal_lm(baseline_path).eval()
+
+    metrics: dict[str, dict[str, float]] = {}
+    per_answer: dict[str, dict[str, list[float]]] = {}  # actor -> measure -> each answer's value (for the noise)
+    samples: list[dict[str, str]] = [{"prompt": r["prompt"][-1]["content"]} for r in rows[: cfg.num_samples]]
+    for name, path in actors.items():
+        model = load_causal_lm(path).eval()
+        answers = _answers(model, tok, prompts, cfg, seed)
+        decoded = [tok.decode(a, skip_special_tokens=True) for a in answers]
+        quality = function_values(scorers, rows, decoded, answers)
+        require_applies(scorers, quality, f"held-out answers of the {name} actor")
+        scores = _reward_scores(reward, tok, prompts, answers, cfg.batch_size) if reward is not None else None
+        metrics[name] = _measures(model, baseline, tok, prompts, answers, demos, cfg, max_prompt_tokens)
+        metrics[name] = {**{label: _mean(values) for label, values in quality.items()},
+                         **({"rm_reward": _mean(scores)} if scores is not None else {}), **metrics[name]}
+        per_answer[name] = {label: [v for v in values if v is not None] for label, values in quality.items()}
+        if scores is not None:
+            per_answer[name]["rm_reward"] = list(scores)
+        for i, (s, d) in enumerate(zip(samples, decoded)):
+            marks = "  ".join(f"{label} {v[i]:.2f}" for label, v in quality.items() if v[i] is not None)
+            s[name] = f"{d}  [{marks}]" if marks else d
+    line = no_difference_warning(per_answer)
+    if line:
+        import sys
+
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    return metrics, samples
+
+
+def _check_inputs(actors: dict[str, Path], reward_path: Path, with_rm: bool, data_dir: Path, cfg: EvaluateConfig,
+                  rows: list[dict], has_scorers: bool) -> list[dict]:
+    """One UserError for anything evaluate cannot measure with: no reward model and no scorer, a folder that is not
+    a model of its kind, an empty held-out split. Returns the held-out SFT demonstrations (for perplexity)."""
+    from rlhf.pipeline.guards import check_model_folder
+
+    if not with_rm and not has_scorers:
         raise UserError(
             f"'{reward_path}' is a placeholder (no reward model was trained) and evaluate.scorers lists no scorer for "
             "this data, so nothing would measure the answers: list your verifier in evaluate.scorers"
@@ -100,55 +138,42 @@ def evaluate_actors(
                 f"{data_dir / split}.jsonl is empty, so evaluate has nothing to measure: rerun prepare with data that "
                 "fills it (data.eval_fraction > 0)"
             )
-    baseline_path = next(iter(actors.values()))
-    tok = load_tokenizer(baseline_path)
-    # The compatibility gate: every actor's answers are scored by the reward model and compared with the SFT model.
-    base_cfg = AutoConfig.from_pretrained(baseline_path)
-    if with_rm:
+    return demos
+
+
+def _check_tokenizers(tok: Any, actors: dict[str, Path], reward_path: Path | None) -> None:
+    """The compatibility gate: every actor's answers are scored by the reward model and compared with the SFT model
+    (the first actor), so their tokenizers must agree."""
+    from transformers import AutoConfig
+
+    from rlhf.models.tokenizer import check_compatible, load_tokenizer
+
+    names = list(actors)
+    base_cfg = AutoConfig.from_pretrained(actors[names[0]])
+    if reward_path is not None:
         check_compatible(tok, load_tokenizer(reward_path), base_cfg, AutoConfig.from_pretrained(reward_path))
-    for name, path in list(actors.items())[1:]:
+    for name in names[1:]:
+        path = actors[name]
         check_compatible(tok, load_tokenizer(path), base_cfg, AutoConfig.from_pretrained(path), other=f"{name} actor")
-    prompts = [encode_prompt(tok, r["prompt"], max_prompt_tokens) for r in rows]
-    texts = [r["prompt"][-1]["content"] for r in rows]
-    reward = load_reward_model(reward_path).eval() if with_rm else None
-    baseline = load_causal_lm(baseline_path).eval()
+
+
+def _measures(model: Any, baseline: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]],
+              demos: list[dict], cfg: EvaluateConfig, max_prompt_tokens: int | None) -> dict[str, float]:
+    """KL to the SFT model (k1 per token, at the temperature the answers were drawn at), answer length without the
+    stop token, perplexity on the held-out demonstrations, and the number of prompts."""
+    from rlhf.models.tokenizer import stop_ids
 
     stops = stop_ids(tok)
-    metrics: dict[str, dict[str, float]] = {}
-    per_answer: dict[str, dict[str, list[float]]] = {}  # actor -> measure -> each answer's value (for the noise)
-    samples: list[dict[str, str]] = [{"prompt": t} for t in texts[: cfg.num_samples]]
-    for name, path in actors.items():
-        model = load_causal_lm(path).eval()
-        answers = _answers(model, tok, prompts, cfg, seed)
-        decoded = [tok.decode(a, skip_special_tokens=True) for a in answers]
-        quality = function_values(scorers, rows, decoded, answers)
-        require_applies(scorers, quality, f"held-out answers of the {name} actor")
-        scores = _reward_scores(reward, tok, prompts, answers, cfg.batch_size) if reward is not None else None
-        rm = {"rm_reward": _mean(scores)} if scores is not None else {}
-        temperature = cfg.temperature if cfg.do_sample else 1.0  # the distribution the answers were drawn from
-        own = answer_logprobs(model, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
-        ref = answer_logprobs(baseline, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
-        tokens = sum(len(a) for a in answers)
-        metrics[name] = {
-            **{label: _mean(values) for label, values in quality.items()},
-            **rm,
-            "kl_to_sft": (sum(own) - sum(ref)) / max(tokens, 1),  # k1 estimate of KL(actor || sft) per token
-            "response_length": sum(len(a) - (a[-1:] != [] and a[-1] in stops) for a in answers) / len(answers),
-            "perplexity": _perplexity(model, tok, demos, cfg.batch_size, max_prompt_tokens),
-            "num_prompts": len(answers),
-        }
-        per_answer[name] = {label: [v for v in values if v is not None] for label, values in quality.items()}
-        if scores is not None:
-            per_answer[name]["rm_reward"] = list(scores)
-        for i, (s, d) in enumerate(zip(samples, decoded)):
-            marks = "  ".join(f"{label} {v[i]:.2f}" for label, v in quality.items() if v[i] is not None)
-            s[name] = f"{d}  [{marks}]" if marks else d
-    line = no_difference_warning(per_answer)
-    if line:
-        import sys
-
-        print(f"warning: {line}", file=sys.stderr, flush=True)
-    return metrics, samples
+    temperature = cfg.temperature if cfg.do_sample else 1.0  # the distribution the answers were drawn from
+    own = answer_logprobs(model, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
+    ref = answer_logprobs(baseline, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
+    tokens = sum(len(a) for a in answers)
+    return {
+        "kl_to_sft": (sum(own) - sum(ref)) / max(tokens, 1),  # k1 estimate of KL(actor || sft) per token
+        "response_length": sum(len(a) - (a[-1:] != [] and a[-1] in stops) for a in answers) / len(answers),
+        "perplexity": _perplexity(model, tok, demos, cfg.batch_size, max_prompt_tokens),
+        "num_prompts": len(answers),
+    }
 
 
 def no_difference_warning(per_answer: dict[str, dict[str, list[float]]], z: float = 2.0) -> str | None:

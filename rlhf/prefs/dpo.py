@@ -7,14 +7,18 @@ and travel with the rows (not recomputed per epoch); the loss (DPO, cDPO or IPO)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rlhf.config import Params
+from rlhf.config import DPOConfig, Params
 from rlhf.data.batching import answer_positions, right_pad
 from rlhf.models.logprobs import sequence_logprobs
 from rlhf.models.tokenizer import encode_answer, encode_prompt
 from rlhf.training.runtime import Dist, evaluating
+
+if TYPE_CHECKING:
+    import torch
 
 NO_PAIRS = (
     "No DPO model: prepare found no preference pair (rewards.model_weight is 0), so there was nothing to train DPO on.\n"
@@ -107,8 +111,6 @@ def run_dpo(
     from rlhf.pipeline.outputs import skipped_steps, write_placeholder
     from rlhf.training.checks import check_eval_split, check_train_split, launch_world_size
     from rlhf.training.lifecycle import train_and_export
-    from rlhf.training.loop import all_reduce_sum
-    from rlhf.training.losses import dpo_loss
     from rlhf.training.runtime import init_distributed, seed_everything
 
     cfg = params.dpo
@@ -129,28 +131,7 @@ def run_dpo(
         add_reference_logprobs(reference, rows, tok.pad_token_id, cfg.eval_batch_size, dist)
     del reference
 
-    def loss_fn(engine: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-        *logprobs, nll = _policy_logprobs(engine, batch)
-        if cfg.loss_type == "ipo" and cfg.ipo_length_normalize:  # TRL's IPO: mean log-probabilities per token
-            logprobs = per_token(logprobs, batch["answer"])
-        loss, stats = dpo_loss(*logprobs, cfg.beta, cfg.loss_type, cfg.label_smoothing)
-        if cfg.sft_coef > 0:  # RPO (Pang et al. 2024; TRL's rpo_alpha): keep the chosen answers likely
-            loss = loss + cfg.sft_coef * nll
-        return loss, {**stats, "nll_chosen": nll.item()}
-
-    def evaluate(engine: Any, loader: Any) -> dict[str, float]:
-        import torch
-
-        keys = ("eval_loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin", "nll_chosen")
-        sums = [0.0] * (len(keys) + 1)
-        with torch.no_grad(), evaluating(engine):
-            for batch in loader:
-                loss, stats = loss_fn(engine, batch)
-                n = batch["input_ids"].shape[0] // 2
-                for i, v in enumerate([loss.item(), *(stats[k] for k in keys[1:]), 1.0]):
-                    sums[i] += v * n
-        *totals, n = all_reduce_sum(sums, dist)
-        return {k: v / max(n, 1.0) for k, v in zip(keys, totals)}
+    loss_fn = dpo_loss_fn(cfg)
 
     def build() -> Any:
         model = add_lora(load_causal_lm(sft_path), cfg.lora, "CAUSAL_LM")
@@ -168,7 +149,7 @@ def run_dpo(
         collate=collate_dpo(tok.pad_token_id),
         length=dpo_length,
         loss_fn=loss_fn,
-        evaluate=evaluate,
+        evaluate=dpo_evaluate(loss_fn, dist),
         out_dir=out_dir,
         live_dir=live_dir,
         ckpt_dir=ckpt_dir,
@@ -176,3 +157,43 @@ def run_dpo(
         manifest_inputs={"reward_train": data_dir / "reward_train.jsonl", "reward_eval": data_dir / "reward_eval.jsonl",
                          "sft_model": sft_path},
     )
+
+
+def dpo_loss_fn(cfg: DPOConfig) -> Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]:
+    """loss_fn(engine, batch) of dpo.loss_type on the batch's pairs (the reference log-probs are in the batch),
+    with IPO's per-token normalisation and RPO's NLL term when configured."""
+    from rlhf.training.losses import dpo_loss
+
+    def loss_fn(engine: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        *logprobs, nll = _policy_logprobs(engine, batch)
+        if cfg.loss_type == "ipo" and cfg.ipo_length_normalize:  # TRL's IPO: mean log-probabilities per token
+            logprobs = per_token(logprobs, batch["answer"])
+        loss, stats = dpo_loss(*logprobs, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        if cfg.sft_coef > 0:  # RPO (Pang et al. 2024; TRL's rpo_alpha): keep the chosen answers likely
+            loss = loss + cfg.sft_coef * nll
+        return loss, {**stats, "nll_chosen": nll.item()}
+
+    return loss_fn
+
+
+def dpo_evaluate(loss_fn: Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]],
+                 dist: Dist) -> Callable[[Any, Any], dict[str, float]]:
+    """evaluate(engine, loader): the held-out pairs' loss, accuracy, implicit rewards and margin, per pair over
+    every rank."""
+    from rlhf.training.loop import all_reduce_sum
+
+    def evaluate(engine: Any, loader: Any) -> dict[str, float]:
+        import torch
+
+        keys = ("eval_loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin", "nll_chosen")
+        sums = [0.0] * (len(keys) + 1)
+        with torch.no_grad(), evaluating(engine):
+            for batch in loader:
+                loss, stats = loss_fn(engine, batch)
+                n = batch["input_ids"].shape[0] // 2
+                for i, v in enumerate([loss.item(), *(stats[k] for k in keys[1:]), 1.0]):
+                    sums[i] += v * n
+        *totals, n = all_reduce_sum(sums, dist)
+        return {k: v / max(n, 1.0) for k, v in zip(keys, totals)}
+
+    return evaluate

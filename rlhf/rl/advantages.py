@@ -1,9 +1,10 @@
-"""Step 3's algorithms, each one small piece on the shared rollout and scoring path: an advantage estimator.
+"""Step 3's algorithms, one estimator each: how the rollouts' scores become per-token advantages.
 
 The trainer (rlhf/rl/trainer.py) rolls out, scores and takes the reference log-probs the same way for every algorithm,
 then calls `ESTIMATORS[ppo.algorithm]`; the policy loss is shared too (clipped ratio, asymmetric clip, loss
-aggregation, k3 KL loss, entropy bonus: each a param). What is left to an algorithm is how a sequence's reward
-becomes per-token advantages, and whether it needs a critic (PPOConfig.needs_critic). The math is rlhf/training/losses.py's.
+aggregation, k3 KL loss, entropy bonus: rlhf/training/losses.py). What is left to an algorithm is its estimator
+below and its defaults, which live with the params they fill (ALGORITHM_DEFAULTS in rlhf/config/rl.py: params.yaml
+is validated before any of this is imported).
 
 Every estimator takes (B, R) tensors: log pi_old, log pi_ref and the critic's values (0 without one), the (B,)
 normalised scores, the (B, R) answer mask, the step-3 config and the KL coefficient in the reward (0 under
@@ -17,25 +18,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
-
-    from rlhf.config import PPOConfig
-    from rlhf.training.stats import AllReduce
 import torch
 
 from rlhf.training.stats import masked_whiten
 
-Estimate = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
+if TYPE_CHECKING:
+    from rlhf.config import PPOConfig
+    from rlhf.training.stats import AllReduce
+
+Estimate = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def gae(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+def ppo(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
         mask: torch.Tensor, cfg: PPOConfig, kl_coef: float, all_reduce: AllReduce | None = None) -> Estimate:
-    """ppo: the KL-shaped reward (the score at the last token, -kl_coef x KL per token) and GAE (Schulman et al.
+    """PPO: the KL-shaped reward (the score at the last token, -kl_coef x KL per token) and GAE (Schulman et al.
     2015), whitened over every real token of the iteration (all ranks) if configured; returns = advantages + values."""
-    from rlhf.rl.advantages import gae_advantages, kl_shaped_rewards
-    from rlhf.training.stats import masked_whiten
-
     rewards, _ = kl_shaped_rewards(logprobs, ref_logprobs, scores, mask, kl_coef, 0.0)
     adv, ret = gae_advantages(values, rewards, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
@@ -43,27 +40,48 @@ def gae(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor
     return rewards, adv, ret
 
 
-def critic_free(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
-                mask: torch.Tensor, cfg: PPOConfig, kl_coef: float, all_reduce: AllReduce | None = None) -> Estimate:
-    """grpo / dr_grpo / dapo / rloo / reinforce_pp: the score's group baseline (none for reinforce_pp), then the
-    per-token KL, summed to go (REINFORCE++ whitens over the batch); no critic learns the returns."""
-    from rlhf.rl.advantages import critic_free_advantages
+def grpo(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+         mask: torch.Tensor, cfg: PPOConfig, kl_coef: float, all_reduce: AllReduce | None = None) -> Estimate:
+    """GRPO (Shao et al. 2024, eq. 3): each answer's score minus its group's mean, over the group's std when
+    ppo.group_std, on every token of the answer (then the per-token KL in the reward, if any, summed to go)."""
+    baselined = grpo_baseline(scores, cfg.group_size, cfg.group_std)
+    adv, rewards = score_to_go(logprobs, ref_logprobs, baselined, mask, kl_coef, cfg.gamma)
+    return rewards, adv, adv
 
-    baseline = {"rloo": "rloo", "reinforce_pp": "reinforce_pp"}.get(cfg.algorithm, "grpo")  # grpo, dr_grpo, dapo
-    adv, rewards = critic_free_advantages(
-        logprobs, ref_logprobs, scores, mask, baseline, cfg.group_size, kl_coef, cfg.gamma, cfg.group_std,
-        all_reduce,
-    )
+
+def dr_grpo(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+            mask: torch.Tensor, cfg: PPOConfig, kl_coef: float, all_reduce: AllReduce | None = None) -> Estimate:
+    """Dr. GRPO (Liu et al. 2025): GRPO's estimator; what differs is in its defaults (no std division,
+    group_std false; token sums over a constant length, seq_mean_token_sum_norm)."""
+    return grpo(logprobs, ref_logprobs, values, scores, mask, cfg, kl_coef, all_reduce)
+
+
+def dapo(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+         mask: torch.Tensor, cfg: PPOConfig, kl_coef: float, all_reduce: AllReduce | None = None) -> Estimate:
+    """DAPO (Yu et al. 2025): GRPO's estimator; its token-level loss and clip-higher are in the loss's defaults."""
+    return grpo(logprobs, ref_logprobs, values, scores, mask, cfg, kl_coef, all_reduce)
+
+
+def rloo(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+         mask: torch.Tensor, cfg: PPOConfig, kl_coef: float, all_reduce: AllReduce | None = None) -> Estimate:
+    """RLOO (Ahmadian et al. 2024): each answer's score minus the mean of the other answers to its prompt, then the
+    per-token KL in the reward (OpenRLHF's rloo), summed to go."""
+    baselined = rloo_baseline(scores, cfg.group_size)
+    adv, rewards = score_to_go(logprobs, ref_logprobs, baselined, mask, kl_coef, cfg.gamma)
+    return rewards, adv, adv
+
+
+def reinforce_pp(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+                 mask: torch.Tensor, cfg: PPOConfig, kl_coef: float, all_reduce: AllReduce | None = None) -> Estimate:
+    """REINFORCE++ (Hu 2025): no baseline; the score and the per-token KL summed to go, then whitened over every
+    real token of the batch (every rank's, with all_reduce)."""
+    adv, rewards = score_to_go(logprobs, ref_logprobs, scores, mask, kl_coef, cfg.gamma)
+    adv = masked_whiten(adv, mask, all_reduce=all_reduce)
     return rewards, adv, adv
 
 
 ESTIMATORS: dict[str, Callable[..., Estimate]] = {
-    "ppo": gae,
-    "grpo": critic_free,
-    "dr_grpo": critic_free,  # GRPO's baseline without the std (group_std false) and a constant length normaliser
-    "dapo": critic_free,  # GRPO's baseline; DAPO's token_mean and clip-higher are in the loss
-    "rloo": critic_free,
-    "reinforce_pp": critic_free,
+    "ppo": ppo, "grpo": grpo, "dr_grpo": dr_grpo, "dapo": dapo, "rloo": rloo, "reinforce_pp": reinforce_pp,
 }
 
 
@@ -138,34 +156,35 @@ def gae_advantages(
 
 
 @torch.no_grad()
-def group_advantages(scores: torch.Tensor, group_size: int, baseline: str, scale: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
-    """(B,) per-answer advantage from the scores of G = group_size answers to each prompt (rows i*G .. i*G+G-1
-    share a prompt; B must be a multiple of G):
-
-        grpo   A_i = (r_i - mean_g(r)) / (std_g(r) + eps)    (GRPO eq. 3, std unbiased as torch.std and TRL);
-               scale False: A_i = r_i - mean_g(r)             (Dr. GRPO: no std division, no difficulty bias)
-        rloo   A_i = r_i - 1/(G-1) sum_{j != i} r_j           (RLOO; = G/(G-1) (r_i - mean_g(r)))
+def grpo_baseline(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """(B,) A_i = (r_i - mean_g(r)) / (std_g(r) + eps) over each group of G = group_size answers to one prompt (rows
+    i*G .. i*G+G-1; std unbiased as torch.std and TRL); scale False: A_i = r_i - mean_g(r) (Dr. GRPO).
 
     A group whose answers all scored alike gets advantage exactly 0 (nothing to learn from it): the statistics are
     taken in float64, where the sum of G equal float32 scores is exact (and so is its mean), whereas a float32 mean
     can be one rounding step off the score and the std one step above 0, which the division turned into advantages
     up to 0.24.
     """
+    groups = _groups(scores, group_size)
+    out = groups - groups.mean(-1, keepdim=True)
+    if scale:
+        out = out / (groups.std(-1, keepdim=True) + eps)
+    return out.view(-1).float()
+
+
+@torch.no_grad()
+def rloo_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) A_i = r_i - 1/(G-1) sum_{j != i} r_j (= G/(G-1) (r_i - mean_g(r))), in float64 as grpo_baseline."""
+    groups = _groups(scores, group_size)
+    return ((groups * group_size - groups.sum(-1, keepdim=True)) / (group_size - 1)).view(-1).float()
+
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B / G, G) float64 view of the scores, one row per prompt; B must be a multiple of G >= 2."""
     if group_size < 2 or scores.numel() % group_size:
         raise ValueError(f"group advantages need groups of >= 2 answers dividing the batch, got {group_size} "
                          f"for {scores.numel()} scores")
-    groups = scores.double().view(-1, group_size)  # (B / G, G) float64: see above
-    mean = groups.mean(-1, keepdim=True)
-    if baseline == "rloo":
-        out = (groups * group_size - groups.sum(-1, keepdim=True)) / (group_size - 1)
-    elif baseline == "grpo":
-        out = groups - mean
-        if scale:
-            out = out / (groups.std(-1, keepdim=True) + eps)
-    else:
-        raise ValueError(f"unknown group baseline {baseline!r}: grpo or rloo")
-    return out.view(-1).float()
+    return scores.double().view(-1, group_size)
 
 
 @torch.no_grad()
@@ -183,34 +202,13 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
 
 
 @torch.no_grad()
-def critic_free_advantages(
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    scores: torch.Tensor,
-    mask: torch.Tensor,
-    algorithm: str,
-    group_size: int,
-    kl_coef: float,
-    gamma: float = 1.0,
-    scale_group: bool = True,
-    all_reduce: AllReduce | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def score_to_go(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                kl_coef: float, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) advantages and the (B, A) per-token rewards they came from, for the critic-free family (OpenRLHF's and
-    verl's layout): the sequence score gets its baseline first, then the KL penalty is added per token, then the
-    rewards are summed to go.
+    verl's layout): the (baselined) sequence score at the last token plus the per-token KL penalty, summed to go.
 
-        grpo / rloo    score_i -> group_advantages(score, G)     (the baseline of each prompt's answers)
-        reinforce_pp   score_i unchanged                          (no baseline; returns whitened below)
         r_it = -kl_coef * (log pi_old - log pi_ref)_it + [t = last] * score_i     (k1; kl_coef 0 with the KL loss)
-        A_it = sum_{s >= t} gamma^(s-t) r_is                      reinforce_pp: then whitened over the whole batch
-                                                                  (every rank's, with all_reduce)
+        A_it = sum_{s >= t} gamma^(s-t) r_is
     """
-    if algorithm in ("grpo", "rloo"):
-        scores = group_advantages(scores, group_size, algorithm, scale_group)
-    elif algorithm != "reinforce_pp":
-        raise ValueError(f"unknown critic-free algorithm {algorithm!r}")
     rewards, _ = kl_shaped_rewards(logprobs, ref_logprobs, scores, mask, kl_coef, 0.0)
-    advantages = discounted_returns(rewards, mask, gamma)
-    if algorithm == "reinforce_pp":
-        advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
-    return advantages, rewards
+    return discounted_returns(rewards, mask, gamma), rewards

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from rlhf.config import EngineConfig, Params, PPOConfig, TrainConfig, resolve_engine
+from rlhf.config import EngineConfig, PPOConfig, TrainConfig, resolve_engine
 from rlhf.models.build import classifier_parts as _classifier
 from rlhf.models.tokenizer import check_compatible
 from rlhf.training.runtime import Dist
@@ -73,7 +73,7 @@ def critic_from_actor(path: str | Path) -> Any:
     return critic
 
 
-class RLHFEngine:
+class RLModels:
     """Builds and owns the four models of step 3 (and the actor's EMA), each a DeepSpeed engine.
 
     actor: from the SFT output, trained, behind the hybrid engine; ref: frozen copy of SFT; critic (ppo only, else
@@ -82,7 +82,7 @@ class RLHFEngine:
     of the trained architectures (LoRA included) for exporting gathered weights.
     """
 
-    def __init__(self, params: Params, dist: Dist, sft_path: Path, reward_path: Path | None):
+    def __init__(self, ppo: PPOConfig, engine: EngineConfig, dist: Dist, sft_path: Path, reward_path: Path | None):
         from transformers import AutoConfig
 
         from rlhf.models.build import add_lora, disable_dropout, load_causal_lm, load_reward_model
@@ -91,8 +91,7 @@ class RLHFEngine:
         from rlhf.rollout.base import make_rollout_engine
         from rlhf.training import runtime as eng
 
-        self.params, self.dist = params, dist
-        ppo = params.ppo
+        self.ppo, self.dist = ppo, dist
         self.tok = load_tokenizer(sft_path)
         if reward_path is not None:
             reward_tok = load_tokenizer(reward_path)
@@ -109,23 +108,24 @@ class RLHFEngine:
         if ppo.needs_critic:
             self.build_critic = lambda: quiet(add_lora(critic_body(), ppo.critic_lora, "SEQ_CLS"))
         steps = ppo.optimizer_steps  # the ptx loss joins the RL loss in the same step: no extra steps
-        self.engines = {
-            name: resolve_engine(params.engine, getattr(ppo, f"{name}_engine"))
+        self.engine_configs = {
+            name: resolve_engine(engine, getattr(ppo, f"{name}_engine"))
             for name in ("actor", "critic", "ref", "reward")
         }
         self.actor = HybridEngine(
-            eng.initialize(self.build_actor(), self.engines["actor"], _train_cfg(ppo, ppo.actor_learning_rate), steps),
-            self.engines["actor"].zero_stage,
+            eng.initialize(self.build_actor(), self.engine_configs["actor"], _train_cfg(ppo, ppo.actor_learning_rate), steps),
+            self.engine_configs["actor"].zero_stage,
         )
         self.critic = None  # the critic-free family has none: nothing built, stepped or saved
         if self.build_critic is not None:
             self.critic = eng.initialize(
-                self.build_critic(), self.engines["critic"], _train_cfg(ppo, ppo.critic_learning_rate), steps
+                self.build_critic(), self.engine_configs["critic"], _train_cfg(ppo, ppo.critic_learning_rate), steps
             )
-        self.ref = _frozen_engine(quiet(load_causal_lm(sft_path)), self.engines["ref"], ppo.micro_batch_size)
+        self.ref = _frozen_engine(quiet(load_causal_lm(sft_path)), self.engine_configs["ref"], ppo.micro_batch_size)
         self.reward = None
         if reward_path is not None:
-            self.reward = _frozen_engine(quiet(load_reward_model(reward_path)), self.engines["reward"], ppo.micro_batch_size)
+            reward = quiet(load_reward_model(reward_path))
+            self.reward = _frozen_engine(reward, self.engine_configs["reward"], ppo.micro_batch_size)
         # rollouts decode with the actor in the hybrid engine's generation mode (ZeRO-3 gathered once, LoRA fused)
         self.rollout = make_rollout_engine(ppo.decoder, self.actor.generation_mode, stop_ids(self.tok),
                                            self.tok.pad_token_id, ppo.cuda_graphs)
@@ -150,4 +150,4 @@ class RLHFEngine:
         state = full_state_dict(self.actor.module, self.actor.zero_stage, is_main=True, all_ranks=True)
         ema_params = dict(self.ema.named_parameters())
         names = [n for n in ema_params if n in state]
-        ema_update([ema_params[n] for n in names], [state[n] for n in names], self.params.ppo.ema_beta)
+        ema_update([ema_params[n] for n in names], [state[n] for n in names], self.ppo.ema_beta)

@@ -21,10 +21,10 @@ from rlhf import faults
 from rlhf.config import Params, PPOConfig
 from rlhf.data.batching import Cycle, collate_prompt_rows, collate_sft
 from rlhf.errors import UserError
-from rlhf.rl.models import RLHFEngine
+from rlhf.rl.models import RLModels
 from rlhf.rl.report import iteration_point, mean_reward_score, phase_flops, progress_line
 from rlhf.rl.rewards import RewardFunction
-from rlhf.rl.trainer import PPOTrainer
+from rlhf.rl.trainer import RLTrainer
 from rlhf.training.lifecycle import Lifecycle
 from rlhf.training.runtime import Dist
 
@@ -36,7 +36,7 @@ class Inputs:
     tok: Any
     reward_path: Path | None
     functions: list[RewardFunction]
-    trainer_cls: type[PPOTrainer]
+    trainer_cls: type[RLTrainer]
     train_prompts: list[tuple[list[int], dict]]
     eval_prompts: list[tuple[list[int], dict]]
     ptx_rows: list[dict[str, list[int]]]
@@ -70,11 +70,11 @@ def run_ppo(
     seed_everything(params.seed)
     trainer, loaders = build(params, dist, inputs, sft_path)
     run = lifecycle(params, dist, data_dir, sft_path, inputs.reward_path, live_dir, ckpt_dir)
-    loop = Iterations(trainer, loaders, run, params)
+    loop = Iterations(trainer, loaders, run, params.seed)
     loop.start()
     loop.iterate()
     metrics = loop.finish(inputs.functions, inputs.reward_path is not None)
-    export(trainer.engine, run, metrics, out_dir, inputs.tok, inputs.reward_path or sft_path)
+    export(trainer.models, run, metrics, out_dir, inputs.tok, inputs.reward_path or sft_path)
     run.close(metrics)
     return metrics
 
@@ -154,18 +154,18 @@ def _encode(params: Params, data_dir: Path, tok: Any) -> tuple[list, list, list]
     return train, held_out, ptx
 
 
-def trainer_class(name: str | None) -> type[PPOTrainer]:
-    """PPOTrainer, or the subclass `ppo.trainer` names ("module:Class", importable from the project folder or the
-    environment); one UserError when it does not import or is not a PPOTrainer."""
+def trainer_class(name: str | None) -> type[RLTrainer]:
+    """RLTrainer, or the subclass `ppo.trainer` names ("module:Class", importable from the project folder or the
+    environment); one UserError when it does not import or is not a RLTrainer."""
     if name is None:
-        return PPOTrainer
+        return RLTrainer
     import sys
 
     from rlhf.rl.rewards import import_object, untracked_source
 
     cls = import_object(name, "ppo.trainer")
-    if not (isinstance(cls, type) and issubclass(cls, PPOTrainer)):
-        raise UserError(f"ppo.trainer '{name}' is not a subclass of rlhf.PPOTrainer: subclass it, or set ppo.trainer: null")
+    if not (isinstance(cls, type) and issubclass(cls, RLTrainer)):
+        raise UserError(f"ppo.trainer '{name}' is not a subclass of rlhf.RLTrainer: subclass it, or set ppo.trainer: null")
     path = untracked_source(cls, Path.cwd())
     if path is not None:  # editing it would change results while `dvc repro` says the stage is up to date
         print(f"warning: ppo.trainer: {path} is in the project folder but no DVC dep of the ppo stage: move it under "
@@ -177,14 +177,14 @@ def trainer_class(name: str | None) -> type[PPOTrainer]:
 # ------------------------------------------------------------------------------------------------------- build
 
 
-def build(params: Params, dist: Dist, inputs: Inputs, sft_path: Path) -> tuple[PPOTrainer, Loaders]:
+def build(params: Params, dist: Dist, inputs: Inputs, sft_path: Path) -> tuple[RLTrainer, Loaders]:
     """The models (actor behind the hybrid engine, reference, critic, reward model, EMA), the trainer of
     ppo.algorithm (or ppo.trainer) and the loaders of prompts, held-out prompts and ptx batches."""
     from rlhf.training.loaders import make_loader
 
     ppo = params.ppo
-    engine = RLHFEngine(params, dist, sft_path, inputs.reward_path)
-    trainer = inputs.trainer_cls(engine, ppo, params.rewards, inputs.functions)
+    models = RLModels(ppo, params.engine, dist, sft_path, inputs.reward_path)
+    trainer = inputs.trainer_cls(models, ppo, params.rewards, inputs.functions)
     width = max(len(p) for p, _ in inputs.train_prompts + inputs.eval_prompts)
     collate = collate_prompt_rows(width, inputs.tok.pad_token_id)
     prompts = Cycle(make_loader(inputs.train_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=True))
@@ -219,16 +219,16 @@ class Iterations:
     trainer's own state): the data position, the last logged point, the held-out reward before training and the
     run of iterations without reward variance."""
 
-    def __init__(self, trainer: PPOTrainer, loaders: Loaders, run: Lifecycle, params: Params):
-        self.trainer, self.loaders, self.run, self.params = trainer, loaders, run, params
-        self.ppo, self.dist = params.ppo, trainer.engine.dist
+    def __init__(self, trainer: RLTrainer, loaders: Loaders, run: Lifecycle, seed: int):
+        self.trainer, self.loaders, self.run, self.seed = trainer, loaders, run, seed
+        self.ppo, self.dist = trainer.config, trainer.models.dist
         self.first, self.point, self.score_before, self.flat = 1, {}, {}, 0
         self.stopped = ""
         self.seconds = 0.0
 
     def trained(self) -> dict[str, Any]:
-        engine = self.trainer.engine
-        return {"actor": engine.actor.engine} | ({"critic": engine.critic} if engine.critic is not None else {})
+        models = self.trainer.models
+        return {"actor": models.actor.engine} | ({"critic": models.critic} if models.critic is not None else {})
 
     def state_dict(self) -> dict[str, Any]:
         return {"iteration": self.trainer.iteration, "point": self.point, "score_before": self.score_before,
@@ -285,10 +285,10 @@ class Iterations:
         self.flat = 0 if trainer.informative(exp.scores) else self.flat + 1
         if ppo.max_flat_iterations and self.flat >= ppo.max_flat_iterations:
             raise UserError(flat_reward_message(it, self.flat, exp.scores, ppo))
-        flops = phase_flops(trainer.engine, exp, ppo)
+        flops = phase_flops(trainer.models, exp, ppo)
         t0 = time.perf_counter()
-        sums = trainer.update(exp, self.params.seed * 100_003 + it * ppo.ppo_epochs)
-        trainer.engine.update_ema()
+        sums = trainer.update(exp, self.seed * 100_003 + it * ppo.ppo_epochs)
+        trainer.models.update_ema()
         timings["train_s"] = time.perf_counter() - t0
         point = iteration_point(trainer, exp, sums, timings, flops, self.dist)
         if it % ppo.log_every == 0 or it == ppo.iterations:
@@ -353,7 +353,7 @@ def flat_reward_message(it: int, flat: int, scores: Any, ppo: PPOConfig) -> str:
 # ------------------------------------------------------------------------------------------------------ export
 
 
-def export(engine: RLHFEngine, run: Lifecycle, metrics: dict[str, Any], out_dir: Path, tok: Any,
+def export(models: RLModels, run: Lifecycle, metrics: dict[str, Any], out_dir: Path, tok: Any,
            critic_tokenizer_path: Path) -> None:
     """out_dir/actor, out_dir/critic (ppo) and out_dir/actor_ema (ppo.ema_beta > 0), each with the manifest; an
     earlier run's critic is removed when this run has none (it would pass for this run's)."""
@@ -361,15 +361,15 @@ def export(engine: RLHFEngine, run: Lifecycle, metrics: dict[str, Any], out_dir:
     from rlhf.training.lifecycle import export_model
 
     manifest = run.manifest(metrics)
-    dist = engine.dist
-    export_model(engine.actor.module, engine.build_actor, tok, out_dir / "actor", manifest,
-                 engine.engines["actor"].zero_stage, dist)
-    if engine.critic is not None:
-        export_model(engine.critic.module, engine.build_critic, load_tokenizer(critic_tokenizer_path),
-                     out_dir / "critic", manifest, engine.engines["critic"].zero_stage, dist)
-    if engine.ema is not None:
-        export_model(engine.ema, engine.build_actor, tok, out_dir / "actor_ema", manifest, 0, dist)
-    if engine.critic is None and dist.is_main:
+    dist = models.dist
+    export_model(models.actor.module, models.build_actor, tok, out_dir / "actor", manifest,
+                 models.engine_configs["actor"].zero_stage, dist)
+    if models.critic is not None:
+        export_model(models.critic.module, models.build_critic, load_tokenizer(critic_tokenizer_path),
+                     out_dir / "critic", manifest, models.engine_configs["critic"].zero_stage, dist)
+    if models.ema is not None:
+        export_model(models.ema, models.build_actor, tok, out_dir / "actor_ema", manifest, 0, dist)
+    if models.critic is None and dist.is_main:
         _drop_stale(out_dir / "critic")
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf.config import PPOConfig
-from rlhf.rl.models import RLHFEngine
-from rlhf.rl.trainer import Experience, PPOTrainer
+from rlhf.rl.models import RLModels
+from rlhf.rl.trainer import Experience, RLTrainer
 from rlhf.training.runtime import Dist
 
 
-def iteration_point(trainer: PPOTrainer, exp: Experience, sums: dict[str, float], timings: dict[str, float],
+def iteration_point(trainer: RLTrainer, exp: Experience, sums: dict[str, float], timings: dict[str, float],
                     flops: dict[str, float], dist: Dist) -> dict[str, float]:
     """What one iteration logs (as ppo/*), over every rank: reward and each term's mean, KL (which also drives the
     adaptive controller, Ziegler et al. 2019), answer length, the update's sums, throughput and achieved TFLOP/s of
@@ -42,7 +42,7 @@ def iteration_point(trainer: PPOTrainer, exp: Experience, sums: dict[str, float]
            if ppo.reward_normalization == "running" else {}),
         "response_length": len_sum / n,
         **sums,
-        "actor_lr": trainer.engine.actor.engine.get_lr()[0],
+        "actor_lr": trainer.models.actor.engine.get_lr()[0],
         "gen_tokens_per_s": tok_sum / max(gen_s / dist.world_size, 1e-9),
         "train_samples_per_s": n * ppo.ppo_epochs / max(train_s, 1e-9),
         "gen_tflops": flops["generate"] / max(timings["generate_s"], 1e-9) / 1e12,
@@ -64,7 +64,7 @@ def progress_line(it: int, iterations: int, point: dict[str, float], flops: dict
     )
 
 
-def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> dict[str, float]:
+def mean_reward_score(trainer: RLTrainer, loader: Any, dist: Dist) -> dict[str, float]:
     """Mean reward of the actor's sampled answers to held-out prompts (all ranks): `reward` (the sum of the terms)
     and each term's own mean (`model`, each function's label). A function that applies to none of the prompts
     (None for all) stops the run: it was written for other data."""
@@ -72,7 +72,7 @@ def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> dict[str,
 
     from rlhf.training.loop import all_reduce_sum
 
-    device = trainer.engine.device
+    device = trainer.models.device
     total = n = 0.0
     trainer.term_stats = {}
     for batch in loader:  # rollout and reward only: no reference, critic or advantages needed here
@@ -96,7 +96,7 @@ def mean_reward_score(trainer: PPOTrainer, loader: Any, dist: Dist) -> dict[str,
     return out
 
 
-def phase_flops(engine: RLHFEngine, exp: Experience, ppo: PPOConfig) -> dict[str, float]:
+def phase_flops(models: RLModels, exp: Experience, ppo: PPOConfig) -> dict[str, float]:
     """Useful FLOPs of this rank's iteration by phase (rlhf/training/flops.py): generation = one actor forward over
     prompt and answer; scoring = the reference, reward model and critic forwards (and the actor's when log pi_old
     is recomputed); training = ppo_epochs x (actor + critic) forward and backward. Each prompt counts once per
@@ -107,10 +107,10 @@ def phase_flops(engine: RLHFEngine, exp: Experience, ppo: PPOConfig) -> dict[str
     prompts = exp.attention_mask[:, :p].sum(-1).tolist()
     answers = exp.action_mask.sum(-1).long().tolist()
     lengths = [int(x) for x in answers] + [int(x) for x in prompts[:: ppo.group_size]]
-    models = {"actor": engine.actor.module, "ref": getattr(engine.ref, "module", engine.ref),
-              "reward": getattr(engine.reward, "module", None), "critic": getattr(engine.critic, "module", None)}
-    fwd = {name: forward_flops(m, lengths) if m is not None else 0.0 for name, m in models.items()}
-    recompute = fwd["actor"] if ppo.recomputes_logprobs(engine.engines["actor"].dtype) else 0.0
+    modules = {"actor": models.actor.module, "ref": getattr(models.ref, "module", models.ref),
+               "reward": getattr(models.reward, "module", None), "critic": getattr(models.critic, "module", None)}
+    fwd = {name: forward_flops(m, lengths) if m is not None else 0.0 for name, m in modules.items()}
+    recompute = fwd["actor"] if ppo.recomputes_logprobs(models.engine_configs["actor"].dtype) else 0.0
     return {
         "generate": fwd["actor"],
         "score": fwd["ref"] + fwd["reward"] + fwd["critic"] + recompute,

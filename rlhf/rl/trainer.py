@@ -1,10 +1,11 @@
 """Step 3: RL against the reward (InstructGPT section 3.5; DeepSpeed-Chat step 3), on our hybrid engine: PPO (critic,
-GAE) or the critic-free family (GRPO, RLOO, REINFORCE++), chosen by `ppo.algorithm`.
+GAE) or the critic-free family (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++), chosen by `ppo.algorithm`. (RLTrainer
+was called PPOTrainer, and RLModels RLHFEngine, DeepSpeed-Chat's names; both old names still import from rlhf.)
 
 Public API, in DeepSpeed-Chat's shape (the stage loop around it is rlhf/rl/recipe.py's run_ppo):
 
-    engine = RLHFEngine(params, dist, sft_path, reward_path)   # rlhf/rl/models.py: actor, ref, critic, reward, EMA
-    trainer = PPOTrainer(engine, params.ppo)
+    models = RLModels(params.ppo, params.engine, dist, sft_path, reward_path)  # rlhf/rl/models.py: actor, ref, ...
+    trainer = RLTrainer(models, params.ppo, params.rewards)
     exp, info = trainer.make_experience([prompt_batch, ...])    # -> Experience, timings and token count
     stats = trainer.update(exp, seed)                           # ppo_epochs x one step per mini batch
     actor_loss, critic_loss, stats = trainer.train_rlhf(exp)    # or: one optimizer step on exp as one mini batch
@@ -12,7 +13,7 @@ Public API, in DeepSpeed-Chat's shape (the stage loop around it is rlhf/rl/recip
 Every algorithm shares one rollout and scoring path (`generate` -> Rollout, `reward_scores`, reference log-probs);
 what differs is the estimator (rlhf/rl/advantages.py, on rlhf/training/losses.py's pure functions) and whether a critic
 exists. The reward is params.yaml `rewards`: the reward model's score times `rewards.model_weight` plus verifier
-functions (rlhf/rl/rewards.py), no code needed. Subclass PPOTrainer and override the small documented methods
+functions (rlhf/rl/rewards.py), no code needed. Subclass RLTrainer and override the small documented methods
 (`reward_scores`, `advantages`) to change the estimator, and name it in `ppo.trainer` for the stage to use it; see
 README.md.
 """
@@ -37,34 +38,33 @@ from rlhf.training.stats import sum_over_ranks
 if TYPE_CHECKING:
     import torch
 
-    from rlhf.rl.models import RLHFEngine
+    from rlhf.rl.models import RLModels
     from rlhf.rl.rewards import RewardFunction
 
 
-class PPOTrainer:
+class RLTrainer:
     """Step 3's trainer: one rollout and scoring path, the estimator of `ppo.algorithm`, a clipped policy loss
     (asymmetric clip, loss aggregation, k3 KL loss and entropy bonus as configured) and, for ppo, a clipped value
     loss. Override the small methods to customise.
 
-    The reward is `rewards` (default: engine.params.rewards): model_weight x the reward model's score plus each
-    function's weight x value; `functions` are the loaded rewards.functions (rlhf.rl.rewards.load_functions)."""
+    The reward is `rewards`: model_weight x the reward model's score plus each function's weight x value;
+    `functions` are the loaded rewards.functions (default: loaded here, rlhf.rl.rewards.load_functions)."""
 
-    def __init__(self, engine: RLHFEngine, config: PPOConfig, rewards: RewardsConfig | None = None,
+    def __init__(self, models: RLModels, config: PPOConfig, rewards: RewardsConfig,
                  functions: list[RewardFunction] | None = None):
         from rlhf.rl.kl import AdaptiveKLController
         from rlhf.rl.rewards import load_functions
         from rlhf.training.stats import RunningMoments
 
-        self.engine, self.config = engine, config
-        self.rewards = rewards if rewards is not None else engine.params.rewards
-        if self.rewards.model_weight > 0 and engine.reward is None:
+        self.models, self.config, self.rewards = models, config, rewards
+        if self.rewards.model_weight > 0 and models.reward is None:
             raise UserError("rewards.model_weight > 0 needs a reward model: pass --reward, or set rewards.model_weight: 0")
-        if config.needs_critic and engine.critic is None:
-            raise UserError(f"ppo.algorithm {config.algorithm} needs a critic, but the engine was built without one")
+        if config.needs_critic and models.critic is None:
+            raise UserError(f"ppo.algorithm {config.algorithm} needs a critic, but the models were built without one")
         self.functions = functions if functions is not None else load_functions(self.rewards.functions, "rewards.functions")
         # label -> [sum, count] of each reward term over the rollouts since the last reset (logged per iteration)
         self.term_stats: dict[str, list[float]] = {}
-        self.tok = engine.tok
+        self.tok = models.tok
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.reward_moments = RunningMoments()  # of every summed reward so far (ppo.reward_normalization: running)
         self.iteration = 0  # the iteration under way (1-based), for messages and fault injection
@@ -76,7 +76,7 @@ class PPOTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs of the trainer beyond the engines' weights and optimizers: the adaptive KL
         coefficient, the running reward moments, the skipped-step count, the ptx position and the EMA weights."""
-        ema = self.engine.ema
+        ema = self.models.ema
         return {
             "kl_ctl": self.kl_ctl.state_dict(),
             "reward_moments": self.reward_moments.state_dict(),
@@ -91,8 +91,8 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.reward_moments.load_state_dict(state["reward_moments"])
         self.guard.skipped = state["skipped"]
-        if self.engine.ema is not None:
-            self.engine.ema.load_state_dict(state["ema"])
+        if self.models.ema is not None:
+            self.models.ema.load_state_dict(state["ema"])
 
     # ------------------------------------------------------------------ overridable pieces (small on purpose)
 
@@ -128,7 +128,7 @@ class PPOTrainer:
         import torch
 
         p = rollout.prompt_width
-        body, score = _classifier(self.engine.reward.module)
+        body, score = _classifier(self.models.reward.module)
         hidden = answer_outputs(body, "last_hidden_state", rollout.sequences, rollout.attention_mask, p)  # P-1 .. T-1
         last = rollout.attention_mask[:, p:].sum(-1)  # answers are contiguous: the last real token, 0 = the prompt's
         return score(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
@@ -151,7 +151,7 @@ class PPOTrainer:
             from rlhf.training.loop import all_reduce_sum
 
             total, total_sq, n = all_reduce_sum(
-                [scores.sum().item(), scores.double().pow(2).sum().item(), float(scores.numel())], self.engine.dist
+                [scores.sum().item(), scores.double().pow(2).sum().item(), float(scores.numel())], self.models.dist
             )
             self.reward_moments.update(total, total_sq, n)
             scores = self.reward_moments.normalize(scores)
@@ -166,7 +166,7 @@ class PPOTrainer:
         from rlhf.rl.advantages import ESTIMATORS
 
         kl_coef = self.kl_ctl.value if self.config.kl_penalty == "reward" else 0.0
-        world = self.engine.dist.world_size
+        world = self.models.dist.world_size
         reduce = functools.partial(sum_over_ranks, world_size=world) if world > 1 else None
         return ESTIMATORS[self.config.algorithm](logprobs, ref_logprobs, values, scores, mask, self.config, kl_coef,
                                                  reduce)
@@ -191,8 +191,8 @@ class PPOTrainer:
         """One answer per prompt row from the engine's rollout engine (ppo.decoder, rlhf/rollout/), drawn with
         ppo's sampling config. log pi_old is taken from the rollout's own logits unless the actor's dtype asks for
         a recompute (PPOConfig.recomputes_logprobs): then it is None and scoring runs the actor once more."""
-        rollout = self.engine.rollout.generate(prompt_ids, prompt_mask, self.config.sampling)
-        if self.config.recomputes_logprobs(self.engine.engines["actor"].dtype):
+        rollout = self.models.rollout.generate(prompt_ids, prompt_mask, self.config.sampling)
+        if self.config.recomputes_logprobs(self.models.engine_configs["actor"].dtype):
             rollout.logprobs = None
         return rollout
 
@@ -229,7 +229,7 @@ class PPOTrainer:
         returns are zeros until make_experience fills them) and {generate_s, score_s}."""
         import torch
 
-        device = self.engine.device
+        device = self.models.device
         k = self.config.group_size  # each prompt k times in a row: the hybrid engine prefills it once
         prompt_ids = prompt_batch["input_ids"].to(device).repeat_interleave(k, dim=0)
         prompt_mask = prompt_batch["attention_mask"].to(device).repeat_interleave(k, dim=0)
@@ -239,12 +239,12 @@ class PPOTrainer:
         rollout = self.generate(prompt_ids, prompt_mask)
         t1 = time.perf_counter()
         seq, mask, action_mask, p = rollout.sequences, rollout.attention_mask, rollout.action_mask, rollout.prompt_width
-        actor, critic = self.engine.actor.engine, self.engine.critic
+        actor, critic = self.models.actor.engine, self.models.critic
         with torch.no_grad(), evaluating(actor, critic):
             logprobs = rollout.logprobs
             if logprobs is None:
                 logprobs = self._logprobs(actor, seq, mask, p)
-            ref_logprobs = self._logprobs(self.engine.ref, seq, mask, p)
+            ref_logprobs = self._logprobs(self.models.ref, seq, mask, p)
             values = token_values(critic.module, seq, mask, p) if critic is not None else torch.zeros_like(logprobs)
             scores = self.reward_scores(rollout, rows)
             logprobs, ref_logprobs, values = logprobs * action_mask, ref_logprobs * action_mask, values * action_mask
@@ -262,9 +262,9 @@ class PPOTrainer:
         if self.config.algorithm in GROUP_ALGORITHMS:
             groups = scores.double().view(-1, self.config.group_size)
             spread = (groups.max(-1).values > groups.min(-1).values).sum().double()
-            return sum_over_ranks(spread, self.engine.dist.world_size).item() > 0
+            return sum_over_ranks(spread, self.models.dist.world_size).item() > 0
         low_high = torch.stack([scores.double().min(), -scores.double().max()])
-        if self.engine.dist.world_size > 1:
+        if self.models.dist.world_size > 1:
             low_high = low_high.clone()
             torch.distributed.all_reduce(low_high, op=torch.distributed.ReduceOp.MIN)
         return low_high[0].item() < -low_high[1].item()
@@ -283,7 +283,7 @@ class PPOTrainer:
             for start in range(0, len(order), cfg.mini_batch):
                 ptx = [next(self.ptx) for _ in range(cfg.mini_batch // cfg.micro_batch_size)] if self.ptx else None
                 a_loss, c_loss, stats = self.train_rlhf(exp.select(order[start : start + cfg.mini_batch]), ptx)
-                losses = {"actor_loss": a_loss} | ({"critic_loss": c_loss} if self.engine.critic is not None else {})
+                losses = {"actor_loss": a_loss} | ({"critic_loss": c_loss} if self.models.critic is not None else {})
                 for key, value in {**losses, **stats}.items():
                     sums[key] = sums.get(key, 0.0) + value
                 steps += 1
@@ -302,11 +302,11 @@ class PPOTrainer:
 
         cfg = self.config
         micro = [exp.slice(i, i + cfg.micro_batch_size) for i in range(0, exp.sequences.shape[0], cfg.micro_batch_size)]
-        world = self.engine.dist.world_size
+        world = self.models.dist.world_size
         counts = [aggregation_count(m.action_mask, cfg.loss_aggregation) for m in micro]
         tokens = [aggregation_count(m.action_mask, "token_mean") for m in micro]
         total, total_tokens = sum_over_ranks(torch.stack([sum(counts), sum(tokens)]), world).tolist()
-        actor, critic = self.engine.actor.engine, self.engine.critic
+        actor, critic = self.models.actor.engine, self.models.critic
         a_loss, stats, ptx_loss = 0.0, {}, 0.0
         with training(actor):
             steps = []
@@ -344,7 +344,7 @@ class PPOTrainer:
         cfg = self.config
         p = exp.sequences.shape[1] - exp.action_mask.shape[1]
         agg, norm = cfg.loss_aggregation, cfg.max_answer_tokens
-        out = self._logprobs(self.engine.actor.engine, exp.sequences, exp.attention_mask, p, entropy=cfg.entropy_coef > 0)
+        out = self._logprobs(self.models.actor.engine, exp.sequences, exp.attention_mask, p, entropy=cfg.entropy_coef > 0)
         logprobs, entropy = out if cfg.entropy_coef > 0 else (out, None)
         loss, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.clip_low,
                                   cfg.clip_high, agg, norm, total, cfg.dual_clip)
@@ -364,12 +364,12 @@ class PPOTrainer:
         from rlhf.training.losses import value_loss
 
         p = exp.sequences.shape[1] - exp.action_mask.shape[1]
-        values = token_values(self.engine.critic.module, exp.sequences, exp.attention_mask, p)
+        values = token_values(self.models.critic.module, exp.sequences, exp.attention_mask, p)
         return value_loss(values, exp.values, exp.returns, exp.action_mask, self.config.value_clip_range, total_tokens)
 
     def _ptx_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The language-model loss of one ptx batch under the actor (train mode is the caller's)."""
-        actor = self.engine.actor.engine
+        actor = self.models.actor.engine
         return actor(**{k: v.to(actor.device) for k, v in batch.items()}).loss
 
     def _accumulate(self, engine: Any, loss: torch.Tensor, last: bool) -> bool:
@@ -379,7 +379,7 @@ class PPOTrainer:
         finite on some rank: the mini batch then takes no step."""
         from rlhf.training.loop import all_finite
 
-        if not self.guard.ok(all_finite(loss, self.engine.dist), self.iteration):
+        if not self.guard.ok(all_finite(loss, self.models.dist), self.iteration):
             return False
         engine.set_gradient_accumulation_boundary(last)
         engine.backward(loss, scale_wrt_gas=False)

@@ -21,7 +21,7 @@ launches the step's hundreds of kernels at once; the loop then asks the GPU whet
 `_SYNC_EVERY` tokens instead of every token, and trims the extra columns (they hold pad) afterwards.
 
 Any other architecture runs the same loop through the model's own forward and a DynamicCache (`decode` chooses).
-Greedy output equals `generate`'s; sampled output too where the float arithmetic allows (tests/test_decode.py).
+Greedy output equals `generate`'s; sampled output too where the float arithmetic allows (tests/rollout/test_decode.py).
 """
 
 from __future__ import annotations

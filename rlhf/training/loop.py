@@ -81,7 +81,8 @@ def fit(
     `loss_fn(engine, batch) -> (loss, extra metrics)`; `evaluate() -> metrics` runs on every rank (it may
     all-reduce). Returns the last evaluation. `run` checkpoints when a step is due; `saved` (from `run.start`) resumes
     mid-run: the epoch, the batch position in it, the logging window and the RNG states continue exactly where the
-    checkpoint left them.
+    checkpoint left them. One loop on purpose (~70 lines): that position is the loop's own state, and a checkpoint
+    taken at any step must see all of it; the logging and the epoch's end are helpers.
     """
     from tqdm.auto import tqdm
 
@@ -133,20 +134,8 @@ def fit(
                 step += 1
                 bar.update(1)
                 if step % train.log_every == 0 or step == total:
-                    elapsed = time.perf_counter() - t0
-                    tokens, flops = all_reduce_sum(work, dist)  # every rank's real tokens and FLOPs
-                    point = {
-                        "train/loss": sum(window) / len(window),
-                        "train/lr": engine.get_lr()[0],
-                        "train/samples_per_s": len(window) * train.micro_batch_size * dist.world_size / elapsed,
-                        "train/tokens_per_s": tokens / elapsed,
-                        "train/tflops": flops / elapsed / 1e12,  # achieved, all ranks (rlhf/training/flops.py)
-                        "train/skipped_steps": guard.skipped,
-                        **{f"train/{k}": v for k, v in extra.items()},
-                    }
-                    logger.log(step, point)
-                    bar.set_postfix(loss=f"{point['train/loss']:.4f}", tok_s=f"{point['train/tokens_per_s']:.0f}",
-                                    flops=flop_rate(flops / elapsed))
+                    _log_window(engine, logger, bar, dist, train, step, window, work, time.perf_counter() - t0,
+                                extra, guard.skipped)
                     window, t0, work = [], time.perf_counter(), [0.0, 0.0]
                 if run is not None:
                     run.save_if_due(step, total, {"model": engine}, lambda: {
@@ -156,18 +145,43 @@ def fit(
                 faults.kill_at(step)
                 if step >= total:
                     break
-        epoch_s = time.perf_counter() - epoch_t0
-        epoch_tokens, epoch_flops = all_reduce_sum(epoch_work, dist)
-        metrics = evaluate()
-        metrics["epoch"] = epoch + 1
-        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
-        if dist.is_main:
-            print(f"[{desc}] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                  + f" | train {epoch_tokens / max(epoch_s, 1e-9):.0f} tokens/s, "
-                  f"{flop_rate(epoch_flops / max(epoch_s, 1e-9))}", flush=True)
+        metrics = _end_epoch(evaluate, logger, dist, desc, step, epoch, epoch_work, time.perf_counter() - epoch_t0)
     bar.close()
     metrics["steps"] = step
     metrics["skipped_steps"] = guard.skipped
+    return metrics
+
+
+def _log_window(engine: Any, logger: MetricsLogger, bar: Any, dist: Dist, train: TrainConfig, step: int,
+                window: list[float], work: list[float], elapsed: float, extra: dict[str, float], skipped: int) -> None:
+    """Log the mean loss, learning rate and throughput of the steps since the last logged point (every rank's real
+    tokens and useful FLOPs), and show them on the progress bar."""
+    tokens, flops = all_reduce_sum(work, dist)
+    point = {
+        "train/loss": sum(window) / len(window),
+        "train/lr": engine.get_lr()[0],
+        "train/samples_per_s": len(window) * train.micro_batch_size * dist.world_size / elapsed,
+        "train/tokens_per_s": tokens / elapsed,
+        "train/tflops": flops / elapsed / 1e12,  # achieved, all ranks (rlhf/training/flops.py)
+        "train/skipped_steps": skipped,
+        **{f"train/{k}": v for k, v in extra.items()},
+    }
+    logger.log(step, point)
+    bar.set_postfix(loss=f"{point['train/loss']:.4f}", tok_s=f"{point['train/tokens_per_s']:.0f}",
+                    flops=flop_rate(flops / elapsed))
+
+
+def _end_epoch(evaluate: Callable[[], dict[str, float]], logger: MetricsLogger, dist: Dist, desc: str, step: int,
+               epoch: int, work: list[float], seconds: float) -> dict[str, float]:
+    """Evaluate after an epoch, log it (eval/*) and print one line with the epoch's throughput; the evaluation."""
+    tokens, flops = all_reduce_sum(work, dist)
+    metrics = evaluate()
+    metrics["epoch"] = epoch + 1
+    logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+    if dist.is_main:
+        print(f"[{desc}] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+              + f" | train {tokens / max(seconds, 1e-9):.0f} tokens/s, {flop_rate(flops / max(seconds, 1e-9))}",
+              flush=True)
     return metrics
 
 

@@ -5,7 +5,7 @@ The closure starts at the stage's command module (`rlhf sft` -> stages/sft.py) a
 module, at module level and inside functions (a superset of what one run executes), plus stages/cli.py, which
 dispatches to it. Not followed: stages/cli.py's own imports (the sibling command modules only define other
 commands), `if TYPE_CHECKING:` blocks and a package's lazy PEP 562 `__getattr__` (rlhf/__init__.py loads rlhf.rl.trainer
-only when a user names rlhf.PPOTrainer; no stage does).
+only when a user names rlhf.RLTrainer; no stage does).
 """
 
 from __future__ import annotations
@@ -112,21 +112,21 @@ def test_closure_follows_function_level_imports(tmp_path: Path) -> None:
 
 def test_importing_a_step_module_does_not_load_ppo() -> None:
     """rlhf/__init__.py is lazy: `import rlhf.training.sft` must not run rlhf/rl/trainer.py (else every stage depends on it),
-    while `from rlhf import PPOTrainer` still works."""
+    while `from rlhf import RLTrainer` still works."""
     import subprocess
     import sys
 
-    code = "import sys, rlhf.training.sft; assert 'rlhf.rl.trainer' not in sys.modules; from rlhf import PPOTrainer; print('ok')"
+    code = "import sys, rlhf.training.sft; assert 'rlhf.rl.trainer' not in sys.modules; from rlhf import RLTrainer; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-MARKER = "      # the stage's code: its import closure (tests/test_dvc_deps.py checks this list)\n"
+MARKER = "      # the stage's code: its import closure (tests/pipeline/test_dvc_deps.py checks this list)\n"
 
 
 def rewrite_code_deps(dvc_yaml: Path) -> None:
     """Replace every stage's code deps in dvc.yaml with its import closure, keeping the other deps and comments
-    (`python -m tests.test_dvc_deps` after changing imports)."""
+    (`python -m tests.pipeline.test_dvc_deps` after changing imports)."""
     import re
 
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]

@@ -20,11 +20,11 @@ def _run(trained: Path, algorithm: str, flip: bool = False) -> list[float]:
     from rlhf.config import EngineConfig, load_params
     from rlhf.data.batching import collate_prompts
     from rlhf.models.tokenizer import encode_prompt
-    from rlhf.rl.models import RLHFEngine
-    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.rl.models import RLModels
+    from rlhf.rl.trainer import RLTrainer
     from rlhf.training.runtime import init_distributed
 
-    class TokenShare(PPOTrainer):
+    class TokenShare(RLTrainer):
         """Reward: the share of an answer's tokens whose id is even (the reward-model term is off)."""
 
         def reward_scores(self, rollout, rows=None):
@@ -42,7 +42,8 @@ def _run(trained: Path, algorithm: str, flip: bool = False) -> list[float]:
         "kl_coef": 0.0}}))
     dist = init_distributed(EngineConfig(device="cpu"))
     torch.manual_seed(0)
-    trainer = TokenShare(RLHFEngine(params, dist, trained / "models/sft", trained / "models/reward"), params.ppo)
+    models = RLModels(params.ppo, params.engine, dist, trained / "models/sft", trained / "models/reward")
+    trainer = TokenShare(models, params.ppo, params.rewards)
     tok = trainer.tok
     ids = [encode_prompt(tok, [{"role": "user", "content": f"Sort ascending: {i} {i * 3 % 17} {i % 5}"}])
            for i in range(8)]

@@ -119,8 +119,8 @@ def test_rollouts_stop_on_the_turn_end_and_the_reward_is_read_there(family: str,
     from rlhf.data.batching import collate_prompts
     from rlhf.models.build import last_token_scores, load_causal_lm
     from rlhf.models.tokenizer import encode_prompt, load_tokenizer
-    from rlhf.rl.models import RLHFEngine
-    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.rl.models import RLModels
+    from rlhf.rl.trainer import RLTrainer
     from rlhf.training.runtime import init_distributed
 
     folder = _model_folder(tmp_path / "models", family)
@@ -136,7 +136,8 @@ def test_rollouts_stop_on_the_turn_end_and_the_reward_is_read_there(family: str,
     for decoder in ("own", "generate"):
         params = load_params(write_params(tmp_path / f"{decoder}.yaml", {"ppo": {
             "ema_beta": 0.0, "max_answer_tokens": 12, "decoder": decoder, "rollout_logprobs": "recompute"}}))
-        trainer = PPOTrainer(RLHFEngine(params, dist, folder / "actor", folder / "reward"), params.ppo)
+        models = RLModels(params.ppo, params.engine, dist, folder / "actor", folder / "reward")
+        trainer = RLTrainer(models, params.ppo, params.rewards)
         batch = collate_prompts(len(prompt), tok.pad_token_id)([prompt] * 16)
         torch.manual_seed(0)
         rollout = trainer.generate(batch["input_ids"], batch["attention_mask"])
@@ -163,7 +164,7 @@ def test_rollouts_stop_on_the_turn_end_and_the_reward_is_read_there(family: str,
         ids, mask = rollout.sequences[i : i + 1, : p + n], rollout.attention_mask[i : i + 1, : p + n]
         if n and answers[i, n - 1] == turn_end:
             with torch.no_grad():
-                want = last_token_scores(trainer.engine.reward.module, ids, mask)
+                want = last_token_scores(trainer.models.reward.module, ids, mask)
             torch.testing.assert_close(scores[i : i + 1], want.float().view(1), rtol=1e-4, atol=1e-4)
 
 

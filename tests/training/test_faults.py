@@ -72,7 +72,7 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_as_if_the_batch_were_
 
 def test_consecutive_non_finite_steps_abort_with_nothing_written(prepared: Path, tmp_path: Path) -> None:
     """...and nothing of the previous run lost: its dvclive curves are still there. This stage fails after DeepSpeed
-    started and the loop ran, where no bad-input case of tests/test_cli_errors.py reaches (they all stop while
+    started and the loop ran, where no bad-input case of tests/pipeline/test_cli_errors.py reaches (they all stop while
     loading params, data or models): dvclive, opened before the loop, used to clear dvclive/sft here."""
     work = _copy(prepared, tmp_path / "abort", {"sft": {"max_bad_steps": 2}})
     earlier = {"metrics.json": '{"train": {"loss": 0.5}}\n', "plots/metrics/train/loss.tsv": "step\tloss\n2\t0.5\n"}

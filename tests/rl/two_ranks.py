@@ -1,8 +1,8 @@
-"""Run by tests/test_step3_batches.py under `torchrun --nproc_per_node 2`: each rank takes its half of a fixed,
+"""Run by tests/rl/test_batches.py under `torchrun --nproc_per_node 2`: each rank takes its half of a fixed,
 scored experience, computes the iteration's advantages (statistics over both ranks) and takes one optimizer step on
 its half as a mini batch of micro batches; rank 0 writes every rank's advantages and the gradients the step used.
 
-    torchrun --nproc_per_node 2 tests/step3_two_ranks.py PARAMS SFT REWARD EXPERIENCE OUT
+    torchrun --nproc_per_node 2 tests/rl/two_ranks.py PARAMS SFT REWARD EXPERIENCE OUT
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 
 from rlhf.config import load_params
 from rlhf.rl.experience import Experience
-from rlhf.rl.models import RLHFEngine
-from rlhf.rl.trainer import PPOTrainer
+from rlhf.rl.models import RLModels
+from rlhf.rl.trainer import RLTrainer
 from rlhf.training.runtime import init_distributed
 
 
@@ -26,10 +26,10 @@ def scored_experience(saved: dict, rows: slice) -> Experience:
     return Experience(**part, rewards=zeros, advantages=zeros, returns=zeros)
 
 
-def step_gradients(trainer: PPOTrainer, exp: Experience) -> dict[str, dict[str, torch.Tensor]]:
+def step_gradients(trainer: RLTrainer, exp: Experience) -> dict[str, dict[str, torch.Tensor]]:
     """train_rlhf(exp) as one mini batch, returning the reduced gradients each model's optimizer step consumed."""
     grads: dict[str, dict[str, torch.Tensor]] = {}
-    models = {"actor": trainer.engine.actor.engine, "critic": trainer.engine.critic}
+    models = {"actor": trainer.models.actor.engine, "critic": trainer.models.critic}
     for name, engine in models.items():
         if engine is None:
             continue
@@ -48,7 +48,8 @@ def step_gradients(trainer: PPOTrainer, exp: Experience) -> dict[str, dict[str, 
 def main(params_path: str, sft: str, reward: str, experience: str, out: str) -> None:
     params = load_params(params_path)
     dist = init_distributed(params.engine)
-    trainer = PPOTrainer(RLHFEngine(params, dist, Path(sft), Path(reward)), params.ppo)
+    models = RLModels(params.ppo, params.engine, dist, Path(sft), Path(reward))
+    trainer = RLTrainer(models, params.ppo, params.rewards)
     saved = torch.load(experience)
     n = saved["sequences"].shape[0] // dist.world_size
     mine = scored_experience(saved, slice(dist.rank * n, (dist.rank + 1) * n))

@@ -101,8 +101,8 @@ def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: d
 
 
 def test_one_ppo_update_moves_actor_and_critic_not_reference(trained: Path, dist) -> None:
-    from rlhf.rl.models import RLHFEngine
-    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.rl.models import RLModels
+    from rlhf.rl.trainer import RLTrainer
     from rlhf.training.runtime import full_state_dict
 
     # Each model its own ZeRO stage, as DeepSpeed-Chat allows for the actor and critic; the frozen reference
@@ -110,16 +110,16 @@ def test_one_ppo_update_moves_actor_and_critic_not_reference(trained: Path, dist
     engines = {"actor_engine": {"zero_stage": 2}, "critic_engine": {"zero_stage": 1},
                "ref_engine": {"zero_stage": 3, "offload_params": True}}
     params = _params(trained, "ppo_api.yaml", {"engine": SHARD_ALL, "ppo": {"ema_beta": 0.5, **engines}})
-    engine = RLHFEngine(params, dist, trained / "models/sft", trained / "models/reward")
-    assert [engine.engines[m].zero_stage for m in ("actor", "critic", "ref", "reward")] == [2, 1, 3, 0]
+    engine = RLModels(params.ppo, params.engine, dist, trained / "models/sft", trained / "models/reward")
+    assert [engine.engine_configs[m].zero_stage for m in ("actor", "critic", "ref", "reward")] == [2, 1, 3, 0]
     assert_sharded(engine.ref.module)
     assert engine.ref.zero_offload_param() is not None and engine.reward.zero_offload_param() is None
-    trainer = PPOTrainer(engine, params.ppo)
+    trainer = RLTrainer(engine, params.ppo, params.rewards)
     modules = {"actor": engine.actor.module, "critic": engine.critic.module, "ref": engine.ref.module,
                "reward": engine.reward.module}
 
     def snapshot() -> dict:
-        out = {name: full_state_dict(m, engine.engines[name].zero_stage, is_main=True) for name, m in modules.items()}
+        out = {name: full_state_dict(m, engine.engine_configs[name].zero_stage, is_main=True) for name, m in modules.items()}
         out["ema"] = full_state_dict(engine.ema, 0, is_main=True)
         return out
 
@@ -269,8 +269,8 @@ def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
     update through the shared-prefix forward moves a ZeRO-3 actor (two forward calls before one backward)."""
     from rlhf.models.build import load_causal_lm
     from rlhf.models.prefix import position_ids
-    from rlhf.rl.models import RLHFEngine
-    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.rl.models import RLModels
+    from rlhf.rl.trainer import RLTrainer
     from rlhf.training.runtime import full_state_dict
 
     # Sampled at temperature 0.7 among the 5 likeliest tokens: log pi_old, log pi_ref and the update's log pi are
@@ -279,9 +279,9 @@ def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
     params = _params(trained, "ppo_k.yaml", {"ppo": {"answers_per_prompt": 3, "rollout_batch_size": 2,
                                                      "micro_batch_size": 6, "actor_engine": {"zero_stage": 3},
                                                      "temperature": temperature, "top_k": top_k}}, {"engine": SHARD_ALL})
-    engine = RLHFEngine(params, dist, trained / "models/sft", trained / "models/reward")
+    engine = RLModels(params.ppo, params.engine, dist, trained / "models/sft", trained / "models/reward")
     assert_sharded(engine.actor.module)
-    trainer = PPOTrainer(engine, params.ppo)
+    trainer = RLTrainer(engine, params.ppo, params.rewards)
     batch = _prompts(engine.tok, ["Sort ascending: 5 2 9", "Sort ascending: 14 3 7 1 22"])
     exp, _ = trainer.generate_experience(batch)
     p = batch["input_ids"].shape[1]
@@ -345,15 +345,15 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
     is the one at the eos (or at the last token of an answer that never stopped)."""
     from rlhf.models.build import classifier_parts
     from rlhf.models.tokenizer import stop_ids
-    from rlhf.rl.models import RLHFEngine
-    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.rl.models import RLModels
+    from rlhf.rl.trainer import RLTrainer
     from rlhf.rollout.base import finish
 
     sft, reward = _pad_is_eos_copies(trained, tmp_path)
     params = _params(trained, "ppo_eos.yaml", {"ppo": {"rollout_logprobs": "recompute", "kl_coef": 0.0,
                                                        "reward_clip": 0.0, "ema_beta": 0.0,
                                                        "reward_normalization": "none"}})
-    engine = RLHFEngine(params, dist, sft, reward)
+    engine = RLModels(params.ppo, params.engine, dist, sft, reward)
     tok = engine.tok
     eos = tok.eos_token_id
     assert tok.pad_token_id == eos
@@ -368,7 +368,7 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
     # a rollout with known answers, through the real models (log pi_old recomputed: the rollout's are not read)
     engine.rollout.generate = lambda ids, mask, sampling: finish(ids, mask, seq, torch.full(answers.shape, float("nan")),
                                                                  stop_ids(tok))
-    trainer = PPOTrainer(engine, params.ppo)
+    trainer = RLTrainer(engine, params.ppo, params.rewards)
     exp, _ = trainer.generate_experience(batch)
 
     assert torch.equal(exp.action_mask, want)
@@ -392,7 +392,7 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
     torch.testing.assert_close(exp.rewards, onehot * exp.scores[:, None], rtol=0, atol=1e-6)
 
     # reward_normalization running: the first batch is z-scored by its own mean and (unbiased) std.
-    running = PPOTrainer(engine, params.ppo.model_copy(update={"reward_normalization": "running"}))
+    running = RLTrainer(engine, params.ppo.model_copy(update={"reward_normalization": "running"}), params.rewards)
     exp, _ = running.generate_experience(batch)
     z = (exp.scores - exp.scores.mean()) / exp.scores.std()
     torch.testing.assert_close(exp.rewards, onehot * z[:, None], rtol=0, atol=1e-5)
@@ -434,20 +434,20 @@ def test_bf16_step3_fp32_master_weights_recomputed_log_pi_old_and_loadable_outpu
     from a ratio of 1; the stage's outputs load with the Auto classes."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    from rlhf.rl.models import RLHFEngine
-    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.rl.models import RLModels
+    from rlhf.rl.trainer import RLTrainer
     from rlhf.training.runtime import full_state_dict
 
     params = _params(trained, "ppo_bf16.yaml", {"engine": {"dtype": "bf16"}})
     assert params.ppo.rollout_logprobs == "auto" and params.ppo.recomputes_logprobs("bf16")
-    engine = RLHFEngine(params, dist, trained / "models/sft", trained / "models/reward")
+    engine = RLModels(params.ppo, params.engine, dist, trained / "models/sft", trained / "models/reward")
     for name in ("actor", "critic", "ref", "reward"):
         assert {p.dtype for p in getattr(engine, name).module.parameters()} == {torch.bfloat16}, name
     optimizer = engine.actor.engine.optimizer  # ZeRO-0 in bf16: DeepSpeed's wrapper with an fp32 copy per parameter
     assert isinstance(optimizer, FP16_UnfusedOptimizer)
     master = [t.detach().clone() for group in optimizer.fp32_groups for t in group]
     assert master and {t.dtype for t in master} == {torch.float32}
-    trainer = PPOTrainer(engine, params.ppo)
+    trainer = RLTrainer(engine, params.ppo, params.rewards)
     batch = _prompts(engine.tok, [f"Sort ascending: {i} {i + 7} 3" for i in range(8)])
     exp, _ = trainer.generate_experience(batch)
     p = batch["input_ids"].shape[1]

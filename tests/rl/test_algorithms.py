@@ -68,10 +68,10 @@ def test_group_algorithm_needs_a_group(trained: Path, tmp_path: Path) -> None:
 
 
 TRAINER = '''
-from rlhf import PPOTrainer
+from rlhf import RLTrainer
 
 
-class LengthOnly(PPOTrainer):
+class LengthOnly(RLTrainer):
     """Rewards nothing but brevity: minus the answer's length in tokens."""
 
     def reward_scores(self, rollout, rows=None):
@@ -95,7 +95,7 @@ def test_a_users_trainer_subclass_runs_from_the_stage(trained: Path, tmp_path: P
 
     write_params(trained / "bad.yaml", {"ppo": {"trainer": "json:JSONDecoder"}})
     proc = run_cli("ppo", "--params", "bad.yaml", "--out", str(tmp_path / "m2"), cwd=trained, check=False)
-    assert proc.returncode == 2 and "is not a subclass of rlhf.PPOTrainer" in proc.stderr
+    assert proc.returncode == 2 and "is not a subclass of rlhf.RLTrainer" in proc.stderr
     assert not (tmp_path / "m2").exists()
 
 
@@ -209,7 +209,7 @@ def test_ptx_reads_its_own_text_source(trained: Path, tmp_path: Path) -> None:
 def test_grpo_and_dpo_with_a_tokenizer_whose_pad_is_its_eos(trained: Path, tmp_path: Path) -> None:
     """SmolLM2's case: pad == eos. GRPO (answers end at their first eos, by position) and DPO (each answer's eos is
     scored as an answer token, never as padding) both train through the CLI and write loadable models."""
-    from tests.test_ppo import _pad_is_eos_copies
+    from tests.rl.test_trainer import _pad_is_eos_copies
 
     sft, reward = _pad_is_eos_copies(trained, tmp_path)
     write_params(trained / "eos.yaml", {"ppo": {"algorithm": "grpo", "rollout_batch_size": 4},

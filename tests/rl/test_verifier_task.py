@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import commit, copy_project, run_ok, write_params
-from tests.test_own_task import _pretrained_folder, _rows
+from tests.pipeline.test_own_task import _pretrained_folder, _rows
 
 VERIFIER = '''
 def reversed_words(prompts, completions, answer, **columns):

@@ -14,7 +14,7 @@ import torch
 from torch.testing import assert_close
 
 from tests.conftest import ROOT, cli_env, run_cli, write_params
-from tests.step3_two_ranks import scored_experience, step_gradients
+from tests.rl.two_ranks import scored_experience, step_gradients
 
 SCORED = ("sequences", "attention_mask", "action_mask", "logprobs", "ref_logprobs", "values", "scores", "kl")
 
@@ -29,12 +29,12 @@ def dist():
 
 def _trainer(trained: Path, dist, name: str, ppo: dict, sft: Path | None = None):
     from rlhf.config import load_params
-    from rlhf.rl.models import RLHFEngine
-    from rlhf.rl.trainer import PPOTrainer
+    from rlhf.rl.models import RLModels
+    from rlhf.rl.trainer import RLTrainer
 
     params = load_params(write_params(trained / name, {"ppo": {"ema_beta": 0.0, **ppo}}))
-    engine = RLHFEngine(params, dist, sft or trained / "models/sft", trained / "models/reward")
-    return PPOTrainer(engine, params.ppo)
+    engine = RLModels(params.ppo, params.engine, dist, sft or trained / "models/sft", trained / "models/reward")
+    return RLTrainer(engine, params.ppo, params.rewards)
 
 
 def _prompts(tok, n: int) -> dict[str, torch.Tensor]:
@@ -109,7 +109,7 @@ def test_one_mini_batch_as_1x16_or_4x4_takes_the_same_step(trained: Path, dist, 
         _feed(trainer, [scored_experience(scored, slice(0, 16))])
         exp, _ = trainer.make_experience([{}])
         grads = step_gradients(trainer, exp)
-        weights = full_state_dict(trainer.engine.actor.module, 0, is_main=True)
+        weights = full_state_dict(trainer.models.actor.module, 0, is_main=True)
         got[micro] = grads, weights
     (grads16, w16), (grads4, w4) = got[16], got[4]
     assert grads16.keys() == grads4.keys() == ({"actor", "critic"} if algorithm == "ppo" else {"actor"})
@@ -141,7 +141,7 @@ def test_two_ranks_x_2x4_equal_one_rank_x_4x4(trained: Path, dist, scored: dict,
     env.pop("RLHF_SINGLE_PROCESS", None)
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         str(ROOT / "tests/step3_two_ranks.py"), str(trained / "ranks2.yaml"), str(trained / "models/sft"),
+         str(ROOT / "tests/rl/two_ranks.py"), str(trained / "ranks2.yaml"), str(trained / "models/sft"),
          str(trained / "models/reward"), str(tmp_path / "scored.pt"), str(tmp_path / "out.pt")],
         cwd=trained, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -219,7 +219,7 @@ BAD_INPUTS = [
         {"model": {"hidden_size": 30, "num_heads": 4}}),
     Bad("grpo with one answer per prompt", ("ppo",), ("ppo.algorithm grpo", "ppo.answers_per_prompt must be >= 2"),
         {"ppo": {"algorithm": "grpo", "answers_per_prompt": 1}}),
-    Bad("ppo.trainer that is not a PPOTrainer", ("ppo",), ("ppo.trainer 'json:JSONDecoder'", "not a subclass"),
+    Bad("ppo.trainer that is not a RLTrainer", ("ppo",), ("ppo.trainer 'json:JSONDecoder'", "not a subclass"),
         {"ppo": {"trainer": "json:JSONDecoder"}}, trained=True),
     Bad("ptx source without a text column", ("prepare",), ("data.ptx_source 'd.jsonl' has no `text` column",),
         {"data": {"ptx_source": {"path": "d.jsonl"}}}, {"d.jsonl": jsonl({"body": "words"})}),
@@ -300,7 +300,7 @@ BAD_INPUTS = [
         ("'models/reward' is a placeholder", "evaluate.scorers lists no scorer", "list your verifier"),
         VERIFIER_ONLY, {"d.jsonl": SAY}, setup=(("prepare",), ("reward",))),
     # (An empty eval split, or an empty reward split, stops prepare itself: "a step with an empty train split"
-    # above; the training stages check again, tests/test_outputs.py.)
+    # above; the training stages check again, tests/pipeline/test_outputs.py.)
     Bad("PPO prompts fewer than one rollout batch", ("ppo",),
         ("data/prepared/ppo_train.jsonl has", "fewer than one batch of 32", "ppo.rollout_batch_size 32"),
         merge(mine(), {"ppo": {"rollout_batch_size": 32}}), MINE_FILES, trained=True, setup=(("prepare",),)),

@@ -4,18 +4,24 @@ hand from each paper's formula in the comments."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 from rlhf.models.logprobs import entropy_from_logits
-from rlhf.rl.advantages import critic_free_advantages, discounted_returns, group_advantages
+from rlhf.rl.advantages import discounted_returns, grpo, grpo_baseline, reinforce_pp, rloo, rloo_baseline
 from rlhf.training.losses import aggregate_loss, dpo_loss, k3_kl, policy_loss
 
 
 def t(rows: list) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def _cfg(group_size: int) -> SimpleNamespace:
+    """The step-3 config fields the critic-free estimators read."""
+    return SimpleNamespace(group_size=group_size, group_std=True, gamma=1.0)
 
 
 # ------------------------------------------------------------------------------------------- group advantages
@@ -26,24 +32,24 @@ def test_grpo_advantages_with_std() -> None:
     # Group 1: r = [1, 2, 3] -> mean 2, unbiased std sqrt(((1)^2 + 0 + 1^2) / 2) = 1 -> A = [-1, 0, 1].
     # Group 2: r = [0, 0, 6] -> mean 2, std sqrt((4 + 4 + 16) / 2) = sqrt(12) = 3.4641 -> A = [-2, -2, 4] / 3.4641
     #          = [-0.57735, -0.57735, 1.15470].
-    out = group_advantages(t([1, 2, 3, 0, 0, 6]), 3, "grpo", scale=True, eps=0.0)
+    out = grpo_baseline(t([1, 2, 3, 0, 0, 6]), 3, scale=True, eps=0.0)
     assert_close(out, t([-1, 0, 1, -2 / math.sqrt(12), -2 / math.sqrt(12), 4 / math.sqrt(12)]))
 
 
 def test_dr_grpo_advantages_without_std() -> None:
     # Dr. GRPO: A_i = r_i - mean(r), no std division. Group 2 above: [0, 0, 6] - 2 = [-2, -2, 4].
-    out = group_advantages(t([1, 2, 3, 0, 0, 6]), 3, "grpo", scale=False)
+    out = grpo_baseline(t([1, 2, 3, 0, 0, 6]), 3, scale=False)
     assert_close(out, t([-1, 0, 1, -2, -2, 4]))
 
 
 def test_grpo_group_of_equal_scores_has_zero_advantage() -> None:
     # r = [0.5, 0.5]: mean 0.5, std 0 -> (0) / (0 + eps) = 0, not NaN.
-    assert_close(group_advantages(t([0.5, 0.5]), 2, "grpo"), t([0, 0]))
+    assert_close(grpo_baseline(t([0.5, 0.5]), 2), t([0, 0]))
 
 
 @pytest.mark.parametrize("group", [3, 5, 8, 16])
-@pytest.mark.parametrize("baseline", ["grpo", "rloo"])
-def test_a_group_of_equal_scores_has_exactly_zero_advantage(group: int, baseline: str) -> None:
+@pytest.mark.parametrize("baseline", [grpo_baseline, rloo_baseline])
+def test_a_group_of_equal_scores_has_exactly_zero_advantage(group: int, baseline) -> None:
     # Scores as step 3 makes them: 0/1 verifier rewards z-scored by running moments, i.e. arbitrary float32 values.
     # In float32 the mean of G copies of such a value can be one rounding step off it and the std one step above 0;
     # (r - mean) / (std + 1e-6) then gave advantages up to 0.24 for answers that all scored alike. In float64 the
@@ -51,7 +57,7 @@ def test_a_group_of_equal_scores_has_exactly_zero_advantage(group: int, baseline
     values = (torch.rand(200, generator=torch.Generator().manual_seed(0)) * 4 - 2).float()
     for value in values.tolist():
         scores = torch.full((2 * group,), value, dtype=torch.float32)
-        out = group_advantages(scores, group, baseline)
+        out = baseline(scores, group)
         assert out.dtype == torch.float32 and torch.equal(out, torch.zeros_like(out)), (value, out)
 
 
@@ -106,14 +112,14 @@ def test_rloo_leave_one_out_baseline() -> None:
     # RLOO: A_i = r_i - 1/(G-1) sum_{j != i} r_j, G = 3. r = [1, 2, 6]:
     # A_0 = 1 - (2 + 6) / 2 = -3; A_1 = 2 - (1 + 6) / 2 = -1.5; A_2 = 6 - (1 + 2) / 2 = 4.5.
     # (= G/(G-1) (r_i - mean): mean 3 -> 1.5 x [-2, -1, 3] = [-3, -1.5, 4.5].)
-    assert_close(group_advantages(t([1, 2, 6]), 3, "rloo"), t([-3, -1.5, 4.5]))
+    assert_close(rloo_baseline(t([1, 2, 6]), 3), t([-3, -1.5, 4.5]))
 
 
 def test_group_advantages_refuse_a_ragged_group() -> None:
     with pytest.raises(ValueError, match="groups"):
-        group_advantages(t([1, 2, 3]), 2, "grpo")
+        grpo_baseline(t([1, 2, 3]), 2)
     with pytest.raises(ValueError, match="groups"):
-        group_advantages(t([1, 2]), 1, "rloo")
+        rloo_baseline(t([1, 2]), 1)
 
 
 # -------------------------------------------------------------------------------------- returns, REINFORCE++
@@ -135,7 +141,7 @@ def test_reinforce_pp_token_kl_in_reward_then_global_whitening() -> None:
     # A = [-1.043929, -0.955083, 0.999506, 0.999506].
     logprobs, ref = t([[0.2, 0.4], [0.0, 0.0]]), t([[0.0, 0.0], [0.0, 0.0]])
     mask = t([[1, 1], [1, 1]])
-    adv, rewards = critic_free_advantages(logprobs, ref, t([1, 3]), mask, "reinforce_pp", 1, kl_coef=0.5)
+    rewards, adv, _ = reinforce_pp(logprobs, ref, torch.zeros(2, 2), t([1, 3]), mask, _cfg(1), kl_coef=0.5)
     assert_close(rewards, t([[-0.1, 0.8], [0.0, 3.0]]))
     assert_close(adv, t([[-1.043929, -0.955083], [0.999506, 0.999506]]), atol=1e-5, rtol=1e-5)
 
@@ -146,7 +152,7 @@ def test_grpo_outcome_advantage_on_every_token() -> None:
     # answer 0 has 3 tokens, answer 1 has 2 (its third position is padding, 0).
     mask = t([[1, 1, 1], [1, 1, 0]])
     zeros = torch.zeros(2, 3)
-    adv, _ = critic_free_advantages(zeros, zeros, t([0, 1]), mask, "grpo", 2, kl_coef=0.0)
+    _, adv, _ = grpo(zeros, zeros, zeros, t([0, 1]), mask, _cfg(2), kl_coef=0.0)
     a = 0.5 / math.sqrt(0.5)
     assert_close(adv, t([[-a, -a, -a], [a, a, 0]]), atol=1e-5, rtol=1e-5)
 
@@ -154,7 +160,8 @@ def test_grpo_outcome_advantage_on_every_token() -> None:
 def test_rloo_with_kl_in_the_reward() -> None:
     # RLOO with k1 KL in the reward (OpenRLHF's rloo): baseline first, then -beta * kl per token, summed to go.
     # G = 2, scores [2, 4] -> A = [2 - 4, 4 - 2] = [-2, 2]; beta 1, kl = [[0.5], [0.25]] -> r = [-2.5, 1.75].
-    adv, _ = critic_free_advantages(t([[0.5], [0.25]]), t([[0.0], [0.0]]), t([2, 4]), t([[1], [1]]), "rloo", 2, 1.0)
+    zeros = t([[0.0], [0.0]])
+    _, adv, _ = rloo(t([[0.5], [0.25]]), zeros, zeros, t([2, 4]), t([[1], [1]]), _cfg(2), kl_coef=1.0)
     assert_close(adv, t([[-2.5], [1.75]]))
 
 

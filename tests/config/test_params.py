@@ -10,7 +10,7 @@ import yaml
 
 from rlhf.config import ConfigError, Params, load_params, parse_params, resolve_engine
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ROOT / "params.yaml"
 
 
