@@ -55,6 +55,10 @@ class EngineConfig(Group):
     zero3_persistence_threshold: int = Field(10_000, ge=0)
     gradient_checkpointing: bool = False
     gradient_clipping: float = Field(1.0, ge=0)  # max grad norm; 0 disables
+    # torch's deterministic kernels (torch.use_deterministic_algorithms): a seed gives the same weights on every run
+    # of one machine, so a killed stage resumes to exactly the straight run's weights. Off, some backward kernels
+    # (an embedding's) sum in the order threads finish: runs then differ by float rounding, and trajectories drift
+    deterministic: bool = True
     num_procs: int = Field(1, gt=0)  # ranks per node started by the deepspeed launcher
     hostfile: str | None = None  # DeepSpeed hostfile for several nodes
 

@@ -217,5 +217,6 @@ def unwrap_for_saving(model: Any) -> Any:
 def save_pretrained(model: Any, tok: Any, out_dir: Path) -> None:
     """An HF folder that transformers' Auto classes load: safetensors, config, tokenizer with its chat template."""
     model = unwrap_for_saving(model)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with quiet_transformers():  # no "Writing model shards" bar: the stage says where it wrote in its own line
+        model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)

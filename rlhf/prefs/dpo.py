@@ -125,7 +125,7 @@ def run_dpo(
     check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "dpo", launch_world_size(), "reward")
     check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")
     dist = init_distributed(params.engine)
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.engine.deterministic)
     reference = load_causal_lm(sft_path)
     for rows in (train_rows, eval_rows):
         add_reference_logprobs(reference, rows, tok.pad_token_id, cfg.eval_batch_size, dist)

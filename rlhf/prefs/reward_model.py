@@ -114,7 +114,7 @@ def run_reward(
     check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "reward", launch_world_size())
     check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")
     dist = init_distributed(params.engine)
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.engine.deterministic)
 
     def build() -> Any:
         return add_lora(build_reward_model(params.reward_model, tok, params.seed), cfg.lora, "SEQ_CLS")

@@ -67,7 +67,7 @@ def run_ppo(
     dist = init_distributed(params.engine)
     if dist.is_main:  # what runs, with every algorithm default resolved (params.yaml's nulls)
         print(f"[ppo] {params.ppo.describe()}", flush=True)
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.engine.deterministic)
     trainer, loaders = build(params, dist, inputs, sft_path)
     run = lifecycle(params, dist, data_dir, sft_path, inputs.reward_path, live_dir, ckpt_dir)
     loop = Iterations(trainer, loaders, run, params.seed)

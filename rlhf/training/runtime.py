@@ -264,8 +264,9 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices) so that a run repeats."""
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices) so that a run repeats; `deterministic` (engine.deterministic)
+    also makes torch pick deterministic kernels (warning, not failing, where an op has none)."""
     import random
 
     import numpy as np
@@ -274,3 +275,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)

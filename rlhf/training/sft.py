@@ -56,7 +56,7 @@ def run_sft(
     check_train_split(data_dir / "sft_train.jsonl", len(train_rows), cfg, "sft", launch_world_size())
     check_eval_split(data_dir / "sft_eval.jsonl", len(eval_rows), "perplexity")
     dist = init_distributed(params.engine)
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.engine.deterministic)
 
     def build() -> Any:
         return add_lora(build_causal_lm(params.model, tok, params.seed), cfg.lora, "CAUSAL_LM")
