@@ -127,6 +127,29 @@ def ppo_trained(trained: Path) -> Path:
     return trained
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder shaped like `trained` (params.yaml, models/sft, models/reward) made in this process, without the CLI:
+    TINY's sizes, a tokenizer trained on the shipped task's text, untrained weights. The unit layer's models, for
+    tests that need step 3's models rather than trained ones."""
+    import random
+
+    from rlhf.config import load_params
+    from rlhf.data.task import make_prompt, render_response
+    from rlhf.models.build import build_causal_lm, build_reward_model, save_pretrained
+    from rlhf.models.tokenizer import train_tokenizer
+
+    work = tmp_path_factory.mktemp("tiny_models")
+    params = load_params(write_params(work / "params.yaml"))
+    rng = random.Random(0)
+    numbers = [[rng.randrange(100) for _ in range(rng.randint(2, 6))] for _ in range(300)]
+    texts = [make_prompt(n) + " " + render_response(sorted(n), rng.random() < 0.5) for n in numbers]
+    tok = train_tokenizer(texts, params.tokenizer.vocab_size)
+    save_pretrained(build_causal_lm(params.model, tok, params.seed), tok, work / "models/sft")
+    save_pretrained(build_reward_model(params.reward_model, tok, params.seed), tok, work / "models/reward")
+    return work
+
+
 def run_ok(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> str:
     """Run a command (dvc, git, ...) in `cwd` with the CLI's environment; its stdout, after asserting it succeeded."""
     proc = subprocess.run(cmd, cwd=cwd, env={**cli_env(), **(env or {})}, capture_output=True, text=True, timeout=900)

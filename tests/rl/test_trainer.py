@@ -53,7 +53,7 @@ def _prompts(tok, texts: list[str]) -> dict[str, torch.Tensor]:
      ({"zero_stage": 3, **SHARD_ALL}, 4)],
     ids=["zero0", "zero3", "zero2-lora", "zero3-lora"],
 )
-def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: dict, lora: int) -> None:
+def test_hybrid_generation_matches_plain_generate(tiny_models: Path, dist, engine: dict, lora: int) -> None:
     """Same seed, same tokens: the hybrid engine's generation mode (gathered, LoRA fused) against transformers'
     generate on a plain copy of the same weights (LoRA merged)."""
     from rlhf.config import Sampling
@@ -64,16 +64,16 @@ def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: d
     from rlhf.rollout.base import make_rollout_engine
     from rlhf.training import runtime as eng
 
-    params = _params(trained, "hybrid.yaml", {"engine": engine, "ppo": {"actor_lora": {"rank": lora}}})
-    tok = load_tokenizer(trained / "models/sft")
+    params = _params(tiny_models, "hybrid.yaml", {"engine": engine, "ppo": {"actor_lora": {"rank": lora}}})
+    tok = load_tokenizer(tiny_models / "models/sft")
     torch.manual_seed(0)
-    model = add_lora(load_causal_lm(trained / "models/sft"), params.ppo.actor_lora, "CAUSAL_LM")
+    model = add_lora(load_causal_lm(tiny_models / "models/sft"), params.ppo.actor_lora, "CAUSAL_LM")
     if lora:  # non-zero adapters, so that fusing them matters
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.5)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    plain = add_lora(load_causal_lm(trained / "models/sft"), params.ppo.actor_lora, "CAUSAL_LM")
+    plain = add_lora(load_causal_lm(tiny_models / "models/sft"), params.ppo.actor_lora, "CAUSAL_LM")
     plain.load_state_dict(state)
     plain = unwrap_for_saving(plain).eval()
     hybrid = HybridEngine(eng.initialize(model, params.engine, _train_cfg(params.ppo, 1e-3), 10), engine["zero_stage"])
@@ -100,7 +100,7 @@ def test_hybrid_generation_matches_plain_generate(trained: Path, dist, engine: d
         assert torch.equal(v, state[k].float()), k
 
 
-def test_one_ppo_update_moves_actor_and_critic_not_reference(trained: Path, dist) -> None:
+def test_one_ppo_update_moves_actor_and_critic_not_reference(tiny_models: Path, dist) -> None:
     from rlhf.rl.models import RLModels
     from rlhf.rl.trainer import RLTrainer
     from rlhf.training.runtime import full_state_dict
@@ -109,8 +109,8 @@ def test_one_ppo_update_moves_actor_and_critic_not_reference(trained: Path, dist
     # sharded by ZeRO-3 with its weights offloaded.
     engines = {"actor_engine": {"zero_stage": 2}, "critic_engine": {"zero_stage": 1},
                "ref_engine": {"zero_stage": 3, "offload_params": True}}
-    params = _params(trained, "ppo_api.yaml", {"engine": SHARD_ALL, "ppo": {"ema_beta": 0.5, **engines}})
-    engine = RLModels(params.ppo, params.engine, dist, trained / "models/sft", trained / "models/reward")
+    params = _params(tiny_models, "ppo_api.yaml", {"engine": SHARD_ALL, "ppo": {"ema_beta": 0.5, **engines}})
+    engine = RLModels(params.ppo, params.engine, dist, tiny_models / "models/sft", tiny_models / "models/reward")
     assert [engine.engine_configs[m].zero_stage for m in ("actor", "critic", "ref", "reward")] == [2, 1, 3, 0]
     assert_sharded(engine.ref.module)
     assert engine.ref.zero_offload_param() is not None and engine.reward.zero_offload_param() is None
@@ -213,13 +213,13 @@ def _grouped_batch(tok, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.nn.functional.pad(batch["attention_mask"], (2, 0)).repeat_interleave(k, 0)
 
 
-def test_shared_prefix_forward_matches_full_forward(trained: Path) -> None:
+def test_shared_prefix_forward_matches_full_forward(tiny_models: Path) -> None:
     """Each repeated prompt runs once and its cache is copied to its rows: the answers' logits and the gradients
     equal one full forward pass's up to float rounding, and sampled generations are token for token the same."""
     from rlhf.models.prefix import answer_outputs, position_ids, prefill_shared, prompt_groups
     from rlhf.models.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(trained / "models/sft")
+    tok = load_tokenizer(tiny_models / "models/sft")
     model = _tiny_lm(tok)
     ids, mask = _grouped_batch(tok, 3)
     first, inverse = prompt_groups(ids, mask)
@@ -264,7 +264,7 @@ def test_shared_prefix_forward_matches_full_forward(trained: Path) -> None:
             torch.testing.assert_close(one, want[:, :1], rtol=0, atol=1e-5)
 
 
-def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
+def test_answers_per_prompt_and_rollout_logprobs(tiny_models: Path, dist) -> None:
     """k answers per prompt come out grouped, log pi_old kept from generation equals the recomputed one, and an
     update through the shared-prefix forward moves a ZeRO-3 actor (two forward calls before one backward)."""
     from rlhf.models.build import load_causal_lm
@@ -276,10 +276,10 @@ def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
     # Sampled at temperature 0.7 among the 5 likeliest tokens: log pi_old, log pi_ref and the update's log pi are
     # all log_softmax(logits / 0.7) over the whole vocabulary (PPOConfig's convention); top_k truncates sampling only.
     temperature, top_k = 0.7, 5
-    params = _params(trained, "ppo_k.yaml", {"ppo": {"answers_per_prompt": 3, "rollout_batch_size": 2,
+    params = _params(tiny_models, "ppo_k.yaml", {"ppo": {"answers_per_prompt": 3, "rollout_batch_size": 2,
                                                      "micro_batch_size": 6, "actor_engine": {"zero_stage": 3},
                                                      "temperature": temperature, "top_k": top_k}}, {"engine": SHARD_ALL})
-    engine = RLModels(params.ppo, params.engine, dist, trained / "models/sft", trained / "models/reward")
+    engine = RLModels(params.ppo, params.engine, dist, tiny_models / "models/sft", tiny_models / "models/reward")
     assert_sharded(engine.actor.module)
     trainer = RLTrainer(engine, params.ppo, params.rewards)
     batch = _prompts(engine.tok, ["Sort ascending: 5 2 9", "Sort ascending: 14 3 7 1 22"])
@@ -293,7 +293,7 @@ def test_answers_per_prompt_and_rollout_logprobs(trained: Path, dist) -> None:
     assert exp.action_mask.sum() > 0 and exp.logprobs.abs().sum() > 0
 
     # Independently: a plain copy of the SFT weights (the actor before its first update), one full forward pass.
-    plain = load_causal_lm(trained / "models/sft").eval()
+    plain = load_causal_lm(tiny_models / "models/sft").eval()
     with torch.no_grad():
         logits = plain(input_ids=exp.sequences, attention_mask=exp.attention_mask,
                        position_ids=position_ids(exp.attention_mask)).logits[:, p - 1 : -1]  # (B, R, V)
@@ -339,7 +339,7 @@ def _pad_is_eos_copies(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: Path, dist, tmp_path: Path) -> None:
+def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(tiny_models: Path, dist, tmp_path: Path) -> None:
     """With pad == eos, the action mask is by position: every answer token up to and including the first eos, the
     eos itself (the decision to stop) included; rows that never stop are real throughout; the reward model's score
     is the one at the eos (or at the last token of an answer that never stopped)."""
@@ -349,8 +349,8 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(trained: P
     from rlhf.rl.trainer import RLTrainer
     from rlhf.rollout.base import finish
 
-    sft, reward = _pad_is_eos_copies(trained, tmp_path)
-    params = _params(trained, "ppo_eos.yaml", {"ppo": {"rollout_logprobs": "recompute", "kl_coef": 0.0,
+    sft, reward = _pad_is_eos_copies(tiny_models, tmp_path)
+    params = _params(tiny_models, "ppo_eos.yaml", {"ppo": {"rollout_logprobs": "recompute", "kl_coef": 0.0,
                                                        "reward_clip": 0.0, "ema_beta": 0.0,
                                                        "reward_normalization": "none"}})
     engine = RLModels(params.ppo, params.engine, dist, sft, reward)
