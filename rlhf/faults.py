@@ -6,7 +6,7 @@ SIGKILL itself or see a non-finite loss at a chosen step. Unset (normal use) the
     RLHF_FAULT_RANK=R             only rank R is affected (default: every rank)
     RLHF_FAULT_KILL_AT_POINT=P    SIGKILL this process at the named point P, e.g. `replace:aside` (in
                                   rlhf/pipeline/outputs.py write_output_dir: the old folder moved aside, the new not yet in)
-    RLHF_FAULT_FREE_BYTES=N       the free space every disk reports (rlhf/pipeline/outputs.py check_free_space): a full disk
+    RLHF_FAULT_FREE_BYTES=N       the free space every disk reports (rlhf/pipeline/guards.py check_free_space): a full disk
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The critic-free family's and DPO's math in rlhf/training/losses.py, on tiny tensors whose expected values are derived by
-hand from each paper's formula in the comments."""
+"""The critic-free family's and DPO's math (rlhf/rl/advantages.py, rlhf/training/losses.py) on tiny tensors whose
+expected values are derived by hand from each paper's formula in the comments."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""rlhf/training/losses.py on tiny tensors whose expected values are worked out by hand in the comments."""
+"""Step 3's math (losses, statistics, KL control, log-probs, GAE) on tiny tensors whose expected values are worked out
+by hand in the comments."""
 
 from __future__ import annotations
 

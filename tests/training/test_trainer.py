@@ -1,4 +1,4 @@
-"""rlhf/training/loop.py make_loader: length-grouped training batches pad far less than random ones, yet each rank sees
+"""rlhf/training/loaders.py make_loader: length-grouped training batches pad far less than random ones, yet each rank sees
 the same rows as DistributedSampler gives it, in an order fixed by (seed, epoch)."""
 
 from __future__ import annotations
