@@ -1,5 +1,5 @@
-"""Generation tokens/s: our decode loop (rlhf.rollout.decode, ppo.decoder: own) vs the `generate` path it replaced
-(ppo.decoder: generate), side by side in one run, with the matmul floor and peak measured in the same run.
+"""Generation tokens/s: our decode loop (rlhf.rollout.decode, ppo.rollout.engine: own) vs the `generate` path it replaced
+(ppo.rollout.engine: generate), side by side in one run, with the matmul floor and peak measured in the same run.
 
     PYTHONPATH=. python bench/decode.py --sizes tiny,50m,135m          # prints one JSON line at the end
 
@@ -95,7 +95,8 @@ def main() -> None:
             prompts = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
             mask = torch.ones_like(prompts)
             for answers in map(int, args.answers.split(",")):
-                sampling = Sampling(answers, min_new_tokens=answers)  # eos 2 held back: answers of one length
+                # eos 2 held back: answers of one length
+                sampling = Sampling(max_answer_tokens=answers, min_answer_tokens=answers)
                 engines = {d: make_rollout_engine(d, lambda m=model: contextlib.nullcontext(m), [2], 0)
                            for d in ("generate", "own")}
                 best = {"generate": float("inf"), "own": float("inf")}

@@ -58,7 +58,7 @@ CPU accelerator (gloo process group, set_device a no-op).
 
 Not identical between the sides (DS-Chat's own choices, left as they are):
 - DS-Chat decodes greedily for Llama actors (do_sample=False, its workaround for a Llama-2 NaN); ours samples at
-  ppo.temperature 1.0;
+  ppo.sampling.temperature 1.0;
 - DS-Chat's optimizer is DeepSpeed's FusedAdam (its CPU C++ build), ours torch's AdamW;
 - DS-Chat's generate runs with synced_gpus=True at actor ZeRO-3 (an all-reduce per token), and its actor and ref
   forward passes over the rollout run with the config's use_cache (a KV cache built and discarded);

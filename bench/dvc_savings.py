@@ -7,7 +7,7 @@ overrides) it times, as a user types them:
 1. the full pipeline, stage by stage (`dvc repro prepare`, `... sft`, `... reward`, then `dvc repro` for ppo and
    evaluate): full = their sum; retraining SFT + reward = those two;
 2. a no-op `dvc repro` right after;
-3. `dvc exp run -S ppo.kl_coef=0.05` (reruns ppo and evaluate, reuses the cached SFT and reward models);
+3. `dvc exp run -S ppo.kl.coef=0.05` (reruns ppo and evaluate, reuses the cached SFT and reward models);
 4. `dvc push`, then models/sft, models/reward and .dvc/cache deleted (a teammate's fresh clone), then
    `dvc pull sft reward`.
 """
@@ -35,9 +35,9 @@ SIZES = {  # overrides of params.yaml
         "reward_model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
         "sft": {"epochs": 1, "max_steps": 6, "micro_batch_size": 8, "eval_batch_size": 32},
         "reward": {"epochs": 1, "max_steps": 6, "micro_batch_size": 8, "eval_batch_size": 32},
-        "ppo": {"iterations": 2, "rollout_batch_size": 8, "micro_batch_size": 4, "max_answer_tokens": 8,
+        "ppo": {"iterations": 2, "rollout_batch_size": 8, "micro_batch_size": 4, "sampling": {"max_answer_tokens": 8},
                 "eval_prompts": 8},
-        "evaluate": {"num_prompts": 12, "batch_size": 8, "max_answer_tokens": 8, "num_samples": 3},
+        "evaluate": {"num_prompts": 12, "batch_size": 8, "sampling": {"max_answer_tokens": 8}, "num_samples": 3},
     },
     # the shipped models and batch sizes, fewer steps: about a minute per training stage on 2 cores
     "small": {
@@ -103,7 +103,7 @@ def main() -> None:
         run("noop_repro", "dvc", "repro")
         run(None, "git", "add", "-A")
         run(None, *git, "commit", "-qm", "baseline")
-        run("exp_run_kl", "dvc", "exp", "run", "-S", "ppo.kl_coef=0.05")
+        run("exp_run_kl", "dvc", "exp", "run", "-S", "ppo.kl.coef=0.05")
         load.append(os.getloadavg())
         run("push", "dvc", "push")
         for path in ("models/sft", "models/reward", ".dvc/cache"):

@@ -85,7 +85,7 @@ def _run(model, ids, mask, decoder: str, graphs: bool, answer: int, sample: bool
     engine = make_rollout_engine(decoder, lambda: contextlib.nullcontext(model), [2], 0, cuda_graphs=graphs)
     torch.manual_seed(3)
     with torch.no_grad():
-        return engine.generate(ids, mask, Sampling(answer, do_sample=sample, min_new_tokens=answer))
+        return engine.generate(ids, mask, Sampling(max_answer_tokens=answer, do_sample=sample, min_answer_tokens=answer))
 
 
 def _prompts(batch: int, width: int, vocab: int, device: str):
@@ -178,9 +178,9 @@ def step3(device: str, size: str, tokenizer: Path, prompt: int, answer: int, bat
                     "reward_model.max_position_embeddings": prompt + answer + 8,
                     "data.max_prompt_tokens": prompt, "data.max_seq_tokens": prompt + answer,
                     "ppo.algorithm": "ppo", "ppo.rollout_batch_size": batch, "ppo.answers_per_prompt": 1,
-                    "ppo.micro_batch_size": micro, "ppo.max_answer_tokens": answer, "ppo.iterations": iters + 1,
-                    "ppo.ppo_epochs": 1, "ppo.generation_batches": 1, "ppo.decoder": decoder.split("_")[0],
-                    "ppo.cuda_graphs": decoder == "own_graph",
+                    "ppo.micro_batch_size": micro, "ppo.sampling.max_answer_tokens": answer, "ppo.iterations": iters + 1,
+                    "ppo.ppo_epochs": 1, "ppo.generation_batches": 1, "ppo.rollout.engine": decoder.split("_")[0],
+                    "ppo.rollout.cuda_graphs": decoder == "own_graph",
                 }
                 params = load_params(ROOT / "params.yaml", over)
                 if not (work / "sft").is_dir():

@@ -71,7 +71,7 @@ def main() -> None:
                     input_ids=prompts, attention_mask=mask, synced_gpus=True, **kwargs)
 
         rollouts = make_rollout_engine("own", hybrid.generation_mode, [2], 0)  # eos 2, pad 0, as above
-        sampling = Sampling(args.new_tokens, min_new_tokens=args.new_tokens)
+        sampling = Sampling(max_answer_tokens=args.new_tokens, min_answer_tokens=args.new_tokens)
 
         def fast() -> None:
             rollouts.generate(prompts, mask, sampling)

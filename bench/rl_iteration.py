@@ -10,7 +10,7 @@ One iteration = generate + score + one optimizer update, on the same work for ev
   ppo.answers_per_prompt), every answer exactly `--new-tokens` tokens (min_new_tokens);
 - one optimizer step per iteration on all the answers (ours: ppo_epochs 1, micro batch = the rollout; TRL:
   per_device_train_batch_size = all completions, steps_per_generation 1), a KL penalty to a frozen reference on
-  both (ours: ppo.kl_coef; TRL: beta, same value), fp32 (or `--dtype bf16` on both), one process, the same torch
+  both (ours: ppo.kl.coef; TRL: beta, same value), fp32 (or `--dtype bf16` on both), one process, the same torch
   thread count.
 Our PPO side also trains a critic and keeps an EMA actor (its defaults), which GRPO and RLOO do not have; our GRPO
 and RLOO sides (`--ours ppo,grpo,rloo`) build no critic and no EMA, and GRPO takes the KL as a k3 loss term with
@@ -54,7 +54,7 @@ def _params(work: Path, size: str, args: argparse.Namespace, algorithm: str = "p
         "ppo.rollout_batch_size": args.prompts,
         "ppo.answers_per_prompt": args.completions,
         "ppo.micro_batch_size": args.prompts * args.completions,
-        "ppo.max_answer_tokens": args.new_tokens,
+        "ppo.sampling.max_answer_tokens": args.new_tokens,
         "ppo.iterations": args.iters + 1,
         "ppo.ppo_epochs": 1,
         "ppo.generation_batches": 1,
@@ -62,7 +62,7 @@ def _params(work: Path, size: str, args: argparse.Namespace, algorithm: str = "p
         "engine.dtype": args.dtype,
     }
     if algorithm != "ppo":  # as TRL's: no EMA; GRPO's KL a k3 loss term
-        over.update({"ppo.ema_beta": 0.0, "ppo.kl_penalty": "loss" if algorithm == "grpo" else "reward"})
+        over.update({"ppo.ema_beta": 0.0, "ppo.kl.penalty": "loss" if algorithm == "grpo" else "reward"})
     if args.new_tokens + 64 > 128:  # room for the prompt (data.max_prompt_tokens 48) and a long answer
         over.update({"model.max_position_embeddings": args.new_tokens + 64,
                      "reward_model.max_position_embeddings": args.new_tokens + 64})
@@ -183,8 +183,8 @@ def run_trl(work: Path, size: str, args: argparse.Namespace, algo: str) -> dict:
     common = dict(
         output_dir=str(work / f"trl-{algo}"), per_device_train_batch_size=args.prompts * args.completions,
         gradient_accumulation_steps=1, num_generations=args.completions, max_completion_length=args.new_tokens,
-        generation_kwargs={"min_new_tokens": args.new_tokens}, temperature=params.ppo.temperature,
-        learning_rate=params.ppo.actor_learning_rate, beta=params.ppo.kl_coef, max_steps=args.iters + 1,
+        generation_kwargs={"min_new_tokens": args.new_tokens}, temperature=params.ppo.sampling.temperature,
+        learning_rate=params.ppo.optimizer.actor_learning_rate, beta=params.ppo.kl.coef, max_steps=args.iters + 1,
         num_train_epochs=1, save_strategy="no", report_to="none", use_cpu=True, bf16=args.dtype == "bf16",
         logging_steps=10**6,
         disable_tqdm=True, seed=params.seed, dataloader_num_workers=0, shuffle_dataset=False,

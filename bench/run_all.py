@@ -173,7 +173,7 @@ def table_dvc_savings(rec: dict) -> list[str]:
     out = _table(["what", "seconds", "vs", "seconds", "saved"], [
         ["no-op `dvc repro`", f"{s['noop_repro']:.1f}", "full repro", f"{s['full_repro']:.1f}",
          f"{x['noop_vs_full']:.0f}x"],
-        ["`dvc exp run -S ppo.kl_coef=0.05`", f"{s['exp_run_kl']:.1f}", "full repro", f"{s['full_repro']:.1f}",
+        ["`dvc exp run -S ppo.kl.coef=0.05`", f"{s['exp_run_kl']:.1f}", "full repro", f"{s['full_repro']:.1f}",
          f"{x['exp_vs_full']:.1f}x"],
         ["`dvc pull sft reward` (empty cache)", f"{s['pull_sft_reward']:.1f}", "retraining sft + reward",
          f"{s['retrain_sft_reward']:.1f}", f"{x['pull_vs_retrain']:.1f}x"],

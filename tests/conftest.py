@@ -28,9 +28,9 @@ TINY: dict[str, Any] = {
     "reward_model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
     "sft": {"epochs": 1, "max_steps": 6, "micro_batch_size": 8, "eval_batch_size": 32, "log_every": 2},
     "reward": {"epochs": 1, "max_steps": 6, "micro_batch_size": 8, "eval_batch_size": 32, "log_every": 2},
-    "ppo": {"iterations": 2, "rollout_batch_size": 8, "micro_batch_size": 4, "max_answer_tokens": 8,
-            "eval_prompts": 8, "actor_learning_rate": 0.01, "critic_learning_rate": 0.01},
-    "evaluate": {"num_prompts": 12, "batch_size": 8, "max_answer_tokens": 8, "num_samples": 3},
+    "ppo": {"iterations": 2, "rollout_batch_size": 8, "micro_batch_size": 4, "sampling": {"max_answer_tokens": 8},
+            "eval_prompts": 8, "optimizer": {"actor_learning_rate": 0.01, "critic_learning_rate": 0.01}},
+    "evaluate": {"num_prompts": 12, "batch_size": 8, "sampling": {"max_answer_tokens": 8}, "num_samples": 3},
 }
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from rlhf.config.algorithm import AdvantageConfig, KLConfig, LossConfig
 from rlhf.config.base import ConfigError, Group
 from rlhf.config.data import FORMAT_STEPS, STEPS, DataConfig, SourceConfig, TaskConfig
 from rlhf.config.evaluation import EVALUATE_METRICS, EvaluateConfig, LoggingConfig
@@ -17,11 +18,26 @@ from rlhf.config.models import (
 )
 from rlhf.config.params import Params, check_loggers, load_params, parse_params, read_yaml
 from rlhf.config.rewards import RewardFunctionConfig, RewardsConfig, unique_labels
-from rlhf.config.rl import ALGORITHM_DEFAULTS, GROUP_ALGORITHMS, PPOConfig
+from rlhf.config.rl import (
+    ALGORITHM_DEFAULTS,
+    GROUP_ALGORITHMS,
+    EnginePair,
+    LoraPair,
+    OptimizerConfig,
+    PPOConfig,
+    RolloutConfig,
+)
 from rlhf.config.sampling import Sampling
 from rlhf.config.training import DPOConfig, RewardConfig, SFTConfig, TrainConfig
 
 __all__ = [
+    "RolloutConfig",
+    "OptimizerConfig",
+    "LoraPair",
+    "EnginePair",
+    "LossConfig",
+    "KLConfig",
+    "AdvantageConfig",
     "ALGORITHM_DEFAULTS",
     "BaseModelConfig",
     "ConfigError",

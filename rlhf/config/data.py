@@ -85,7 +85,7 @@ class DataConfig(Group):
     # true: a prompt over max_prompt_tokens keeps its last max_prompt_tokens tokens (left truncation, TRL's) in every
     # step instead of its row being dropped; the row is then checked against max_seq_tokens at that length
     truncate_prompts: bool = False
-    # ptx's data (ppo.ptx_coef > 0; DeepSpeed-Chat's --unsupervised_dataset_name): a source of plain text, rows with
+    # ptx's data (ppo.loss.ptx_coef > 0; DeepSpeed-Chat's --unsupervised_dataset_name): a source of plain text, rows with
     # a `text` column (a local json/jsonl/parquet/csv/arrow file or save_to_disk folder, or a hub id); null = the SFT
     # demonstrations. prepare writes it to data/prepared/ptx_train.jsonl, each text cut to max_seq_tokens
     ptx_source: SourceConfig | None = None

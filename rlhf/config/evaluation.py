@@ -2,37 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from rlhf.config.base import Group
+from rlhf.config.base import Group, moved_keys
 from rlhf.config.rewards import RewardFunctionConfig, unique_labels
 from rlhf.config.sampling import Sampling
 
 # What evaluate reports of every actor besides the scorers (whose names must differ from these).
 EVALUATE_METRICS = ("rm_reward", "kl_to_sft", "response_length", "perplexity", "num_prompts")
+MOVED_EVALUATE_KEYS = {k: f"sampling.{k}" for k in ("do_sample", "temperature", "top_k", "top_p", "max_answer_tokens")}
 
 
 class EvaluateConfig(Group):
     """The evaluate stage: every actor answers the same held-out prompts with the same sampling seed."""
 
     num_prompts: int = Field(500, gt=0)  # held-out PPO prompts (and SFT demonstrations for perplexity)
-    do_sample: bool = True  # sample as the policy does (False: greedy)
-    temperature: float = Field(1.0, gt=0)  # sampling temperature; kl_to_sft compares both models at it
-    top_k: int = Field(0, ge=0)  # sample among the k most likely tokens only; 0 = off (never transformers' 50)
-    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling; 1.0 = off
-    max_answer_tokens: int = Field(32, gt=0)
+    # how every actor answers (do_sample false: greedy); kl_to_sft compares both models at sampling.temperature
+    sampling: Sampling = Field(default_factory=Sampling)
     batch_size: int = Field(64, gt=0)
     num_samples: int = Field(8, ge=0)  # sample answers shown side by side
     # Scorers of quality, each reported per actor under its name; null = the shipped task's gold scorer when the
     # held-out prompts are the builtin task's, else none (evaluate then says so). Weights are not used here.
     scorers: list[RewardFunctionConfig] | None = None
 
-    @property
-    def sampling(self) -> Sampling:
-        """How evaluate draws each actor's answers (rlhf/rollout/base.py)."""
-        return Sampling(self.max_answer_tokens, self.temperature, self.top_k, self.top_p, self.do_sample)
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, raw: Any) -> Any:
+        """A key of params.yaml's old flat shape names its new place."""
+        moved = moved_keys("evaluate", raw, MOVED_EVALUATE_KEYS) if isinstance(raw, dict) else None
+        if moved:
+            raise ValueError(moved)
+        return raw
 
     @model_validator(mode="after")
     def _scorers(self) -> EvaluateConfig:

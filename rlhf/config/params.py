@@ -42,18 +42,18 @@ class Params(Group):
     def _cross(self) -> Params:
         if self.engine.dtype == "fp16" and self.engine.device == "cpu":
             raise ValueError("engine.dtype fp16 is not supported on CPU: use bf16 or fp32")
-        for name in ("actor_engine", "critic_engine", "ref_engine", "reward_engine"):
+        for name in ("actor", "critic", "ref", "reward"):
             try:
-                resolved = resolve_engine(self.engine, getattr(self.ppo, name))
+                resolved = resolve_engine(self.engine, getattr(self.ppo.engines, name))
             except ValidationError as err:
-                raise ValueError(f"ppo.{name}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+                raise ValueError(f"ppo.engines.{name}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
             if resolved.dtype == "fp16" and resolved.device == "cpu":
-                raise ValueError(f"ppo.{name}.dtype fp16 is not supported on CPU: use bf16 or fp32")
-        for name in ("ref_engine", "reward_engine"):  # frozen: nothing to optimise, so nothing to offload
-            if getattr(self.ppo, name).offload_optimizer:
+                raise ValueError(f"ppo.engines.{name}.dtype fp16 is not supported on CPU: use bf16 or fp32")
+        for name in ("ref", "reward"):  # frozen: nothing to optimise, so nothing to offload
+            if getattr(self.ppo.engines, name).offload_optimizer:
                 raise ValueError(
-                    f"ppo.{name}.offload_optimizer: this model is frozen and has no optimizer state: set it to null "
-                    f"(ppo.{name}.offload_params with zero_stage 3 offloads its weights)"
+                    f"ppo.engines.{name}.offload_optimizer: this model is frozen and has no optimizer state: set it to "
+                    f"null (ppo.engines.{name}.offload_params with zero_stage 3 offloads its weights)"
                 )
         for name, model in (("model", self.model), ("reward_model", self.reward_model)):
             if model.name_or_path is None and model.max_position_embeddings < self.data.max_seq_tokens:

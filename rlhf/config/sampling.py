@@ -1,26 +1,38 @@
-"""How a model draws answers: one set of knobs wherever it samples (step 3's rollouts, evaluate, chat).
+"""How a model draws answers: one group of knobs wherever it samples (step 3's rollouts, evaluate, chat).
 
-params.yaml spells them inside ppo (temperature, top_k, top_p, max_answer_tokens) and evaluate (the same and
-do_sample); `PPOConfig.sampling` and `EvaluateConfig.sampling` hand them to the code as one object."""
+params.yaml spells it as `ppo.sampling` and `evaluate.sampling`; the rollout engines, evaluate and chat take the
+object itself."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ConfigDict, Field, model_validator
 
-@dataclass(frozen=True)
-class Sampling:
-    """How answers are drawn, the same knobs wherever a model samples (rollouts, evaluation, chat)."""
+from rlhf.config.base import Group
 
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1.0: off
-    do_sample: bool = True  # False: greedy
-    min_new_tokens: int = 0  # no stop id is drawn before this many tokens (benchmarks: answers of a fixed length)
+
+class Sampling(Group):
+    """How answers are drawn. Every knob is passed to the sampler; none comes from the model's generation_config or
+    from transformers' defaults (its top_k=50)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_answer_tokens: int = Field(32, gt=0)  # longest answer; prompts are capped by data.max_prompt_tokens
+    temperature: float = Field(1.0, gt=0)  # sampling temperature (step 3 scores every log-prob at it too)
+    top_k: int = Field(0, ge=0)  # sample among the k most likely tokens only; 0 = off
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling; 1.0 = off
+    do_sample: bool = True  # false: greedy (evaluate and chat only; step 3 must sample)
+    min_answer_tokens: int = Field(0, ge=0)  # no stop token is drawn before this many tokens (0 = off)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Sampling:
+        if self.min_answer_tokens > self.max_answer_tokens:
+            raise ValueError(f"min_answer_tokens ({self.min_answer_tokens}) is above max_answer_tokens "
+                             f"({self.max_answer_tokens}): lower it")
+        return self
 
     def knobs(self) -> dict[str, Any]:
         """The keyword arguments of rlhf.rollout.decode.decode and rlhf.rollout.hf.generate_tokens."""
         return {"do_sample": self.do_sample, "temperature": self.temperature, "top_k": self.top_k,
-                "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+                "top_p": self.top_p, "max_new_tokens": self.max_answer_tokens}

@@ -37,7 +37,8 @@ class Chat:
         self.model = load_causal_lm(model_path).eval()
         # every sampling knob explicit (top_k 0 = off): none comes from the model's generation_config or from
         # transformers' defaults (its top_k=50), see rlhf.rollout.hf.generate_tokens
-        self.sampling = Sampling(max_new_tokens, temperature, top_k, top_p, do_sample)
+        self.sampling = Sampling(max_answer_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 do_sample=do_sample)
         self.stop_ids = stop_ids(self.tok)  # the template's turn end too (Gemma's <end_of_turn>, ...)
         if seed is not None:
             torch.manual_seed(seed)

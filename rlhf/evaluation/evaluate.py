@@ -164,7 +164,7 @@ def _measures(model: Any, baseline: Any, tok: Any, prompts: list[list[int]], ans
     from rlhf.models.tokenizer import stop_ids
 
     stops = stop_ids(tok)
-    temperature = cfg.temperature if cfg.do_sample else 1.0  # the distribution the answers were drawn from
+    temperature = cfg.sampling.temperature if cfg.sampling.do_sample else 1.0  # the distribution the answers were drawn from
     own = answer_logprobs(model, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
     ref = answer_logprobs(baseline, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
     tokens = sum(len(a) for a in answers)

@@ -3,12 +3,12 @@
 The trainer (rlhf/rl/trainer.py) rolls out, scores and takes the reference log-probs the same way for every algorithm,
 then calls `ESTIMATORS[ppo.algorithm]`; the policy loss is shared too (clipped ratio, asymmetric clip, loss
 aggregation, k3 KL loss, entropy bonus: rlhf/training/losses.py). What is left to an algorithm is its estimator
-below and its defaults, which live with the params they fill (ALGORITHM_DEFAULTS in rlhf/config/rl.py: params.yaml
+below and its defaults, which live with the params they fill (ALGORITHM_DEFAULTS in rlhf/config/algorithm.py: params.yaml
 is validated before any of this is imported).
 
 Every estimator takes (B, R) tensors: log pi_old, log pi_ref and the critic's values (0 without one), the (B,)
 normalised scores, the (B, R) answer mask, the step-3 config and the KL coefficient in the reward (0 under
-kl_penalty: loss) and `all_reduce`, a sum over ranks (None on one rank) for the statistics taken over the whole
+kl.penalty: loss) and `all_reduce`, a sum over ranks (None on one rank) for the statistics taken over the whole
 batch; it returns (rewards, advantages, returns), each (B, R): the per-token rewards the advantages came from, and
 the critic's targets (the advantages again without a critic).
 """
@@ -34,8 +34,8 @@ def ppo(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor
     """PPO: the KL-shaped reward (the score at the last token, -kl_coef x KL per token) and GAE (Schulman et al.
     2015), whitened over every real token of the iteration (all ranks) if configured; returns = advantages + values."""
     rewards, _ = kl_shaped_rewards(logprobs, ref_logprobs, scores, mask, kl_coef, 0.0)
-    adv, ret = gae_advantages(values, rewards, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
+    adv, ret = gae_advantages(values, rewards, mask, cfg.advantage.gamma, cfg.advantage.lam)
+    if cfg.advantage.whiten:
         adv = masked_whiten(adv, mask, all_reduce=all_reduce) * mask
     return rewards, adv, ret
 
@@ -43,9 +43,9 @@ def ppo(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor
 def grpo(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
          mask: torch.Tensor, cfg: PPOConfig, kl_coef: float, all_reduce: AllReduce | None = None) -> Estimate:
     """GRPO (Shao et al. 2024, eq. 3): each answer's score minus its group's mean, over the group's std when
-    ppo.group_std, on every token of the answer (then the per-token KL in the reward, if any, summed to go)."""
-    baselined = grpo_baseline(scores, cfg.group_size, cfg.group_std)
-    adv, rewards = score_to_go(logprobs, ref_logprobs, baselined, mask, kl_coef, cfg.gamma)
+    ppo.advantage.group_std, on every token of the answer (then the per-token KL in the reward, if any, summed to go)."""
+    baselined = grpo_baseline(scores, cfg.group_size, cfg.advantage.group_std)
+    adv, rewards = score_to_go(logprobs, ref_logprobs, baselined, mask, kl_coef, cfg.advantage.gamma)
     return rewards, adv, adv
 
 
@@ -67,7 +67,7 @@ def rloo(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tenso
     """RLOO (Ahmadian et al. 2024): each answer's score minus the mean of the other answers to its prompt, then the
     per-token KL in the reward (OpenRLHF's rloo), summed to go."""
     baselined = rloo_baseline(scores, cfg.group_size)
-    adv, rewards = score_to_go(logprobs, ref_logprobs, baselined, mask, kl_coef, cfg.gamma)
+    adv, rewards = score_to_go(logprobs, ref_logprobs, baselined, mask, kl_coef, cfg.advantage.gamma)
     return rewards, adv, adv
 
 
@@ -75,7 +75,7 @@ def reinforce_pp(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: tor
                  mask: torch.Tensor, cfg: PPOConfig, kl_coef: float, all_reduce: AllReduce | None = None) -> Estimate:
     """REINFORCE++ (Hu 2025): no baseline; the score and the per-token KL summed to go, then whitened over every
     real token of the batch (every rank's, with all_reduce)."""
-    adv, rewards = score_to_go(logprobs, ref_logprobs, scores, mask, kl_coef, cfg.gamma)
+    adv, rewards = score_to_go(logprobs, ref_logprobs, scores, mask, kl_coef, cfg.advantage.gamma)
     adv = masked_whiten(adv, mask, all_reduce=all_reduce)
     return rewards, adv, adv
 

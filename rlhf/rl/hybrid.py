@@ -6,7 +6,7 @@ runs the same code on CPU and CUDA:
 - generation mode: eval, no grad; under ZeRO-3 every parameter is gathered **once per rollout** (not once per layer
   per token, which is what makes `generate(..., synced_gpus=True)` on a ZeRO-3 engine slow); LoRA adapters are
   fused into the base weights for the rollout; our decode loop (rlhf.rollout.decode) runs on the gathered weights with a
-  preallocated KV cache (transformers' generate stays as a fallback, ppo.decoder);
+  preallocated KV cache (transformers' generate stays as a fallback, ppo.rollout.engine);
 - training mode: the DeepSpeed engine as it was (sharded, LoRA unfused, train/eval state restored).
 """
 

@@ -33,11 +33,11 @@ def _train_cfg(ppo: PPOConfig, lr: float) -> TrainConfig:
         micro_batch_size=ppo.micro_batch_size,
         gradient_accumulation_steps=ppo.mini_batch // ppo.micro_batch_size,
         learning_rate=lr,
-        weight_decay=ppo.weight_decay,
-        warmup_ratio=ppo.warmup_ratio,
-        lr_schedule=ppo.lr_schedule,
-        adam_beta1=ppo.adam_beta1,
-        adam_beta2=ppo.adam_beta2,
+        weight_decay=ppo.optimizer.weight_decay,
+        warmup_ratio=ppo.optimizer.warmup_ratio,
+        lr_schedule=ppo.optimizer.lr_schedule,
+        adam_beta1=ppo.optimizer.adam_beta1,
+        adam_beta2=ppo.optimizer.adam_beta2,
     )
 
 
@@ -99,27 +99,28 @@ class RLModels:
         self.tok.padding_side = "left"  # prompts are left-padded for batched generation
 
         quiet = disable_dropout if ppo.disable_dropout else (lambda m: m)  # the same function in train and eval mode
-        self.build_actor: Callable[[], Any] = lambda: quiet(add_lora(load_causal_lm(sft_path), ppo.actor_lora, "CAUSAL_LM"))
+        self.build_actor: Callable[[], Any] = lambda: quiet(add_lora(load_causal_lm(sft_path), ppo.lora.actor, "CAUSAL_LM"))
         if reward_path is not None:
             critic_body: Callable[[], Any] = lambda: load_reward_model(reward_path)  # noqa: E731
         else:
             critic_body = lambda: critic_from_actor(sft_path)  # noqa: E731
         self.build_critic: Callable[[], Any] | None = None
         if ppo.needs_critic:
-            self.build_critic = lambda: quiet(add_lora(critic_body(), ppo.critic_lora, "SEQ_CLS"))
+            self.build_critic = lambda: quiet(add_lora(critic_body(), ppo.lora.critic, "SEQ_CLS"))
         steps = ppo.optimizer_steps  # the ptx loss joins the RL loss in the same step: no extra steps
         self.engine_configs = {
-            name: resolve_engine(engine, getattr(ppo, f"{name}_engine"))
+            name: resolve_engine(engine, getattr(ppo.engines, name))
             for name in ("actor", "critic", "ref", "reward")
         }
         self.actor = HybridEngine(
-            eng.initialize(self.build_actor(), self.engine_configs["actor"], _train_cfg(ppo, ppo.actor_learning_rate), steps),
+            eng.initialize(self.build_actor(), self.engine_configs["actor"],
+                           _train_cfg(ppo, ppo.optimizer.actor_learning_rate), steps),
             self.engine_configs["actor"].zero_stage,
         )
         self.critic = None  # the critic-free family has none: nothing built, stepped or saved
         if self.build_critic is not None:
             self.critic = eng.initialize(
-                self.build_critic(), self.engine_configs["critic"], _train_cfg(ppo, ppo.critic_learning_rate), steps
+                self.build_critic(), self.engine_configs["critic"], _train_cfg(ppo, ppo.optimizer.critic_learning_rate), steps
             )
         self.ref = _frozen_engine(quiet(load_causal_lm(sft_path)), self.engine_configs["ref"], ppo.micro_batch_size)
         self.reward = None
@@ -127,8 +128,8 @@ class RLModels:
             reward = quiet(load_reward_model(reward_path))
             self.reward = _frozen_engine(reward, self.engine_configs["reward"], ppo.micro_batch_size)
         # rollouts decode with the actor in the hybrid engine's generation mode (ZeRO-3 gathered once, LoRA fused)
-        self.rollout = make_rollout_engine(ppo.decoder, self.actor.generation_mode, stop_ids(self.tok),
-                                           self.tok.pad_token_id, ppo.cuda_graphs)
+        self.rollout = make_rollout_engine(ppo.rollout.engine, self.actor.generation_mode, stop_ids(self.tok),
+                                           self.tok.pad_token_id, ppo.rollout.cuda_graphs)
         self.ema = None
         if ppo.ema_beta > 0:
             state = eng.full_state_dict(self.actor.module, self.actor.zero_stage, is_main=True, all_ranks=True)

@@ -46,7 +46,7 @@ class Inputs:
 class Loaders:
     prompts: Cycle  # training prompts, without end (its position is checkpointed)
     eval: Any  # held-out prompts, scored before and after
-    ptx: Cycle | None  # language-model batches when ppo.ptx_coef > 0
+    ptx: Cycle | None  # language-model batches when ppo.loss.ptx_coef > 0
 
 
 def run_ppo(
@@ -145,7 +145,7 @@ def _encode(params: Params, data_dir: Path, tok: Any) -> tuple[list, list, list]
     train = [(encode_prompt(tok, r["prompt"], limit), r) for r in train_rows]
     held_out = [(encode_prompt(tok, r["prompt"], limit), r) for r in eval_rows]
     ptx: list[dict[str, list[int]]] = []
-    if params.ppo.ptx_coef > 0:
+    if params.ppo.loss.ptx_coef > 0:
         if (data_dir / "ptx_train.jsonl").is_file():
             texts = read_split(data_dir / "ptx_train.jsonl")
             ptx = [encode_text(tok, r["text"], params.data.max_seq_tokens) for r in texts]
@@ -264,7 +264,7 @@ class Iterations:
         for it in range(self.first, ppo.iterations + 1):
             self.point = self.one(it)
             bar.update(1)
-            if ppo.max_kl is not None and self.point["kl"] > ppo.max_kl:
+            if ppo.kl.stop_above is not None and self.point["kl"] > ppo.kl.stop_above:
                 self.stopped = max_kl_message(it, self.point["kl"], ppo)
                 if self.dist.is_main:
                     print(f"[ppo] {self.stopped}", flush=True)
@@ -319,7 +319,7 @@ class Iterations:
             "train_seconds": self.seconds,
         }
         metrics["warnings"] = ppo_warnings(metrics, [f.label for f in functions], self.point.get("kl", 0.0),
-                                           self.point.get("response_length", 0.0), self.ppo.max_answer_tokens)
+                                           self.point.get("response_length", 0.0), self.ppo.sampling.max_answer_tokens)
         return metrics
 
     def _held_out_reward(self) -> dict[str, float]:
@@ -331,8 +331,8 @@ class Iterations:
 def max_kl_message(it: int, kl: float, ppo: PPOConfig) -> str:
     return (
         f"PPO stopped early at iteration {it}: mean KL to the reference {kl:.3f} per answer exceeds "
-        f"ppo.max_kl {ppo.max_kl}; the models of this iteration are written. Raise ppo.kl_coef or lower "
-        "ppo.actor_learning_rate to stay closer to the SFT model"
+        f"ppo.kl.stop_above {ppo.kl.stop_above}; the models of this iteration are written. Raise ppo.kl.coef or lower "
+        "ppo.optimizer.actor_learning_rate to stay closer to the SFT model"
     )
 
 

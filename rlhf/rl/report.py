@@ -39,7 +39,7 @@ def iteration_point(trainer: RLTrainer, exp: Experience, sums: dict[str, float],
         "kl": mean_kl,
         "kl_coef": trainer.kl_ctl.value,
         **({"reward_mean": trainer.reward_moments.mean, "reward_std": trainer.reward_moments.std}
-           if ppo.reward_normalization == "running" else {}),
+           if ppo.advantage.reward_normalization == "running" else {}),
         "response_length": len_sum / n,
         **sums,
         "actor_lr": trainer.models.actor.engine.get_lr()[0],

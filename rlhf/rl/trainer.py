@@ -65,11 +65,11 @@ class RLTrainer:
         # label -> [sum, count] of each reward term over the rollouts since the last reset (logged per iteration)
         self.term_stats: dict[str, list[float]] = {}
         self.tok = models.tok
-        self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-        self.reward_moments = RunningMoments()  # of every summed reward so far (ppo.reward_normalization: running)
+        self.kl_ctl = AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon)
+        self.reward_moments = RunningMoments()  # of every summed reward so far (ppo.advantage.reward_normalization: running)
         self.iteration = 0  # the iteration under way (1-based), for messages and fault injection
         self.guard = NonFiniteGuard(config.max_bad_steps, "ppo")
-        self.ptx: Any = None  # an iterator of ptx micro batches when ppo.ptx_coef > 0 (the stage sets it)
+        self.ptx: Any = None  # an iterator of ptx micro batches when ppo.loss.ptx_coef > 0 (the stage sets it)
 
     # ------------------------------------------------------------------------------------------- resume
 
@@ -144,10 +144,10 @@ class RLTrainer:
         return (["model"] if self.rewards.model_weight > 0 else []) + [f.label for f in self.functions]
 
     def normalized(self, scores: torch.Tensor) -> torch.Tensor:
-        """(B,) the summed rewards as the estimator takes them: under ppo.reward_normalization: running, z-scored by
+        """(B,) the summed rewards as the estimator takes them: under ppo.advantage.reward_normalization: running, z-scored by
         the moments of every reward so far, this batch's included (summed over ranks, so each rank normalises
         alike); under none, unchanged. Then clipped to [-reward_clip, reward_clip] (0: no clip)."""
-        if self.config.reward_normalization == "running":
+        if self.config.advantage.reward_normalization == "running":
             from rlhf.training.loop import all_reduce_sum
 
             total, total_sq, n = all_reduce_sum(
@@ -155,7 +155,7 @@ class RLTrainer:
             )
             self.reward_moments.update(total, total_sq, n)
             scores = self.reward_moments.normalize(scores)
-        clip = self.config.reward_clip
+        clip = self.config.advantage.reward_clip
         return scores.clamp(-clip, clip) if clip > 0 else scores
 
     def advantages(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor,
@@ -165,7 +165,7 @@ class RLTrainer:
         statistics (whitening) are taken over every rank's rows."""
         from rlhf.rl.advantages import ESTIMATORS
 
-        kl_coef = self.kl_ctl.value if self.config.kl_penalty == "reward" else 0.0
+        kl_coef = self.kl_ctl.value if self.config.kl.penalty == "reward" else 0.0
         world = self.models.dist.world_size
         reduce = functools.partial(sum_over_ranks, world_size=world) if world > 1 else None
         return ESTIMATORS[self.config.algorithm](logprobs, ref_logprobs, values, scores, mask, self.config, kl_coef,
@@ -176,19 +176,19 @@ class RLTrainer:
     def _logprobs(self, model: Any, sequences: Any, attention_mask: Any, prompt_len: int,
                   entropy: bool = False) -> Any:
         """(B, R) log-probabilities of the answer tokens under `model` at the rollout temperature, over the whole
-        vocabulary: the one processing log pi_old, log pi and log pi_ref share (see PPOConfig.temperature). With
+        vocabulary: the one processing log pi_old, log pi and log pi_ref share (see PPOConfig.sampling). With
         `entropy`, also the (B, R) entropy of each position's distribution: (logprobs, entropy)."""
         from rlhf.models.logprobs import entropy_from_logits, logprobs_from_logits
 
         module = getattr(model, "module", model)
         logits = answer_outputs(model, "logits", sequences, attention_mask, prompt_len, shares_cache(module), last=False)
-        logprobs = logprobs_from_logits(logits, sequences[:, prompt_len:], self.config.temperature)
+        logprobs = logprobs_from_logits(logits, sequences[:, prompt_len:], self.config.sampling.temperature)
         if entropy:
-            return logprobs, entropy_from_logits(logits, self.config.temperature)
+            return logprobs, entropy_from_logits(logits, self.config.sampling.temperature)
         return logprobs
 
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
-        """One answer per prompt row from the engine's rollout engine (ppo.decoder, rlhf/rollout/), drawn with
+        """One answer per prompt row from the engine's rollout engine (ppo.rollout.engine, rlhf/rollout/), drawn with
         ppo's sampling config. log pi_old is taken from the rollout's own logits unless the actor's dtype asks for
         a recompute (PPOConfig.recomputes_logprobs): then it is None and scoring runs the actor once more."""
         rollout = self.models.rollout.generate(prompt_ids, prompt_mask, self.config.sampling)
@@ -292,9 +292,9 @@ class RLTrainer:
     def train_rlhf(self, exp: Experience, ptx: list[dict[str, Any]] | None = None) -> tuple[float, float, dict[str, float]]:
         """Phase 4 on one mini batch: one optimizer step of the actor and (ppo) one of the critic, the gradients of
         its micro batches (ppo.micro_batch_size rows each) accumulated. Every loss is normalised over the whole
-        mini batch of every rank (ppo.loss_aggregation's count summed over micro batches and ranks), so the step
+        mini batch of every rank (ppo.loss.aggregation's count summed over micro batches and ranks), so the step
         is the same however the mini batch is split. `ptx`: one language-model batch per micro batch, whose loss
-        x ppo.ptx_coef joins the same step (InstructGPT's PPO-ptx objective). Returns (actor_loss, critic_loss (0
+        x ppo.loss.ptx_coef joins the same step (InstructGPT's PPO-ptx objective). Returns (actor_loss, critic_loss (0
         without a critic), stats), the losses as the mini batch's."""
         import torch
 
@@ -303,7 +303,7 @@ class RLTrainer:
         cfg = self.config
         micro = [exp.slice(i, i + cfg.micro_batch_size) for i in range(0, exp.sequences.shape[0], cfg.micro_batch_size)]
         world = self.models.dist.world_size
-        counts = [aggregation_count(m.action_mask, cfg.loss_aggregation) for m in micro]
+        counts = [aggregation_count(m.action_mask, cfg.loss.aggregation) for m in micro]
         tokens = [aggregation_count(m.action_mask, "token_mean") for m in micro]
         total, total_tokens = sum_over_ranks(torch.stack([sum(counts), sum(tokens)]), world).tolist()
         actor, critic = self.models.actor.engine, self.models.critic
@@ -316,7 +316,7 @@ class RLTrainer:
                 if ptx is not None:  # each rank's LM mean, averaged over the micro batches (DeepSpeed averages ranks)
                     lm = self._ptx_loss(ptx[j])
                     ptx_loss += lm.item() / len(micro)
-                    loss = loss + cfg.ptx_coef * lm / len(micro) / world
+                    loss = loss + cfg.loss.ptx_coef * lm / len(micro) / world
                 steps.append(self._accumulate(actor, loss * world, j == len(micro) - 1))
                 for key, value in micro_stats.items():
                     stats[key] = stats.get(key, 0.0) + value / len(micro)
@@ -343,19 +343,19 @@ class RLTrainer:
 
         cfg = self.config
         p = exp.sequences.shape[1] - exp.action_mask.shape[1]
-        agg, norm = cfg.loss_aggregation, cfg.max_answer_tokens
-        out = self._logprobs(self.models.actor.engine, exp.sequences, exp.attention_mask, p, entropy=cfg.entropy_coef > 0)
-        logprobs, entropy = out if cfg.entropy_coef > 0 else (out, None)
-        loss, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.clip_low,
-                                  cfg.clip_high, agg, norm, total, cfg.dual_clip)
-        if cfg.kl_penalty == "loss":
+        agg, norm = cfg.loss.aggregation, cfg.sampling.max_answer_tokens
+        out = self._logprobs(self.models.actor.engine, exp.sequences, exp.attention_mask, p, entropy=cfg.loss.entropy_coef > 0)
+        logprobs, entropy = out if cfg.loss.entropy_coef > 0 else (out, None)
+        loss, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.loss.clip_low,
+                                  cfg.loss.clip_high, agg, norm, total, cfg.loss.dual_clip)
+        if cfg.kl.penalty == "loss":
             k3 = k3_kl(logprobs, exp.ref_logprobs)
-            if cfg.kl_clamp > 0:  # verl's clamp: one token far from the reference cannot dominate the step
-                k3 = k3.clamp(max=cfg.kl_clamp)
+            if cfg.kl.clamp > 0:  # verl's clamp: one token far from the reference cannot dominate the step
+                k3 = k3.clamp(max=cfg.kl.clamp)
             loss = loss + self.kl_ctl.value * aggregate_loss(k3, exp.action_mask, agg, norm, total)
             stats["kl_loss"] = aggregate_loss(k3.detach(), exp.action_mask, agg, norm).item()
         if entropy is not None:
-            loss = loss - cfg.entropy_coef * aggregate_loss(entropy, exp.action_mask, agg, norm, total)
+            loss = loss - cfg.loss.entropy_coef * aggregate_loss(entropy, exp.action_mask, agg, norm, total)
             stats["entropy"] = aggregate_loss(entropy.detach(), exp.action_mask, agg, norm).item()
         return faults.poison(loss, self.iteration), stats
 
@@ -365,7 +365,7 @@ class RLTrainer:
 
         p = exp.sequences.shape[1] - exp.action_mask.shape[1]
         values = token_values(self.models.critic.module, exp.sequences, exp.attention_mask, p)
-        return value_loss(values, exp.values, exp.returns, exp.action_mask, self.config.value_clip_range, total_tokens)
+        return value_loss(values, exp.values, exp.returns, exp.action_mask, self.config.loss.value_clip_range, total_tokens)
 
     def _ptx_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The language-model loss of one ptx batch under the actor (train mode is the caller's)."""

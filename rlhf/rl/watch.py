@@ -4,8 +4,8 @@ overoptimization"): the reward rose while the KL to the SFT model or the answer 
 and a verifier (or evaluate scorer) moved in opposite directions.
 
 A warning changes no result, so its thresholds are constants here, not params; the stage still exits 0 (the work was
-done) but says, one line per finding, what to look at and which param reins it in (`ppo.kl_target`, `ppo.max_kl`,
-`ppo.kl_coef`)."""
+done) but says, one line per finding, what to look at and which param reins it in (`ppo.kl.target`, `ppo.kl.stop_above`,
+`ppo.kl.coef`)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def ppo_warnings(
 ) -> list[str]:
     """Warnings for a PPO run: `metrics` holds the held-out `reward_sft`/`reward_ppo`, `rm_score_*` (with a reward
     model) and `<label>_sft`/`_ppo` for each function; `kl` and `length` are the last iteration's mean KL to the
-    reference per answer and mean answer length, `max_length` is ppo.max_answer_tokens."""
+    reference per answer and mean answer length, `max_length` is ppo.sampling.max_answer_tokens."""
     out: list[str] = []
     before, after = metrics.get("reward_sft", float("nan")), metrics.get("reward_ppo", float("nan"))
     if _rose(before, after):
@@ -38,14 +38,14 @@ def ppo_warnings(
         if kl > KL_PER_ANSWER:
             out.append(
                 f"{moved} while the KL to the reference reached {kl:.2f} nats per answer (over {KL_PER_ANSWER}): the "
-                "actor may be exploiting the reward; read metrics/samples.md, and set ppo.kl_target or ppo.max_kl "
-                "or raise ppo.kl_coef"
+                "actor may be exploiting the reward; read metrics/samples.md, and set ppo.kl.target or ppo.kl.stop_above "
+                "or raise ppo.kl.coef"
             )
         if length >= LENGTH_SHARE * max_length:
             out.append(
-                f"{moved} while answers grew to {length:.1f} tokens, at the limit ppo.max_answer_tokens {max_length}: "
+                f"{moved} while answers grew to {length:.1f} tokens, at the limit ppo.sampling.max_answer_tokens {max_length}: "
                 "the reward may be paying for length; read metrics/samples.md, and penalise length or raise "
-                "ppo.kl_coef"
+                "ppo.kl.coef"
             )
     if "rm_score_sft" in metrics:
         out += disagreements(
@@ -65,7 +65,7 @@ def disagreements(
             out.append(
                 f"{model} and {label} disagree ({change}: {before:.3f} -> {after:.3f} vs {s_before:.3f} -> "
                 f"{s_after:.3f}): trust the verifier, and look for what the reward model pays for in "
-                "metrics/samples.md (retrain it on more pairs, or raise ppo.kl_coef)"
+                "metrics/samples.md (retrain it on more pairs, or raise ppo.kl.coef)"
             )
     return out
 
@@ -82,7 +82,7 @@ def evaluate_warnings(result: Mapping[str, Mapping[str, float]], scorers: list[s
             out.append(
                 f"{name}: the reward model's score rose ({sft['rm_reward']:.3f} -> {got['rm_reward']:.3f}) with a KL "
                 f"to SFT of {got['kl_to_sft']:.3f} per token (over {KL_PER_TOKEN}): check that the answers got "
-                "better (metrics/samples.md), and rein in step 3 with ppo.kl_target or ppo.max_kl"
+                "better (metrics/samples.md), and rein in step 3 with ppo.kl.target or ppo.kl.stop_above"
             )
         out += disagreements(
             f"{name}: the reward model's score", sft["rm_reward"], got["rm_reward"],

@@ -2,7 +2,7 @@
 log-probabilities, why each answer ended) out.
 
 Step 3's scoring, rewards and algorithms read a `Rollout` and nothing else of the engine that made it, so an engine
-is one class with one method (`RolloutEngine.generate`). Two are built in, chosen by `ppo.decoder`:
+is one class with one method (`RolloutEngine.generate`). Two are built in, chosen by `ppo.rollout.engine`:
 
     own       rlhf/rollout/decode.py  our decode loop: preallocated KV cache, lean Llama-family step, CUDA graphs
     generate  rlhf/rollout/hf.py      transformers' generate, for any architecture
@@ -24,7 +24,7 @@ import torch
 
 from rlhf.config import Sampling
 
-# ppo.decoder -> the engine's class, imported when chosen ("module:Class")
+# ppo.rollout.engine -> the engine's class, imported when chosen ("module:Class")
 ENGINES = {"own": "rlhf.rollout.decode:DecodeLoop", "generate": "rlhf.rollout.hf:GenerateRollout"}
 
 ModelContext = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -109,7 +109,7 @@ class ModelRollout:
 
 def make_rollout_engine(name: str, model_context: ModelContext, stop_ids: Sequence[int], pad_token_id: int,
                         cuda_graphs: bool = False) -> RolloutEngine:
-    """The engine `ppo.decoder` names (ENGINES), decoding with the model that `model_context()` holds."""
+    """The engine `ppo.rollout.engine` names (ENGINES), decoding with the model that `model_context()` holds."""
     import importlib
 
     module, cls = ENGINES[name].split(":")

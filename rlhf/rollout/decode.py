@@ -14,7 +14,7 @@ builds masks, rotary tables and cache objects every token. This loop does one th
   drawn token under log_softmax(logits / temperature), PPO's log pi_old, comes out of the same step;
 - **stop** a row at its eos (later positions get pad, as `generate` does) and the batch when every row stopped.
 
-On CUDA (ppo.cuda_graphs) the one-token step is captured once per rollout as a **CUDA graph** and replayed every
+On CUDA (ppo.rollout.cuda_graphs) the one-token step is captured once per rollout as a **CUDA graph** and replayed every
 token: its shapes are made static by attending over the cache's whole width with a mask (unfilled columns masked,
 the cache zero-initialised) and by writing the new key/value at a column held in a device tensor, so one replay
 launches the step's hundreds of kernels at once; the loop then asks the GPU whether every row stopped once every
@@ -342,7 +342,7 @@ def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample
         # eos not yet allowed: its logit -inf for the draw only (transformers' MinNewTokensLengthLogitsProcessor)
         allowed = logits if n >= min_new_tokens else logits.index_fill(-1, eos, -float("inf"))
         tokens = torch.where(running, sample(allowed, do_sample, temperature, top_k, top_p), pad_token_id)
-        # log pi_old of the token placed, over the whole vocabulary (see PPOConfig.temperature)
+        # log pi_old of the token placed, over the whole vocabulary (see PPOConfig.sampling)
         out[:, n], logprobs[:, n] = tokens, logprobs_from_logits(logits[:, None], tokens[:, None], temperature)[:, 0]
         mask[:, p + n] = True  # generate attends to every fed token, pad after eos included
         running &= ~torch.isin(tokens, eos)
@@ -391,10 +391,10 @@ def _decode_with_forward(model: Any, input_ids: Any, attention_mask: Any, *, do_
 
 
 class DecodeLoop(ModelRollout):
-    """ppo.decoder: own, the rollout engine of this module's `decode`."""
+    """ppo.rollout.engine: own, the rollout engine of this module's `decode`."""
 
     def decode(self, model: Any, ids: torch.Tensor, mask: torch.Tensor,
                sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
         out = decode(model, ids, mask, **sampling.knobs(), pad_token_id=self.pad_token_id, eos_token_id=self.stop_ids,
-                     min_new_tokens=sampling.min_new_tokens, cuda_graphs=self.cuda_graphs)
+                     min_new_tokens=sampling.min_answer_tokens, cuda_graphs=self.cuda_graphs)
         return out.sequences, out.logprobs

@@ -1,4 +1,4 @@
-"""Rollouts through transformers' generate (ppo.decoder: generate), with the same stop ids as our loop."""
+"""Rollouts through transformers' generate (ppo.rollout.engine: generate), with the same stop ids as our loop."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def generate_tokens(
 
 
 class GenerateRollout(ModelRollout):
-    """ppo.decoder: generate, transformers' generate as a rollout engine (any architecture). A prompt that several
+    """ppo.rollout.engine: generate, transformers' generate as a rollout engine (any architecture). A prompt that several
     rows repeat is prefilled once; the drawn tokens' log-probabilities come from the raw logits, before any
     processing, as our loop scores them."""
 
@@ -64,7 +64,7 @@ class GenerateRollout(ModelRollout):
         from rlhf.models.logprobs import logprobs_from_logits
         from rlhf.models.prefix import prefill_shared
 
-        extra = {"min_new_tokens": sampling.min_new_tokens} if sampling.min_new_tokens else {}
+        extra = {"min_new_tokens": sampling.min_answer_tokens} if sampling.min_answer_tokens else {}
         out = generate_tokens(model, ids, mask, **sampling.knobs(), pad_token_id=self.pad_token_id,
                               eos_token_id=self.stop_ids, use_cache=True, past_key_values=prefill_shared(model, ids, mask),
                               return_dict_in_generate=True, output_logits=True, **extra)

@@ -54,7 +54,7 @@ def check_eval_split(split: Path | str, rows: int, metric: str, or_else: str = "
 def check_ppo_splits(data_dir: Path, train: int, held_out: int, ptx: int, ppo: PPOConfig, world_size: int) -> None:
     """PPO's splits, before DeepSpeed starts: each iteration draws ppo.rollout_batch_size prompts per rank from
     ppo_train (its loader drops the ragged end, so fewer prompts give no rollout at all); the held-out score needs
-    ppo_eval unless ppo.eval_prompts is 0; the ptx mix (ppo.ptx_coef > 0) draws micro batches of ptx_train (from
+    ppo_eval unless ppo.eval_prompts is 0; the ptx mix (ppo.loss.ptx_coef > 0) draws micro batches of ptx_train (from
     data.ptx_source) or else of sft_train."""
     data_dir = Path(data_dir)
     check_rows(
@@ -64,12 +64,12 @@ def check_ppo_splits(data_dir: Path, train: int, held_out: int, ptx: int, ppo: P
     )
     if ppo.eval_prompts > 0:
         check_eval_split(data_dir / "ppo_eval.jsonl", held_out, "reward-model score", ", or set ppo.eval_prompts: 0")
-    if ppo.ptx_coef > 0:
+    if ppo.loss.ptx_coef > 0:
         own = (data_dir / "ptx_train.jsonl").is_file()
         check_rows(
             data_dir / ("ptx_train.jsonl" if own else "sft_train.jsonl"), ptx, ppo.micro_batch_size * world_size,
-            f"ppo.micro_batch_size {ppo.micro_batch_size} x {world_size} rank(s), for ppo.ptx_coef > 0",
-            "lower ppo.micro_batch_size, set ppo.ptx_coef: 0, or "
+            f"ppo.micro_batch_size {ppo.micro_batch_size} x {world_size} rank(s), for ppo.loss.ptx_coef > 0",
+            "lower ppo.micro_batch_size, set ppo.loss.ptx_coef: 0, or "
             + ("bring more text to data.ptx_source" if own else "give sft a larger share (data.data_split)"),
         )
 

@@ -54,7 +54,7 @@ def masked_whiten(
 
 class RunningMoments:
     """Mean and standard deviation of every reward seen so far, merged batch by batch (Chan et al. 1979's parallel
-    update, as TRL's RunningMoments), for ppo.reward_normalization: running.
+    update, as TRL's RunningMoments), for ppo.advantage.reward_normalization: running.
 
     update(total, total_sq, n) takes a batch's sum, sum of squares and count (summed over ranks by the caller, so
     every rank holds the same moments); normalize(scores) is (scores - mean) / std with the moments so far.

@@ -154,11 +154,11 @@ def test_offload_params_needs_zero3() -> None:
     assert "engine.offload_params" in msg and "zero_stage: 3" in msg
 
 
-@pytest.mark.parametrize("model", ["ref_engine", "reward_engine"])
+@pytest.mark.parametrize("model", ["ref", "reward"])
 def test_frozen_model_offload_optimizer_is_refused(model: str) -> None:
     """The reference and reward model are frozen: an optimizer offload for them would be silently ignored."""
-    msg = config_error({f"ppo.{model}.offload_optimizer": True, "engine.zero_stage": 3})
-    assert f"ppo.{model}.offload_optimizer" in msg and "frozen" in msg and "offload_params" in msg
+    msg = config_error({f"ppo.engines.{model}.offload_optimizer": True, "engine.zero_stage": 3})
+    assert f"ppo.engines.{model}.offload_optimizer" in msg and "frozen" in msg and "offload_params" in msg
 
 
 def test_zero3_persistence_threshold_reaches_deepspeed() -> None:
@@ -166,7 +166,7 @@ def test_zero3_persistence_threshold_reaches_deepspeed() -> None:
 
     p = load_params(PARAMS, {"engine.zero_stage": 3, "engine.zero3_persistence_threshold": 0})
     assert zero_config(p.engine)["stage3_param_persistence_threshold"] == 0
-    frozen = zero_config(resolve_engine(p.engine, p.ppo.ref_engine), trained=False)
+    frozen = zero_config(resolve_engine(p.engine, p.ppo.engines.ref), trained=False)
     assert frozen["stage"] == 3 and frozen["stage3_param_persistence_threshold"] == 0
     p2 = load_params(PARAMS, {"engine.zero_stage": 2, "engine.offload_optimizer": True})
     assert zero_config(p2.engine, trained=False) == {"stage": 0}  # frozen under ZeRO-2: whole, nothing offloaded
@@ -256,3 +256,11 @@ def test_parse_params_on_a_mapping() -> None:
         parse_params({"sft": {"epochs": 0}})
     with pytest.raises(ConfigError, match=r"^override\.yaml: unknown key"):
         parse_params({"sft": {"epoch": 1}}, source="override.yaml")
+
+
+def test_a_params_file_of_the_old_flat_shape_names_the_new_keys() -> None:
+    """Before 2026-12 step 3's keys were flat (ppo.kl_coef); such a file gets one line naming each key's new place."""
+    msg = config_error({"ppo.kl_coef": 0.05, "ppo.actor_engine": {"zero_stage": 3}})
+    assert "ppo.kl_coef -> ppo.kl.coef, ppo.actor_engine -> ppo.engines.actor" in msg and "\n" not in msg
+    assert "evaluate.temperature -> evaluate.sampling.temperature" in config_error({"evaluate.temperature": 0.7})
+    assert load_params(PARAMS, {"ppo.kl.coef": 0.05}).ppo.kl.coef == 0.05

@@ -58,7 +58,7 @@ def test_answers_are_cut_after_the_first_eos_and_keep_it(monkeypatch) -> None:
     model's own generation_config is set aside for the call."""
     import torch
 
-    from rlhf.config import EvaluateConfig
+    from rlhf.config import EvaluateConfig, Sampling
     from rlhf.evaluation.evaluate import _answers
 
     tok = _pad_is_eos_tokenizer()
@@ -73,7 +73,7 @@ def test_answers_are_cut_after_the_first_eos_and_keep_it(monkeypatch) -> None:
             calls.append((self.generation_config, kwargs))
             return torch.cat([input_ids, generated[: input_ids.shape[0]]], dim=1)
 
-    cfg = EvaluateConfig(batch_size=8, temperature=0.7, top_k=3, top_p=0.9, max_answer_tokens=4)
+    cfg = EvaluateConfig(batch_size=8, sampling=Sampling(temperature=0.7, top_k=3, top_p=0.9, max_answer_tokens=4))
     got = _answers(Scripted(), tok, [[5, 6, 7], [5, 6], [8]], cfg, seed=0)
     assert got == [[20, 21, eos], [20, 21, 22, 23], [eos]]
     config, kwargs = calls[0]

@@ -135,7 +135,7 @@ def test_rollouts_stop_on_the_turn_end_and_the_reward_is_read_there(family: str,
     sequences = {}
     for decoder in ("own", "generate"):
         params = load_params(write_params(tmp_path / f"{decoder}.yaml", {"ppo": {
-            "ema_beta": 0.0, "max_answer_tokens": 12, "decoder": decoder, "rollout_logprobs": "recompute"}}))
+            "ema_beta": 0.0, "sampling": {"max_answer_tokens": 12}, "rollout": {"engine": decoder, "logprobs": "recompute"}}}))
         models = RLModels(params.ppo, params.engine, dist, folder / "actor", folder / "reward")
         trainer = RLTrainer(models, params.ppo, params.rewards)
         batch = collate_prompts(len(prompt), tok.pad_token_id)([prompt] * 16)

@@ -53,12 +53,12 @@ def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path, reproduced: Pat
 
 
 def test_experiment_reruns_only_ppo_and_evaluate(tmp_path: Path, reproduced: Path) -> None:
-    """`dvc exp run -S ppo.kl_coef=...` reuses the cached SFT and reward models and lists its metrics."""
+    """`dvc exp run -S ppo.kl.coef=...` reuses the cached SFT and reward models and lists its metrics."""
     repo = reproduced_repo(tmp_path, reproduced)
     commit(repo, "baseline")
     sft_before = (repo / "models/sft/model.safetensors").read_bytes()
 
-    out = run_ok("dvc", "exp", "run", "-n", "kl05", "-S", "ppo.kl_coef=0.05", cwd=repo)
+    out = run_ok("dvc", "exp", "run", "-n", "kl05", "-S", "ppo.kl.coef=0.05", cwd=repo)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"check", "ppo", "evaluate"}, out  # check: seconds, and its output unchanged
     assert (repo / "models/sft/model.safetensors").read_bytes() == sft_before

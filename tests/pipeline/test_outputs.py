@@ -211,8 +211,9 @@ def test_ppo_prompts_fewer_than_one_rollout_batch_are_refused() -> None:
     with pytest.raises(UserError, match="ppo_eval.jsonl is empty.*ppo.eval_prompts: 0"):
         check_ppo_splits(Path("d"), 16, 0, 0, ppo, world_size=2)
     check_ppo_splits(Path("d"), 16, 0, 0, ppo.model_copy(update={"eval_prompts": 0}), world_size=2)
-    with pytest.raises(UserError, match="sft_train.jsonl has 3 rows.*ppo.ptx_coef"):
-        check_ppo_splits(Path("d"), 16, 1, 3, ppo.model_copy(update={"ptx_coef": 0.5}), world_size=1)
+    with pytest.raises(UserError, match="sft_train.jsonl has 3 rows.*ppo.loss.ptx_coef"):
+        ptx = ppo.model_copy(update={"loss": ppo.loss.model_copy(update={"ptx_coef": 0.5})})
+        check_ppo_splits(Path("d"), 16, 1, 3, ptx, world_size=1)
 
 
 def test_an_empty_prompt_loader_stops_instead_of_recursing_forever() -> None:

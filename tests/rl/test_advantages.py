@@ -21,7 +21,7 @@ def t(rows: list) -> torch.Tensor:
 
 def _cfg(group_size: int) -> SimpleNamespace:
     """The step-3 config fields the critic-free estimators read."""
-    return SimpleNamespace(group_size=group_size, group_std=True, gamma=1.0)
+    return SimpleNamespace(group_size=group_size, advantage=SimpleNamespace(group_std=True, gamma=1.0))
 
 
 # ------------------------------------------------------------------------------------------- group advantages
@@ -280,19 +280,24 @@ def test_dual_clip_bounds_the_loss_of_a_negative_advantage() -> None:
 
 
 def test_each_algorithm_takes_its_published_defaults_unless_params_say_otherwise() -> None:
-    from rlhf.config import ALGORITHM_DEFAULTS, PPOConfig
+    from rlhf.config import ALGORITHM_DEFAULTS, LossConfig, PPOConfig
 
     grpo = PPOConfig(algorithm="grpo")  # DeepSeekMath: k3 KL loss at 0.04, per-answer means, raw rewards
-    assert (grpo.kl_penalty, grpo.kl_coef, grpo.loss_aggregation, grpo.reward_normalization, grpo.reward_clip) == (
-        "loss", 0.04, "seq_mean_token_mean", "none", 0.0)
-    assert PPOConfig(algorithm="dr_grpo").group_std is False
-    assert PPOConfig(algorithm="dapo").clip_high == 0.28 and PPOConfig(algorithm="dapo").kl_coef == 0.0
+    assert (grpo.kl.penalty, grpo.kl.coef, grpo.loss.aggregation, grpo.advantage.reward_normalization,
+            grpo.advantage.reward_clip) == ("loss", 0.04, "seq_mean_token_mean", "none", 0.0)
+    assert PPOConfig(algorithm="dr_grpo").advantage.group_std is False
+    assert PPOConfig(algorithm="dapo").loss.clip_high == 0.28 and PPOConfig(algorithm="dapo").kl.coef == 0.0
     ppo = PPOConfig()  # ours, unchanged: the default pipeline's figures hold
-    assert (ppo.kl_penalty, ppo.kl_coef, ppo.reward_normalization, ppo.reward_clip) == ("reward", 0.2, "running", 5.0)
-    assert PPOConfig(algorithm="grpo", kl_coef=0.1, loss_aggregation=None).kl_coef == 0.1  # an explicit value wins
+    assert (ppo.kl.penalty, ppo.kl.coef, ppo.advantage.reward_normalization, ppo.advantage.reward_clip) == (
+        "reward", 0.2, "running", 5.0)
+    explicit = PPOConfig(algorithm="grpo", kl={"coef": 0.1}, loss={"aggregation": None})
+    assert (explicit.kl.coef, explicit.kl.penalty, explicit.loss.aggregation) == (0.1, "loss", "seq_mean_token_mean")
+    given = PPOConfig(algorithm="dapo", loss=LossConfig(entropy_coef=0.01))  # a group object, not a mapping
+    assert (given.loss.entropy_coef, given.loss.clip_high) == (0.01, 0.28)
     for name, defaults in ALGORITHM_DEFAULTS.items():
         cfg = PPOConfig(algorithm=name, **({"answers_per_prompt": 2} if name == "reinforce_pp" else {}))
-        assert {k: getattr(cfg, k) for k in defaults} == defaults, name
+        got = {group: {k: getattr(getattr(cfg, group), k) for k in values} for group, values in defaults.items()}
+        assert got == defaults, name
         assert cfg.describe().startswith(f"{name}; ")
 
 

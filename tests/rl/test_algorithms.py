@@ -28,9 +28,9 @@ def _changed(a: dict, b: dict) -> int:
     [
         # GRPO as DeepSeekMath has it: std-normalised groups, the k3 KL as a loss, per-answer loss means; plus an
         # entropy bonus
-        ("grpo", {"kl_penalty": "loss", "loss_aggregation": "seq_mean_token_mean", "entropy_coef": 0.01}),
+        ("grpo", {"kl": {"penalty": "loss"}, "loss": {"aggregation": "seq_mean_token_mean", "entropy_coef": 0.01}}),
         # RLOO with DAPO's clip-higher and Dr. GRPO's constant normaliser
-        ("rloo", {"clip_range_high": 0.28, "loss_aggregation": "seq_mean_token_sum_norm"}),
+        ("rloo", {"loss": {"clip_range_high": 0.28, "aggregation": "seq_mean_token_sum_norm"}}),
         ("reinforce_pp", {"answers_per_prompt": 2}),
         # their published defaults alone (params.yaml's nulls)
         ("dr_grpo", {}),
@@ -56,7 +56,7 @@ def test_critic_free_algorithm_trains_the_actor_and_builds_no_critic(trained: Pa
     assert result["algorithm"] == algorithm and result["iterations"] == 2
     curves = live / "plots/metrics/ppo"
     assert (curves / "actor_loss.tsv").is_file() and not (curves / "critic_loss.tsv").exists()
-    if options.get("kl_penalty") == "loss":
+    if options.get("kl", {}).get("penalty") == "loss":
         assert (curves / "kl_loss.tsv").is_file() and (curves / "entropy.tsv").is_file()
 
 
@@ -191,7 +191,7 @@ def test_ptx_reads_its_own_text_source(trained: Path, tmp_path: Path) -> None:
     assert [r["text"] for r in rows] == texts
     assert json.loads((work / "metrics/prepare.json").read_text())["ptx_rows"] == 40
 
-    write_params(work / "ptx.yaml", source, {"ppo": {"ptx_coef": 0.5, "ema_beta": 0.0}})
+    write_params(work / "ptx.yaml", source, {"ppo": {"loss": {"ptx_coef": 0.5}, "ema_beta": 0.0}})
     out = tmp_path / "models"
     run_cli("ppo", "--params", "ptx.yaml", "--sft", str(trained / "models/sft"), "--reward",
             str(trained / "models/reward"), "--out", str(out), cwd=work)

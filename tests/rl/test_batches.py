@@ -101,8 +101,9 @@ def test_one_mini_batch_as_1x16_or_4x4_takes_the_same_step(trained: Path, dist, 
     weights after it. Before, each micro batch of 4 was its own step on its own mean."""
     from rlhf.training.runtime import full_state_dict
 
-    ppo = {"algorithm": algorithm, "loss_aggregation": aggregation, "rollout_batch_size": 4, "answers_per_prompt": 4,
-           "mini_batch_size": 16, "kl_penalty": "loss", "entropy_coef": 0.01, "actor_learning_rate": 1e-3}
+    ppo = {"algorithm": algorithm, "loss": {"aggregation": aggregation, "entropy_coef": 0.01}, "rollout_batch_size": 4,
+           "answers_per_prompt": 4, "mini_batch_size": 16, "kl": {"penalty": "loss"},
+           "optimizer": {"actor_learning_rate": 1e-3}}
     got = {}
     for micro in (16, 4):
         trainer = _trainer(trained, dist, f"mini_{algorithm}_{micro}.yaml", {**ppo, "micro_batch_size": micro})
@@ -182,7 +183,7 @@ def test_first_step_ratio_is_exactly_one_with_dropout_off(trained: Path, dist, t
     with it kept, it is noise."""
     sft = _with_dropout(trained, tmp_path, 0.1)
     trainer = _trainer(trained, dist, f"dropout_{disable}.yaml", {"disable_dropout": disable,
-                                                                  "rollout_logprobs": "recompute"}, sft=sft)
+                                                                  "rollout": {"logprobs": "recompute"}}, sft=sft)
     torch.manual_seed(0)
     exp, _ = trainer.generate_experience(_prompts(trainer.tok, 8))
     _, _, stats = trainer.train_rlhf(exp)
@@ -209,11 +210,11 @@ def test_dpo_first_step_loss_is_log_2_with_dropout_off(trained: Path, tmp_path: 
 
 
 def test_cosine_schedule_with_ptx_ends_at_its_minimum_and_never_rises(trained: Path, tmp_path: Path) -> None:
-    """With ppo.ptx_coef > 0 the schedule used to count each micro batch once while the optimizer stepped twice
+    """With ppo.loss.ptx_coef > 0 the schedule used to count each micro batch once while the optimizer stepped twice
     (the RL step and the ptx step): cosine reached 0 halfway and climbed back. The ptx loss now joins the RL step,
     and the schedule is as long as the steps taken."""
-    write_params(trained / "ptx_cosine.yaml", {"ppo": {"ptx_coef": 0.5, "lr_schedule": "cosine", "iterations": 4,
-                                                        "warmup_ratio": 0.25, "eval_prompts": 0}})
+    write_params(trained / "ptx_cosine.yaml", {"ppo": {"loss": {"ptx_coef": 0.5}, "iterations": 4, "eval_prompts": 0,
+                                                        "optimizer": {"lr_schedule": "cosine", "warmup_ratio": 0.25}}})
     live = tmp_path / "live"
     run_cli("ppo", "--params", "ptx_cosine.yaml", "--out", str(tmp_path / "ppo"), "--metrics",
             str(tmp_path / "ppo.json"), "--live", str(live), "--checkpoints", str(tmp_path / "ckpt"), cwd=trained)

@@ -38,8 +38,8 @@ def _run(trained: Path, algorithm: str, flip: bool = False) -> list[float]:
 
     params = load_params(write_params(trained / f"learn_{algorithm}.yaml", {"ppo": {
         "algorithm": algorithm, "rollout_batch_size": 8, "answers_per_prompt": 4, "micro_batch_size": 16,
-        "actor_learning_rate": 0.01, "critic_learning_rate": 0.01, "ema_beta": 0.0, "max_answer_tokens": 8,
-        "kl_coef": 0.0}}))
+        "optimizer": {"actor_learning_rate": 0.01, "critic_learning_rate": 0.01}, "ema_beta": 0.0,
+        "sampling": {"max_answer_tokens": 8}, "kl": {"coef": 0.0}}}))
     dist = init_distributed(EngineConfig(device="cpu"))
     torch.manual_seed(0)
     models = RLModels(params.ppo, params.engine, dist, trained / "models/sft", trained / "models/reward")

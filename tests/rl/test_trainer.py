@@ -64,16 +64,16 @@ def test_hybrid_generation_matches_plain_generate(tiny_models: Path, dist, engin
     from rlhf.rollout.base import make_rollout_engine
     from rlhf.training import runtime as eng
 
-    params = _params(tiny_models, "hybrid.yaml", {"engine": engine, "ppo": {"actor_lora": {"rank": lora}}})
+    params = _params(tiny_models, "hybrid.yaml", {"engine": engine, "ppo": {"lora": {"actor": {"rank": lora}}}})
     tok = load_tokenizer(tiny_models / "models/sft")
     torch.manual_seed(0)
-    model = add_lora(load_causal_lm(tiny_models / "models/sft"), params.ppo.actor_lora, "CAUSAL_LM")
+    model = add_lora(load_causal_lm(tiny_models / "models/sft"), params.ppo.lora.actor, "CAUSAL_LM")
     if lora:  # non-zero adapters, so that fusing them matters
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.5)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    plain = add_lora(load_causal_lm(tiny_models / "models/sft"), params.ppo.actor_lora, "CAUSAL_LM")
+    plain = add_lora(load_causal_lm(tiny_models / "models/sft"), params.ppo.lora.actor, "CAUSAL_LM")
     plain.load_state_dict(state)
     plain = unwrap_for_saving(plain).eval()
     hybrid = HybridEngine(eng.initialize(model, params.engine, _train_cfg(params.ppo, 1e-3), 10), engine["zero_stage"])
@@ -90,7 +90,7 @@ def test_hybrid_generation_matches_plain_generate(tiny_models: Path, dist, engin
     for decoder in ("own", "generate"):  # our decode loop (the default) and transformers' generate (the fallback)
         rollouts = make_rollout_engine(decoder, hybrid.generation_mode, [tok.eos_token_id], tok.pad_token_id)
         torch.manual_seed(123)
-        got = rollouts.generate(batch["input_ids"], batch["attention_mask"], Sampling(max_new_tokens=10))
+        got = rollouts.generate(batch["input_ids"], batch["attention_mask"], Sampling(max_answer_tokens=10))
         assert torch.equal(got.sequences, want), decoder
         assert got.logprobs.shape == (want.shape[0], want.shape[1] - batch["input_ids"].shape[1]), decoder
     # State restored: training mode, no merged adapters, shards released, weights untouched.
@@ -107,9 +107,8 @@ def test_one_ppo_update_moves_actor_and_critic_not_reference(tiny_models: Path, 
 
     # Each model its own ZeRO stage, as DeepSpeed-Chat allows for the actor and critic; the frozen reference
     # sharded by ZeRO-3 with its weights offloaded.
-    engines = {"actor_engine": {"zero_stage": 2}, "critic_engine": {"zero_stage": 1},
-               "ref_engine": {"zero_stage": 3, "offload_params": True}}
-    params = _params(tiny_models, "ppo_api.yaml", {"engine": SHARD_ALL, "ppo": {"ema_beta": 0.5, **engines}})
+    engines = {"actor": {"zero_stage": 2}, "critic": {"zero_stage": 1}, "ref": {"zero_stage": 3, "offload_params": True}}
+    params = _params(tiny_models, "ppo_api.yaml", {"engine": SHARD_ALL, "ppo": {"ema_beta": 0.5, "engines": engines}})
     engine = RLModels(params.ppo, params.engine, dist, tiny_models / "models/sft", tiny_models / "models/reward")
     assert [engine.engine_configs[m].zero_stage for m in ("actor", "critic", "ref", "reward")] == [2, 1, 3, 0]
     assert_sharded(engine.ref.module)
@@ -168,7 +167,7 @@ def _trained_away(trained: Path, out: Path) -> dict:
 def test_ppo_stage_writes_loadable_actor_critic_and_ema(trained: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    write_params(trained / "ppo.yaml", {"ppo": {"ptx_coef": 0.5}})
+    write_params(trained / "ppo.yaml", {"ppo": {"loss": {"ptx_coef": 0.5}}})
     proc = run_cli("ppo", "--params", "ppo.yaml", cwd=trained)
     assert "[ppo] iter 2/2" in proc.stdout and "tok/s" in proc.stdout
     actor = _trained_away(trained, trained / "models/ppo")
@@ -276,9 +275,9 @@ def test_answers_per_prompt_and_rollout_logprobs(tiny_models: Path, dist) -> Non
     # Sampled at temperature 0.7 among the 5 likeliest tokens: log pi_old, log pi_ref and the update's log pi are
     # all log_softmax(logits / 0.7) over the whole vocabulary (PPOConfig's convention); top_k truncates sampling only.
     temperature, top_k = 0.7, 5
-    params = _params(tiny_models, "ppo_k.yaml", {"ppo": {"answers_per_prompt": 3, "rollout_batch_size": 2,
-                                                     "micro_batch_size": 6, "actor_engine": {"zero_stage": 3},
-                                                     "temperature": temperature, "top_k": top_k}}, {"engine": SHARD_ALL})
+    k = {"answers_per_prompt": 3, "rollout_batch_size": 2, "micro_batch_size": 6, "engines": {"actor": {"zero_stage": 3}},
+         "sampling": {"temperature": temperature, "top_k": top_k}}
+    params = _params(tiny_models, "ppo_k.yaml", {"ppo": k}, {"engine": SHARD_ALL})
     engine = RLModels(params.ppo, params.engine, dist, tiny_models / "models/sft", tiny_models / "models/reward")
     assert_sharded(engine.actor.module)
     trainer = RLTrainer(engine, params.ppo, params.rewards)
@@ -350,9 +349,9 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(tiny_model
     from rlhf.rollout.base import finish
 
     sft, reward = _pad_is_eos_copies(tiny_models, tmp_path)
-    params = _params(tiny_models, "ppo_eos.yaml", {"ppo": {"rollout_logprobs": "recompute", "kl_coef": 0.0,
-                                                       "reward_clip": 0.0, "ema_beta": 0.0,
-                                                       "reward_normalization": "none"}})
+    params = _params(tiny_models, "ppo_eos.yaml", {"ppo": {"rollout": {"logprobs": "recompute"}, "kl": {"coef": 0.0},
+                                                       "advantage": {"reward_clip": 0.0, "reward_normalization": "none"},
+                                                       "ema_beta": 0.0}})
     engine = RLModels(params.ppo, params.engine, dist, sft, reward)
     tok = engine.tok
     eos = tok.eos_token_id
@@ -392,7 +391,8 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(tiny_model
     torch.testing.assert_close(exp.rewards, onehot * exp.scores[:, None], rtol=0, atol=1e-6)
 
     # reward_normalization running: the first batch is z-scored by its own mean and (unbiased) std.
-    running = RLTrainer(engine, params.ppo.model_copy(update={"reward_normalization": "running"}), params.rewards)
+    running = RLTrainer(engine, params.ppo.model_copy(update={"advantage": params.ppo.advantage.model_copy(
+        update={"reward_normalization": "running"})}), params.rewards)
     exp, _ = running.generate_experience(batch)
     z = (exp.scores - exp.scores.mean()) / exp.scores.std()
     torch.testing.assert_close(exp.rewards, onehot * z[:, None], rtol=0, atol=1e-5)
@@ -439,7 +439,7 @@ def test_bf16_step3_fp32_master_weights_recomputed_log_pi_old_and_loadable_outpu
     from rlhf.training.runtime import full_state_dict
 
     params = _params(trained, "ppo_bf16.yaml", {"engine": {"dtype": "bf16"}})
-    assert params.ppo.rollout_logprobs == "auto" and params.ppo.recomputes_logprobs("bf16")
+    assert params.ppo.rollout.logprobs == "auto" and params.ppo.recomputes_logprobs("bf16")
     engine = RLModels(params.ppo, params.engine, dist, trained / "models/sft", trained / "models/reward")
     for name in ("actor", "critic", "ref", "reward"):
         assert {p.dtype for p in getattr(engine, name).module.parameters()} == {torch.bfloat16}, name

@@ -51,7 +51,7 @@ def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path)
         "sft": {"micro_batch_size": 8, "max_steps": 400, "epochs": 100},
         "rewards": {"model_weight": 0.0, "functions": [verifier]},
         "ppo": {"rollout_batch_size": 16, "micro_batch_size": 8, "iterations": 20, "eval_prompts": 12,
-                "answers_per_prompt": 4, "actor_learning_rate": 0.001},
+                "answers_per_prompt": 4, "optimizer": {"actor_learning_rate": 0.001}},
         "evaluate": {"scorers": [verifier]},
     })
     run_ok("git", "init", "-q", cwd=repo)

@@ -13,8 +13,8 @@ HACKED = {"reward_sft": 1.1, "reward_ppo": 5.0, "rm_score_sft": 0.9, "rm_score_p
 def test_a_hacked_run_gets_one_warning_per_finding() -> None:
     got = ppo_warnings(HACKED, ["exact"], kl=10.2, length=32.0, max_length=32)
     assert len(got) == 3, got
-    assert "KL to the reference reached 10.20 nats per answer" in got[0] and "ppo.kl_target or ppo.max_kl" in got[0]
-    assert "answers grew to 32.0 tokens, at the limit ppo.max_answer_tokens 32" in got[1]
+    assert "KL to the reference reached 10.20 nats per answer" in got[0] and "ppo.kl.target or ppo.kl.stop_above" in got[0]
+    assert "answers grew to 32.0 tokens, at the limit ppo.sampling.max_answer_tokens 32" in got[1]
     assert "the reward model's held-out score and exact disagree (SFT -> PPO: 0.900 -> 5.000 vs 0.400 -> 0.000)" in got[2]
     assert all("\n" not in line for line in got)
 

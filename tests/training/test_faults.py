@@ -90,13 +90,13 @@ def test_consecutive_non_finite_steps_abort_with_nothing_written(prepared: Path,
     assert sorted(str(p.relative_to(work / "dvclive/sft")) for p in (work / "dvclive/sft").rglob("*.*")) == sorted(earlier)
 
 
-def test_ppo_stops_early_when_kl_exceeds_max_kl(trained: Path, tmp_path: Path) -> None:
+def test_ppo_stops_early_when_kl_exceeds_kl_stop_above(trained: Path, tmp_path: Path) -> None:
     work = tmp_path / "kl"
     shutil.copytree(trained / "data", work / "data")
     shutil.copytree(trained / "models", work / "models", ignore=shutil.ignore_patterns("ppo"))
-    write_params(work / "params.yaml", {"ppo": {"iterations": 6, "max_kl": 1e-6, "eval_prompts": 0}})
+    write_params(work / "params.yaml", {"ppo": {"iterations": 6, "kl": {"stop_above": 1e-6}, "eval_prompts": 0}})
     proc = run_cli("ppo", "--params", "params.yaml", cwd=work)
-    assert "PPO stopped early at iteration" in proc.stdout and "exceeds ppo.max_kl" in proc.stdout
+    assert "PPO stopped early at iteration" in proc.stdout and "exceeds ppo.kl.stop_above" in proc.stdout
     metrics = json.loads((work / "metrics/ppo.json").read_text())
     assert metrics["stopped_early"] and metrics["iterations"] < 6
     from transformers import AutoModelForCausalLM

@@ -84,7 +84,7 @@ def test_killed_stage_resumes_to_identical_weights_and_curves(prepared: Path, tm
 
 def test_killed_ppo_resumes_to_identical_models_and_curves(trained: Path, tmp_path: Path) -> None:
     """Actor, critic and EMA weights, the adaptive KL coefficient and the sampled rollouts all continue exactly."""
-    longer = {"ppo": {"iterations": 6, "checkpoint_every": 2, "kl_target": 1.0, "kl_horizon": 100}}
+    longer = {"ppo": {"iterations": 6, "checkpoint_every": 2, "kl": {"target": 1.0, "horizon": 100}}}
     runs = {}
     for name, env in (("straight", None), ("killed", {"RLHF_FAULT_KILL_AT_STEP": "3"})):
         work = tmp_path / name

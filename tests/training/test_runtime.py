@@ -28,7 +28,7 @@ def assert_sharded(stdout: str, model: str) -> None:
     assert parts == total > 0 and local < 0.6 * elements, found.group(0)
 
 
-PPO_LORA = {"ppo": {"actor_lora": {"rank": 4, "alpha": 8}, "critic_lora": {"rank": 4, "alpha": 8}}}
+PPO_LORA = {"ppo": {"lora": {"actor": {"rank": 4, "alpha": 8}, "critic": {"rank": 4, "alpha": 8}}}}
 
 
 @pytest.fixture(scope="module")
