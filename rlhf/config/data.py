@@ -19,8 +19,8 @@ class TaskConfig(Group):
     max_value: int = Field(29, ge=1)  # numbers are drawn from 0..max_value
     demo_error_rate: float = Field(0.45, ge=0, le=1)  # share of SFT demonstrations with a wrong ordering
     demo_impolite_rate: float = Field(0.6, ge=0, le=1)  # share of SFT demonstrations without the polite frame
-    pair_error_rate: float = Field(0.4, ge=0, le=1)  # the same two rates for each preference-pair candidate
-    pair_impolite_rate: float = Field(0.5, ge=0, le=1)
+    pair_error_rate: float = Field(0.4, ge=0, le=1)  # share of preference-pair candidates with a wrong ordering
+    pair_impolite_rate: float = Field(0.5, ge=0, le=1)  # share of preference-pair candidates without the frame
 
     @model_validator(mode="after")
     def _lengths(self) -> TaskConfig:
@@ -44,9 +44,10 @@ FORMAT_STEPS = {
 class SourceConfig(Group):
     """One data source. `path` is `builtin`, a local file/folder, or a hub dataset id."""
 
-    path: str
+    path: str  # builtin (the shipped task), a .jsonl/.json/.csv/.parquet file, a folder of them, or a hub id
     split: str = "train"  # split to read from a hub id or a save_to_disk DatasetDict
     weight: float = Field(1.0, gt=0)  # fraction of the source's rows to use (1.0 = all); blends sources
+    # the rows' shape (README, "Your data"); auto: told from the columns
     format: Literal["auto", "prompt_completion", "preference", "messages", "prompt", "rm_static", "hh_rlhf"] = "auto"
     # The steps this source feeds (TRL/OpenRLHF: one dataset per trainer); null = shared by data.data_split.
     # Several steps share the source by their data.data_split shares.
@@ -73,6 +74,9 @@ class SourceConfig(Group):
 
 
 class DataConfig(Group):
+    """Where the rows come from and how they are shared among the three steps."""
+
+    # the data: a list of sources, each split among the steps it feeds (builtin: the shipped sorting task)
     sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="builtin")])
     # DeepSpeed-Chat's data_split: relative shares of every source for SFT, reward model and PPO, disjoint.
     data_split: str = "2,4,4"

@@ -21,7 +21,7 @@ class EvaluateConfig(Group):
     num_prompts: int = Field(500, gt=0)  # held-out PPO prompts (and SFT demonstrations for perplexity)
     # how every actor answers (do_sample false: greedy); kl_to_sft compares both models at sampling.temperature
     sampling: Sampling = Field(default_factory=Sampling)
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0)  # prompts per generation and scoring forward
     num_samples: int = Field(8, ge=0)  # sample answers shown side by side
     # Scorers of quality, each reported per actor under its name; null = the shipped task's gold scorer when the
     # held-out prompts are the builtin task's, else none (evaluate then says so). Weights are not used here.
@@ -46,9 +46,10 @@ class LoggingConfig(Group):
     """Where the training stages' curves go. dvclive always (DVC reads it); TensorBoard and W&B get the same scalars
     under the same names. Changes no result, so no stage lists this group in dvc.yaml."""
 
+    # where the scalars go; dvclive always (DVC reads it), TensorBoard and W&B besides
     report_to: list[Literal["dvclive", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["dvclive"])
     tensorboard_dir: str = "runs"  # event files under <tensorboard_dir>/<stage>/ (tensorboard --logdir runs)
-    wandb_project: str = "rlhf-dvc"
+    wandb_project: str = "rlhf-dvc"  # the W&B project the runs go to
     wandb_dir: str = "."  # W&B keeps its runs under <wandb_dir>/wandb/
     # auto: online when W&B has a key (WANDB_API_KEY or `wandb login`), else offline (`wandb sync` uploads later)
     wandb_mode: Literal["auto", "online", "offline"] = "auto"

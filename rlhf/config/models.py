@@ -24,12 +24,14 @@ class BaseModelConfig(Group):
 class ModelConfig(Group):
     """A Llama-style model built from this config, unless name_or_path names a local HF folder or hub id."""
 
+    # a local HF folder or hub id (its own architecture and tokenizer; the keys below then do not apply);
+    # null: a Llama-style model built from the keys below, with the tokenizer trained in prepare
     name_or_path: str | None = None
-    hidden_size: int = Field(256, gt=0)
-    num_layers: int = Field(6, gt=0)
-    num_heads: int = Field(4, gt=0)
-    intermediate_size: int = Field(768, gt=0)
-    max_position_embeddings: int = Field(128, gt=0)
+    hidden_size: int = Field(256, gt=0)  # width of the residual stream
+    num_layers: int = Field(6, gt=0)  # decoder layers
+    num_heads: int = Field(4, gt=0)  # attention heads; must divide hidden_size
+    intermediate_size: int = Field(768, gt=0)  # width of the MLP
+    max_position_embeddings: int = Field(128, gt=0)  # longest sequence; at least data.max_seq_tokens
     dropout: float = Field(0.0, ge=0, lt=1)  # attention dropout in training mode
 
     @model_validator(mode="after")
@@ -45,7 +47,7 @@ class EngineConfig(Group):
     """How DeepSpeed runs every training step."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu (gloo)
-    zero_stage: int = Field(0, ge=0, le=3)
+    zero_stage: int = Field(0, ge=0, le=3)  # ZeRO: 1 shards optimizer state, 2 also gradients, 3 also weights
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs a GPU
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU (needs zero_stage >= 1)
     offload_params: bool = False  # ZeRO-Infinity parameter offload (needs zero_stage 3)
@@ -53,7 +55,7 @@ class EngineConfig(Group):
     # stage3_param_persistence_threshold; its default is 1e5): tiny CPU runs then skip per-parameter collectives.
     # 0 partitions every parameter. Memory and speed only: the results are the same.
     zero3_persistence_threshold: int = Field(10_000, ge=0)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
     gradient_clipping: float = Field(1.0, ge=0)  # max grad norm; 0 disables
     # torch's deterministic kernels (torch.use_deterministic_algorithms): a seed gives the same weights on every run
     # of one machine, so a killed stage resumes to exactly the straight run's weights. Off, some backward kernels
@@ -76,9 +78,10 @@ class EngineConfig(Group):
 class LoraConfig(Group):
     """LoRA through peft; rank 0 disables it."""
 
-    rank: int = Field(0, ge=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    rank: int = Field(0, ge=0)  # the adapters' rank (0 = no LoRA: the whole model trains)
+    alpha: float = Field(16.0, gt=0)  # scale: the update is (alpha / rank) x B A
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the adapters' input
+    # the linear layers that get adapters (by name)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     only_optimize_lora: bool = True  # False also trains the base weights (DeepSpeed-Chat's flag)
 
@@ -87,10 +90,10 @@ class ModelEngineConfig(Group):
     """Per-model overrides of the `engine` group for one model of step 3; null inherits the engine group's value.
     (DeepSpeed-Chat gives the actor and critic their own ZeRO stage and offload; so do we, for all four.)"""
 
-    zero_stage: int | None = Field(None, ge=0, le=3)
-    dtype: Literal["fp32", "bf16", "fp16"] | None = None
-    offload_optimizer: bool | None = None
-    offload_params: bool | None = None
+    zero_stage: int | None = Field(None, ge=0, le=3)  # null = engine.zero_stage
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None  # null = engine.dtype
+    offload_optimizer: bool | None = None  # null = engine.offload_optimizer (frozen models: must stay null)
+    offload_params: bool | None = None  # null = engine.offload_params
 
 
 def resolve_engine(base: EngineConfig, override: ModelEngineConfig) -> EngineConfig:

@@ -40,13 +40,13 @@ class RolloutConfig(Group):
 class OptimizerConfig(Group):
     """AdamW and the learning-rate schedule of the actor and the critic."""
 
-    actor_learning_rate: float = Field(1e-4, gt=0)
-    critic_learning_rate: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    actor_learning_rate: float = Field(1e-4, gt=0)  # AdamW's peak learning rate for the actor
+    critic_learning_rate: float = Field(5e-4, gt=0)  # and for the critic (ppo only)
+    weight_decay: float = Field(0.0, ge=0)  # AdamW's decoupled weight decay (not on biases and norms)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)  # share of optimizer steps with linear warmup
-    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
-    adam_beta1: float = Field(0.9, gt=0, lt=1)
-    adam_beta2: float = Field(0.95, gt=0, lt=1)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"  # decay after the warmup
+    adam_beta1: float = Field(0.9, gt=0, lt=1)  # AdamW's first-moment decay
+    adam_beta2: float = Field(0.95, gt=0, lt=1)  # AdamW's second-moment decay
 
 
 class LoraPair(Group):

@@ -13,20 +13,20 @@ from rlhf.config.models import LoraConfig
 class TrainConfig(Group):
     """Optimisation knobs shared by the SFT and reward steps."""
 
-    epochs: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0)  # passes over the training split
     micro_batch_size: int = Field(16, gt=0)  # per rank, per forward pass
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)  # micro batches whose gradients make one optimizer step
     # Samples per optimizer step over all ranks, as a check: 0 derives it (micro_batch_size x
     # gradient_accumulation_steps x engine.num_procs); non-zero must equal that product, so a changed rank count
     # cannot silently change the effective batch (DeepSpeed's train_batch_size rule).
     global_batch_size: int = Field(0, ge=0)
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    learning_rate: float = Field(1e-3, gt=0)  # AdamW's peak learning rate
+    weight_decay: float = Field(0.0, ge=0)  # AdamW's decoupled weight decay (not on biases and norms)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)  # share of optimizer steps with linear warmup
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    adam_beta1: float = Field(0.9, gt=0, lt=1)
-    adam_beta2: float = Field(0.95, gt=0, lt=1)
-    eval_batch_size: int = Field(64, gt=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after the warmup
+    adam_beta1: float = Field(0.9, gt=0, lt=1)  # AdamW's first-moment decay
+    adam_beta2: float = Field(0.95, gt=0, lt=1)  # AdamW's second-moment decay
+    eval_batch_size: int = Field(64, gt=0)  # rows per forward when scoring the held-out split
     # Training micro batches of rows of similar length (HF transformers' group_by_length): far less padding, the
     # same rows per epoch; False gives DistributedSampler's random batches. Evaluation order is unaffected.
     group_by_length: bool = False
