@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
     pass
 
 ANSWERS = ("completion", "chosen", "rejected")
@@ -178,7 +179,7 @@ def _split_messages(value: Any) -> tuple[list[dict], Any]:
     return msgs[:last], msgs[last]["content"]
 
 
-def _implicit_pair(chosen: Any, rejected: Any) -> tuple[list[dict], Any, Any]:
+def _implicit_pair(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[list[dict], Any, Any]:
     """TRL implicit prompt: chosen and rejected are whole conversations; the shared leading turns are the prompt."""
     a, b = _messages(chosen, "chosen"), _messages(rejected, "rejected")
     shared = 0

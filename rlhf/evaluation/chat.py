@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 
 class Chat:
@@ -67,7 +71,7 @@ class Chat:
         return answer
 
 
-def _streamer(tok: Any, callback: Callable[[str], None]) -> Any:
+def _streamer(tok: PreTrainedTokenizerBase, callback: Callable[[str], None]) -> Any:
     """transformers' TextStreamer, sending finished pieces of text to `callback` instead of stdout."""
     from transformers import TextStreamer
 

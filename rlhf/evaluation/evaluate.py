@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.config import EvaluateConfig, RewardFunctionConfig
 from rlhf.data.batching import right_pad
@@ -19,6 +19,11 @@ from rlhf.data.split import read_split
 from rlhf.errors import UserError
 from rlhf.models.logprobs import answer_logprobs
 from rlhf.rl.rewards import function_values, load_functions, require_applies
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
 
 # The shipped task's scorer, the default of evaluate.scorers on the builtin task's prompts.
 BUILTIN_GOLD = RewardFunctionConfig(function="rlhf.data.task:gold_reward_fn", name="gold_reward")
@@ -32,7 +37,8 @@ def default_scorers(cfg: EvaluateConfig, rows: list[dict]) -> list[RewardFunctio
     return [BUILTIN_GOLD] if rows and all(r.get("source") == "builtin" for r in rows) else []
 
 
-def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig, seed: int) -> list[list[int]]:
+def _answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]], cfg: EvaluateConfig,
+             seed: int) -> list[list[int]]:
     """Sampled (or greedy) answer token ids for each prompt: up to and including the first eos, or every generated
     token of an answer that never stopped (by position: the pad after the eos may be the eos itself)."""
     import torch
@@ -56,7 +62,7 @@ def _answers(model: Any, tok: Any, prompts: list[list[int]], cfg: EvaluateConfig
     return out
 
 
-def _perplexity(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size: int,
+def _perplexity(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: list[dict[str, Any]], batch_size: int,
                 max_prompt: int | None = None) -> float:
     from rlhf.models.tokenizer import encode_sft_row
 
@@ -141,7 +147,7 @@ def _check_inputs(actors: dict[str, Path], reward_path: Path, with_rm: bool, dat
     return demos
 
 
-def _check_tokenizers(tok: Any, actors: dict[str, Path], reward_path: Path | None) -> None:
+def _check_tokenizers(tok: PreTrainedTokenizerBase, actors: dict[str, Path], reward_path: Path | None) -> None:
     """The compatibility gate: every actor's answers are scored by the reward model and compared with the SFT model
     (the first actor), so their tokenizers must agree."""
     from transformers import AutoConfig
@@ -157,7 +163,8 @@ def _check_tokenizers(tok: Any, actors: dict[str, Path], reward_path: Path | Non
         check_compatible(tok, load_tokenizer(path), base_cfg, AutoConfig.from_pretrained(path), other=f"{name} actor")
 
 
-def _measures(model: Any, baseline: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]],
+def _measures(model: torch.nn.Module, baseline: torch.nn.Module, tok: PreTrainedTokenizerBase,
+              prompts: list[list[int]], answers: list[list[int]],
               demos: list[dict], cfg: EvaluateConfig, max_prompt_tokens: int | None) -> dict[str, float]:
     """KL to the SFT model (k1 per token, at the temperature the answers were drawn at), answer length without the
     stop token, perplexity on the held-out demonstrations, and the number of prompts."""
@@ -207,7 +214,8 @@ def _mean(values: list[float | None]) -> float:
     return sum(got) / len(got)
 
 
-def _reward_scores(reward: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]], batch_size: int) -> list[float]:
+def _reward_scores(reward: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]], answers: list[list[int]],
+                   batch_size: int) -> list[float]:
     """Reward-model score of each prompt + answer at its last real token (the eos, when the answer has one), found
     by position as PPO's reward_scores does."""
     import torch

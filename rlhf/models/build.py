@@ -5,13 +5,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-def _llama_config(cfg: ModelConfig, tok: Any, **extra: Any) -> Any:
+
+
+def _llama_config(cfg: ModelConfig, tok: PreTrainedTokenizerBase, **extra: Any) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -74,7 +79,7 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def build_causal_lm(cfg: ModelConfig, tok: Any, seed: int) -> Any:
+def build_causal_lm(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     """The actor: `cfg.name_or_path` loaded, or a fresh Llama-style model from the config."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -89,7 +94,7 @@ def build_causal_lm(cfg: ModelConfig, tok: Any, seed: int) -> Any:
     return model
 
 
-def build_reward_model(cfg: ModelConfig, tok: Any, seed: int) -> Any:
+def build_reward_model(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     """The reward model: a sequence classifier with one label, scored at the last real (non-pad) token.
 
     From a causal LM checkpoint (as DeepSpeed-Chat does with OPT-350m) transformers adds a fresh score head.
@@ -109,7 +114,7 @@ def build_reward_model(cfg: ModelConfig, tok: Any, seed: int) -> Any:
     return model
 
 
-def load_causal_lm(path: str | Path) -> Any:
+def load_causal_lm(path: str | Path) -> PreTrainedModel:
     """A causal LM from an HF folder (fp32; DeepSpeed casts it to the engine dtype)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -117,7 +122,7 @@ def load_causal_lm(path: str | Path) -> Any:
     return _from_pretrained(AutoModelForCausalLM, str(path), dtype=torch.float32)
 
 
-def load_reward_model(path: str | Path) -> Any:
+def load_reward_model(path: str | Path) -> PreTrainedModel:
     """A one-label sequence classifier from an HF folder (the reward model, or the critic's starting point)."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -125,13 +130,13 @@ def load_reward_model(path: str | Path) -> Any:
     return _from_pretrained(AutoModelForSequenceClassification, str(path), num_labels=1, dtype=torch.float32)
 
 
-def classifier_parts(module: Any) -> tuple[Any, Any]:
+def classifier_parts(module: torch.nn.Module) -> tuple[Any, Any]:
     """(body, score head) of a sequence classifier (LlamaForSequenceClassification and kin), LoRA or not."""
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
     return getattr(base, base.base_model_prefix), base.score
 
 
-def last_token_scores(module: Any, input_ids: Any, attention_mask: Any) -> Any:
+def last_token_scores(module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) a sequence classifier's score at each row's last real token, found by the attention mask.
 
     transformers' own pooling takes the last token that is not pad_token_id: when the pad is the eos (a tokenizer
@@ -149,7 +154,7 @@ def last_token_scores(module: Any, input_ids: Any, attention_mask: Any) -> Any:
     return score(hidden.last_hidden_state[rows, last]).squeeze(-1).float()
 
 
-def _check_vocab(model: Any, tok: Any, name: str) -> None:
+def _check_vocab(model: torch.nn.Module, tok: PreTrainedTokenizerBase, name: str) -> None:
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tok):
         raise UserError(
@@ -158,7 +163,7 @@ def _check_vocab(model: Any, tok: Any, name: str) -> None:
         )
 
 
-def add_lora(model: Any, cfg: LoraConfig, task_type: str) -> Any:
+def add_lora(model: torch.nn.Module, cfg: LoraConfig, task_type: str) -> torch.nn.Module:
     """Wrap with peft LoRA adapters when cfg.rank > 0; optionally keep the base weights trainable too."""
     if cfg.rank == 0:
         return model
@@ -188,7 +193,7 @@ _DROPOUT_FLOATS = ("dropout", "attention_dropout", "activation_dropout", "attn_d
                    "embd_pdrop", "resid_pdrop", "attn_pdrop", "hidden_dropout", "layerdrop")
 
 
-def disable_dropout(model: Any) -> Any:
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """`model` with every dropout probability set to 0, in train mode too (TRL's disable_dropout_in_model, which
     also sees the float probabilities some attention modules read): the RL ratio pi / pi_old and DPO's log-ratios
     then compare the same function in train and eval mode. The config is left as it was, so a saved model keeps
@@ -205,7 +210,7 @@ def disable_dropout(model: Any) -> Any:
     return model
 
 
-def unwrap_for_saving(model: Any) -> Any:
+def unwrap_for_saving(model: torch.nn.Module) -> torch.nn.Module:
     """The plain transformers model, with any LoRA adapters merged into the base weights."""
     from peft import PeftModel
 
@@ -214,7 +219,7 @@ def unwrap_for_saving(model: Any) -> Any:
     return model
 
 
-def save_pretrained(model: Any, tok: Any, out_dir: Path) -> None:
+def save_pretrained(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """An HF folder that transformers' Auto classes load: safetensors, config, tokenizer with its chat template."""
     model = unwrap_for_saving(model)
     with quiet_transformers():  # no "Writing model shards" bar: the stage says where it wrote in its own line

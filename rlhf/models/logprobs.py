@@ -3,7 +3,7 @@ perplexity read (rlhf/data/batching.py pads the rows)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,7 +39,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
-def sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor,
+def sequence_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
     """(B,) sum of log p_T(answer tokens | what precedes them) of right-padded rows under `model` (with gradient
     when the caller allows it); answer: (B, T) 1 on the answer's positions (answer_positions)."""
@@ -52,7 +52,7 @@ def sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, answer:
 
 
 def answer_logprobs(
-    model: Any, pad_id: int, prompts: list[list[int]], answers: list[list[int]], batch_size: int,
+    model: torch.nn.Module, pad_id: int, prompts: list[list[int]], answers: list[list[int]], batch_size: int,
     temperature: float = 1.0,
 ) -> list[float]:
     """Sum of log p_T(answer tokens | prompt) under `model` at `temperature`, per row, without gradient; each answer

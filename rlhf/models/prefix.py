@@ -15,20 +15,24 @@ Results equal those of one full forward pass up to float rounding (the attention
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
-def position_ids(attention_mask: Any) -> Any:
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions that start at 0 on the first real token, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def first_real_column(prompt_mask: Any) -> int:
+def first_real_column(prompt_mask: torch.Tensor) -> int:
     """Index of the first column of (B, P) left-padded prompts that holds a real token in some row."""
     return int(prompt_mask.any(0).long().argmax())
 
 
-def prompt_groups(prompt_ids: Any, prompt_mask: Any) -> tuple[Any, Any] | None:
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Rows that repeat a prompt: (first (U,) one row of each distinct prompt, inverse (B,) each row's distinct
     prompt), or None when every prompt differs (then there is nothing to share)."""
     import torch
@@ -42,7 +46,8 @@ def prompt_groups(prompt_ids: Any, prompt_mask: Any) -> tuple[Any, Any] | None:
     return first, inverse
 
 
-def _prefill(call: Callable[..., Any], ids: Any, mask: Any, groups: tuple[Any, Any], **kwargs: Any) -> tuple[Any, Any]:
+def _prefill(call: Callable[..., Any], ids: torch.Tensor, mask: torch.Tensor, groups: tuple[Any, Any],
+             **kwargs: Any) -> tuple[Any, Any]:
     """Run each distinct prompt of (B, P) `ids` once into a fresh KV cache, then copy the cache to every row of its
     prompt: (the output for the distinct prompts, the (B, ...) cache)."""
     from transformers import DynamicCache
@@ -55,7 +60,7 @@ def _prefill(call: Callable[..., Any], ids: Any, mask: Any, groups: tuple[Any, A
     return out, cache
 
 
-def prefill_shared(model: Any, input_ids: Any, attention_mask: Any) -> Any | None:
+def prefill_shared(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any | None:
     """The KV cache of every prompt but its last token, computed once per distinct prompt and copied to its rows,
     for `generate(..., past_key_values=cache)`; None when no prompt repeats."""
     groups = prompt_groups(input_ids, attention_mask) if input_ids.shape[1] > 1 else None
@@ -64,7 +69,8 @@ def prefill_shared(model: Any, input_ids: Any, attention_mask: Any) -> Any | Non
     return _prefill(model, input_ids[:, :-1], attention_mask[:, :-1], groups, logits_to_keep=1)[1]
 
 
-def answer_outputs(call: Callable[..., Any], field: str, sequences: Any, attention_mask: Any, p: int, share: bool = True,
+def answer_outputs(call: Callable[..., Any], field: str, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                   p: int, share: bool = True,
                    last: bool = True) -> Any:
     """`call(input_ids=..., attention_mask=..., position_ids=...)`'s output `field` (logits or last_hidden_state)
     at positions p - 1 .. T - 1, the ones that predict or score the answer tokens: (B, R + 1, ...). With `last`

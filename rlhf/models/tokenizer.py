@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.data.batching import IGNORE
 from rlhf.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -88,7 +92,7 @@ def _generation_eos(path: str | Path) -> list[int]:
 _PROBE = "PROBE-ANSWER"
 
 
-def _turn_end_id(tok: Any) -> int | None:
+def _turn_end_id(tok: PreTrainedTokenizerBase) -> int | None:
     """The special token the chat template closes an assistant turn with (Gemma's <end_of_turn>, Llama-3's
     <|eot_id|>, Phi-3's <|end|>, ChatML's <|im_end|>, eos for ours), found by rendering a probe answer; None when
     the template writes none after it."""
@@ -104,19 +108,19 @@ def _turn_end_id(tok: Any) -> int | None:
     return next((i for i in after if i in special), None)
 
 
-def end_of_turn_ids(tok: Any, generation_eos: list[int] | None = None) -> list[int]:
+def end_of_turn_ids(tok: PreTrainedTokenizerBase, generation_eos: list[int] | None = None) -> list[int]:
     """Every id that ends an answer: the template's turn end, then eos, then the model's generation_config eos
     ids (deduplicated, in that order). Rollouts, evaluation and chat stop on any of them."""
     ids = [_turn_end_id(tok), tok.eos_token_id, *(generation_eos or [])]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def stop_ids(tok: Any) -> list[int]:
+def stop_ids(tok: PreTrainedTokenizerBase) -> list[int]:
     """The ids that end an answer for this tokenizer (load_tokenizer computed them; eos alone otherwise)."""
     return list(getattr(tok, "stop_token_ids", None) or [tok.eos_token_id])
 
 
-def encode_prompt(tok: Any, messages: list[dict[str, str]], max_tokens: int | None = None) -> list[int]:
+def encode_prompt(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_tokens: int | None = None) -> list[int]:
     """Token ids of a conversation with the assistant header open, ready for the answer; BOS first when the
     tokenizer adds one to its own encodings and the template did not write it (a base model's tokenizer).
     max_tokens: a longer prompt keeps its last max_tokens tokens (left truncation, TRL's: the question and the open
@@ -131,7 +135,7 @@ def encode_prompt(tok: Any, messages: list[dict[str, str]], max_tokens: int | No
     return ids
 
 
-def _adds_bos(tok: Any) -> bool:
+def _adds_bos(tok: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer's own encoding starts with BOS (Llama-2, Mistral, Gemma base tokenizers do)."""
     cached = getattr(tok, "_rlhf_adds_bos", None)
     if cached is None:
@@ -140,7 +144,7 @@ def _adds_bos(tok: Any) -> bool:
     return cached
 
 
-def encode_answer(tok: Any, prompt: list[dict[str, str]], answer: str) -> list[int]:
+def encode_answer(tok: PreTrainedTokenizerBase, prompt: list[dict[str, str]], answer: str) -> list[int]:
     """Token ids of an answer to `prompt` as the chat template renders it, ending with the template's turn end
     (Gemma's <end_of_turn>, Llama-3's <|eot_id|>, ChatML's <|im_end|>, eos for ours), as TRL takes the completion
     from the rendered conversation: a model then learns to end its turn with the token the template ends it with,
@@ -161,7 +165,7 @@ def encode_answer(tok: Any, prompt: list[dict[str, str]], answer: str) -> list[i
     return tok(answer, add_special_tokens=False)["input_ids"] + [stops[0]]
 
 
-def row_lengths(tok: Any, row: dict[str, Any]) -> tuple[int, int]:
+def row_lengths(tok: PreTrainedTokenizerBase, row: dict[str, Any]) -> tuple[int, int]:
     """(prompt tokens, longest prompt + answer tokens) of a normalised data row."""
     prompt = len(encode_prompt(tok, row["prompt"]))
     answers = [row.get(k) for k in ("completion", "chosen", "rejected")]
@@ -183,7 +187,7 @@ def resolve_tokenizer(name_or_path: str | None, data_dir: Path, option: str = "m
     return load_tokenizer(path)
 
 
-def encode_sft_row(tok: Any, row: dict[str, Any], loss_on_prompt: bool,
+def encode_sft_row(tok: PreTrainedTokenizerBase, row: dict[str, Any], loss_on_prompt: bool,
                    max_prompt: int | None = None) -> dict[str, list[int]]:
     """input_ids = prompt (left-truncated to max_prompt) + answer up to its turn end (encode_answer); labels mask
     the prompt unless loss_on_prompt (DeepSpeed-Chat's default)."""
@@ -193,14 +197,15 @@ def encode_sft_row(tok: Any, row: dict[str, Any], loss_on_prompt: bool,
     return {"input_ids": prompt + answer, "labels": labels}
 
 
-def encode_text(tok: Any, text: str, max_tokens: int) -> dict[str, list[int]]:
+def encode_text(tok: PreTrainedTokenizerBase, text: str, max_tokens: int) -> dict[str, list[int]]:
     """Plain text for ptx's language-model loss on every token: its ids (no chat template) cut to max_tokens - 1,
     then the eos."""
     ids = tok(text, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tok.eos_token_id]
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def check_compatible(actor_tok: Any, reward_tok: Any, actor_cfg: Any, reward_cfg: Any, other: str = "reward model") -> None:
+def check_compatible(actor_tok: Any, reward_tok: PreTrainedTokenizerBase, actor_cfg: Any, reward_cfg: Any,
+                     other: str = "reward model") -> None:
     """The compatibility gate: PPO feeds the actor's tokens to the reward model and critic unchanged (and evaluate
     feeds every actor's answers to the reward model and the SFT model), so their tokenizers must agree exactly.
     Raises one UserError naming what differs and how to fix it."""

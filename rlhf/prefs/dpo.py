@@ -19,6 +19,8 @@ from rlhf.training.runtime import Dist, evaluating
 
 if TYPE_CHECKING:
     import torch
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
 
 NO_PAIRS = (
     "No DPO model: prepare found no preference pair (rewards.model_weight is 0), so there was nothing to train DPO on.\n"
@@ -26,7 +28,7 @@ NO_PAIRS = (
 )
 
 
-def encode_dpo_pair(tok: Any, row: dict[str, Any], max_prompt: int | None = None) -> dict[str, Any]:
+def encode_dpo_pair(tok: PreTrainedTokenizerBase, row: dict[str, Any], max_prompt: int | None = None) -> dict[str, Any]:
     """Prompt ids (left-truncated to max_prompt) and the two answers' ids (each ending with the template's turn
     end)."""
     return {"prompt": encode_prompt(tok, row["prompt"], max_prompt), "chosen": encode_answer(tok, row["prompt"], row["chosen"]),
@@ -55,7 +57,7 @@ def collate_dpo(pad_id: int):
     return collate
 
 
-def _policy_logprobs(engine: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any]:
+def _policy_logprobs(engine: DeepSpeedEngine, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
     """(policy chosen, policy rejected, reference chosen, reference rejected), each (B,) summed over the answer, and
     the chosen answers' mean negative log-likelihood per token (RPO's term)."""
     device = engine.device
@@ -76,7 +78,7 @@ def per_token(logprobs: list[Any], answer: Any) -> list[Any]:
     return [logprobs[0] / chosen, logprobs[1] / rejected, logprobs[2] / chosen, logprobs[3] / rejected]
 
 
-def add_reference_logprobs(ref_model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
+def add_reference_logprobs(ref_model: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
                            dist: Dist) -> None:
     """Fill each row's ref_chosen / ref_rejected (summed log-probabilities under the frozen reference), once; each
     rank scores its share of the rows and the shares are summed over ranks."""
@@ -164,7 +166,7 @@ def dpo_loss_fn(cfg: DPOConfig) -> Callable[[Any, dict[str, Any]], tuple[torch.T
     with IPO's per-token normalisation and RPO's NLL term when configured."""
     from rlhf.training.losses import dpo_loss
 
-    def loss_fn(engine: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(engine: DeepSpeedEngine, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         *logprobs, nll = _policy_logprobs(engine, batch)
         if cfg.loss_type == "ipo" and cfg.ipo_length_normalize:  # TRL's IPO: mean log-probabilities per token
             logprobs = per_token(logprobs, batch["answer"])
@@ -182,7 +184,7 @@ def dpo_evaluate(loss_fn: Callable[[Any, dict[str, Any]], tuple[torch.Tensor, di
     every rank."""
     from rlhf.training.loop import all_reduce_sum
 
-    def evaluate(engine: Any, loader: Any) -> dict[str, float]:
+    def evaluate(engine: DeepSpeedEngine, loader: Any) -> dict[str, float]:
         import torch
 
         keys = ("eval_loss", "accuracy", "rewards_chosen", "rewards_rejected", "margin", "nll_chosen")

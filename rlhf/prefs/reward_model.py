@@ -4,15 +4,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.config import Params
 from rlhf.data.batching import right_pad
 from rlhf.models.tokenizer import encode_answer, encode_prompt
 from rlhf.training.runtime import Dist, evaluating
 
+if TYPE_CHECKING:
+    import torch
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
 
-def encode_pair(tok: Any, row: dict[str, Any], max_prompt: int | None = None) -> dict[str, list[int]]:
+
+
+def encode_pair(tok: PreTrainedTokenizerBase, row: dict[str, Any], max_prompt: int | None = None) -> dict[str, list[int]]:
     prompt = encode_prompt(tok, row["prompt"], max_prompt)
     return {"chosen": prompt + encode_answer(tok, row["prompt"], row["chosen"]),
             "rejected": prompt + encode_answer(tok, row["prompt"], row["rejected"])}
@@ -33,14 +39,14 @@ def collate_pairs(pad_id: int):
     return collate
 
 
-def pairwise_loss(chosen: Any, rejected: Any) -> Any:
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """Mean of -log sigmoid(r_c - r_r) over pairs; chosen, rejected: (B,) scores."""
     import torch.nn.functional as F
 
     return -F.logsigmoid(chosen - rejected).mean()
 
 
-def _scores(engine: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+def _scores(engine: DeepSpeedEngine, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     from rlhf.models.build import last_token_scores
 
     batch = {k: v.to(engine.device) for k, v in batch.items()}
@@ -50,7 +56,7 @@ def _scores(engine: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     return scores[:half], scores[half:]
 
 
-def _loss(engine: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+def _loss(engine: DeepSpeedEngine, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     chosen, rejected = _scores(engine, batch)
     return pairwise_loss(chosen, rejected), {"accuracy": (chosen > rejected).float().mean().item()}
 
@@ -60,7 +66,7 @@ def _evaluate(dist: Dist):
 
     from rlhf.training.loop import all_reduce_sum
 
-    def evaluate(engine: Any, loader: Any) -> dict[str, float]:
+    def evaluate(engine: DeepSpeedEngine, loader: Any) -> dict[str, float]:
         correct = n = c_sum = r_sum = loss_sum = 0.0
         with torch.no_grad(), evaluating(engine):
             for batch in loader:

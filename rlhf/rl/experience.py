@@ -42,7 +42,7 @@ class Experience:
         """Concatenate rollouts along B, right-padding (B, R) tensors to the longest R (masked out)."""
         import torch
 
-        def pad(ts: list[Any], value: float) -> Any:
+        def pad(ts: list[Any], value: float) -> torch.Tensor:
             width = max(t.shape[1] for t in ts)
             return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in ts])
 
@@ -53,12 +53,12 @@ class Experience:
         return Experience(**out)
 
 
-def shares_cache(module: Any) -> bool:
+def shares_cache(module: torch.nn.Module) -> bool:
     """Whether a forward pass of `module` keeps a KV cache: gradient checkpointing drops it while training."""
     return not (module.training and getattr(module, "is_activation_checkpointing", False))
 
 
-def token_values(module: Any, sequences: Any, attention_mask: Any, prompt_len: int) -> Any:
+def token_values(module: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """(B, R) per-token values of a sequence classifier (the critic): its score head on the hidden states of
     positions P - 1 .. T - 2, the states in which each answer token is chosen."""
     body, score = _classifier(module)

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from deepspeed import DeepSpeedEngine
 
 
-def _lora_layers(module: Any) -> list[Any]:
+
+def _lora_layers(module: torch.nn.Module) -> list[Any]:
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # peft is a dependency; keep the engine usable without adapters anyway
@@ -26,7 +31,7 @@ def _lora_layers(module: Any) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _fused_lora(module: Any) -> Iterator[None]:
+def _fused_lora(module: torch.nn.Module) -> Iterator[None]:
     """Merge LoRA adapters into the base weights for the block, then restore the exact original weights (an
     unmerge alone would leave rounding drift in frozen base weights)."""
     layers = _lora_layers(module)
@@ -46,7 +51,7 @@ def _fused_lora(module: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _zero3_gathered(engine: Any) -> Iterator[None]:
+def _zero3_gathered(engine: DeepSpeedEngine) -> Iterator[None]:
     """Gather every ZeRO-3 parameter once and lift DeepSpeed's per-module fetch/release hooks for the block, so
     that decoding runs on whole local weights with no collective per layer per token (the approach of DeepSpeed's
     own unwrap_model_for_generation, made exception-safe); the hooks are registered again on the way out."""
@@ -66,12 +71,12 @@ def _zero3_gathered(engine: Any) -> Iterator[None]:
 class HybridEngine:
     """Wraps the actor's DeepSpeed engine. Train through `.engine`; generate inside `generation_mode()`."""
 
-    def __init__(self, engine: Any, zero_stage: int):
+    def __init__(self, engine: DeepSpeedEngine, zero_stage: int):
         self.engine = engine
         self.zero_stage = zero_stage
 
     @property
-    def module(self) -> Any:
+    def module(self) -> torch.nn.Module:
         return self.engine.module
 
     @contextlib.contextmanager

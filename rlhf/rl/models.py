@@ -41,7 +41,7 @@ def _train_cfg(ppo: PPOConfig, lr: float) -> TrainConfig:
     )
 
 
-def _frozen_engine(model: Any, engine: EngineConfig, micro_batch_size: int) -> Any:
+def _frozen_engine(model: torch.nn.Module, engine: EngineConfig, micro_batch_size: int) -> Any:
     """A DeepSpeed engine for a frozen model: sharded under ZeRO-3 like the trained ones (weights offloaded with
     offload_params), else whole."""
     import deepspeed

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf import faults
 from rlhf.config import Params, PPOConfig
@@ -28,12 +28,17 @@ from rlhf.rl.trainer import RLTrainer
 from rlhf.training.lifecycle import Lifecycle
 from rlhf.training.runtime import Dist
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+
 
 @dataclass
 class Inputs:
     """What check_inputs read and checked: the tokenizer, the reward's parts, the encoded prompts."""
 
-    tok: Any
+    tok: PreTrainedTokenizerBase
     reward_path: Path | None
     functions: list[RewardFunction]
     trainer_cls: type[RLTrainer]
@@ -132,7 +137,7 @@ def _reward_model(params: Params, reward_path: Path | None) -> Path | None:
     return reward_path
 
 
-def _encode(params: Params, data_dir: Path, tok: Any) -> tuple[list, list, list]:
+def _encode(params: Params, data_dir: Path, tok: PreTrainedTokenizerBase) -> tuple[list, list, list]:
     """(train prompts, held-out prompts, ptx rows): each prompt as (ids, its data row), at most
     data.max_prompt_tokens (only data.truncate_prompts lets a longer prompt through prepare); ptx rows from
     data.ptx_source's text (prepare wrote ptx_train.jsonl), else the SFT demonstrations."""
@@ -336,7 +341,7 @@ def max_kl_message(it: int, kl: float, ppo: PPOConfig) -> str:
     )
 
 
-def flat_reward_message(it: int, flat: int, scores: Any, ppo: PPOConfig) -> str:
+def flat_reward_message(it: int, flat: int, scores: torch.Tensor, ppo: PPOConfig) -> str:
     """The one line step 3 stops with when `flat` iterations in a row gave every answer (every group's answers)
     the same reward: the advantages are all 0, so training would only drift."""
     from rlhf.config import GROUP_ALGORITHMS
@@ -353,7 +358,7 @@ def flat_reward_message(it: int, flat: int, scores: Any, ppo: PPOConfig) -> str:
 # ------------------------------------------------------------------------------------------------------ export
 
 
-def export(models: RLModels, run: Lifecycle, metrics: dict[str, Any], out_dir: Path, tok: Any,
+def export(models: RLModels, run: Lifecycle, metrics: dict[str, Any], out_dir: Path, tok: PreTrainedTokenizerBase,
            critic_tokenizer_path: Path) -> None:
     """out_dir/actor, out_dir/critic (ppo) and out_dir/actor_ema (ppo.ema_beta > 0), each with the manifest; an
     earlier run's critic is removed when this run has none (it would pass for this run's)."""

@@ -14,8 +14,7 @@ Every algorithm shares one rollout and scoring path (`generate` -> Rollout, `rew
 what differs is the estimator (rlhf/rl/advantages.py, on rlhf/training/losses.py's pure functions) and whether a critic
 exists. The reward is params.yaml `rewards`: the reward model's score times `rewards.model_weight` plus verifier
 functions (rlhf/rl/rewards.py), no code needed. Subclass RLTrainer and override the small documented methods
-(`reward_scores`, `advantages`) to change the estimator, and name it in `ppo.trainer` for the stage to use it; see
-README.md.
+(`reward_scores`, `advantages`) to change the estimator, and name it in `ppo.trainer` for the stage (README.md).
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from rlhf.training.stats import sum_over_ranks
 
 if TYPE_CHECKING:
     import torch
+    from deepspeed import DeepSpeedEngine
 
     from rlhf.rl.models import RLModels
     from rlhf.rl.rewards import RewardFunction
@@ -173,8 +173,8 @@ class RLTrainer:
 
     # ------------------------------------------------------------------------------------------ the phases
 
-    def _logprobs(self, model: Any, sequences: Any, attention_mask: Any, prompt_len: int,
-                  entropy: bool = False) -> Any:
+    def _logprobs(self, model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                  prompt_len: int, entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(B, R) log-probabilities of the answer tokens under `model` at the rollout temperature, over the whole
         vocabulary: the one processing log pi_old, log pi and log pi_ref share (see PPOConfig.sampling). With
         `entropy`, also the (B, R) entropy of each position's distribution: (logprobs, entropy)."""
@@ -372,7 +372,7 @@ class RLTrainer:
         actor = self.models.actor.engine
         return actor(**{k: v.to(actor.device) for k, v in batch.items()}).loss
 
-    def _accumulate(self, engine: Any, loss: torch.Tensor, last: bool) -> bool:
+    def _accumulate(self, engine: DeepSpeedEngine, loss: torch.Tensor, last: bool) -> bool:
         """Backward of one micro batch's loss into the accumulated gradients (DeepSpeed reduces them over ranks at
         the mini batch's last micro batch, `last`). The loss is already normalised over the mini batch, so
         DeepSpeed's own division by the accumulation steps is off. False (and no backward) when the loss is not
@@ -385,7 +385,7 @@ class RLTrainer:
         engine.backward(loss, scale_wrt_gas=False)
         return True
 
-    def _finish_step(self, engine: Any, ok: bool) -> None:
+    def _finish_step(self, engine: DeepSpeedEngine, ok: bool) -> None:
         """The mini batch's optimizer step, unless a micro batch's loss or the reduced gradients were not finite:
         then the gradients are dropped (weights and optimizer state untouched) and the step counted as skipped;
         `guard` aborts after too many in a row."""

@@ -92,7 +92,7 @@ class ModelRollout:
         self.model_context, self.stop_ids, self.pad_token_id = model_context, list(stop_ids), pad_token_id
         self.cuda_graphs = cuda_graphs
 
-    def decode(self, model: Any, ids: torch.Tensor, mask: torch.Tensor,
+    def decode(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, P') prompts without all-padding columns -> (sequences (B, P' + R), logprobs (B, R))."""
         raise NotImplementedError

@@ -66,7 +66,7 @@ def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int
 # ------------------------------------------------------------------------------------------ the lean Llama step
 
 
-def _weight(linear: Any) -> tuple[Any, Any]:
+def _weight(linear: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a Linear, or of a LoRA layer's base Linear once the adapters are merged into it."""
     base = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
     if base is not linear and not getattr(linear, "merged", False):
@@ -74,7 +74,7 @@ def _weight(linear: Any) -> tuple[Any, Any]:
     return base.weight, base.bias
 
 
-def _llama_model(model: Any) -> Any | None:
+def _llama_model(model: torch.nn.Module) -> Any | None:
     """The decoder stack of a Llama-family causal LM the lean step can run, or None."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(base, "config", None)
@@ -98,7 +98,7 @@ class LlamaDecoder:
     scaled_dot_product_attention with the same mask and GQA layout), so logits equal the model forward's up to the
     order of float sums."""
 
-    def __init__(self, model: Any, inner: Any, batch: int, width: int):
+    def __init__(self, model: torch.nn.Module, inner: Any, batch: int, width: int):
         import torch
 
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -130,20 +130,20 @@ class LlamaDecoder:
         self.v = [torch.zeros(shape, dtype=emb.dtype, device=emb.device) for _ in self.layers]
 
     @staticmethod
-    def _rms(x: Any, norm: tuple[Any, float]) -> Any:
+    def _rms(x: torch.Tensor, norm: tuple[Any, float]) -> torch.Tensor:
         import torch
 
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm[1])
         return norm[0] * h.to(x.dtype)
 
-    def _rotate(self, x: Any, cos: Any, sin: Any) -> Any:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         import torch
 
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    def _attend(self, q: Any, k: Any, v: Any, mask: Any | None) -> Any:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q (B, H, T, D) against k/v (B, Hkv, S, D); mask None (no padding: causal when T > 1) or bool (B, 1, T, S).
         GQA as transformers' sdpa_attention_forward lays it out."""
         import torch.nn.functional as F
@@ -161,7 +161,7 @@ class LlamaDecoder:
             v = v[:, :, None].expand(b, self.kv_heads, groups, *v.shape[2:]).reshape(b, self.heads, *v.shape[2:])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, is_causal=mask is None and t > 1)
 
-    def forward(self, ids: Any, start: Any, positions: Any, mask: Any | None) -> Any:
+    def forward(self, ids: torch.Tensor, start: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Run (b, T) tokens into cache rows 0 .. b - 1 at columns start .. start + T - 1; return the (b, V) float32
         logits of the last one. positions: (b, T) rotary positions; mask: None (no padding) or bool
         (b, 1, T, start + T), what each query sees.
@@ -226,10 +226,10 @@ class StaticStep:
         with torch.cuda.graph(self.graph):
             self.logits = self._run()
 
-    def _run(self) -> Any:
+    def _run(self) -> torch.Tensor:
         return self.dec.forward(self.tokens, self.col, self.positions, self.mask)
 
-    def __call__(self, tokens: Any, col: int, positions: Any, mask: Any) -> Any:
+    def __call__(self, tokens: torch.Tensor, col: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens[:, None])
         self.col.fill_(col)
         self.positions.copy_(positions)
@@ -245,7 +245,7 @@ class StaticStep:
 _SYNC_EVERY = 8  # tokens between "has every row stopped?" checks when the step runs as a CUDA graph
 
 
-def _prefill_mask(mask: Any) -> Any | None:
+def _prefill_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """None when no row has padding (then attention is plainly causal), else bool (B, 1, P, P): causal and not
     padding, as transformers' create_causal_mask builds it for sdpa."""
     import torch
@@ -260,9 +260,9 @@ def _prefill_mask(mask: Any) -> Any | None:
 
 
 def decode(
-    model: Any,
-    input_ids: Any,
-    attention_mask: Any,
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
     *,
     do_sample: bool,
     temperature: float,
@@ -305,10 +305,10 @@ def decode(
     if capture or static_step:
         graphed = StaticStep(dec, b, width, capture)
 
-        def step(tokens: Any, col: int, mask: Any) -> Any:
+        def step(tokens: torch.Tensor, col: int, mask: torch.Tensor) -> torch.Tensor:
             return graphed(tokens, col, (next_pos + col - p)[:, None], mask)
     else:
-        def step(tokens: Any, col: int, mask: Any) -> Any:
+        def step(tokens: torch.Tensor, col: int, mask: torch.Tensor) -> torch.Tensor:
             seen = mask[:, None, None, : col + 1] if padded else None
             return dec.forward(tokens[:, None], col, (next_pos + col - p)[:, None], seen)
 
@@ -317,9 +317,9 @@ def decode(
                  sync_every=_SYNC_EVERY if capture or static_step else 1)
 
 
-def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample: bool, temperature: float,
-          top_k: int, top_p: float, max_new_tokens: int, pad_token_id: int, eos_token_id: int | list[int],
-          min_new_tokens: int, sync_every: int = 1) -> Decoded:
+def _loop(step: Any, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool,
+          temperature: float, top_k: int, top_p: float, max_new_tokens: int, pad_token_id: int,
+          eos_token_id: int | list[int], min_new_tokens: int, sync_every: int = 1) -> Decoded:
     """Sample from `logits`, feed the tokens to `step(tokens (B,), column, mask) -> next logits`, until every row
     drew its eos or max_new_tokens. mask: bool (B, P + max_new_tokens), the prompts' attention mask then the answer
     columns, set as they fill. sync_every: tokens between the host's checks that some row still runs (each check
@@ -362,9 +362,9 @@ def _loop(step: Any, logits: Any, input_ids: Any, attention_mask: Any, do_sample
     return Decoded(torch.cat([input_ids, out[:, :n]], dim=1), logprobs[:, :n])
 
 
-def _decode_with_forward(model: Any, input_ids: Any, attention_mask: Any, *, do_sample: bool, temperature: float,
-                         top_k: int, top_p: float, max_new_tokens: int, pad_token_id: int,
-                         eos_token_id: int | list[int], min_new_tokens: int = 0) -> Decoded:
+def _decode_with_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                         do_sample: bool, temperature: float, top_k: int, top_p: float, max_new_tokens: int,
+                         pad_token_id: int, eos_token_id: int | list[int], min_new_tokens: int = 0) -> Decoded:
     """The same loop for any causal LM: its own forward and a DynamicCache (shared prompts prefilled once)."""
     from rlhf.models.prefix import position_ids, prefill_shared
 
@@ -381,7 +381,7 @@ def _decode_with_forward(model: Any, input_ids: Any, attention_mask: Any, *, do_
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     next_pos = am.sum(-1)
 
-    def step(tokens: Any, col: int, mask: Any) -> Any:
+    def step(tokens: torch.Tensor, col: int, mask: torch.Tensor) -> torch.Tensor:
         o = model(input_ids=tokens[:, None], attention_mask=mask[:, : col + 1].long(),
                   position_ids=(next_pos + col - p)[:, None], past_key_values=cache, use_cache=True)
         return o.logits[:, -1].float()
@@ -393,7 +393,7 @@ def _decode_with_forward(model: Any, input_ids: Any, attention_mask: Any, *, do_
 class DecodeLoop(ModelRollout):
     """ppo.rollout.engine: own, the rollout engine of this module's `decode`."""
 
-    def decode(self, model: Any, ids: torch.Tensor, mask: torch.Tensor,
+    def decode(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
         out = decode(model, ids, mask, **sampling.knobs(), pad_token_id=self.pad_token_id, eos_token_id=self.stop_ids,
                      min_new_tokens=sampling.min_answer_tokens, cuda_graphs=self.cuda_graphs)

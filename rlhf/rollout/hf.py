@@ -11,9 +11,9 @@ from rlhf.rollout.base import ModelRollout
 
 
 def generate_tokens(
-    model: Any,
-    input_ids: Any,
-    attention_mask: Any,
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
     *,
     do_sample: bool,
     temperature: float,
@@ -23,7 +23,7 @@ def generate_tokens(
     pad_token_id: int,
     eos_token_id: int | list[int],
     **kwargs: Any,
-) -> Any:
+) -> torch.Tensor:
     """`model.generate` with every knob that decides which tokens are drawn given here and none taken elsewhere.
 
     transformers fills each knob a call leaves unset from the model's generation_config (a hub model's may set
@@ -59,7 +59,7 @@ class GenerateRollout(ModelRollout):
     rows repeat is prefilled once; the drawn tokens' log-probabilities come from the raw logits, before any
     processing, as our loop scores them."""
 
-    def decode(self, model: Any, ids: torch.Tensor, mask: torch.Tensor,
+    def decode(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
         from rlhf.models.logprobs import logprobs_from_logits
         from rlhf.models.prefix import prefill_shared

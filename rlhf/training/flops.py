@@ -9,10 +9,14 @@ and in the backward through activations, so the same count is used (a slight ove
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
-def matmul_params(model: Any) -> int:
+
+def matmul_params(model: torch.nn.Module) -> int:
     """N: the parameters in matmuls (torch.nn.Linear weights, LoRA's included)."""
     import torch
 
@@ -21,7 +25,7 @@ def matmul_params(model: Any) -> int:
     return sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
-def forward_flops(model: Any, lengths: list[int], n_matmul: int | None = None) -> float:
+def forward_flops(model: torch.nn.Module, lengths: list[int], n_matmul: int | None = None) -> float:
     """2 N T + 2 L T^2 d summed over sequences of the given real lengths."""
     module = getattr(model, "module", model)
     cfg = getattr(module, "config", None)
@@ -30,7 +34,7 @@ def forward_flops(model: Any, lengths: list[int], n_matmul: int | None = None) -
     return float(sum(2 * n * t + 2 * layers * t * t * hidden for t in lengths))
 
 
-def train_flops(model: Any, lengths: list[int], n_matmul: int | None = None) -> float:
+def train_flops(model: torch.nn.Module, lengths: list[int], n_matmul: int | None = None) -> float:
     """One training step (forward + backward) on sequences of these lengths: 3 x forward_flops."""
     return 3 * forward_flops(model, lengths, n_matmul)
 

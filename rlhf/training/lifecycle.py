@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.config import LoggingConfig, TrainConfig
 from rlhf.training.checkpoint import Checkpointer
@@ -15,6 +15,11 @@ from rlhf.training.loop import fit
 from rlhf.training.metrics import MetricsLogger
 from rlhf.training.runtime import Dist
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+
 
 def train_and_export(
     *,
@@ -22,7 +27,7 @@ def train_and_export(
     params: Any,
     train: TrainConfig,
     dist: Dist,
-    tok: Any,
+    tok: PreTrainedTokenizerBase,
     build_model: Callable[[], Any],
     train_rows: Sequence[dict],
     eval_rows: Sequence[dict],
@@ -70,9 +75,9 @@ def train_and_export(
 
 
 def export_model(
-    module: Any,
+    module: torch.nn.Module,
     build_model: Callable[[], Any],
-    tok: Any,
+    tok: PreTrainedTokenizerBase,
     out_dir: Path,
     manifest: dict[str, Any],
     zero_stage: int,

@@ -15,6 +15,8 @@ from rlhf.training.metrics import MetricsLogger
 from rlhf.training.runtime import Dist, training
 
 if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
     from rlhf.training.lifecycle import Lifecycle
 
 
@@ -29,7 +31,7 @@ def all_finite(value: Any, dist: Dist) -> bool:
     return bool(flag.item())
 
 
-def grads_finite(engine: Any) -> bool:
+def grads_finite(engine: DeepSpeedEngine) -> bool:
     """Whether the reduced gradients are finite. Checked where they are whole on every rank (ZeRO 0); ZeRO 1-3
     partition them inside DeepSpeed's optimizer, where the non-finite loss check is what catches a blow-up."""
     import torch
@@ -64,7 +66,7 @@ class NonFiniteGuard:
 
 
 def fit(
-    engine: Any,
+    engine: DeepSpeedEngine,
     loader: Any,
     loss_fn: Callable[[Any, Any], tuple[Any, dict[str, float]]],
     evaluate: Callable[[], dict[str, float]],
@@ -152,7 +154,7 @@ def fit(
     return metrics
 
 
-def _log_window(engine: Any, logger: MetricsLogger, bar: Any, dist: Dist, train: TrainConfig, step: int,
+def _log_window(engine: DeepSpeedEngine, logger: MetricsLogger, bar: Any, dist: Dist, train: TrainConfig, step: int,
                 window: list[float], work: list[float], elapsed: float, extra: dict[str, float], skipped: int) -> None:
     """Log the mean loss, learning rate and throughput of the steps since the last logged point (every rank's real
     tokens and useful FLOPs), and show them on the progress bar."""

@@ -13,10 +13,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.config import EngineConfig, TrainConfig
 from rlhf.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ def zero_config(engine: EngineConfig, trained: bool = True) -> dict[str, Any]:
     return zero
 
 
-def zero3_partitioning(module: Any) -> dict[str, int]:
+def zero3_partitioning(module: torch.nn.Module) -> dict[str, int]:
     """How ZeRO-3 split `module` on this rank: parameters partitioned (not kept whole by the persistence
     threshold) of all, and elements held here of all (a partitioned parameter holds ceil(numel / world) here)."""
     out = {"partitioned": 0, "parameters": 0, "local_elements": 0, "elements": 0}
@@ -153,7 +157,7 @@ def zero3_partitioning(module: Any) -> dict[str, int]:
     return out
 
 
-def report_zero3(name: str, module: Any) -> None:
+def report_zero3(name: str, module: torch.nn.Module) -> None:
     """One line on rank 0 saying how ZeRO-3 partitioned a model (tests read it to check real sharding)."""
     import torch
 
@@ -189,7 +193,7 @@ def _scheduler(optimizer: Any, train: TrainConfig, total_steps: int) -> Any:
     return get_scheduler(train.lr_schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def initialize(model: Any, engine: EngineConfig, train: TrainConfig, total_steps: int) -> Any:
+def initialize(model: torch.nn.Module, engine: EngineConfig, train: TrainConfig, total_steps: int) -> Any:
     """Wrap a model in a DeepSpeed engine with AdamW over its trainable parameters and a warmup schedule.
 
     The optimizer is torch's fused AdamW (one vectorised kernel over all parameters, CPU and CUDA, no C++ build
@@ -228,7 +232,7 @@ def initialize(model: Any, engine: EngineConfig, train: TrainConfig, total_steps
 
 
 def full_state_dict(
-    module: Any, zero_stage: int, is_main: bool, all_ranks: bool = False
+    module: torch.nn.Module, zero_stage: int, is_main: bool, all_ranks: bool = False
 ) -> dict[str, Any] | None:
     """The whole model's parameters and persistent buffers as fp32 CPU tensors on rank 0 (None elsewhere), or on
     every rank with all_ranks.

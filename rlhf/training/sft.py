@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.config import Params
 from rlhf.data.batching import IGNORE, collate_sft, sft_length
 from rlhf.models.tokenizer import encode_sft_row
 from rlhf.training.runtime import Dist, evaluating
 
+if TYPE_CHECKING:
+    import torch
+    from deepspeed import DeepSpeedEngine
 
-def _loss(engine: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+
+
+def _loss(engine: DeepSpeedEngine, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     return engine(**batch).loss, {}
 
@@ -21,7 +26,7 @@ def _evaluate(dist: Dist):
 
     from rlhf.training.loop import all_reduce_sum, perplexity
 
-    def evaluate(engine: Any, loader: Any) -> dict[str, float]:
+    def evaluate(engine: DeepSpeedEngine, loader: Any) -> dict[str, float]:
         nll, tokens = 0.0, 0.0
         with torch.no_grad(), evaluating(engine):
             for batch in loader:
