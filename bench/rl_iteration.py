@@ -98,12 +98,10 @@ def _prompts(work: Path, n: int) -> list[list[dict[str, str]]]:
 
 
 def fixed_length(engine, tokens: int) -> None:
-    """Every answer the actor generates exactly `tokens` long (eos held back: min_new_tokens)."""
-    import dataclasses
-
+    """Every answer the actor generates exactly `tokens` long (eos held back: min_answer_tokens)."""
     generate = engine.rollout.generate
     engine.rollout.generate = lambda ids, mask, sampling: generate(
-        ids, mask, dataclasses.replace(sampling, min_new_tokens=tokens))
+        ids, mask, sampling.model_copy(update={"min_answer_tokens": tokens}))
 
 
 def iteration(trainer, engine, batch: dict, micro_batch: int) -> tuple:
