@@ -127,6 +127,15 @@ def ppo_trained(trained: Path) -> Path:
     return trained
 
 
+@pytest.fixture(scope="module")
+def dist():
+    """A one-rank CPU process group for tests that build step 3's models in this process."""
+    from rlhf.config import EngineConfig
+    from rlhf.training.runtime import init_distributed
+
+    return init_distributed(EngineConfig(device="cpu"))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder shaped like `trained` (params.yaml, models/sft, models/reward) made in this process, without the CLI:

@@ -22,19 +22,52 @@ from rlhf.config.sampling import Sampling
 __all__ = ["ALGORITHM_DEFAULTS", "GROUP_ALGORITHMS", "MOVED_PPO_KEYS", "PPOConfig", "moved_keys"]
 
 
+class VLLMConfig(Group):
+    """vLLM as the rollout engine (`ppo.rollout.engine: vllm`, rlhf/rollout/vllm.py), in the training process."""
+
+    tensor_parallel_size: int = Field(1, gt=0)  # devices one actor is split over for generation (GPU)
+    # share of the device's memory vLLM may take (weights, activations, KV cache) on a GPU; on CPU, see cpu_kv_cache_gib
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    cpu_kv_cache_gib: float = Field(1.0, gt=0)  # on CPU: the KV cache's size (VLLM_CPU_KVCACHE_SPACE)
+    # release vLLM's KV cache and weights while the update trains, wake it before the next rollout (GPU only: vLLM
+    # has no sleep mode on CPU)
+    sleep: bool = True
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile in vLLM: fast start (false: faster decode on GPU)
+
+
 class RolloutConfig(Group):
-    """Who draws the rollouts (`rlhf/rollout/`) and where log pi_old comes from."""
+    """Who draws the rollouts (`rlhf/rollout/`), where log pi_old comes from, and how the mismatch between the
+    rollout's log-probs and the training forward's is corrected (`rlhf/rl/correction.py`)."""
 
     # own: our decode loop (rlhf/rollout/decode.py: preallocated KV cache, a lean step for Llama-family models, the
     # model's forward for others) | generate: transformers' generate; the same tokens for the same seed, up to float
-    # rounding (tests/rollout/test_decode.py)
-    engine: Literal["own", "generate"] = "own"
+    # rounding (tests/rollout/test_decode.py) | vllm: vLLM in the training process, the actor's weights pushed to it
+    # after every update (rlhf/rollout/vllm.py; `make vllm` installs the CPU build, GPUs take `vllm`)
+    engine: Literal["own", "generate", "vllm"] = "own"
     # log pi_old: from the rollout's own logits ("generation"), or from one more actor forward ("recompute"; the
     # two differ by float rounding only, which bf16/fp16 make larger); "auto": generation for an fp32 actor,
     # recompute for bf16/fp16 (then pi_old is the very forward the update differentiates: a ratio of exactly 1
     # before the first step)
     logprobs: Literal["auto", "generation", "recompute"] = "auto"
     cuda_graphs: bool = True  # on CUDA our loop replays its one-token step as a CUDA graph (no effect on CPU)
+    # importance weights on the policy loss for the mismatch rho = pi_old / pi_rollout (needs log pi_old
+    # recomputed): token_tis min(rho, max) | token_mask rho where min <= rho <= max, else 0 (icepop) | seq_tis
+    # min(product of the answer's rho, max) | seq_mask token_tis on answers whose geometric-mean rho is in [min, max],
+    # 0 on the others | none (the mismatch is logged whenever log pi_old is recomputed)
+    correction: Literal["none", "token_tis", "token_mask", "seq_tis", "seq_mask"] = "none"
+    correction_min: float = Field(0.5, ge=0)  # lower bound of the mask modes
+    correction_max: float = Field(2.0, gt=1)  # upper bound / truncation cap (verl 2, TRL 3, OpenRLHF 5)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+    @model_validator(mode="after")
+    def _correction(self) -> RolloutConfig:
+        if self.correction != "none" and self.logprobs == "generation":
+            raise ValueError(f"ppo.rollout.correction {self.correction} weighs pi_old / pi_rollout, so log pi_old must "
+                             "come from the training forward: set ppo.rollout.logprobs to auto or recompute")
+        if self.correction_min >= self.correction_max:
+            raise ValueError(f"ppo.rollout.correction_min ({self.correction_min}) must be below correction_max "
+                             f"({self.correction_max})")
+        return self
 
 
 class OptimizerConfig(Group):
@@ -175,8 +208,11 @@ class PPOConfig(Group):
         return self.algorithm == "ppo"
 
     def recomputes_logprobs(self, actor_dtype: str) -> bool:
-        """Whether log pi_old comes from one more actor forward, for an actor engine of this dtype."""
-        return self.rollout.logprobs == "recompute" or (self.rollout.logprobs == "auto" and actor_dtype != "fp32")
+        """Whether log pi_old comes from one more actor forward, for an actor engine of this dtype: asked for, or
+        under auto for a bf16/fp16 actor, for vLLM's rollouts (other kernels) and under a mismatch correction."""
+        rollout = self.rollout
+        auto = actor_dtype != "fp32" or rollout.engine == "vllm" or rollout.correction != "none"
+        return rollout.logprobs == "recompute" or (rollout.logprobs == "auto" and auto)
 
     @model_validator(mode="after")
     def _batches(self) -> PPOConfig:

@@ -29,13 +29,19 @@ class Experience:
     advantages: torch.Tensor  # (B, R) GAE (ppo) or reward-to-go of the critic-free family
     returns: torch.Tensor  # (B, R) advantages + values: the critic's targets (ppo)
     kl: torch.Tensor  # (B, R) per-token log pi_old - log pi_ref
+    # (B, R) log pi_rollout of the drawn tokens as the rollout engine gave them, kept when log pi_old was recomputed
+    # by the training forward (else None: they are the same numbers); the mismatch is measured between the two
+    rollout_logprobs: torch.Tensor | None = None
+    # (B, R) importance weights of the policy loss for that mismatch (ppo.rollout.correction; rlhf/rl/correction.py),
+    # None = 1 everywhere
+    is_weights: torch.Tensor | None = None
 
     def slice(self, start: int, stop: int) -> Experience:
-        return Experience(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
+        return Experience(**{f.name: _rows(getattr(self, f.name), slice(start, stop)) for f in fields(self)})
 
     def select(self, rows: torch.Tensor) -> Experience:
         """The experiences at `rows` (a (n,) index tensor), in that order."""
-        return Experience(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+        return Experience(**{f.name: _rows(getattr(self, f.name), rows) for f in fields(self)})
 
     @staticmethod
     def cat(parts: list[Experience]) -> Experience:
@@ -49,8 +55,15 @@ class Experience:
         out = {}
         for f in fields(Experience):
             ts = [getattr(p, f.name) for p in parts]
-            out[f.name] = torch.cat(ts) if ts[0].dim() == 1 else pad(ts, 0)
+            if any(t is None for t in ts):
+                out[f.name] = None  # an optional field some part lacks
+            else:
+                out[f.name] = torch.cat(ts) if ts[0].dim() == 1 else pad(ts, 0)
         return Experience(**out)
+
+
+def _rows(t: torch.Tensor | None, index: slice | torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[index]
 
 
 def shares_cache(module: torch.nn.Module) -> bool:

@@ -32,7 +32,7 @@ from rlhf.rl.experience import Experience, shares_cache, token_values
 from rlhf.rollout.base import Rollout
 from rlhf.training.loop import NonFiniteGuard
 from rlhf.training.runtime import evaluating, training
-from rlhf.training.stats import sum_over_ranks
+from rlhf.training.stats import scores_vary, sum_over_ranks
 
 if TYPE_CHECKING:
     import torch
@@ -144,8 +144,8 @@ class RLTrainer:
         return (["model"] if self.rewards.model_weight > 0 else []) + [f.label for f in self.functions]
 
     def normalized(self, scores: torch.Tensor) -> torch.Tensor:
-        """(B,) the summed rewards as the estimator takes them: under ppo.advantage.reward_normalization: running, z-scored by
-        the moments of every reward so far, this batch's included (summed over ranks, so each rank normalises
+        """(B,) the summed rewards as the estimator takes them: under ppo.advantage.reward_normalization: running,
+        z-scored by the moments of every reward so far, this batch's included (summed over ranks, so each rank normalises
         alike); under none, unchanged. Then clipped to [-reward_clip, reward_clip] (0: no clip)."""
         if self.config.advantage.reward_normalization == "running":
             from rlhf.training.loop import all_reduce_sum
@@ -171,6 +171,17 @@ class RLTrainer:
         return ESTIMATORS[self.config.algorithm](logprobs, ref_logprobs, values, scores, mask, self.config, kl_coef,
                                                  reduce)
 
+    def correct(self, exp: Experience) -> dict[str, float]:
+        """The rollout/training mismatch of this iteration (rlhf/rl/correction.py): sets exp.is_weights under
+        ppo.rollout.correction and returns what to log (mismatch_*, is_*) over every rank's answer tokens."""
+        from rlhf.rl.correction import is_weights, mismatch_stats
+
+        cfg = self.config.rollout
+        weights = is_weights(exp.logprobs, exp.rollout_logprobs, exp.action_mask, cfg.correction,
+                             cfg.correction_min, cfg.correction_max)
+        exp.is_weights = None if cfg.correction == "none" else weights
+        return mismatch_stats(exp.logprobs, exp.rollout_logprobs, exp.action_mask, weights, self.models.dist)
+
     # ------------------------------------------------------------------------------------------ the phases
 
     def _logprobs(self, model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
@@ -189,12 +200,8 @@ class RLTrainer:
 
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
         """One answer per prompt row from the engine's rollout engine (ppo.rollout.engine, rlhf/rollout/), drawn with
-        ppo's sampling config. log pi_old is taken from the rollout's own logits unless the actor's dtype asks for
-        a recompute (PPOConfig.recomputes_logprobs): then it is None and scoring runs the actor once more."""
-        rollout = self.models.rollout.generate(prompt_ids, prompt_mask, self.config.sampling)
-        if self.config.recomputes_logprobs(self.models.engine_configs["actor"].dtype):
-            rollout.logprobs = None
-        return rollout
+        ppo's sampling config, with the engine's log-probs of the drawn tokens."""
+        return self.models.rollout.generate(prompt_ids, prompt_mask, self.config.sampling)
 
     def generate_experience(self, prompt_batch: dict[str, Any]) -> tuple[Experience, dict[str, float]]:
         """Phases 1-3 of an iteration on one batch of prompts: make_experience([prompt_batch])."""
@@ -215,6 +222,8 @@ class RLTrainer:
             parts.append(part)
             info = {k: v + timings.get(k, 0.0) for k, v in info.items()}
         exp = Experience.cat(parts) if len(parts) > 1 else parts[0]
+        if exp.rollout_logprobs is not None:
+            info.update(self.correct(exp))
         t0 = time.perf_counter()
         with torch.no_grad():
             exp.rewards, exp.advantages, exp.returns = self.advantages(
@@ -240,10 +249,10 @@ class RLTrainer:
         t1 = time.perf_counter()
         seq, mask, action_mask, p = rollout.sequences, rollout.attention_mask, rollout.action_mask, rollout.prompt_width
         actor, critic = self.models.actor.engine, self.models.critic
+        # log pi_old: the rollout's, or the training forward's (the rollout's then kept to measure the mismatch)
+        recompute = rollout.logprobs is None or self.config.recomputes_logprobs(self.models.engine_configs["actor"].dtype)
         with torch.no_grad(), evaluating(actor, critic):
-            logprobs = rollout.logprobs
-            if logprobs is None:
-                logprobs = self._logprobs(actor, seq, mask, p)
+            logprobs = self._logprobs(actor, seq, mask, p) if recompute else rollout.logprobs
             ref_logprobs = self._logprobs(self.models.ref, seq, mask, p)
             values = token_values(critic.module, seq, mask, p) if critic is not None else torch.zeros_like(logprobs)
             scores = self.reward_scores(rollout, rows)
@@ -251,23 +260,14 @@ class RLTrainer:
             kl = (logprobs - ref_logprobs) * action_mask
         t2 = time.perf_counter()
         zeros = torch.zeros_like(logprobs)
-        exp = Experience(seq, mask, action_mask, logprobs, ref_logprobs, values, scores, zeros, zeros, zeros, kl)
+        drawn = rollout.logprobs * action_mask if recompute and rollout.logprobs is not None else None
+        exp = Experience(seq, mask, action_mask, logprobs, ref_logprobs, values, scores, zeros, zeros, zeros, kl, drawn)
         return exp, {"generate_s": t1 - t0, "score_s": t2 - t1}
 
     def informative(self, scores: torch.Tensor) -> bool:
-        """Whether this iteration's raw scores (every rank's) have something to learn from: for grpo and rloo some
-        group whose answers scored differently, for the others some spread over the whole batch."""
-        import torch
-
-        if self.config.algorithm in GROUP_ALGORITHMS:
-            groups = scores.double().view(-1, self.config.group_size)
-            spread = (groups.max(-1).values > groups.min(-1).values).sum().double()
-            return sum_over_ranks(spread, self.models.dist.world_size).item() > 0
-        low_high = torch.stack([scores.double().min(), -scores.double().max()])
-        if self.models.dist.world_size > 1:
-            low_high = low_high.clone()
-            torch.distributed.all_reduce(low_high, op=torch.distributed.ReduceOp.MIN)
-        return low_high[0].item() < -low_high[1].item()
+        """Whether this iteration's raw scores (every rank's) have something to learn from (stats.scores_vary)."""
+        groups = self.config.group_size if self.config.algorithm in GROUP_ALGORITHMS else None
+        return scores_vary(scores, groups, self.models.dist.world_size)
 
     def update(self, exp: Experience, seed: int) -> dict[str, float]:
         """Phase 4: ppo.ppo_epochs passes over the experience, each in a fresh order (a torch.Generator seeded
@@ -347,7 +347,7 @@ class RLTrainer:
         out = self._logprobs(self.models.actor.engine, exp.sequences, exp.attention_mask, p, entropy=cfg.loss.entropy_coef > 0)
         logprobs, entropy = out if cfg.loss.entropy_coef > 0 else (out, None)
         loss, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.loss.clip_low,
-                                  cfg.loss.clip_high, agg, norm, total, cfg.loss.dual_clip)
+                                  cfg.loss.clip_high, agg, norm, total, cfg.loss.dual_clip, exp.is_weights)
         if cfg.kl.penalty == "loss":
             k3 = k3_kl(logprobs, exp.ref_logprobs)
             if cfg.kl.clamp > 0:  # verl's clamp: one token far from the reference cannot dominate the step

@@ -63,6 +63,7 @@ def policy_loss(
     norm_length: int | None = None,
     total: float | None = None,
     dual_clip: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate (Schulman et al. 2017 eq. 7; DeepSpeed-Chat actor_loss_fn), as a loss to minimise.
 
@@ -74,6 +75,8 @@ def policy_loss(
     aggregation, norm_length, total: see aggregate_loss (token_mean is the masked mean over every real token).
     dual_clip: c > 1 (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5; verl's clip_ratio_c): where
     A < 0 the per-token loss is min(that loss, -A x c), so a ratio far above 1 + eps cannot make it unbounded.
+    weights: (B, A) importance weights, no gradient, multiplying each token's loss before aggregation (the
+    rollout/training mismatch correction, rlhf/rl/correction.py); None = 1.
     Returns (loss (), stats) with stats:
         clip_fraction  share of real tokens where the clipped term is the active (strictly larger) one
         approx_kl      masked_mean(0.5 * (logprobs - old_logprobs)^2), Schulman's k2 estimator of KL(old || new)
@@ -87,6 +90,8 @@ def policy_loss(
     per_token = torch.maximum(unclipped, clipped)  # (B, A)
     if dual_clip is not None:
         per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
+    if weights is not None:
+        per_token = per_token * weights
     loss = aggregate_loss(per_token, mask, aggregation, norm_length, total)  # ()
     with torch.no_grad():
         stats = {

@@ -96,3 +96,26 @@ def sum_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
     x = x.clone()
     torch.distributed.all_reduce(x)
     return x
+
+
+def scores_vary(scores: torch.Tensor, group_size: int | None, world_size: int) -> bool:
+    """Whether raw scores (every rank's) have something to learn from: with `group_size` (grpo, rloo) some group of
+    that many consecutive answers scored differently; without, some spread over the whole batch."""
+    if group_size is not None:
+        groups = scores.double().view(-1, group_size)
+        spread = (groups.max(-1).values > groups.min(-1).values).sum().double()
+        return sum_over_ranks(spread, world_size).item() > 0
+    low_high = torch.stack([scores.double().min(), -scores.double().max()])
+    if world_size > 1:
+        low_high = low_high.clone()
+        torch.distributed.all_reduce(low_high, op=torch.distributed.ReduceOp.MIN)
+    return low_high[0].item() < -low_high[1].item()
+
+
+def max_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """x's elementwise maximum over every rank (a new tensor; x itself alone on one rank)."""
+    if world_size == 1:
+        return x
+    x = x.clone()
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    return x

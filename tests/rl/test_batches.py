@@ -19,14 +19,6 @@ from tests.rl.two_ranks import scored_experience, step_gradients
 SCORED = ("sequences", "attention_mask", "action_mask", "logprobs", "ref_logprobs", "values", "scores", "kl")
 
 
-@pytest.fixture(scope="module")
-def dist():
-    from rlhf.config import EngineConfig
-    from rlhf.training.runtime import init_distributed
-
-    return init_distributed(EngineConfig(device="cpu"))
-
-
 def _trainer(trained: Path, dist, name: str, ppo: dict, sft: Path | None = None):
     from rlhf.config import load_params
     from rlhf.rl.models import RLModels

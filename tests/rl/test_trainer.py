@@ -25,14 +25,6 @@ def assert_sharded(module) -> None:
     assert all(p.data.numel() == 0 for p in module.parameters())  # released: nothing whole outside a gather
 
 
-@pytest.fixture(scope="module")
-def dist():
-    from rlhf.config import EngineConfig
-    from rlhf.training.runtime import init_distributed
-
-    return init_distributed(EngineConfig(device="cpu"))
-
-
 def _params(trained: Path, name: str, *overrides: dict):
     from rlhf.config import load_params
 
