@@ -28,11 +28,11 @@ class VLLMConfig(Group):
     tensor_parallel_size: int = Field(1, gt=0)  # devices one actor is split over for generation (GPU)
     # share of the device's memory vLLM may take (weights, activations, KV cache) on a GPU; on CPU, see cpu_kv_cache_gib
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
-    cpu_kv_cache_gib: float = Field(1.0, gt=0)  # on CPU: the KV cache's size (VLLM_CPU_KVCACHE_SPACE)
+    cpu_kv_cache_gib: int = Field(1, gt=0)  # on CPU: the KV cache's size in GiB (VLLM_CPU_KVCACHE_SPACE)
     # release vLLM's KV cache and weights while the update trains, wake it before the next rollout (GPU only: vLLM
     # has no sleep mode on CPU)
     sleep: bool = True
-    enforce_eager: bool = True  # no CUDA graphs / torch.compile in vLLM: fast start (false: faster decode on GPU)
+    enforce_eager: bool = True  # no CUDA graphs and no torch.compile in vLLM: fast start (false: faster decode on GPU)
 
 
 class RolloutConfig(Group):
@@ -221,6 +221,13 @@ class PPOConfig(Group):
                 f"ppo.algorithm {self.algorithm} compares the answers to one prompt, so ppo.answers_per_prompt must be "
                 f">= 2 (got {self.answers_per_prompt}; null picks 4)"
             )
+        truncated = self.sampling.top_k > 0 or self.sampling.top_p < 1
+        if self.rollout.engine == "vllm" and self.rollout.correction != "none" and truncated:
+            raise ValueError(
+                f"ppo.rollout.correction {self.rollout.correction} with ppo.rollout.engine vllm and top_k/top_p "
+                "sampling: vLLM's log-probs are of the truncated, renormalised distribution and the trainer's of the "
+                "whole vocabulary, so the ratio is biased by the kept mass (trl#6789): set ppo.sampling.top_k: 0 and "
+                "top_p: 1.0, or correction: none")
         if not self.sampling.do_sample:
             raise ValueError("ppo.sampling.do_sample is false: step 3 learns from sampled answers, so it must be true "
                              "(greedy decoding is for evaluate.sampling and chat)")

@@ -128,8 +128,12 @@ class RLModels:
             reward = quiet(load_reward_model(reward_path))
             self.reward = _frozen_engine(reward, self.engine_configs["reward"], ppo.micro_batch_size)
         # rollouts decode with the actor in the hybrid engine's generation mode (ZeRO-3 gathered once, LoRA fused)
+        vllm = {"actor": self.actor, "model_path": sft_path, "dtype": self.engine_configs["actor"].dtype,
+                "settings": ppo.rollout.vllm, "seed": torch.initial_seed() % 2**31 + dist.rank,
+                "world_size": dist.world_size}
         self.rollout = make_rollout_engine(ppo.rollout.engine, self.actor.generation_mode, stop_ids(self.tok),
-                                           self.tok.pad_token_id, ppo.rollout.cuda_graphs)
+                                           self.tok.pad_token_id, ppo.rollout.cuda_graphs,
+                                           **(vllm if ppo.rollout.engine == "vllm" else {}))
         self.ema = None
         if ppo.ema_beta > 0:
             state = eng.full_state_dict(self.actor.module, self.actor.zero_stage, is_main=True, all_ranks=True)

@@ -2,15 +2,16 @@
 log-probabilities, why each answer ended) out.
 
 Step 3's scoring, rewards and algorithms read a `Rollout` and nothing else of the engine that made it, so an engine
-is one class with one method (`RolloutEngine.generate`). Two are built in, chosen by `ppo.rollout.engine`:
+is one class with one method (`RolloutEngine.generate`). Three are built in, chosen by `ppo.rollout.engine`:
 
     own       rlhf/rollout/decode.py  our decode loop: preallocated KV cache, lean Llama-family step, CUDA graphs
     generate  rlhf/rollout/hf.py      transformers' generate, for any architecture
+    vllm      rlhf/rollout/vllm.py    vLLM in this process, the actor's weights pushed to it after each update
 
-Both run on a model handed over by a context manager (the hybrid engine's generation mode: ZeRO-3 shards gathered
+The first two run on a model handed over by a context manager (the hybrid engine's generation mode: ZeRO-3 shards gathered
 once, LoRA fused), draw with the same arithmetic, and stop on every stop id of the tokenizer (the chat template's
-turn end, eos, generation_config's eos ids). A new engine (vLLM, a multi-turn environment) subclasses `ModelRollout`
-or implements `generate` outright and is added to `ENGINES`.
+turn end, eos, generation_config's eos ids). A new engine (a multi-turn environment) subclasses `ModelRollout` or
+implements `generate` outright and is added to `ENGINES`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 from rlhf.config import Sampling
 
 # ppo.rollout.engine -> the engine's class, imported when chosen ("module:Class")
-ENGINES = {"own": "rlhf.rollout.decode:DecodeLoop", "generate": "rlhf.rollout.hf:GenerateRollout"}
+ENGINES = {"own": "rlhf.rollout.decode:DecodeLoop", "generate": "rlhf.rollout.hf:GenerateRollout",
+           "vllm": "rlhf.rollout.vllm:VLLMRollout"}
 
 ModelContext = Callable[[], contextlib.AbstractContextManager[Any]]
 
@@ -108,9 +110,10 @@ class ModelRollout:
 
 
 def make_rollout_engine(name: str, model_context: ModelContext, stop_ids: Sequence[int], pad_token_id: int,
-                        cuda_graphs: bool = False) -> RolloutEngine:
-    """The engine `ppo.rollout.engine` names (ENGINES), decoding with the model that `model_context()` holds."""
+                        cuda_graphs: bool = False, **options: Any) -> RolloutEngine:
+    """The engine `ppo.rollout.engine` names (ENGINES), decoding with the model that `model_context()` holds;
+    `options` go to engines that take more (vllm: the actor, the model folder, dtype, settings, seed)."""
     import importlib
 
     module, cls = ENGINES[name].split(":")
-    return getattr(importlib.import_module(module), cls)(model_context, stop_ids, pad_token_id, cuda_graphs)
+    return getattr(importlib.import_module(module), cls)(model_context, stop_ids, pad_token_id, cuda_graphs, **options)

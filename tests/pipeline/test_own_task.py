@@ -36,8 +36,9 @@ def _rows() -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _pretrained_folder(path: Path, texts: list[str]) -> None:
-    """A tiny Llama with a tokenizer that has no pad token: what a user brings from elsewhere."""
+def _pretrained_folder(path: Path, texts: list[str], heads: int = 2) -> None:
+    """A tiny Llama with a tokenizer that has no pad token: what a user brings from elsewhere. heads=1 gives head
+    size 32, which vLLM's CPU attention runs (16 it does not)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rlhf.models.tokenizer import train_tokenizer
@@ -46,7 +47,7 @@ def _pretrained_folder(path: Path, texts: list[str]) -> None:
     tok.pad_token = None
     tok.save_pretrained(path)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=128,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)

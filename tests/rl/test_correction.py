@@ -127,3 +127,15 @@ def test_the_trainer_measures_the_mismatch_and_weighs_the_update(tiny_models, di
         runs[correction] = {k: after[k] - before[k] for k in before}
         assert any((d != 0).any() for d in runs[correction].values())
     assert any(not torch.allclose(runs["none"][k], runs["token_tis"][k]) for k in runs["none"])
+
+
+def test_vllm_with_truncated_sampling_refuses_a_correction() -> None:
+    """vLLM's processed log-probs are renormalised over the kept tokens (trl#6789): the ratio would be biased."""
+    from pydantic import ValidationError
+
+    from rlhf.config import PPOConfig
+
+    with pytest.raises(ValidationError, match="trl#6789"):
+        PPOConfig(rollout={"engine": "vllm", "correction": "token_tis"}, sampling={"top_p": 0.9})
+    PPOConfig(rollout={"engine": "vllm"}, sampling={"top_p": 0.9})  # measured only: allowed
+    PPOConfig(rollout={"correction": "token_tis"}, sampling={"top_k": 5})  # our engine: whole-vocabulary log-probs

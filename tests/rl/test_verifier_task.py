@@ -27,13 +27,13 @@ def reversed_words(prompts, completions, answer, **columns):
         out.append(0.5 * prefixed + 0.5 * (body[:1] == want.split()[:1]))
     return out
 '''
+VERIFIER_FN = {"function": "rewards.reverse:reversed_words", "name": "reversed"}
 
 
-@pytest.mark.slow
-def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    repo = copy_project(tmp_path / "repo")
+def verifier_repo(repo: Path, heads: int = 2, ppo: dict | None = None) -> Path:
+    """A DVC project of the user's own: their data (TRL formats, no preference pair), their "pretrained" model
+    (`heads` attention heads), their verifier as the only reward; git and dvc initialised, committed."""
+    copy_project(repo)
     rows = _rows()
     for r in rows["prompts.jsonl"]:  # the reference answer, for the verifier only
         r["answer"] = " ".join(reversed(r["prompt"].removeprefix("Reverse the words: ").split()))
@@ -42,21 +42,28 @@ def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path)
         (repo / "data/sources" / name).write_text("".join(json.dumps(r) + "\n" for r in items))
     (repo / "rewards/reverse.py").write_text(VERIFIER)
     texts = [r["prompt"] for r in rows["prompts.jsonl"]] + [r["completion"] for r in rows["sft.jsonl"]]
-    _pretrained_folder(repo / "pretrained", texts)
+    _pretrained_folder(repo / "pretrained", texts, heads)
     steps = {"sft.jsonl": ["sft"], "prompts.jsonl": ["ppo"]}
-    verifier = {"function": "rewards.reverse:reversed_words", "name": "reversed"}
     write_params(repo / "params.yaml", {
         "data": {"sources": [{"path": f"data/sources/{n}", "steps": s} for n, s in steps.items()]},
         "model": {"name_or_path": "pretrained"},
         "sft": {"micro_batch_size": 8, "max_steps": 400, "epochs": 100},
-        "rewards": {"model_weight": 0.0, "functions": [verifier]},
+        "rewards": {"model_weight": 0.0, "functions": [VERIFIER_FN]},
         "ppo": {"rollout_batch_size": 16, "micro_batch_size": 8, "iterations": 20, "eval_prompts": 12,
-                "answers_per_prompt": 4, "optimizer": {"actor_learning_rate": 0.001}},
-        "evaluate": {"scorers": [verifier]},
+                "answers_per_prompt": 4, "optimizer": {"actor_learning_rate": 0.001}, **(ppo or {})},
+        "evaluate": {"scorers": [VERIFIER_FN]},
     })
     run_ok("git", "init", "-q", cwd=repo)
     run_ok("dvc", "init", "-q", cwd=repo)
     commit(repo, "own task, own verifier")
+    return repo
+
+
+@pytest.mark.slow
+def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    repo = verifier_repo(tmp_path / "repo")
     out = run_ok("dvc", "repro", cwd=repo)
     assert "Running stage 'evaluate'" in out, out
     assert "no reward model to train (no preference pairs, rewards.model_weight 0): placeholder" in out, out

