@@ -68,6 +68,29 @@ def _gathered(params: list[torch.nn.Parameter], zero_stage: int) -> contextlib.A
     return deepspeed.zero.GatheredParameters(params)
 
 
+@contextlib.contextmanager
+def _modules_vllm_can_scan() -> Iterator[None]:
+    """Hide, while vLLM starts, the loaded modules it cannot scan. vLLM 0.32's CPU kernel registration calls
+    hasattr() on every global of every module in sys.modules; a werkzeug LocalProxy (flask's current_app, loaded by
+    moto or a verifier's web client) raises RuntimeError there instead of AttributeError, and the engine fails."""
+    import sys
+
+    hidden = {}
+    for name, module in list(sys.modules.items()):
+        for value in list(getattr(module, "__dict__", None) or ()):
+            try:
+                hasattr(module.__dict__.get(value), "__dict__")
+            except Exception:
+                hidden[name] = module
+                break
+    for name in hidden:
+        del sys.modules[name]
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
+
+
 def _check_cpu_head_size(config: Any) -> None:
     """vLLM's CPU attention runs a fixed set of head sizes; another one fails deep in its first rollout."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
@@ -112,11 +135,13 @@ class VLLMRollout:
         if settings.enforce_eager:  # no torch.compile either: on CPU vLLM would compile with inductor (minutes, workers)
             extra["compilation_config"] = {"mode": 0}
         self.sleeps = settings.sleep and on_cuda
-        self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=_DTYPES[dtype], seed=seed,
-                       max_model_len=getattr(config, "max_position_embeddings", None),
-                       tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=settings.enforce_eager,
-                       gpu_memory_utilization=settings.gpu_memory_utilization, enable_sleep_mode=self.sleeps,
-                       logprobs_mode="processed_logprobs", **extra)
+        with _modules_vllm_can_scan():
+            # token ids in, token ids out: vLLM needs no tokenizer (the bench's folders have none)
+            self.llm = LLM(model=str(model_path), skip_tokenizer_init=True, dtype=_DTYPES[dtype], seed=seed,
+                           max_model_len=getattr(config, "max_position_embeddings", None),
+                           tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=settings.enforce_eager,
+                           gpu_memory_utilization=settings.gpu_memory_utilization, enable_sleep_mode=self.sleeps,
+                           logprobs_mode="processed_logprobs", **extra)
         self.synced_step: int | None = None  # the actor's optimizer step vLLM's weights are from (None: the folder's)
         if self.sleeps:
             self.llm.sleep(level=1)

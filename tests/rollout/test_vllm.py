@@ -54,6 +54,8 @@ def vllm_trainer(tiny_models: Path, dist, tmp_path_factory: pytest.TempPathFacto
     from rlhf.rl.models import RLModels
     from rlhf.rl.trainer import RLTrainer
 
+    import flask  # noqa: F401 - a werkzeug LocalProxy in sys.modules, as the moto tests leave it: vLLM must start
+
     sft, reward = _pad_is_eos(_vllm_sized(tiny_models, tmp_path_factory.mktemp("vllm_models")),
                               tmp_path_factory.mktemp("pad_is_eos"))
     params = load_params(write_params(tiny_models / "vllm.yaml", {"ppo": {
