@@ -247,3 +247,24 @@ def _unit_tests_launch_nothing(request: pytest.FixtureRequest, monkeypatch: pyte
     in-process."""
     if "not slow" in (request.config.getoption("-m") or "") and not request.node.get_closest_marker("slow"):
         monkeypatch.setattr(subprocess, "Popen", _UnitPopen)
+
+
+def pad_is_eos_copies(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the SFT and reward models whose tokenizer's pad token is its eos (as SmolLM2's, or any tokenizer
+    `load_tokenizer` gave a pad), as a model folder from elsewhere (no manifest)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = []
+    for name in ("sft", "reward"):
+        dst = tmp_path / name
+        shutil.copytree(trained / "models" / name, dst, ignore=shutil.ignore_patterns("COMPLETE.json", "manifest*"))
+        tok = AutoTokenizer.from_pretrained(dst)
+        tok.pad_token = tok.eos_token
+        tok.save_pretrained(dst)
+        cfg = AutoConfig.from_pretrained(dst)
+        cfg.pad_token_id = tok.eos_token_id
+        cfg.save_pretrained(dst)
+        out.append(dst)
+    return out[0], out[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli, write_params
+from tests.conftest import pad_is_eos_copies, run_cli, write_params
 
 # The test models are below DeepSpeed's default persistence threshold: without this, ZeRO-3 would keep every
 # parameter whole and no ZeRO-3 test would exercise a gather.
@@ -309,27 +309,6 @@ def test_answers_per_prompt_and_rollout_logprobs(tiny_models: Path, dist) -> Non
     assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
 
 
-def _pad_is_eos_copies(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """Copies of the SFT and reward models whose tokenizer's pad token is its eos (as SmolLM2's, or any tokenizer
-    `load_tokenizer` gave a pad), as a model folder from elsewhere (no manifest)."""
-    import shutil
-
-    from transformers import AutoConfig, AutoTokenizer
-
-    out = []
-    for name in ("sft", "reward"):
-        dst = tmp_path / name
-        shutil.copytree(trained / "models" / name, dst, ignore=shutil.ignore_patterns("COMPLETE.json", "manifest*"))
-        tok = AutoTokenizer.from_pretrained(dst)
-        tok.pad_token = tok.eos_token
-        tok.save_pretrained(dst)
-        cfg = AutoConfig.from_pretrained(dst)
-        cfg.pad_token_id = tok.eos_token_id
-        cfg.save_pretrained(dst)
-        out.append(dst)
-    return out[0], out[1]
-
-
 def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(tiny_models: Path, dist, tmp_path: Path) -> None:
     """With pad == eos, the action mask is by position: every answer token up to and including the first eos, the
     eos itself (the decision to stop) included; rows that never stop are real throughout; the reward model's score
@@ -340,7 +319,7 @@ def test_pad_is_eos_the_eos_is_an_action_and_the_reward_is_read_there(tiny_model
     from rlhf.rl.trainer import RLTrainer
     from rlhf.rollout.base import finish
 
-    sft, reward = _pad_is_eos_copies(tiny_models, tmp_path)
+    sft, reward = pad_is_eos_copies(tiny_models, tmp_path)
     params = _params(tiny_models, "ppo_eos.yaml", {"ppo": {"rollout": {"logprobs": "recompute"}, "kl": {"coef": 0.0},
                                                        "advantage": {"reward_clip": 0.0, "reward_normalization": "none"},
                                                        "ema_beta": 0.0}})

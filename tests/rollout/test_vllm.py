@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_params
+from tests.conftest import pad_is_eos_copies, write_params
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `make vllm`")
 
@@ -29,35 +29,17 @@ def _vllm_sized(tiny_models: Path, out: Path) -> Path:
     return out
 
 
-def _pad_is_eos(tiny_models: Path, out: Path) -> tuple[Path, Path]:
-    """Copies of the tiny SFT and reward models whose tokenizer pads with its eos (as SmolLM2's does)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    folders = []
-    for name in ("sft", "reward"):
-        dst = out / name
-        shutil.copytree(tiny_models / "models" / name, dst, ignore=shutil.ignore_patterns("COMPLETE.json", "manifest*"))
-        tok = AutoTokenizer.from_pretrained(dst)
-        tok.pad_token = tok.eos_token
-        tok.save_pretrained(dst)
-        cfg = AutoConfig.from_pretrained(dst)
-        cfg.pad_token_id = tok.eos_token_id
-        cfg.save_pretrained(dst)
-        folders.append(dst)
-    return folders[0], folders[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_trainer(tiny_models: Path, dist, tmp_path_factory: pytest.TempPathFactory):
     """One RLTrainer whose rollouts vLLM draws (one vLLM engine per test process is plenty on 2 cores)."""
+    import flask  # noqa: F401 - a werkzeug LocalProxy in sys.modules, as the moto tests leave it: vLLM must start
+
     from rlhf.config import load_params
     from rlhf.rl.models import RLModels
     from rlhf.rl.trainer import RLTrainer
 
-    import flask  # noqa: F401 - a werkzeug LocalProxy in sys.modules, as the moto tests leave it: vLLM must start
-
-    sft, reward = _pad_is_eos(_vllm_sized(tiny_models, tmp_path_factory.mktemp("vllm_models")),
-                              tmp_path_factory.mktemp("pad_is_eos"))
+    sft, reward = pad_is_eos_copies(_vllm_sized(tiny_models, tmp_path_factory.mktemp("vllm_models")),
+                                    tmp_path_factory.mktemp("pad_is_eos"))
     params = load_params(write_params(tiny_models / "vllm.yaml", {"ppo": {
         "ema_beta": 0.0, "rollout_batch_size": 4, "micro_batch_size": 4, "sampling": {"max_answer_tokens": 12},
         "rollout": {"engine": "vllm", "correction": "token_tis"}, "optimizer": {"actor_learning_rate": 0.05}}}))
