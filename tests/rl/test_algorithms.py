@@ -209,9 +209,9 @@ def test_ptx_reads_its_own_text_source(trained: Path, tmp_path: Path) -> None:
 def test_grpo_and_dpo_with_a_tokenizer_whose_pad_is_its_eos(trained: Path, tmp_path: Path) -> None:
     """SmolLM2's case: pad == eos. GRPO (answers end at their first eos, by position) and DPO (each answer's eos is
     scored as an answer token, never as padding) both train through the CLI and write loadable models."""
-    from tests.rl.test_trainer import _pad_is_eos_copies
+    from tests.conftest import pad_is_eos_copies
 
-    sft, reward = _pad_is_eos_copies(trained, tmp_path)
+    sft, reward = pad_is_eos_copies(trained, tmp_path)
     write_params(trained / "eos.yaml", {"ppo": {"algorithm": "grpo", "rollout_batch_size": 4},
                                         "dpo": {"max_steps": 2, "micro_batch_size": 8}})
     run_cli("ppo", "--params", "eos.yaml", "--sft", str(sft), "--reward", str(reward), "--out", str(tmp_path / "ppo"),
