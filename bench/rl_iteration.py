@@ -216,7 +216,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tiny,50m")
     ap.add_argument("--trl", default="grpo,rloo", help="TRL trainers to compare with")
-    ap.add_argument("--ours", default="ppo,grpo,rloo", help="our step-3 algorithms to time")
+    ap.add_argument("--ours", default="ppo,grpo,rloo", help="our step-3 algorithms to time; ALGORITHM@vllm rolls "
+                    "out with vLLM (ppo.rollout.engine), e.g. grpo,grpo@vllm")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
     ap.add_argument("--completions", type=int, default=4, help="answers per prompt")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens per answer (exact)")
@@ -239,8 +240,9 @@ def main() -> None:
             out = setup(work, args.size, args)
         elif args.side == "ours":
             out = run_ours(work, args.size, args)
-        elif args.side.startswith("ours_"):
-            out = run_ours(work, args.size, args, args.side.removeprefix("ours_"))
+        elif args.side.startswith("ours_"):  # ours_ALGORITHM[@ENGINE]: ppo.rollout.engine ENGINE (own by default)
+            algorithm, _, engine = args.side.removeprefix("ours_").partition("@")
+            out = run_ours(work, args.size, args, algorithm, {"ppo.rollout.engine": engine} if engine else None)
         else:
             out = run_trl(work, args.size, args, args.side)
         print("RESULT " + json.dumps(out), flush=True)
@@ -249,7 +251,7 @@ def main() -> None:
     shape = ["--prompts", str(args.prompts), "--completions", str(args.completions),
              "--new-tokens", str(args.new_tokens), "--iters", str(args.iters), "--threads", str(args.threads)]
     ours = ["ours" if a == "ppo" else f"ours_{a}" for a in args.ours.split(",")]
-    trl_sides = args.trl.split(",")
+    trl_sides = [t for t in args.trl.split(",") if t]  # --trl "": ours only
     sides = [*ours, *trl_sides]
     rows = []
     with tempfile.TemporaryDirectory(prefix="rl-bench-") as tmp:
