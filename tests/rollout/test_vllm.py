@@ -188,3 +188,35 @@ def test_grpo_with_vllm_rollouts_raises_a_verifiers_score_through_dvc_repro(tmp_
     sft = AutoModelForCausalLM.from_pretrained(repo / "models/sft").state_dict()
     actor = AutoModelForCausalLM.from_pretrained(repo / "models/ppo/actor").state_dict()
     assert sum(not torch.equal(sft[k], actor[k]) for k in sft) >= len(sft) // 2
+
+
+@pytest.mark.slow
+def test_a_killed_vllm_run_resumes_and_vllm_serves_the_checkpointed_actor(tmp_path: Path) -> None:
+    """SIGKILL the ppo stage after iteration 3 of a vLLM run, rerun `dvc repro`: it resumes from the checkpoint of
+    iteration 2 and finishes. The new process's vLLM starts from the SFT folder, so it must push the resumed actor
+    before its first rollout: the rollout/training mismatch after the resume stays at float rounding (it would be the
+    whole update's distance had vLLM served the SFT weights)."""
+    import json
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import cli_env, run_ok
+    from tests.rl.test_verifier_task import verifier_repo
+
+    repo = verifier_repo(tmp_path / "repo", heads=1, ppo={
+        "algorithm": "grpo", "iterations": 6, "checkpoint_every": 2, "rollout": {"engine": "vllm"},
+        "optimizer": {"actor_learning_rate": 0.005}})
+    for stage in ("sft", "reward", "check"):  # upstream first: the fault below kills at step 3 of any stage
+        run_ok("dvc", "repro", stage, cwd=repo)
+    killed = subprocess.run(["dvc", "repro", "ppo"], cwd=repo, env={**cli_env(), "RLHF_FAULT_KILL_AT_STEP": "3"},
+                            capture_output=True, text=True, timeout=900)
+    assert killed.returncode != 0 and not (repo / "models/ppo/actor").exists(), killed.stdout[-2000:]
+    out = run_ok("dvc", "repro", cwd=repo)
+    assert "resumed from checkpoints/ppo/step-00000002" in out, out
+    curves = repo / "dvclive/ppo/plots/metrics/ppo"
+    mismatch = [float(r.split("\t")[-1]) for r in (curves / "mismatch_abs_max.tsv").read_text().splitlines()[1:]]
+    assert len(mismatch) == 6 and max(mismatch) < 1e-3, mismatch
+    metrics = json.loads((repo / "metrics/ppo.json").read_text())
+    assert metrics["iterations"] == 6
+    AutoModelForCausalLM.from_pretrained(repo / "models/ppo/actor")
