@@ -22,16 +22,23 @@ answers a mask dropped.
 
 from __future__ import annotations
 
+import typing
 from typing import TYPE_CHECKING
 
 import torch
 
+from rlhf.config.rl import RolloutConfig
 from rlhf.training.stats import max_over_ranks, sum_over_ranks
 
 if TYPE_CHECKING:
     from rlhf.training.runtime import Dist
 
-CORRECTIONS = ("none", "token_tis", "token_mask", "seq_tis", "seq_mask")
+CORRECTIONS = typing.get_args(RolloutConfig.model_fields["correction"].annotation)  # ppo.rollout.correction's values
+
+
+def _exp(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp of a log ratio bounded to [-20, 20] (verl's safety bound): it never overflows."""
+    return torch.exp(log_ratio.clamp(-20.0, 20.0))
 
 
 def is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
@@ -41,13 +48,13 @@ def is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask:
     if mode == "none":
         return mask.clone()
     log_rho = ((old_logprobs - rollout_logprobs) * mask).detach()
-    rho = torch.exp(log_rho.clamp(-20.0, 20.0))  # verl's safety bound: exp never overflows
+    rho = _exp(log_rho)
     if mode == "token_tis":
         return rho.clamp(max=high) * mask
     if mode == "token_mask":
         return rho * ((rho >= low) & (rho <= high)) * mask
     if mode == "seq_tis":
-        seq = torch.exp(log_rho.sum(-1).clamp(-20.0, 20.0)).clamp(max=high)  # (B,)
+        seq = _exp(log_rho.sum(-1)).clamp(max=high)  # (B,)
         return seq[:, None] * mask
     if mode == "seq_mask":
         geo = torch.exp(log_rho.sum(-1) / mask.sum(-1).clamp(min=1))  # (B,)
@@ -68,7 +75,7 @@ def mismatch_stats(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, m
         is_masked            share of answer tokens the correction gave weight 0"""
     real = mask > 0
     log_rho = (old_logprobs - rollout_logprobs)[real].double()
-    rho = torch.exp(log_rho.clamp(-20.0, 20.0))
+    rho = _exp(log_rho)
     w = weights[real].double()
     sums = torch.stack([-log_rho.sum(), (rho - 1 - log_rho).sum(), rho.sum(), w.sum(), (w == 0).sum().double(),
                         torch.tensor(float(log_rho.numel()), dtype=torch.float64)])
