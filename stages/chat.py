@@ -19,6 +19,7 @@ def chat(
     max_new_tokens: int = typer.Option(64, help="longest answer"),
     greedy: bool = typer.Option(False, help="greedy decoding instead of sampling"),
     seed: int | None = typer.Option(None, help="seed the sampler"),
+    engine: str = typer.Option("generate", help="who draws the answers: generate (transformers) or vllm (`make vllm`)"),
 ) -> None:
     """Multi-turn chat with streaming; type `clear` to forget the conversation, `quit` (or Ctrl-D) to leave."""
     from rlhf.evaluation.chat import Chat
@@ -28,11 +29,12 @@ def chat(
         (greedy or temperature > 0, f"--temperature {temperature}: must be > 0 (for greedy decoding pass --greedy)"),
         (0 < top_p <= 1, f"--top-p {top_p}: must be in (0, 1] (1 = off)"),
         (top_k >= 0, f"--top-k {top_k}: must be >= 0 (0 = off)"),
+        (engine in ("generate", "vllm"), f"--engine {engine}: must be generate or vllm"),
     ]
     for ok, problem in checks:
         if not ok:
             fail(problem)
-    session = guarded(Chat, model, temperature, top_p, max_new_tokens, not greedy, seed, top_k)
+    session = guarded(Chat, model, temperature, top_p, max_new_tokens, not greedy, seed, top_k, engine=engine)
 
     def stream(text: str) -> None:
         sys.stdout.write(text)

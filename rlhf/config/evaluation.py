@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from rlhf.config.base import Group, moved_keys
 from rlhf.config.rewards import RewardFunctionConfig, unique_labels
-from rlhf.config.sampling import Sampling
+from rlhf.config.sampling import Sampling, VLLMConfig
 
 # What evaluate reports of every actor besides the scorers (whose names must differ from these).
 EVALUATE_METRICS = ("rm_reward", "kl_to_sft", "response_length", "perplexity", "num_prompts")
@@ -22,6 +22,11 @@ class EvaluateConfig(Group):
     # how every actor answers (do_sample false: greedy); kl_to_sft compares both models at sampling.temperature
     sampling: Sampling = Field(default_factory=Sampling)
     batch_size: int = Field(64, gt=0)  # prompts per generation and scoring forward
+    # who draws the answers: transformers' generate, or vLLM in the evaluate process (`make vllm`; on a GPU it draws
+    # there): one vLLM engine for every actor, each actor's weights pushed in turn, one seed per prompt (seed + its
+    # index), fp32 as the rest of evaluate. The same model draws different tokens under each engine for one seed.
+    engine: Literal["generate", "vllm"] = "generate"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)  # with engine vllm (tensor_parallel_size, memory, ...)
     num_samples: int = Field(8, ge=0)  # sample answers shown side by side
     # Scorers of quality, each reported per actor under its name; null = the shipped task's gold scorer when the
     # held-out prompts are the builtin task's, else none (evaluate then says so). Weights are not used here.

@@ -17,22 +17,9 @@ from rlhf.config.algorithm import (
 )
 from rlhf.config.base import Group, moved_keys
 from rlhf.config.models import LoraConfig, ModelEngineConfig
-from rlhf.config.sampling import Sampling
+from rlhf.config.sampling import Sampling, VLLMConfig
 
 __all__ = ["ALGORITHM_DEFAULTS", "GROUP_ALGORITHMS", "MOVED_PPO_KEYS", "PPOConfig", "moved_keys"]
-
-
-class VLLMConfig(Group):
-    """vLLM as the rollout engine (`ppo.rollout.engine: vllm`, rlhf/rollout/vllm.py), in the training process."""
-
-    tensor_parallel_size: int = Field(1, gt=0)  # devices one actor is split over for generation (GPU)
-    # share of the device's memory vLLM may take (weights, activations, KV cache) on a GPU; on CPU, see cpu_kv_cache_gib
-    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
-    cpu_kv_cache_gib: int = Field(1, gt=0)  # on CPU: the KV cache's size in GiB (VLLM_CPU_KVCACHE_SPACE)
-    # release vLLM's KV cache and weights while the update trains, wake it before the next rollout (GPU only: vLLM
-    # has no sleep mode on CPU)
-    sleep: bool = True
-    enforce_eager: bool = True  # no CUDA graphs and no torch.compile in vLLM: fast start (false: faster decode on GPU)
 
 
 class RolloutConfig(Group):

@@ -4,7 +4,8 @@ For each actor: the mean of every quality scorer (evaluate.scorers: functions wi
 see rlhf/rl/rewards.py; by default the shipped task's gold scorer, which training never saw, and only on the builtin
 task's prompts), the mean reward-model score, the KL to the SFT model per answer token, the mean answer length and
 the perplexity on held-out demonstrations; plus a table of sample answers side by side. Without a scorer for the
-data it reports the rest and says so; never a score that does not apply. Plain transformers on one process.
+data it reports the rest and says so; never a score that does not apply. Plain transformers on one process; the
+answers drawn by transformers' generate or by vLLM (evaluate.engine).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
+    from rlhf.rollout.vllm import VLLMEngine
+
 
 # The shipped task's scorer, the default of evaluate.scorers on the builtin task's prompts.
 BUILTIN_GOLD = RewardFunctionConfig(function="rlhf.data.task:gold_reward_fn", name="gold_reward")
@@ -38,9 +41,10 @@ def default_scorers(cfg: EvaluateConfig, rows: list[dict]) -> list[RewardFunctio
 
 
 def _answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]], cfg: EvaluateConfig,
-             seed: int) -> list[list[int]]:
+             seed: int, vllm: VLLMEngine | None = None) -> list[list[int]]:
     """Sampled (or greedy) answer token ids for each prompt: up to and including the first eos, or every generated
-    token of an answer that never stopped (by position: the pad after the eos may be the eos itself)."""
+    token of an answer that never stopped (by position: the pad after the eos may be the eos itself). With `vllm`,
+    vLLM draws them from `model`'s weights, prompt i with seed + i."""
     import torch
 
     from rlhf.data.batching import collate_prompts
@@ -48,6 +52,12 @@ def _answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: list
     from rlhf.rollout.base import answer_mask
     from rlhf.rollout.hf import generate_tokens
 
+    if vllm is not None:
+        from rlhf.rollout.vllm import checkpoint_weights
+
+        vllm.load(checkpoint_weights(model, zero_stage=0))
+        seeds = [seed + i for i in range(len(prompts))]
+        return [ids for ids, _ in vllm.sample(prompts, cfg.sampling, stop_ids(tok), seeds)]
     out: list[list[int]] = []
     torch.manual_seed(seed)
     for i in range(0, len(prompts), cfg.batch_size):
@@ -94,13 +104,14 @@ def evaluate_actors(
     prompts = [encode_prompt(tok, r["prompt"], max_prompt_tokens) for r in rows]
     reward = load_reward_model(reward_path).eval() if with_rm else None
     baseline = load_causal_lm(baseline_path).eval()
+    vllm = _vllm_engine(baseline_path, baseline.config, cfg, seed) if cfg.engine == "vllm" else None
 
     metrics: dict[str, dict[str, float]] = {}
     per_answer: dict[str, dict[str, list[float]]] = {}  # actor -> measure -> each answer's value (for the noise)
     samples: list[dict[str, str]] = [{"prompt": r["prompt"][-1]["content"]} for r in rows[: cfg.num_samples]]
     for name, path in actors.items():
         model = load_causal_lm(path).eval()
-        answers = _answers(model, tok, prompts, cfg, seed)
+        answers = _answers(model, tok, prompts, cfg, seed, vllm)
         decoded = [tok.decode(a, skip_special_tokens=True) for a in answers]
         quality = function_values(scorers, rows, decoded, answers)
         require_applies(scorers, quality, f"held-out answers of the {name} actor")
@@ -120,6 +131,16 @@ def evaluate_actors(
 
         print(f"warning: {line}", file=sys.stderr, flush=True)
     return metrics, samples
+
+
+def _vllm_engine(path: Path, config: Any, cfg: EvaluateConfig, seed: int) -> VLLMEngine:
+    """One vLLM engine for every actor (evaluate.engine: vllm), built from the baseline's folder, fp32."""
+    import torch
+
+    from rlhf.rollout.vllm import VLLMEngine
+
+    return VLLMEngine(path, config, "fp32", cfg.vllm, param="evaluate.engine", on_cuda=torch.cuda.is_available(),
+                      seed=seed)
 
 
 def _check_inputs(actors: dict[str, Path], reward_path: Path, with_rm: bool, data_dir: Path, cfg: EvaluateConfig,

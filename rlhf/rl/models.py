@@ -91,7 +91,7 @@ class RLModels:
         from rlhf.rollout.base import make_rollout_engine
         from rlhf.training import runtime as eng
 
-        self.ppo, self.dist = ppo, dist
+        self.ppo, self.dist, self.sft_path = ppo, dist, Path(sft_path)
         self.tok = load_tokenizer(sft_path)
         if reward_path is not None:
             reward_tok = load_tokenizer(reward_path)

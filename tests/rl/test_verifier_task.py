@@ -30,7 +30,7 @@ def reversed_words(prompts, completions, answer, **columns):
 VERIFIER_FN = {"function": "rewards.reverse:reversed_words", "name": "reversed"}
 
 
-def verifier_repo(repo: Path, heads: int = 2, ppo: dict | None = None) -> Path:
+def verifier_repo(repo: Path, heads: int = 2, ppo: dict | None = None, evaluate: dict | None = None) -> Path:
     """A DVC project of the user's own: their data (TRL formats, no preference pair), their "pretrained" model
     (`heads` attention heads), their verifier as the only reward; git and dvc initialised, committed."""
     copy_project(repo)
@@ -51,7 +51,7 @@ def verifier_repo(repo: Path, heads: int = 2, ppo: dict | None = None) -> Path:
         "rewards": {"model_weight": 0.0, "functions": [VERIFIER_FN]},
         "ppo": {"rollout_batch_size": 16, "micro_batch_size": 8, "iterations": 20, "eval_prompts": 12,
                 "answers_per_prompt": 4, "optimizer": {"actor_learning_rate": 0.001}, **(ppo or {})},
-        "evaluate": {"scorers": [VERIFIER_FN]},
+        "evaluate": {"scorers": [VERIFIER_FN], **(evaluate or {})},
     })
     run_ok("git", "init", "-q", cwd=repo)
     run_ok("dvc", "init", "-q", cwd=repo)

