@@ -83,8 +83,10 @@ def test_a_correction_needs_pi_old_from_the_training_forward() -> None:
 
 def test_the_trainer_measures_the_mismatch_and_weighs_the_update(tiny_models, dist) -> None:
     """A rollout engine whose log-probs are log 2 below the training forward's on each answer's first token: rho is
-    2 there and 1 elsewhere; token_tis capped at 1.5 weighs those tokens 1.5, the iteration logs the mismatch, and
-    the weighted update moves the actor differently from an unweighted one."""
+    2 there and 1 elsewhere. Each correction with max 1.5 weighs the trained tokens as its formula says (token_tis:
+    1.5 on the first token; token_mask: 0 there; seq_tis: the answer's product 2 capped at 1.5 on every token;
+    seq_mask: token_tis where the geometric mean 2^(1/length) is inside [0.5, 1.5], else 0), the iteration logs the
+    mismatch, and each weighted update moves the actor differently from an unweighted one."""
     from rlhf.config import load_params
     from rlhf.data.batching import collate_prompts
     from rlhf.models.tokenizer import encode_prompt
@@ -109,7 +111,7 @@ def test_the_trainer_measures_the_mismatch_and_weighs_the_update(tiny_models, di
         return RLTrainer(models, params.ppo, params.rewards)
 
     runs = {}
-    for correction in ("none", "token_tis"):
+    for correction in ("none", "token_tis", "token_mask", "seq_tis", "seq_mask"):
         t = trainer(correction)
         ids = [encode_prompt(t.tok, [{"role": "user", "content": f"Sort ascending: {i} 3 1"}]) for i in range(4)]
         torch.manual_seed(0)
@@ -119,14 +121,19 @@ def test_the_trainer_measures_the_mismatch_and_weighs_the_update(tiny_models, di
         if correction == "none":
             assert exp.is_weights is None and info["is_weight_mean"] == 1.0
         else:
-            assert_close(exp.is_weights[:, 0], torch.full((4,), 1.5), atol=1e-4, rtol=0)
-            assert_close(exp.is_weights[:, 1:] * exp.action_mask[:, 1:], exp.action_mask[:, 1:], atol=1e-4, rtol=0)
+            mask = exp.action_mask
+            kept = ((2.0 ** (1 / mask.sum(-1)) <= 1.5) if correction == "seq_mask" else torch.ones(4)).float()
+            first, rest = {"token_tis": (1.5, 1.0), "token_mask": (0.0, 1.0), "seq_tis": (1.5, 1.5),
+                           "seq_mask": (1.5, 1.0)}[correction]
+            want = torch.cat([torch.full((4, 1), first), torch.full((4, mask.shape[1] - 1), rest)], 1) * kept[:, None]
+            assert_close(exp.is_weights * mask, want * mask, atol=1e-4, rtol=0)
         before = {k: v.clone() for k, v in full_state_dict(t.models.actor.module, 0, True).items()}
         t.train_rlhf(exp)
         after = full_state_dict(t.models.actor.module, 0, True)
         runs[correction] = {k: after[k] - before[k] for k in before}
         assert any((d != 0).any() for d in runs[correction].values())
-    assert any(not torch.allclose(runs["none"][k], runs["token_tis"][k]) for k in runs["none"])
+    for correction in ("token_tis", "token_mask", "seq_tis", "seq_mask"):
+        assert any(not torch.allclose(runs["none"][k], runs[correction][k]) for k in runs["none"]), correction
 
 
 def test_vllm_with_truncated_sampling_refuses_a_correction() -> None:
