@@ -129,6 +129,16 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ and "RLHF_SINGLE_PROCESS" not in os.environ
 
 
+def check_memory(stage: str, params: Params, sft: Path | None = None, reward: Path | None = None) -> None:
+    """The memory plan (rlhf/plan/) before anything is loaded or launched: a stage that will not fit stops here in
+    one line (engine.memory_check). Once, in the process that launches the ranks."""
+    if launched():
+        return
+    from rlhf.plan.plan import check_fits
+
+    guarded(check_fits, stage, params, sft, reward)
+
+
 def relaunch_if_distributed(params: Params) -> bool:
     """When engine.num_procs > 1 or a hostfile is set, run this same command under the deepspeed launcher (one
     process per rank) and exit with its code. Returns False when the caller should just run in this process."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stages.common import PARAMS_OPTION, guarded, is_main_rank, read_params, relaunch_if_distributed
+from stages.common import PARAMS_OPTION, check_memory, guarded, is_main_rank, read_params, relaunch_if_distributed
 
 
 def dpo(
@@ -30,6 +30,7 @@ def dpo(
         check_outputs, [params_path, data, sft], folders=[("--out", out)],
         files=[("--metrics", metrics)], scratch=[("--live", live), ("--checkpoints", checkpoints)],
     )
+    check_memory("dpo", params, sft)
     relaunch_if_distributed(params)
     result = guarded(run_dpo, params, data, sft, out, live, checkpoints)
     if is_main_rank():

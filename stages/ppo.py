@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from stages.common import PARAMS_OPTION, guarded, is_main_rank, read_params, relaunch_if_distributed
+from stages.common import PARAMS_OPTION, check_memory, guarded, is_main_rank, read_params, relaunch_if_distributed
 
 
 def ppo(
@@ -37,6 +37,7 @@ def ppo(
         folders=[("--out", out / name) for name in ("actor", "critic", "actor_ema")], files=[("--metrics", metrics)],
         scratch=[("--out", out), ("--live", live), ("--checkpoints", checkpoints)],
     )
+    check_memory("ppo", params, sft, used_reward)
     relaunch_if_distributed(params)
     result = guarded(run_ppo, params, data, sft, used_reward, out, live, checkpoints)
     if is_main_rank():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stages.common import PARAMS_OPTION, guarded, is_main_rank, read_params, relaunch_if_distributed
+from stages.common import PARAMS_OPTION, check_memory, guarded, is_main_rank, read_params, relaunch_if_distributed
 
 
 def reward(
@@ -29,6 +29,7 @@ def reward(
         check_outputs, [params_path, data, params.reward_model.name_or_path], folders=[("--out", out)],
         files=[("--metrics", metrics)], scratch=[("--live", live), ("--checkpoints", checkpoints)],
     )
+    check_memory("reward", params)
     relaunch_if_distributed(params)
     result = guarded(run_reward, params, data, out, live, checkpoints)
     if is_main_rank():

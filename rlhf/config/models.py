@@ -61,6 +61,9 @@ class EngineConfig(Group):
     # of one machine, so a killed stage resumes to exactly the straight run's weights. Off, some backward kernels
     # (an embedding's) sum in the order threads finish: runs then differ by float rounding, and trajectories drift
     deterministic: bool = True
+    # the memory plan before a training stage loads a model (rlhf/plan/, `rlhf plan`): check stops a run whose
+    # estimate exceeds 90% of the memory (one line naming the phase and the knob), warn says so and runs, off skips it
+    memory_check: Literal["check", "warn", "off"] = "check"
     num_procs: int = Field(1, gt=0)  # ranks per node started by the deepspeed launcher
     hostfile: str | None = None  # DeepSpeed hostfile for several nodes
 

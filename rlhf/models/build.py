@@ -16,11 +16,12 @@ if TYPE_CHECKING:
 
 
 
-def _llama_config(cfg: ModelConfig, tok: PreTrainedTokenizerBase, **extra: Any) -> Any:
+def llama_config(cfg: ModelConfig, vocab_size: int, **extra: Any) -> Any:
+    """The LlamaConfig of a model built from params.yaml's `model` group (no name_or_path)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
@@ -28,12 +29,14 @@ def _llama_config(cfg: ModelConfig, tok: PreTrainedTokenizerBase, **extra: Any) 
         num_key_value_heads=cfg.num_heads,
         max_position_embeddings=cfg.max_position_embeddings,
         attention_dropout=cfg.dropout,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
         **extra,
     )
+
+
+def _llama_config(cfg: ModelConfig, tok: PreTrainedTokenizerBase, **extra: Any) -> Any:
+    return llama_config(cfg, len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, **extra)
 
 
 def _from_pretrained(auto_cls: Any, path: str, **kwargs: Any) -> Any:

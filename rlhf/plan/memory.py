@@ -1,0 +1,213 @@
+"""The memory plan: bytes per rank of every phase of every training stage, from params.yaml and the models' shapes,
+before anything is loaded (`rlhf plan`, and the check at the start of each training stage).
+
+Per model (DeepSpeed's accounting, ZeRO over N ranks, b bytes per element of engine.dtype):
+- weights: params x b, / N under ZeRO-3; on the host with offload_params;
+- gradients: trained x b, / N from ZeRO-2;
+- optimizer: AdamW's two moments (8 bytes) + an fp32 master copy in bf16/fp16 (4) per trained parameter, / N from
+  ZeRO-1 (and under DeepSpeed's bf16 optimizer at ZeRO 0); on the host with offload_optimizer. With LoRA only the
+  adapters are trained;
+- activations of a training micro batch of B rows of T tokens: per decoder layer and token, (A_HIDDEN x hidden +
+  A_INTERMEDIATE x intermediate + A_KV x kv_width) elements, plus the attention scores (B x heads x T x T) where the
+  attention kernel keeps them (the CPU's), plus the logits over the vocabulary (in the engine dtype and in fp32
+  for the log-softmax and its gradient). Gradient checkpointing keeps one hidden state per layer and one layer's
+  worth; a forward without gradients keeps one layer's worth and the logits;
+- generation: the KV cache (2 x layers x kv_width x b per token of B x (prompt + answer)) and, under ZeRO-3, the
+  whole actor gathered on every rank (the hybrid engine's generation mode);
+- every rank loads each model whole in fp32 on the host before DeepSpeed casts and partitions it (`load`).
+A_* are measured on this implementation (bench/memory_plan.py, bench/README.md): the plan is an estimate, validated
+there against measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from rlhf.config import EngineConfig, Params
+    from rlhf.plan.shapes import ModelShape
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# Elements a Llama-style decoder layer keeps per token for its backward, in the engine dtype (A_HIDDEN x hidden +
+# A_INTERMEDIATE x intermediate + A_KV x kv_width), plus A_FP32 x hidden in fp32 under bf16/fp16 (the norms
+# compute in fp32): counted with torch's saved-tensor hooks on transformers' Llama (bench/memory_plan.py --saved);
+# the attention kernels (SDPA, CPU and CUDA) keep no T x T scores.
+A_HIDDEN, A_INTERMEDIATE, A_KV, A_FP32 = 8.5, 4.0, 1.75, 1.2
+A_LOGITS = 2  # fp32 copies of the logits a forward holds besides its own (the log-softmax, its gradient)
+Where = Literal["device", "host"]
+
+
+@dataclass(frozen=True)
+class Item:
+    what: str  # e.g. "actor optimizer"
+    bytes: int
+    where: Where = "device"
+    rank0_only: bool = False  # held by rank 0 alone (a model gathered to be saved), not by every rank
+
+
+@dataclass
+class Phase:
+    stage: str
+    name: str  # load, train, generate, score, ...
+    items: list[Item] = field(default_factory=list)
+
+    def total(self, where: Where, rank0: bool = True) -> int:
+        """Bytes one rank holds there: rank 0's (with `rank0`), or any other rank's."""
+        return sum(i.bytes for i in self.items if i.where == where and (rank0 or not i.rank0_only))
+
+    def largest(self, n: int = 3) -> list[Item]:
+        return sorted(self.items, key=lambda i: -i.bytes)[:n]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where the run goes: `ranks` in all, `local_ranks` per node, on `device` (cpu: the ranks of a node share its
+    memory; cuda: one GPU each), `device_memory` bytes of one GPU (cuda) and `host_memory` of one node."""
+
+    ranks: int
+    local_ranks: int
+    device: Literal["cpu", "cuda"]
+    device_memory: int
+    host_memory: int
+
+
+def model_states(name: str, shape: ModelShape, engine: EngineConfig, ranks: int, trained: bool) -> list[Item]:
+    """What one model keeps on one rank for the whole stage: its weights and, trained, its optimizer state."""
+    b, z = BYTES[engine.dtype], engine.zero_stage if trained or engine.zero_stage == 3 else 0
+    weights_at: Where = "host" if engine.offload_params else "device"
+    items = [Item(f"{name} weights", shape.params * b // (ranks if z == 3 else 1), weights_at)]
+    if trained:
+        per_param = 8 + (4 if b < 4 else 0)  # AdamW's moments, and an fp32 master copy under bf16/fp16
+        shards = ranks if z >= 1 or b < 4 else 1
+        items.append(Item(f"{name} optimizer", shape.trained * per_param // shards,
+                          "host" if engine.offload_optimizer else "device"))
+    return items
+
+
+def gradients(name: str, shape: ModelShape, engine: EngineConfig, ranks: int) -> Item:
+    """A trained model's gradients, held from its backward to its optimizer step."""
+    return Item(f"{name} gradients", shape.trained * BYTES[engine.dtype] // (ranks if engine.zero_stage >= 2 else 1))
+
+
+def activations(shape: ModelShape, rows: int, tokens: int, dtype: str, *, grad: bool, checkpointing: bool) -> int:
+    """Bytes a forward of `rows` x `tokens` keeps for its backward (`grad`), or holds at its peak without."""
+    b, n = BYTES[dtype], rows * tokens
+    per_layer = n * (b * (A_HIDDEN * shape.hidden + A_INTERMEDIATE * shape.intermediate + A_KV * shape.kv_width)
+                     + (4 * A_FP32 * shape.hidden if b < 4 else 0))
+    logits = n * shape.vocab * (b + 4 * A_LOGITS) if shape.head == "causal_lm" else n * 4
+    if not grad:
+        return int(per_layer + logits)
+    if checkpointing:  # each layer's input kept, one layer recomputed at a time in the backward
+        return int(shape.layers * n * shape.hidden * (b + 1) + per_layer + logits)
+    return int(shape.layers * per_layer + logits)
+
+
+def zero3_gathered(shape: ModelShape, engine: EngineConfig) -> int:
+    """What ZeRO-3 holds gathered while it trains: the module in use and the next, prefetched."""
+    return (shape.largest_module + shape.layer) * BYTES[engine.dtype] if engine.zero_stage == 3 else 0
+
+
+def kv_cache(shape: ModelShape, rows: int, tokens: int, dtype: str) -> int:
+    return 2 * shape.layers * shape.kv_width * rows * tokens * BYTES[dtype]
+
+
+def training_phase(stage: str, name: str, resident: list[Item], label: str, shape: ModelShape,
+                   engine: EngineConfig, ranks: int, rows: int, tokens: int) -> Phase:
+    """`resident` plus one training micro batch of the model `label`. The backward frees each layer's activations
+    as it writes that layer's gradients, so the peak holds the larger of the two, not both."""
+    act = activations(shape, rows, tokens, engine.dtype, grad=True, checkpointing=engine.gradient_checkpointing)
+    grads = gradients(label, shape, engine, ranks)
+    items = [*resident, grads if grads.bytes > act else Item(f"{label} activations ({rows} x {tokens} tokens)", act)]
+    if engine.zero_stage == 3:
+        items.append(Item(f"{label} ZeRO-3 gathered modules", zero3_gathered(shape, engine)))
+    return Phase(stage, name, items)
+
+
+def forward_item(label: str, shape: ModelShape, rows: int, tokens: int, dtype: str) -> Item:
+    return Item(f"{label} forward ({rows} x {tokens} tokens)",
+                activations(shape, rows, tokens, dtype, grad=False, checkpointing=False))
+
+
+def load_phase(stage: str, shapes: dict[str, ModelShape]) -> Phase:
+    """Every rank reads each model whole in fp32 before DeepSpeed casts and partitions it; the largest two at once."""
+    biggest = sorted(shapes.items(), key=lambda kv: -kv[1].params)[:2]
+    return Phase(stage, "load", [Item(f"{name} loaded whole (fp32)", s.params * 4, "host") for name, s in biggest])
+
+
+def save_phase(stage: str, resident: list[Item], shapes: dict[str, ModelShape]) -> Phase:
+    """Writing a model: rank 0 gathers its weights whole in fp32 and loads them into a fresh fp32 copy of the model
+    (LoRA merged there) to save it: two whole fp32 copies of the largest model written, on the host."""
+    name, shape = max(shapes.items(), key=lambda kv: kv[1].params)
+    return Phase(stage, "save", [*resident, Item(f"{name} gathered and rebuilt to save (2 x fp32, rank 0)",
+                                                 2 * shape.params * 4, "host", rank0_only=True)])
+
+
+def sft_like(stage: str, params: Params, shape: ModelShape, cluster: Cluster) -> list[Phase]:
+    """sft and reward: one trained model, its micro batches of data.max_seq_tokens."""
+    train, engine, n = params.sft if stage == "sft" else params.reward, params.engine, cluster.ranks
+    seq = params.data.max_seq_tokens
+    states = model_states("model", shape, engine, n, trained=True)
+    return [load_phase(stage, {"model": shape}),
+            training_phase(stage, "train", states, "model", shape, engine, n, train.micro_batch_size, seq),
+            Phase(stage, "evaluate", [*states, forward_item("model", shape, train.eval_batch_size, seq, engine.dtype)]),
+            save_phase(stage, states, {"model": shape})]
+
+
+def dpo_phases(params: Params, shape: ModelShape, cluster: Cluster) -> list[Phase]:
+    """dpo: the reference (fp32, on the host, before the actor is built) scores every pair once; then the actor
+    trains on chosen + rejected rows."""
+    engine, seq, n = params.engine, params.data.max_seq_tokens, cluster.ranks
+    scoring = forward_item("reference", shape, 2 * params.dpo.eval_batch_size, seq, "fp32")
+    states = model_states("actor", shape, engine, n, trained=True)
+    return [load_phase("dpo", {"reference": shape}),
+            Phase("dpo", "reference", [Item("reference weights (fp32)", shape.params * 4, "host"),
+                                       Item(scoring.what, scoring.bytes, "host")]),
+            training_phase("dpo", "train", states, "actor", shape, engine, n, 2 * params.dpo.micro_batch_size, seq),
+            save_phase("dpo", states, {"actor": shape})]
+
+
+def ppo_phases(params: Params, shapes: dict[str, ModelShape], engines: dict[str, EngineConfig],
+               cluster: Cluster) -> list[Phase]:
+    """Step 3 (every algorithm): `shapes` has actor, ref, and critic / reward when the run has them."""
+    ppo, n = params.ppo, cluster.ranks
+    actor = shapes["actor"]
+    rows = ppo.rollout_batch_size * (ppo.answers_per_prompt or 1)  # answers per rank per generation batch
+    seq = params.data.max_prompt_tokens + ppo.sampling.max_answer_tokens
+    resident = model_states("actor", actor, engines["actor"], n, trained=True)
+    resident += model_states("reference", shapes["ref"], engines["ref"], n, trained=False)
+    for name, trained in (("critic", True), ("reward", False)):
+        if name in shapes:
+            resident += model_states(name, shapes[name], engines[name], n, trained=trained)
+    if ppo.ema_beta > 0:  # a whole fp32 copy on every rank's host
+        resident.append(Item("EMA actor (fp32)", actor.params * 4, "host"))
+    generate = [*resident, *rollout_items(params, actor, rows, seq, engines["actor"], cluster)]
+    scoring = [forward_item(name, s, ppo.micro_batch_size, seq, engines[name].dtype) for name, s in shapes.items()]
+    phases = [load_phase("ppo", shapes), Phase("ppo", "generate", generate),
+              Phase("ppo", "score", [*resident, max(scoring, key=lambda i: i.bytes)]),
+              training_phase("ppo", "train actor", resident, "actor", actor, engines["actor"], n,
+                             ppo.micro_batch_size, seq)]
+    if "critic" in shapes:
+        phases.append(training_phase("ppo", "train critic", resident, "critic", shapes["critic"], engines["critic"],
+                                     n, ppo.micro_batch_size, seq))
+    if ppo.ema_beta > 0:  # update_ema gathers the actor whole in fp32 on every rank
+        phases.append(Phase("ppo", "ema", [*resident, Item("actor gathered for the EMA (fp32)", actor.params * 4,
+                                                           "host")]))
+    phases.append(save_phase("ppo", resident, {k: v for k, v in shapes.items() if k in ("actor", "critic")}))
+    return phases
+
+
+def rollout_items(params: Params, actor: ModelShape, rows: int, seq: int, engine: EngineConfig,
+                  cluster: Cluster) -> list[Item]:
+    """What a rollout adds to the resident models, by engine."""
+    vllm, dtype = params.ppo.rollout.vllm, engine.dtype
+    if params.ppo.rollout.engine == "vllm":
+        if cluster.device == "cuda":
+            return [Item("vLLM (gpu_memory_utilization)", int(vllm.gpu_memory_utilization * cluster.device_memory))]
+        return [Item("vLLM weights", actor.params * BYTES[dtype] // vllm.tensor_parallel_size),
+                Item("vLLM KV cache (cpu_kv_cache_gib)", vllm.cpu_kv_cache_gib * 2**30)]
+    items = [Item(f"KV cache ({rows} x {seq} tokens)", kv_cache(actor, rows, seq, dtype)),
+             Item("logits of one decode step", rows * actor.vocab * 4 * 2)]
+    if engine.zero_stage == 3:
+        items.append(Item("actor gathered whole for generation (ZeRO-3)", actor.params * BYTES[dtype]))
+    return items

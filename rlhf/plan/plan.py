@@ -1,0 +1,179 @@
+"""A stage's memory plan against the machine it runs on: the models' shapes (from their folders, else from
+params.yaml's `model` group), the cluster (ranks, device, memory), each phase's estimate (rlhf/plan/memory.py), the
+table `rlhf plan` prints, and the check every training stage makes before it loads a model
+(`engine.memory_check`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlhf.errors import UserError
+from rlhf.plan.memory import Cluster, Phase, dpo_phases, ppo_phases, sft_like
+from rlhf.plan.shapes import ModelShape, model_shape
+
+if TYPE_CHECKING:
+    from rlhf.config import ModelConfig, Params
+
+STAGES = ("sft", "reward", "dpo", "ppo")
+HEADROOM = 0.9  # a plan fits when its estimate is within this share of the memory (allocator, CUDA context, ...)
+GiB = 2**30
+
+# What lowers each kind of item, for the line of a plan that does not fit.
+KNOBS = {
+    "vLLM": "lower ppo.rollout.vllm.gpu_memory_utilization / cpu_kv_cache_gib",
+    "optimizer": "engine.zero_stage 1-3 shards it, engine.offload_optimizer moves it to the host",
+    "gradients": "engine.zero_stage 2-3 shards them; LoRA (lora.rank) trains far fewer",
+    "weights": "engine.zero_stage 3 shards them, engine.offload_params moves them to the host, bf16 halves them",
+    "activations": "lower the micro_batch_size, or set engine.gradient_checkpointing: true",
+    "forward": "lower the micro_batch_size / eval_batch_size",
+    "KV cache": "lower ppo.rollout_batch_size or ppo.sampling.max_answer_tokens",
+    "gathered whole": "more ranks do not help here: the hybrid engine gathers the whole actor on every rank for "
+                      "generation; set ppo.rollout.engine: vllm with ppo.rollout.vllm.tensor_parallel_size",
+    "loaded whole": "every rank reads each model whole in fp32: fewer ranks per node (engine.num_procs) or a "
+                    "node with more memory",
+    "EMA": "ppo.ema_beta: 0 drops the EMA actor",
+}
+
+
+def base_config(model: ModelConfig, params: Params) -> Any:
+    """The config of a model params.yaml builds (`model` or `reward_model`): its name_or_path's, or the Llama of
+    the group's keys."""
+    from transformers import AutoConfig
+
+    from rlhf.models.build import llama_config
+
+    if model.name_or_path:
+        return AutoConfig.from_pretrained(model.name_or_path)
+    return llama_config(model, params.tokenizer.vocab_size)
+
+
+def _config(folder: Path | None, model: ModelConfig, params: Params) -> Any:
+    """A model folder's config when it has one (the stage's real input), else the one params.yaml would build."""
+    from transformers import AutoConfig
+
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        return AutoConfig.from_pretrained(folder)
+    return base_config(model, params)
+
+
+def stage_shapes(stage: str, params: Params, sft: Path | None = None,
+                 reward: Path | None = None) -> dict[str, ModelShape]:
+    """The models `stage` holds, by role."""
+    if stage == "sft":
+        return {"model": model_shape(base_config(params.model, params), "causal_lm", params.sft.lora)}
+    if stage == "reward":
+        return {"model": model_shape(base_config(params.reward_model, params), "score", params.reward.lora)}
+    actor_cfg = _config(sft, params.model, params)
+    if stage == "dpo":
+        return {"actor": model_shape(actor_cfg, "causal_lm", params.dpo.lora)}
+    ppo = params.ppo
+    shapes = {"actor": model_shape(actor_cfg, "causal_lm", ppo.lora.actor), "ref": model_shape(actor_cfg)}
+    with_reward = params.rewards.model_weight > 0
+    if with_reward:
+        shapes["reward"] = model_shape(_config(reward, params.reward_model, params), "score")
+    if ppo.needs_critic:
+        critic_cfg = _config(reward, params.reward_model, params) if with_reward else actor_cfg
+        shapes["critic"] = model_shape(critic_cfg, "score", ppo.lora.critic)
+    return shapes
+
+
+def stage_phases(stage: str, params: Params, cluster: Cluster, shapes: dict[str, ModelShape]) -> list[Phase]:
+    from rlhf.config import resolve_engine
+
+    if stage in ("sft", "reward"):
+        return sft_like(stage, params, shapes["model"], cluster)
+    if stage == "dpo":
+        return dpo_phases(params, shapes["actor"], cluster)
+    engines = {name: resolve_engine(params.engine, getattr(params.ppo.engines, name))
+               for name in ("actor", "critic", "ref", "reward")}
+    return ppo_phases(params, shapes, engines, cluster)
+
+
+def _nodes(hostfile: str | None) -> int:
+    if not hostfile or not Path(hostfile).is_file():
+        return 1
+    lines = [ln.split("#")[0].strip() for ln in Path(hostfile).read_text().splitlines()]
+    return max(1, sum(1 for ln in lines if ln))
+
+
+def host_memory() -> int:
+    """Bytes this node can still give (MemAvailable), or its total where /proc/meminfo is absent."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def detect_cluster(params: Params) -> Cluster:
+    """The cluster params.yaml launches on this machine: engine.num_procs ranks per node, the hostfile's nodes."""
+    from rlhf.training.runtime import resolve_device
+
+    device = resolve_device(params.engine)
+    memory = host_memory()
+    if device == "cuda":
+        import torch
+
+        memory_gpu = torch.cuda.get_device_properties(0).total_memory
+        return Cluster(params.engine.num_procs * _nodes(params.engine.hostfile), params.engine.num_procs, "cuda",
+                       memory_gpu, memory)
+    return Cluster(params.engine.num_procs * _nodes(params.engine.hostfile), params.engine.num_procs, "cpu",
+                   memory, memory)
+
+
+def needs(phase: Phase, cluster: Cluster) -> list[tuple[str, int, int]]:
+    """(where, estimate, memory) of each memory the phase uses: one GPU's and the node's host memory (on CPU the
+    ranks of a node share one memory for both)."""
+    others = cluster.local_ranks - 1  # node 0 holds rank 0 and local_ranks - 1 others
+    host = phase.total("host") + phase.total("host", rank0=False) * others
+    if cluster.device == "cpu":
+        device = phase.total("device") + phase.total("device", rank0=False) * others
+        return [("node memory", host + device, cluster.host_memory)]
+    return [("GPU memory", phase.total("device"), cluster.device_memory), ("host memory", host, cluster.host_memory)]
+
+
+def _knob(what: str) -> str:
+    return next((hint for key, hint in KNOBS.items() if key in what), "lower the batch sizes")
+
+
+def check_fits(stage: str, params: Params, sft: Path | None = None, reward: Path | None = None) -> list[Phase]:
+    """The stage's phases; one UserError naming the first phase that will not fit, before anything is loaded."""
+    if params.engine.memory_check == "off":
+        return []
+    cluster = detect_cluster(params)
+    try:
+        shapes = stage_shapes(stage, params, sft, reward)
+    except OSError:  # a config that cannot be read (a hub id offline): the stage's own loading says what is wrong
+        return []
+    phases = stage_phases(stage, params, cluster, shapes)
+    for phase in phases:
+        for where, need, have in needs(phase, cluster):
+            if need > HEADROOM * have:
+                top = phase.largest(1)[0]
+                line = (f"{stage}: the {phase.name} phase needs ~{need / GiB:.1f} GiB of {where} per "
+                        f"{'node' if where != 'GPU memory' else 'GPU'} ({cluster.ranks} rank(s)) but "
+                        f"{have / GiB:.1f} GiB is there; the largest part is {top.what} ({top.bytes / GiB:.1f} GiB): "
+                        f"{_knob(top.what)} (`rlhf plan --stage {stage}` prints the whole plan; "
+                        "engine.memory_check: warn runs anyway)")
+                if params.engine.memory_check == "warn":
+                    print(f"warning: {line}", flush=True)
+                    return phases
+                raise UserError(line)
+    return phases
+
+
+def table(stage: str, phases: list[Phase], cluster: Cluster) -> str:
+    """`rlhf plan`'s table: each phase's estimate per memory against it, and its three largest parts."""
+    rows = [f"{stage}: {cluster.ranks} rank(s), {cluster.local_ranks} per node, {cluster.device}"]
+    for phase in phases:
+        cells = []
+        for where, need, have in needs(phase, cluster):
+            verdict = "fits" if need <= HEADROOM * have else "DOES NOT FIT"
+            cells.append(f"{where} {need / GiB:8.2f} / {have / GiB:.1f} GiB {verdict}")
+        parts = ", ".join(f"{i.what} {i.bytes / GiB:.2f}" for i in phase.largest())
+        rows.append(f"  {phase.name:<13} " + "; ".join(cells) + f"  [{parts}]")
+    return "\n".join(rows)

@@ -1,0 +1,114 @@
+"""The memory plan (rlhf/plan/): model shapes against real models, each item's arithmetic by hand, the stop before
+launch, and `rlhf plan` for another machine. Its estimates against measured peaks are bench/memory_plan.py's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import run_cli, write_params
+
+GiB = 2**30
+
+
+def test_shapes_count_what_transformers_and_peft_build(tiny_models: Path) -> None:
+    """Parameters, the largest module, one layer and LoRA's adapters, read from a config on the meta device, equal
+    the real models' (a causal LM, a reward model, a LoRA actor)."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+    from transformers import AutoConfig
+
+    from rlhf.config import LoraConfig
+    from rlhf.models.build import load_causal_lm, load_reward_model
+    from rlhf.plan.shapes import model_shape
+
+    config = AutoConfig.from_pretrained(tiny_models / "models/sft")
+    actor = load_causal_lm(tiny_models / "models/sft")
+    shape = model_shape(config)
+    assert shape.params == sum(p.numel() for p in actor.parameters()) and shape.trained == shape.params
+    assert shape.layers == config.num_hidden_layers and shape.vocab == config.vocab_size
+    assert shape.layer == sum(p.numel() for p in actor.model.layers[0].parameters())
+    assert shape.largest_module == config.vocab_size * config.hidden_size  # the embedding (or the LM head)
+    reward = load_reward_model(tiny_models / "models/reward")
+    reward_shape = model_shape(AutoConfig.from_pretrained(tiny_models / "models/reward"), "score")
+    assert reward_shape.params == sum(p.numel() for p in reward.parameters())
+    lora = LoraConfig(rank=4, target_modules=["q_proj", "v_proj"])
+    peft = get_peft_model(actor, PeftLora(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with_lora = model_shape(config, lora=lora)
+    assert with_lora.lora == with_lora.trained == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    assert model_shape(config, lora=lora.model_copy(update={"only_optimize_lora": False})).trained == (
+        shape.params + with_lora.lora)
+
+
+def test_model_states_by_hand() -> None:
+    """1000 parameters: fp32 ZeRO-0 keeps 4 + 8 bytes each and 4 more for gradients while it trains; bf16 ZeRO-3
+    on 4 ranks (2 + 12) / 4 with the optimizer on the host under offload_optimizer and 2 / 4 for gradients; a frozen
+    model is its weights alone (sharded only by ZeRO-3)."""
+    from rlhf.config import EngineConfig
+    from rlhf.plan.memory import gradients, model_states
+    from rlhf.plan.shapes import ModelShape
+
+    shape = ModelShape(params=1000, trained=1000, lora=0, largest_module=100, layer=100, layers=2, hidden=8,
+                       intermediate=16, heads=2, kv_width=8, vocab=32, head="causal_lm")
+    by = {i.what: (i.bytes, i.where) for i in model_states("actor", shape, EngineConfig(), 4, trained=True)}
+    assert by == {"actor weights": (4000, "device"), "actor optimizer": (8000, "device")}
+    assert gradients("actor", shape, EngineConfig(), 4).bytes == 4000
+    z3 = EngineConfig(dtype="bf16", zero_stage=3, offload_optimizer=True)
+    by = {i.what: (i.bytes, i.where) for i in model_states("actor", shape, z3, 4, trained=True)}
+    assert by == {"actor weights": (500, "device"), "actor optimizer": (3000, "host")}
+    assert gradients("actor", shape, z3, 4).bytes == 500
+    frozen = model_states("ref", shape, EngineConfig(zero_stage=2), 4, trained=False)
+    assert [(i.what, i.bytes) for i in frozen] == [("ref weights", 4000)]
+
+
+def test_the_kv_cache_and_the_zero3_gather_by_hand() -> None:
+    from rlhf.config import EngineConfig
+    from rlhf.plan.memory import kv_cache, zero3_gathered
+    from rlhf.plan.shapes import ModelShape
+
+    shape = ModelShape(params=1000, trained=1000, lora=0, largest_module=300, layer=100, layers=3, hidden=8,
+                       intermediate=16, heads=2, kv_width=4, vocab=32, head="causal_lm")
+    assert kv_cache(shape, rows=5, tokens=7, dtype="bf16") == 2 * 3 * 4 * 5 * 7 * 2
+    assert zero3_gathered(shape, EngineConfig(zero_stage=3)) == (300 + 100) * 4
+    assert zero3_gathered(shape, EngineConfig(zero_stage=2)) == 0
+
+
+def test_a_stage_that_will_not_fit_stops_before_loading(tmp_path: Path) -> None:
+    """A 70B-sized Llama on this machine: `rlhf sft` stops in one line (exit 2) naming the phase, the estimate, the
+    memory and a knob, before it reads any data or builds a model; `engine.memory_check: off` lets it through to
+    its next check."""
+    from tests.conftest import copy_project
+
+    huge = {"model": {"hidden_size": 8192, "num_layers": 80, "num_heads": 64, "intermediate_size": 28672}}
+    copy_project(tmp_path)
+    write_params(tmp_path / "params.yaml", huge)
+    proc = run_cli("sft", "--data", "nowhere", cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: sft: the load phase needs ~") and "GiB of node memory" in line, line
+    assert "model loaded whole (fp32)" in line and "engine.num_procs" in line, line  # what lowers it
+    assert "rlhf plan --stage sft" in line and not (tmp_path / "models/sft").exists()
+    write_params(tmp_path / "params.yaml", {**huge, "engine": {"memory_check": "off"}})
+    proc = run_cli("sft", "--data", "nowhere", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "GiB" not in proc.stderr, proc.stderr  # past the plan: the data is missing
+
+
+def test_rlhf_plan_plans_another_machine(tmp_path: Path) -> None:
+    """The same 70B actor planned for one node of 8 GPUs of 80 GiB, ZeRO-3 with the optimizer offloaded: each
+    stage's phases printed; SFT's weights and gradients shard over 8 and fit a GPU, but the hybrid engine's
+    whole-actor gather for generation does not."""
+    from tests.conftest import copy_project
+
+    copy_project(tmp_path)
+    write_params(tmp_path / "params.yaml", {
+        "model": {"hidden_size": 8192, "num_layers": 80, "num_heads": 64, "intermediate_size": 28672},
+        "engine": {"zero_stage": 3, "dtype": "bf16", "offload_optimizer": True, "gradient_checkpointing": True},
+        "ppo": {"ema_beta": 0.0}})
+    proc = run_cli("plan", "--ranks", "8", "--device", "cuda", "--gpu-memory", "80", "--host-memory", "2048",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "sft: 8 rank(s), 8 per node, cuda" in out and "ppo: 8 rank(s)" in out, out
+    generate = next(ln for ln in out.splitlines() if ln.strip().startswith("generate"))
+    assert "GPU memory" in generate and "DOES NOT FIT" in generate and "gathered whole" in generate, generate
+    sft_train = next(ln for ln in out.splitlines() if ln.strip().startswith("train"))
+    assert "GPU memory" in sft_train and "DOES NOT FIT" not in sft_train.split(";")[0], sft_train
