@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from bench.dvc_savings import merge
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"tiny": (64, 1, 1, 128), "50m": (576, 12, 9, 1536), "135m": (576, 30, 9, 1536)}
 # name: (stage, actor shape, ranks, params overrides)
@@ -49,13 +51,6 @@ COMMON = {  # a few steps of each stage, on the shipped task
 }
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _shape(name: str) -> dict:
     hidden, layers, heads, inter = SHAPES[name]
     return {"hidden_size": hidden, "num_layers": layers, "num_heads": heads, "intermediate_size": inter}
@@ -63,9 +58,9 @@ def _shape(name: str) -> dict:
 
 def write_params(work: Path, name: str, shape: str, ranks: int, over: dict) -> Path:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw = _merge(raw, COMMON)
-    raw = _merge(raw, {"model": _shape(shape), "reward_model": _shape(shape), "engine": {"num_procs": ranks}})
-    raw = _merge(raw, over)
+    raw = merge(raw, COMMON)
+    raw = merge(raw, {"model": _shape(shape), "reward_model": _shape(shape), "engine": {"num_procs": ranks}})
+    raw = merge(raw, over)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -162,7 +157,7 @@ def main() -> None:
         work = Path(tmp)
         for name in args.configs.split(","):
             stage, shape, ranks, over = CONFIGS[name]
-            over = _merge(over, {"data": setup(work, shape)})
+            over = merge(over, {"data": setup(work, shape)})
             tag = name.replace(" ", "_")
             base = write_params(work, f"{tag}-base", "tiny", ranks, over)
             run = write_params(work, tag, shape, ranks, over)

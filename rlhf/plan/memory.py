@@ -3,7 +3,8 @@ before anything is loaded (`rlhf plan`, and the check at the start of each train
 
 Per model (DeepSpeed's accounting, ZeRO over N ranks, b bytes per element of engine.dtype):
 - weights: params x b, / N under ZeRO-3; on the host with offload_params;
-- gradients: trained x b, / N from ZeRO-2;
+- gradients: trained x b, / N from ZeRO-2; from ZeRO-1, DeepSpeed's reduce bucket of 5e8 elements, whatever the
+  model's size;
 - optimizer: AdamW's two moments (8 bytes) + an fp32 master copy in bf16/fp16 (4) per trained parameter, / N from
   ZeRO-1 (and under DeepSpeed's bf16 optimizer at ZeRO 0); on the host with offload_optimizer. With LoRA only the
   adapters are trained;
@@ -34,6 +35,7 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # compute in fp32): counted with torch's saved-tensor hooks on transformers' Llama (bench/memory_plan.py --saved);
 # the attention kernels (SDPA, CPU and CUDA) keep no T x T scores.
 A_HIDDEN, A_INTERMEDIATE, A_KV, A_FP32 = 8.5, 4.0, 1.75, 1.2
+REDUCE_BUCKET = 500_000_000  # elements of DeepSpeed's reduce_bucket_size (its default; 1.86 GiB in fp32, measured)
 A_LOGITS = 2  # fp32 copies of the logits a forward holds besides its own (the log-softmax, its gradient)
 Where = Literal["device", "host"]
 
@@ -82,6 +84,8 @@ def model_states(name: str, shape: ModelShape, engine: EngineConfig, ranks: int,
         shards = ranks if z >= 1 or b < 4 else 1
         items.append(Item(f"{name} optimizer", shape.trained * per_param // shards,
                           "host" if engine.offload_optimizer else "device"))
+        if z >= 1:  # DeepSpeed's gradient reduce bucket, whatever the model's size (its default reduce_bucket_size)
+            items.append(Item(f"{name} ZeRO gradient bucket", REDUCE_BUCKET * b))
     return items
 
 
