@@ -147,8 +147,8 @@ def check_fits(stage: str, params: Params, sft: Path | None = None, reward: Path
     cluster = detect_cluster(params)
     try:
         shapes = stage_shapes(stage, params, sft, reward)
-    except OSError:  # a config that cannot be read (a hub id offline): the stage's own loading says what is wrong
-        return []
+    except Exception:  # a config that cannot be read (a hub id offline, a folder that is no model, a placeholder):
+        return []  # the stage's own checks say what is wrong, in one line
     phases = stage_phases(stage, params, cluster, shapes)
     for phase in phases:
         for where, need, have in needs(phase, cluster):
