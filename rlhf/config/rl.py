@@ -37,6 +37,10 @@ class RolloutConfig(Group):
     # before the first step)
     logprobs: Literal["auto", "generation", "recompute"] = "auto"
     cuda_graphs: bool = True  # on CUDA our loop replays its one-token step as a CUDA graph (no effect on CPU)
+    # under ZeRO-3, engine own: decode with this many decoder layers gathered at a time, re-gathered every token, so
+    # no rank holds the whole actor (memory: these layers + embeddings and head; every rank steps together; a
+    # Llama-family actor, no LoRA, no CUDA graphs); 0 gathers the whole actor once per rollout (far faster)
+    gather_layers: int = Field(0, ge=0)
     # importance weights on the policy loss for the mismatch rho = pi_old / pi_rollout (needs log pi_old
     # recomputed): token_tis min(rho, max) | token_mask rho where min <= rho <= max, else 0 (icepop) | seq_tis
     # min(product of the answer's rho, max) | seq_mask token_tis on answers whose geometric-mean rho is in [min, max],
@@ -215,6 +219,10 @@ class PPOConfig(Group):
                 "sampling: vLLM's log-probs are of the truncated, renormalised distribution and the trainer's of the "
                 "whole vocabulary, so the ratio is biased by the kept mass (trl#6789): set ppo.sampling.top_k: 0 and "
                 "top_p: 1.0, or correction: none")
+        if self.rollout.gather_layers and (self.rollout.engine != "own" or self.lora.actor.rank):
+            raise ValueError(f"ppo.rollout.gather_layers {self.rollout.gather_layers} decodes with ppo.rollout.engine "
+                             "own and no actor LoRA (the adapters are fused into whole weights): set gather_layers: 0, "
+                             "or engine: own and lora.actor.rank: 0")
         if not self.sampling.do_sample:
             raise ValueError("ppo.sampling.do_sample is false: step 3 learns from sampled answers, so it must be true "
                              "(greedy decoding is for evaluate.sampling and chat)")

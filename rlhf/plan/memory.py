@@ -212,6 +212,10 @@ def rollout_items(params: Params, actor: ModelShape, rows: int, seq: int, engine
                 Item("vLLM KV cache (cpu_kv_cache_gib)", vllm.cpu_kv_cache_gib * 2**30)]
     items = [Item(f"KV cache ({rows} x {seq} tokens)", kv_cache(actor, rows, seq, dtype)),
              Item("logits of one decode step", rows * actor.vocab * 4 * 2)]
-    if engine.zero_stage == 3:
+    k = params.ppo.rollout.gather_layers
+    if engine.zero_stage == 3 and k:  # ppo.rollout.gather_layers: k layers and the rest (embeddings, head) at once
+        held = min(k, actor.layers) * actor.layer + actor.params - actor.layers * actor.layer
+        items.append(Item(f"actor gathered {k} layer(s) at a time for generation (ZeRO-3)", held * BYTES[dtype]))
+    elif engine.zero_stage == 3:
         items.append(Item("actor gathered whole for generation (ZeRO-3)", actor.params * BYTES[dtype]))
     return items

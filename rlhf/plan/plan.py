@@ -30,7 +30,9 @@ KNOBS = {
     "forward": "lower the micro_batch_size / eval_batch_size",
     "KV cache": "lower ppo.rollout_batch_size or ppo.sampling.max_answer_tokens",
     "gathered whole": "more ranks do not help here: the hybrid engine gathers the whole actor on every rank for "
-                      "generation; set ppo.rollout.engine: vllm with ppo.rollout.vllm.tensor_parallel_size",
+                      "generation; set ppo.rollout.gather_layers (layers gathered at a time, slower) or "
+                      "ppo.rollout.engine: vllm with ppo.rollout.vllm.tensor_parallel_size",
+    "layer(s) at a time": "lower ppo.rollout.gather_layers",
     "loaded whole": "every rank reads each model whole in fp32: fewer ranks per node (engine.num_procs) or a "
                     "node with more memory",
     "EMA": "ppo.ema_beta: 0 drops the EMA actor",

@@ -71,9 +71,17 @@ def _zero3_gathered(engine: DeepSpeedEngine) -> Iterator[None]:
 class HybridEngine:
     """Wraps the actor's DeepSpeed engine. Train through `.engine`; generate inside `generation_mode()`."""
 
-    def __init__(self, engine: DeepSpeedEngine, zero_stage: int):
+    def __init__(self, engine: DeepSpeedEngine, zero_stage: int, gather_layers: int = 0):
         self.engine = engine
         self.zero_stage = zero_stage
+        # ppo.rollout.gather_layers under ZeRO-3: the decode loop gathers layer groups itself (layer_gather)
+        self.gather_layers = gather_layers if zero_stage == 3 else 0
+
+    def layer_gather(self, params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
+        """`params` whole on every rank for the block (ZeRO-3's shards gathered, then released)."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -88,7 +96,8 @@ class HybridEngine:
 
         module = self.engine.module
         was_training = module.training
-        gather = _zero3_gathered(self.engine) if self.zero_stage == 3 else contextlib.nullcontext()
+        whole = self.zero_stage == 3 and not self.gather_layers
+        gather = _zero3_gathered(self.engine) if whole else contextlib.nullcontext()
         try:
             with torch.no_grad(), gather, _fused_lora(module):
                 module.eval()

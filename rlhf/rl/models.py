@@ -115,7 +115,7 @@ class RLModels:
         self.actor = HybridEngine(
             eng.initialize(self.build_actor(), self.engine_configs["actor"],
                            _train_cfg(ppo, ppo.optimizer.actor_learning_rate), steps),
-            self.engine_configs["actor"].zero_stage,
+            self.engine_configs["actor"].zero_stage, ppo.rollout.gather_layers,
         )
         self.critic = None  # the critic-free family has none: nothing built, stepped or saved
         if self.build_critic is not None:
@@ -133,12 +133,18 @@ class RLModels:
                 "world_size": dist.world_size}
         self.rollout = make_rollout_engine(ppo.rollout.engine, self.actor.generation_mode, stop_ids(self.tok),
                                            self.tok.pad_token_id, ppo.rollout.cuda_graphs,
-                                           **(vllm if ppo.rollout.engine == "vllm" else {}))
+                                           **(vllm if ppo.rollout.engine == "vllm" else self._layered()))
         self.ema = None
         if ppo.ema_beta > 0:
             state = eng.full_state_dict(self.actor.module, self.actor.zero_stage, is_main=True, all_ranks=True)
             self.ema = self.build_actor().requires_grad_(False)
             self.ema.load_state_dict(state, strict=False)
+
+    def _layered(self) -> dict[str, Any]:
+        """The own engine's options under ppo.rollout.gather_layers (ZeRO-3): decode layer groups gathered in turn."""
+        if not self.actor.gather_layers:
+            return {}
+        return {"gather": self.actor.layer_gather, "layers_at_once": self.actor.gather_layers}
 
     @property
     def device(self) -> torch.device:

@@ -11,6 +11,7 @@ only when a user names rlhf.RLTrainer; no stage does).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import yaml
 from tests.conftest import ROOT
 
 PACKAGES = ("rlhf", "stages")
+IMPORT_STRING = re.compile(r"^(rlhf|stages)(\.\w+)+:\w+$")
 
 
 def _imported_names(tree: ast.Module) -> set[str]:
@@ -37,6 +39,8 @@ def _imported_names(tree: ast.Module) -> set[str]:
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and IMPORT_STRING.match(node.value):
+            names.add(node.value.split(":")[0])  # "module:Class" imported by name (the rollout ENGINES)
     return names
 
 
