@@ -1,6 +1,8 @@
 """DeepSpeed-Chat's published OPT configurations, planned with our memory plan (rlhf/plan/): for each one, the
-params that run it here and each step's largest phase per GPU and per node against the hardware. Nothing is
-trained: the models are OPT configs (transformers' OPTConfig, the published sizes) built on the meta device.
+params that run it here and each step's largest phase per GPU and per node against the hardware. Where step 3's
+generation does not fit with the whole actor gathered, the most decoder layers gathered at a time with which it fits
+(ppo.rollout.gather_layers) is planned instead. Nothing is trained: the models are OPT configs (transformers'
+OPTConfig, the published sizes) built on the meta device.
 
     PYTHONPATH=. python bench/dschat_plan.py            # a Markdown table, then one JSON line
 
@@ -81,8 +83,8 @@ def main() -> None:
 
     out = []
     print("| actor | hardware | step | largest phase per GPU | GiB / GPU | largest phase per node (host) | GiB / node "
-          "| fits | what does not fit |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| with | fits | what does not fit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for row in ROWS:
@@ -92,17 +94,30 @@ def main() -> None:
             for stage in ("sft", "reward", "ppo"):
                 shapes = stage_shapes(stage, params, root / f"opt-{size}", root / "opt-350m")
                 phases = stage_phases(stage, params, cluster, shapes)
+                layers = 0  # the most layers gathered at a time with which generation fits (0: the whole actor)
+                if stage == "ppo" and any(need > HEADROOM * have for where, need, have in
+                                          needs(phases[1], cluster) if where == "GPU memory"):
+                    for k in range(shapes["actor"].layers, 0, -1):
+                        layered = params.model_copy(deep=True)
+                        layered.ppo.rollout.gather_layers = k
+                        trial = stage_phases(stage, layered, cluster, shapes)
+                        if all(need <= HEADROOM * have for where, need, have in needs(trial[1], cluster)
+                               if where == "GPU memory"):
+                            phases, layers = trial, k
+                            break
                 gpu = max(phases, key=lambda p: needs(p, cluster)[0][1])
                 host = max(phases, key=lambda p: needs(p, cluster)[1][1])
                 misses = [f"{p.name}: {p.largest(1)[0].what}" for p in phases for where, need, have in
                           needs(p, cluster) if need > HEADROOM * have]
                 gpu_need, host_need = needs(gpu, cluster)[0][1], needs(host, cluster)[1][1]
                 verdict = "yes" if not misses else "no"
+                knob = f"ppo.rollout.gather_layers {layers}" if layers else ""
                 print(f"| OPT-{size} | {hardware} | {stage} | {gpu.name} | {gpu_need / 2**30:.1f} / {gpu_gib} | "
-                      f"{host.name} | {host_need / 2**30:.0f} / {host_gib} | {verdict} | {'; '.join(misses)} |")
+                      f"{host.name} | {host_need / 2**30:.0f} / {host_gib} | {knob} | {verdict} | {'; '.join(misses)} |")
                 out.append({"actor": size, "hardware": hardware, "stage": stage, "gpu_phase": gpu.name,
                             "gpu_gib": gpu_need / 2**30, "host_phase": host.name, "host_gib": host_need / 2**30,
-                            "fits": not misses, "misses": misses, "dschat_step3_time": row[-1]})
+                            "gather_layers": layers, "fits": not misses, "misses": misses,
+                            "dschat_step3_time": row[-1]})
     print(json.dumps({"bench": "dschat_plan", "rows": out}))
 
 
