@@ -135,3 +135,28 @@ def test_deepspeed_chat_table_as_readme_states() -> None:
         assert (r["gather_layers"] > 0) == (r["stage"] == "ppo" and r["actor"] not in ("1.3b", "6.7b")), r
         if not r["fits"]:
             assert all("loaded whole (fp32)" in m for m in r["misses"]), r
+
+
+def test_offloaded_frozen_models_and_layered_generation_leave_the_gpu(tmp_path: Path) -> None:
+    """Step 3 planned for one GPU under ZeRO-3: with ppo.engines.ref / reward offload_params their weights are counted
+    on the host, not the GPU (the knob the plan's line names for them); with ppo.rollout.gather_layers the actor is no
+    longer held whole for generation, only k layers and the embeddings and head."""
+    from rlhf.config import load_params
+    from rlhf.plan.memory import Cluster
+    from rlhf.plan.plan import stage_phases, stage_shapes
+
+    def generate(over: dict) -> dict:
+        params = load_params(write_params(tmp_path / "p.yaml", {"engine": {"zero_stage": 3}, "ppo": over}))
+        cluster = Cluster(1, 1, "cuda", 80 * GiB, 512 * GiB)
+        shapes = stage_shapes("ppo", params, None, None)
+        phase = next(p for p in stage_phases("ppo", params, cluster, shapes) if p.name == "generate")
+        return {i.what: i for i in phase.items}, shapes["actor"]
+
+    items, actor = generate({})
+    assert items["reference weights"].where == items["reward weights"].where == "device"
+    assert items["actor gathered whole for generation (ZeRO-3)"].bytes == actor.params * 4
+    off = {"zero_stage": 3, "offload_params": True}
+    items, _ = generate({"engines": {"ref": off, "reward": off}, "rollout": {"gather_layers": 1}})
+    assert items["reference weights"].where == items["reward weights"].where == "host"
+    layered = items["actor gathered 1 layer(s) at a time for generation (ZeRO-3)"].bytes
+    assert layered == (actor.params - (actor.layers - 1) * actor.layer) * 4 < actor.params * 4

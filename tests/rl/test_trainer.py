@@ -97,14 +97,18 @@ def test_one_ppo_update_moves_actor_and_critic_not_reference(tiny_models: Path, 
     from rlhf.rl.trainer import RLTrainer
     from rlhf.training.runtime import full_state_dict
 
-    # Each model its own ZeRO stage, as DeepSpeed-Chat allows for the actor and critic; the frozen reference
-    # sharded by ZeRO-3 with its weights offloaded.
-    engines = {"actor": {"zero_stage": 2}, "critic": {"zero_stage": 1}, "ref": {"zero_stage": 3, "offload_params": True}}
+    # Each model its own ZeRO stage, as DeepSpeed-Chat allows for the actor and critic; the frozen reference and
+    # reward model sharded by ZeRO-3 with their weights offloaded to the host (DeepSpeed-Chat's
+    # --offload_reference_model / --offload_reward_model), fetched module by module when they score.
+    engines = {"actor": {"zero_stage": 2}, "critic": {"zero_stage": 1}, "ref": {"zero_stage": 3, "offload_params": True},
+               "reward": {"zero_stage": 3, "offload_params": True}}
     params = _params(tiny_models, "ppo_api.yaml", {"engine": SHARD_ALL, "ppo": {"ema_beta": 0.5, "engines": engines}})
     engine = RLModels(params.ppo, params.engine, dist, tiny_models / "models/sft", tiny_models / "models/reward")
-    assert [engine.engine_configs[m].zero_stage for m in ("actor", "critic", "ref", "reward")] == [2, 1, 3, 0]
+    assert [engine.engine_configs[m].zero_stage for m in ("actor", "critic", "ref", "reward")] == [2, 1, 3, 3]
     assert_sharded(engine.ref.module)
-    assert engine.ref.zero_offload_param() is not None and engine.reward.zero_offload_param() is None
+    assert_sharded(engine.reward.module)
+    assert engine.ref.zero_offload_param() is not None and engine.reward.zero_offload_param() is not None
+    assert engine.actor.engine.zero_offload_param() is None
     trainer = RLTrainer(engine, params.ppo, params.rewards)
     modules = {"actor": engine.actor.module, "critic": engine.critic.module, "ref": engine.ref.module,
                "reward": engine.reward.module}
