@@ -23,6 +23,9 @@ GiB = 2**30
 # What lowers each kind of item, for the line of a plan that does not fit.
 KNOBS = {
     "vLLM": "lower ppo.rollout.vllm.gpu_memory_utilization / cpu_kv_cache_gib",
+    "reference weights": "ppo.engines.ref: {zero_stage: 3, offload_params: true} keeps it on the host, fetched "
+                         "module by module as it scores (DeepSpeed-Chat's --offload_reference_model)",
+    "reward weights": "ppo.engines.reward: {zero_stage: 3, offload_params: true} keeps it on the host",
     "optimizer": "engine.zero_stage 1-3 shards it, engine.offload_optimizer moves it to the host",
     "gradients": "engine.zero_stage 2-3 shards them; LoRA (lora.rank) trains far fewer",
     "weights": "engine.zero_stage 3 shards them, engine.offload_params moves them to the host, bf16 halves them",
