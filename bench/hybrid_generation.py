@@ -6,7 +6,8 @@
 Both paths use the same model, prompts, sampling seed and lengths (eos is suppressed so every answer has exactly
 --new-tokens tokens). Naive: `model.generate(..., synced_gpus=True)` on the ZeRO-3 engine, which gathers every
 layer's shards for every token. Hybrid: our rollout engine in rlhf.rl.hybrid.HybridEngine's generation mode,
-which gathers once per rollout.
+which gathers once per rollout. Layered: the same engine with ppo.rollout.gather_layers (--gather-layers decoder
+layers gathered at a time, every token: the whole actor is never held by one rank).
 Rank 0 prints tokens/s of each and the ratio, then the same as one JSON line (for bench/run_all.py).
 """
 
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--gather-layers", type=int, default=1, help="the layered side's layers gathered at a time")
     ap.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     args = ap.parse_args()
 
@@ -76,8 +78,15 @@ def main() -> None:
         def fast() -> None:
             rollouts.generate(prompts, mask, sampling)
 
+        layered_engine = HybridEngine(engine, zero_stage=3, gather_layers=args.gather_layers)
+        layered_rollouts = make_rollout_engine("own", layered_engine.generation_mode, [2], 0, gather=
+                                               layered_engine.layer_gather, layers_at_once=args.gather_layers)
+
+        def layered() -> None:
+            layered_rollouts.generate(prompts, mask, sampling)
+
         timings = {}
-        for name, fn in (("naive_zero3", naive), ("hybrid", fast)):
+        for name, fn in (("naive_zero3", naive), ("hybrid", fast), ("layered", layered)):
             fn()  # warm-up
             torch.distributed.barrier()
             t0 = time.perf_counter()
@@ -87,17 +96,20 @@ def main() -> None:
             torch.distributed.barrier()
             timings[name] = time.perf_counter() - t0
         tokens = args.repeats * args.batch * args.new_tokens * dist.world_size
-        rows.append((size, n_params, tokens / timings["naive_zero3"], tokens / timings["hybrid"]))
-        del engine, hybrid, model
+        rows.append((size, n_params, tokens / timings["naive_zero3"], tokens / timings["hybrid"],
+                     tokens / timings["layered"]))
+        del engine, hybrid, model, layered_engine
     if dist.is_main:
         print(f"ranks={dist.world_size} device={dist.device} batch/rank={args.batch} prompt={args.prompt_tokens} "
               f"new={args.new_tokens} repeats={args.repeats}")
-        print(f"{'model':<6} {'params':>8} {'naive tok/s':>12} {'hybrid tok/s':>13} {'ratio':>6}")
-        for size, n, naive_tps, hybrid_tps in rows:
-            print(f"{size:<6} {n / 1e6:>7.1f}M {naive_tps:>12.1f} {hybrid_tps:>13.1f} {hybrid_tps / naive_tps:>5.1f}x")
+        print(f"{'model':<6} {'params':>8} {'naive tok/s':>12} {'hybrid tok/s':>13} {'ratio':>6} {'layered tok/s':>14}")
+        for size, n, naive_tps, hybrid_tps, layered_tps in rows:
+            print(f"{size:<6} {n / 1e6:>7.1f}M {naive_tps:>12.1f} {hybrid_tps:>13.1f} {hybrid_tps / naive_tps:>5.1f}x "
+                  f"{layered_tps:>14.1f}")
         print(json.dumps({"bench": "hybrid_generation", "ranks": dist.world_size, "batch_per_rank": args.batch,
-                          "new_tokens": args.new_tokens, "repeats": args.repeats,
-                          "rows": [{"size": s, "params": n, "naive_tok_s": a, "hybrid_tok_s": b} for s, n, a, b in rows]}))
+                          "new_tokens": args.new_tokens, "repeats": args.repeats, "gather_layers": args.gather_layers,
+                          "rows": [{"size": s, "params": n, "naive_tok_s": a, "hybrid_tok_s": b, "layered_tok_s": c}
+                                   for s, n, a, b, c in rows]}))
 
 
 if __name__ == "__main__":

@@ -139,9 +139,12 @@ def table_decode(rec: dict) -> list[str]:
 
 def table_hybrid_generation(rec: dict) -> list[str]:
     r = rec["result"]
-    out = _table(["model", "params", "naive tok/s", "hybrid tok/s", "ratio"], [
+    layered = "layered_tok_s" in r["rows"][0]  # runs stored before ppo.rollout.gather_layers have none
+    out = _table(["model", "params", "naive tok/s", "hybrid tok/s", "ratio"]
+                 + ([f"layered tok/s ({r['gather_layers']} layer at a time)"] if layered else []), [
         [row["size"], f"{row['params'] / 1e6:.1f}M", f"{row['naive_tok_s']:.1f}", f"{row['hybrid_tok_s']:.1f}",
-         f"{row['hybrid_tok_s'] / row['naive_tok_s']:.1f}x"] for row in r["rows"]])
+         f"{row['hybrid_tok_s'] / row['naive_tok_s']:.1f}x"] + ([f"{row['layered_tok_s']:.1f}"] if layered else [])
+        for row in r["rows"]])
     out += ["", f"{r['ranks']} CPU ranks (gloo); {rec['date']}; {rec['machine']}; {_load(rec)}. "
             f"Command: `{rec['command']}`"]
     return out
