@@ -79,7 +79,7 @@ def row_params(root: Path, row: tuple) -> Path:
 def main() -> None:
     from rlhf.config import load_params
     from rlhf.plan.memory import Cluster
-    from rlhf.plan.plan import HEADROOM, needs, stage_phases, stage_shapes
+    from rlhf.plan.plan import HEADROOM, layers_that_fit, needs, stage_phases, stage_shapes
 
     out = []
     print("| actor | hardware | step | largest phase per GPU | GiB / GPU | largest phase per node (host) | GiB / node "
@@ -94,29 +94,26 @@ def main() -> None:
             for stage in ("sft", "reward", "ppo"):
                 shapes = stage_shapes(stage, params, root / f"opt-{size}", root / "opt-350m")
                 phases = stage_phases(stage, params, cluster, shapes)
-                layers = 0  # the most layers gathered at a time with which generation fits (0: the whole actor)
-                if stage == "ppo" and any(need > HEADROOM * have for where, need, have in
-                                          needs(phases[1], cluster) if where == "GPU memory"):
-                    for k in range(shapes["actor"].layers, 0, -1):
-                        layered = params.model_copy(deep=True)
-                        layered.ppo.rollout.gather_layers = k
-                        trial = stage_phases(stage, layered, cluster, shapes)
-                        if all(need <= HEADROOM * have for where, need, have in needs(trial[1], cluster)
-                               if where == "GPU memory"):
-                            phases, layers = trial, k
-                            break
+                # the most layers gathered at a time with which generation would fit (0: the whole actor does);
+                # DeepSpeed-Chat's actor has LoRA from 13B, which layered generation does not take yet
+                layers = (layers_that_fit(params, cluster, shapes, with_lora=True) or 0) if stage == "ppo" else 0
+                lora = params.ppo.lora.actor.rank > 0
+                if layers and not lora:
+                    layered = params.model_copy(deep=True)
+                    layered.ppo.rollout.gather_layers = layers
+                    phases = stage_phases(stage, layered, cluster, shapes)
                 gpu = max(phases, key=lambda p: needs(p, cluster)[0][1])
                 host = max(phases, key=lambda p: needs(p, cluster)[1][1])
                 misses = [f"{p.name}: {p.largest(1)[0].what}" for p in phases for where, need, have in
                           needs(p, cluster) if need > HEADROOM * have]
                 gpu_need, host_need = needs(gpu, cluster)[0][1], needs(host, cluster)[1][1]
                 verdict = "yes" if not misses else "no"
-                knob = f"ppo.rollout.gather_layers {layers}" if layers else ""
+                knob = f"ppo.rollout.gather_layers {layers}" + (" (not yet with LoRA)" if lora else "") if layers else ""
                 print(f"| OPT-{size} | {hardware} | {stage} | {gpu.name} | {gpu_need / 2**30:.1f} / {gpu_gib} | "
                       f"{host.name} | {host_need / 2**30:.0f} / {host_gib} | {knob} | {verdict} | {'; '.join(misses)} |")
                 out.append({"actor": size, "hardware": hardware, "stage": stage, "gpu_phase": gpu.name,
                             "gpu_gib": gpu_need / 2**30, "host_phase": host.name, "host_gib": host_need / 2**30,
-                            "gather_layers": layers, "fits": not misses, "misses": misses,
+                            "gather_layers": layers, "lora": lora, "fits": not misses, "misses": misses,
                             "dschat_step3_time": row[-1]})
     print(json.dumps({"bench": "dschat_plan", "rows": out}))
 

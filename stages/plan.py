@@ -27,7 +27,7 @@ def plan(
     with --ranks, --device, --gpu-memory and --host-memory (DeepSpeed-Chat's 8 x A100-80G: --ranks 8 --device cuda
     --gpu-memory 80 --host-memory 1024)."""
     from rlhf.plan.memory import Cluster
-    from rlhf.plan.plan import STAGES, GiB, detect_cluster, stage_phases, stage_shapes, table
+    from rlhf.plan.plan import STAGES, GiB, detect_cluster, layers_that_fit, stage_phases, stage_shapes, table
 
     stages = STAGES if stage == "all" else (stage,)
     checks = [
@@ -53,7 +53,8 @@ def plan(
     cluster = Cluster(total, min(per_node, total), kind, gpu, host)
     for name in stages:
         shapes = guarded(stage_shapes, name, params, sft, reward_model)
-        typer.echo(table(name, stage_phases(name, params, cluster, shapes), cluster))
+        layers = layers_that_fit(params, cluster, shapes) if name == "ppo" else None
+        typer.echo(table(name, stage_phases(name, params, cluster, shapes), cluster, layers))
 
 
 def _has_gpu() -> bool:

@@ -33,7 +33,8 @@ KNOBS = {
     "forward": "lower the micro_batch_size / eval_batch_size",
     "KV cache": "lower ppo.rollout_batch_size or ppo.sampling.max_answer_tokens",
     "gathered whole": "more ranks do not help here: the hybrid engine gathers the whole actor on every rank for "
-                      "generation; set ppo.rollout.gather_layers (layers gathered at a time, slower) or "
+                      "generation; set ppo.rollout.gather_layers (layers gathered at a time, slower; no actor "
+                      "LoRA yet) or "
                       "ppo.rollout.engine: vllm with ppo.rollout.vllm.tensor_parallel_size",
     "layer(s) at a time": "lower ppo.rollout.gather_layers",
     "loaded whole": "every rank reads each model whole in fp32: fewer ranks per node (engine.num_procs) or a "
@@ -145,6 +146,32 @@ def _knob(what: str) -> str:
     return next((hint for key, hint in KNOBS.items() if key in what), "lower the batch sizes")
 
 
+def fits(phase: Phase, cluster: Cluster) -> bool:
+    return all(need <= HEADROOM * have for _, need, have in needs(phase, cluster))
+
+
+def layers_that_fit(params: Params, cluster: Cluster, shapes: dict[str, ModelShape],
+                    with_lora: bool = False) -> int | None:
+    """When step 3's generation does not fit with the whole actor gathered (ZeRO-3, our own loop): the most decoder
+    layers gathered at a time (ppo.rollout.gather_layers) with which it does; None if it fits already, if none does,
+    or if the actor has LoRA, which layered generation does not take yet (`with_lora`: plan as if it did)."""
+    from rlhf.config import resolve_engine
+
+    ppo = params.ppo
+    if resolve_engine(params.engine, ppo.engines.actor).zero_stage != 3 or ppo.rollout.engine != "own" or (
+            ppo.lora.actor.rank and not with_lora):
+        return None
+    if fits(next(p for p in stage_phases("ppo", params, cluster, shapes) if p.name == "generate"), cluster):
+        return None
+    for k in range(shapes["actor"].layers - 1, 0, -1):
+        trial = params.model_copy(deep=True)
+        trial.ppo.rollout.gather_layers = k
+        generate = next(p for p in stage_phases("ppo", trial, cluster, shapes) if p.name == "generate")
+        if fits(generate, cluster):
+            return k
+    return None
+
+
 def check_fits(stage: str, params: Params, sft: Path | None = None, reward: Path | None = None) -> list[Phase]:
     """The stage's phases; one UserError naming the first phase that will not fit, before anything is loaded."""
     if params.engine.memory_check == "off":
@@ -159,10 +186,15 @@ def check_fits(stage: str, params: Params, sft: Path | None = None, reward: Path
         for where, need, have in needs(phase, cluster):
             if need > HEADROOM * have:
                 top = phase.largest(1)[0]
+                knob = _knob(top.what)
+                k = layers_that_fit(params, cluster, shapes) if "gathered whole" in top.what else None
+                if k:
+                    knob = (f"set ppo.rollout.gather_layers: {k}, the most decoder layers gathered at a time that "
+                            "fit (slower), or ppo.rollout.engine: vllm with ppo.rollout.vllm.tensor_parallel_size")
                 line = (f"{stage}: the {phase.name} phase needs ~{need / GiB:.1f} GiB of {where} per "
                         f"{'node' if where != 'GPU memory' else 'GPU'} ({cluster.ranks} rank(s)) but "
                         f"{have / GiB:.1f} GiB is there; the largest part is {top.what} ({top.bytes / GiB:.1f} GiB): "
-                        f"{_knob(top.what)} (`rlhf plan --stage {stage}` prints the whole plan; "
+                        f"{knob} (`rlhf plan --stage {stage}` prints the whole plan; "
                         "engine.memory_check: warn runs anyway)")
                 if params.engine.memory_check == "warn":
                     print(f"warning: {line}", flush=True)
@@ -171,8 +203,9 @@ def check_fits(stage: str, params: Params, sft: Path | None = None, reward: Path
     return phases
 
 
-def table(stage: str, phases: list[Phase], cluster: Cluster) -> str:
-    """`rlhf plan`'s table: each phase's estimate per memory against it, and its three largest parts."""
+def table(stage: str, phases: list[Phase], cluster: Cluster, layers: int | None = None) -> str:
+    """`rlhf plan`'s table: each phase's estimate per memory against it, and its three largest parts; `layers`: the
+    ppo.rollout.gather_layers with which a generation that does not fit would (layers_that_fit)."""
     rows = [f"{stage}: {cluster.ranks} rank(s), {cluster.local_ranks} per node, {cluster.device}"]
     for phase in phases:
         cells = []
@@ -181,4 +214,6 @@ def table(stage: str, phases: list[Phase], cluster: Cluster) -> str:
             cells.append(f"{where} {need / GiB:8.2f} / {have / GiB:.1f} GiB {verdict}")
         parts = ", ".join(f"{i.what} {i.bytes / GiB:.2f}" for i in phase.largest())
         rows.append(f"  {phase.name:<13} " + "; ".join(cells) + f"  [{parts}]")
+        if phase.name == "generate" and layers and not fits(phase, cluster):
+            rows.append(f"  {'':<13} fits with ppo.rollout.gather_layers: {layers} (layers gathered at a time)")
     return "\n".join(rows)
