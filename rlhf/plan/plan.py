@@ -124,11 +124,9 @@ def detect_cluster(params: Params) -> Cluster:
     if device == "cuda":
         import torch
 
-        memory_gpu = torch.cuda.get_device_properties(0).total_memory
-        return Cluster(params.engine.num_procs * _nodes(params.engine.hostfile), params.engine.num_procs, "cuda",
-                       memory_gpu, memory)
-    return Cluster(params.engine.num_procs * _nodes(params.engine.hostfile), params.engine.num_procs, "cpu",
-                   memory, memory)
+        gpu = torch.cuda.get_device_properties(0).total_memory
+    procs = params.engine.num_procs
+    return Cluster(procs * _nodes(params.engine.hostfile), procs, device, gpu if device == "cuda" else memory, memory)
 
 
 def needs(phase: Phase, cluster: Cluster) -> list[tuple[str, int, int]]:
