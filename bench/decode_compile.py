@@ -31,17 +31,17 @@ def step(tok, col, pos, mask):
     hh = x0
     for li, (n1, q, k, vv, o, n2, gate, up, down, act) in enumerate(dec.layers):
         x = dec._rms(hh, n1)
-        qs = F.linear(x, *q).view(b, 1, dec.heads, dec.head_dim).transpose(1, 2)
-        ks = F.linear(x, *k).view(b, 1, dec.kv_heads, dec.head_dim).transpose(1, 2)
-        vs = F.linear(x, *vv).view(b, 1, dec.kv_heads, dec.head_dim).transpose(1, 2)
+        qs = F.linear(x, *q[:2]).view(b, 1, dec.heads, dec.head_dim).transpose(1, 2)
+        ks = F.linear(x, *k[:2]).view(b, 1, dec.kv_heads, dec.head_dim).transpose(1, 2)
+        vs = F.linear(x, *vv[:2]).view(b, 1, dec.kv_heads, dec.head_dim).transpose(1, 2)
         qs, ks = dec._rotate(qs, cos, sin), dec._rotate(ks, cos, sin)
         dec.k[li].index_copy_(2, col, ks)
         dec.v[li].index_copy_(2, col, vs)
         att = F.scaled_dot_product_attention(qs, dec.k[li], dec.v[li], attn_mask=mask, scale=dec.scale)
-        hh = hh + F.linear(att.transpose(1, 2).reshape(b, 1, -1), *o)
+        hh = hh + F.linear(att.transpose(1, 2).reshape(b, 1, -1), *o[:2])
         x = dec._rms(hh, n2)
-        hh = hh + F.linear(act(F.linear(x, *gate)) * F.linear(x, *up), *down)
-    return F.linear(dec._rms(hh[:, -1], dec.norm), *dec.head).float()
+        hh = hh + F.linear(act(F.linear(x, *gate[:2])) * F.linear(x, *up[:2]), *down[:2])
+    return F.linear(dec._rms(hh[:, -1], dec.norm), *dec.head[:2]).float()
 
 with torch.no_grad():
     ids = torch.randint(3, v, (B, P))

@@ -94,11 +94,10 @@ def main() -> None:
             for stage in ("sft", "reward", "ppo"):
                 shapes = stage_shapes(stage, params, root / f"opt-{size}", root / "opt-350m")
                 phases = stage_phases(stage, params, cluster, shapes)
-                # the most layers gathered at a time with which generation would fit (0: the whole actor does);
-                # DeepSpeed-Chat's actor has LoRA from 13B, which layered generation does not take yet
-                layers = (layers_that_fit(params, cluster, shapes, with_lora=True) or 0) if stage == "ppo" else 0
+                # the most layers gathered at a time with which generation would fit (0: the whole actor does)
+                layers = (layers_that_fit(params, cluster, shapes) or 0) if stage == "ppo" else 0
                 lora = params.ppo.lora.actor.rank > 0
-                if layers and not lora:
+                if layers:
                     layered = params.model_copy(deep=True)
                     layered.ppo.rollout.gather_layers = layers
                     phases = stage_phases(stage, layered, cluster, shapes)
@@ -108,7 +107,7 @@ def main() -> None:
                           needs(p, cluster) if need > HEADROOM * have]
                 gpu_need, host_need = needs(gpu, cluster)[0][1], needs(host, cluster)[1][1]
                 verdict = "yes" if not misses else "no"
-                knob = f"ppo.rollout.gather_layers {layers}" + (" (not yet with LoRA)" if lora else "") if layers else ""
+                knob = f"ppo.rollout.gather_layers {layers}" if layers else ""
                 print(f"| OPT-{size} | {hardware} | {stage} | {gpu.name} | {gpu_need / 2**30:.1f} / {gpu_gib} | "
                       f"{host.name} | {host_need / 2**30:.0f} / {host_gib} | {knob} | {verdict} | {'; '.join(misses)} |")
                 out.append({"actor": size, "hardware": hardware, "stage": stage, "gpu_phase": gpu.name,

@@ -80,6 +80,25 @@ def _peak():
                 f.write(line.split()[1] + " " + os.environ.get("RANK", "-") + " " + " ".join(sys.argv))
 
 atexit.register(_peak)
+
+if os.environ.get("BENCH_TRACE") and os.environ.get("RANK") is not None:
+    import threading, time, traceback
+    _main, _top = threading.main_thread(), [0, ""]
+
+    def _sample():
+        while True:
+            rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            if rss > _top[0]:
+                stack = traceback.extract_stack(sys._current_frames()[_main.ident])
+                _top[:] = [rss, " < ".join(f"{f.name}:{os.path.basename(f.filename)}" for f in stack[::-1][:8])]
+            time.sleep(0.01)
+
+    def _trace():
+        with open(os.path.join(os.environ["BENCH_PEAKS"], "trace-" + os.environ["RANK"]), "w") as f:
+            f.write(f"{_top[0]} {_top[1]}")
+
+    threading.Thread(target=_sample, daemon=True).start()
+    atexit.register(_trace)
 """
 
 
@@ -102,8 +121,14 @@ def run_stage(work: Path, stage: str, params: Path, tag: str) -> int:
     proc = subprocess.run([str(c) for c in cmd], cwd=work, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{tag} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    for f in sorted(peaks.glob("trace-*")):  # --trace: each rank's largest sampled RSS and where it was
+        rss, where = f.read_text().split(" ", 1)
+        print(f"[trace] {tag} rank {f.name[6:]}: {int(rss) / 2**30:.2f} GiB at {where}", flush=True)
+        f.unlink()
     ranks = [f.read_text().split() for f in peaks.iterdir()]
     ranks = [r for r in ranks if r[1] != "-"] or ranks  # the ranks when launched, else the stage's one process
+    if os.environ.get("BENCH_TRACE"):
+        print(f"[trace] {tag} VmHWM per rank: " + ", ".join(f"{r[1]} {int(r[0]) / 2**20:.2f}" for r in ranks), flush=True)
     return max(int(r[0]) for r in ranks) * 1024
 
 
@@ -151,7 +176,10 @@ def setup(work: Path, shape: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS")
+    ap.add_argument("--trace", action="store_true", help="print where each rank's sampled peak was (every 10 ms)")
     args = ap.parse_args()
+    if args.trace:
+        os.environ["BENCH_TRACE"] = "1"
     rows = []
     with tempfile.TemporaryDirectory(prefix="memory-plan-") as tmp:
         work = Path(tmp)

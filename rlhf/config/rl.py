@@ -219,10 +219,12 @@ class PPOConfig(Group):
                 "sampling: vLLM's log-probs are of the truncated, renormalised distribution and the trainer's of the "
                 "whole vocabulary, so the ratio is biased by the kept mass (trl#6789): set ppo.sampling.top_k: 0 and "
                 "top_p: 1.0, or correction: none")
-        if self.rollout.gather_layers and (self.rollout.engine != "own" or self.lora.actor.rank):
+        if self.rollout.gather_layers and self.rollout.engine != "own":
             raise ValueError(f"ppo.rollout.gather_layers {self.rollout.gather_layers} decodes with ppo.rollout.engine "
-                             "own and no actor LoRA (the adapters are fused into whole weights): set gather_layers: 0, "
-                             "or engine: own and lora.actor.rank: 0")
+                             f"own, not {self.rollout.engine}: set gather_layers: 0, or engine: own")
+        if self.rollout.gather_layers and "embed_tokens" in self.lora.actor.target_modules and self.lora.actor.rank:
+            raise ValueError("ppo.rollout.gather_layers decodes with the embeddings whole, without LoRA on them: drop "
+                             "embed_tokens from ppo.lora.actor.target_modules, or set gather_layers: 0")
         if not self.sampling.do_sample:
             raise ValueError("ppo.sampling.do_sample is false: step 3 learns from sampled answers, so it must be true "
                              "(greedy decoding is for evaluate.sampling and chat)")

@@ -4,7 +4,7 @@ before anything is loaded (`rlhf plan`, and the check at the start of each train
 Per model (DeepSpeed's accounting, ZeRO over N ranks, b bytes per element of engine.dtype):
 - weights: params x b, / N under ZeRO-3; on the host with offload_params;
 - gradients: trained x b, / N from ZeRO-2; from ZeRO-1, DeepSpeed's reduce bucket of 5e8 elements, whatever the
-  model's size;
+  model's size (ZeRO-1/2: during the backward only; ZeRO-3: for the whole run);
 - optimizer: AdamW's two moments (8 bytes) + an fp32 master copy in bf16/fp16 (4) per trained parameter, / N from
   ZeRO-1 (and under DeepSpeed's bf16 optimizer at ZeRO 0); on the host with offload_optimizer. With LoRA only the
   adapters are trained;
@@ -13,6 +13,8 @@ Per model (DeepSpeed's accounting, ZeRO over N ranks, b bytes per element of eng
   attention kernel keeps them (the CPU's), plus the logits over the vocabulary (in the engine dtype and in fp32
   for the log-softmax and its gradient). Gradient checkpointing keeps one hidden state per layer and one layer's
   worth; a forward without gradients keeps one layer's worth and the logits;
+- ZeRO-3 training keeps gathered what it will use again within 1e9 elements (stage3_max_reuse_distance): a
+  smaller model, whole;
 - generation: the KV cache (2 x layers x kv_width x b per token of B x (prompt + answer)) and, under ZeRO-3, the
   whole actor gathered on every rank (the hybrid engine's generation mode);
 - every rank loads each model whole in fp32 on the host before DeepSpeed casts and partitions it (`load`).
@@ -25,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from rlhf.rollout.llama import LEAN_TYPES
+
 if TYPE_CHECKING:
     from rlhf.config import EngineConfig, Params
     from rlhf.plan.shapes import ModelShape
@@ -36,6 +40,7 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # the attention kernels (SDPA, CPU and CUDA) keep no T x T scores.
 A_HIDDEN, A_INTERMEDIATE, A_KV, A_FP32 = 8.5, 4.0, 1.75, 1.2
 REDUCE_BUCKET = 500_000_000  # elements of DeepSpeed's reduce_bucket_size (its default; 1.86 GiB in fp32, measured)
+REUSE_DISTANCE = 1_000_000_000  # elements of DeepSpeed's stage3_max_reuse_distance (its default)
 A_LOGITS = 2  # fp32 copies of the logits a forward holds besides its own (the log-softmax, its gradient)
 Where = Literal["device", "host"]
 
@@ -84,7 +89,7 @@ def model_states(name: str, shape: ModelShape, engine: EngineConfig, ranks: int,
         shards = ranks if z >= 1 or b < 4 else 1
         items.append(Item(f"{name} optimizer", shape.trained * per_param // shards,
                           "host" if engine.offload_optimizer else "device"))
-        if z >= 1:  # DeepSpeed's gradient reduce bucket, whatever the model's size (its default reduce_bucket_size)
+        if z == 3:  # ZeRO-3 allocates its reduce bucket once, whatever the model's size; ZeRO-1/2 per backward
             items.append(Item(f"{name} ZeRO gradient bucket", REDUCE_BUCKET * b))
     return items
 
@@ -108,8 +113,13 @@ def activations(shape: ModelShape, rows: int, tokens: int, dtype: str, *, grad: 
 
 
 def zero3_gathered(shape: ModelShape, engine: EngineConfig) -> int:
-    """What ZeRO-3 holds gathered while it trains: the module in use and the next, prefetched."""
-    return (shape.largest_module + shape.layer) * BYTES[engine.dtype] if engine.zero_stage == 3 else 0
+    """What ZeRO-3 holds gathered while it trains: once its trace is recorded (from the second step), it keeps every
+    parameter it will use again within stage3_max_reuse_distance elements (DeepSpeed's default 1e9), so at the turn
+    from forward to backward the last REUSE_DISTANCE elements stay whole: a model smaller than that, whole
+    (measured: bench/memory_plan.py --trace); at least the module in use and the next, prefetched."""
+    if engine.zero_stage != 3:
+        return 0
+    return max(min(shape.params, REUSE_DISTANCE), shape.largest_module + shape.layer) * BYTES[engine.dtype]
 
 
 def kv_cache(shape: ModelShape, rows: int, tokens: int, dtype: str) -> int:
@@ -123,14 +133,21 @@ def training_phase(stage: str, name: str, resident: list[Item], label: str, shap
     act = activations(shape, rows, tokens, engine.dtype, grad=True, checkpointing=engine.gradient_checkpointing)
     grads = gradients(label, shape, engine, ranks)
     items = [*resident, grads if grads.bytes > act else Item(f"{label} activations ({rows} x {tokens} tokens)", act)]
+    if engine.zero_stage in (1, 2):  # allocated as the backward starts, freed at its end (stage_1_and_2.py)
+        items.append(Item(f"{label} ZeRO gradient bucket", REDUCE_BUCKET * BYTES[engine.dtype]))
     if engine.zero_stage == 3:
         items.append(Item(f"{label} ZeRO-3 gathered modules", zero3_gathered(shape, engine)))
     return Phase(stage, name, items)
 
 
-def forward_item(label: str, shape: ModelShape, rows: int, tokens: int, dtype: str) -> Item:
-    return Item(f"{label} forward ({rows} x {tokens} tokens)",
-                activations(shape, rows, tokens, dtype, grad=False, checkpointing=False))
+def forward_item(label: str, shape: ModelShape, rows: int, tokens: int, engine: EngineConfig) -> Item:
+    """A forward without gradients: its activations at their peak and, under ZeRO-3, what it holds gathered
+    (DeepSpeed keeps a module gathered while it will use it again within 1e9 elements: from the second forward on,
+    a smaller model is whole until the forward ends; measured)."""
+    act = activations(shape, rows, tokens, engine.dtype, grad=False, checkpointing=False)
+    return Item(f"{label} forward ({rows} x {tokens} tokens" + (", ZeRO-3 gathered)" if engine.zero_stage == 3
+                                                                 else ")"),
+                act + zero3_gathered(shape, engine))
 
 
 def load_phase(stage: str, shapes: dict[str, ModelShape]) -> Phase:
@@ -154,7 +171,7 @@ def sft_like(stage: str, params: Params, shape: ModelShape, cluster: Cluster) ->
     states = model_states("model", shape, engine, n, trained=True)
     return [load_phase(stage, {"model": shape}),
             training_phase(stage, "train", states, "model", shape, engine, n, train.micro_batch_size, seq),
-            Phase(stage, "evaluate", [*states, forward_item("model", shape, train.eval_batch_size, seq, engine.dtype)]),
+            Phase(stage, "evaluate", [*states, forward_item("model", shape, train.eval_batch_size, seq, engine)]),
             save_phase(stage, states, {"model": shape})]
 
 
@@ -162,7 +179,8 @@ def dpo_phases(params: Params, shape: ModelShape, cluster: Cluster) -> list[Phas
     """dpo: the reference (fp32, on the host, before the actor is built) scores every pair once; then the actor
     trains on chosen + rejected rows."""
     engine, seq, n = params.engine, params.data.max_seq_tokens, cluster.ranks
-    scoring = forward_item("reference", shape, 2 * params.dpo.eval_batch_size, seq, "fp32")
+    scoring = forward_item("reference", shape, 2 * params.dpo.eval_batch_size, seq, engine.model_copy(
+        update={"dtype": "fp32", "zero_stage": 0}))
     states = model_states("actor", shape, engine, n, trained=True)
     return [load_phase("dpo", {"reference": shape}),
             Phase("dpo", "reference", [Item("reference weights (fp32)", shape.params * 4, "host"),
@@ -186,7 +204,7 @@ def ppo_phases(params: Params, shapes: dict[str, ModelShape], engines: dict[str,
     if ppo.ema_beta > 0:  # a whole fp32 copy on every rank's host
         resident.append(Item("EMA actor (fp32)", actor.params * 4, "host"))
     generate = [*resident, *rollout_items(params, actor, rows, seq, engines["actor"], cluster)]
-    scoring = [forward_item(name, s, ppo.micro_batch_size, seq, engines[name].dtype) for name, s in shapes.items()]
+    scoring = [forward_item(name, s, ppo.micro_batch_size, seq, engines[name]) for name, s in shapes.items()]
     phases = [load_phase("ppo", shapes), Phase("ppo", "generate", generate),
               Phase("ppo", "score", [*resident, max(scoring, key=lambda i: i.bytes)]),
               training_phase("ppo", "train actor", resident, "actor", actor, engines["actor"], n,
@@ -213,7 +231,9 @@ def rollout_items(params: Params, actor: ModelShape, rows: int, seq: int, engine
     items = [Item(f"KV cache ({rows} x {seq} tokens)", kv_cache(actor, rows, seq, dtype)),
              Item("logits of one decode step", rows * actor.vocab * 4 * 2)]
     k = params.ppo.rollout.gather_layers
-    if engine.zero_stage == 3 and k:  # ppo.rollout.gather_layers: k layers and the rest (embeddings, head) at once
+    if engine.zero_stage == 3 and k and actor.model_type not in LEAN_TYPES:  # the model's forward, DeepSpeed's hooks
+        items.append(Item("actor gathered module by module for generation (ZeRO-3)", zero3_gathered(actor, engine)))
+    elif engine.zero_stage == 3 and k:  # ppo.rollout.gather_layers: k layers and the rest (embeddings, head) at once
         held = min(k, actor.layers) * actor.layer + actor.params - actor.layers * actor.layer
         items.append(Item(f"actor gathered {k} layer(s) at a time for generation (ZeRO-3)", held * BYTES[dtype]))
     elif engine.zero_stage == 3:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf.errors import UserError
 from rlhf.plan.memory import Cluster, Phase, dpo_phases, ppo_phases, sft_like
 from rlhf.plan.shapes import ModelShape, model_shape
+from rlhf.rollout.llama import LEAN_TYPES
 
 if TYPE_CHECKING:
     from rlhf.config import ModelConfig, Params
@@ -33,8 +34,7 @@ KNOBS = {
     "forward": "lower the micro_batch_size / eval_batch_size",
     "KV cache": "lower ppo.rollout_batch_size or ppo.sampling.max_answer_tokens",
     "gathered whole": "more ranks do not help here: the hybrid engine gathers the whole actor on every rank for "
-                      "generation; set ppo.rollout.gather_layers (layers gathered at a time, slower; no actor "
-                      "LoRA yet) or "
+                      "generation; set ppo.rollout.gather_layers (layers gathered at a time, slower) or "
                       "ppo.rollout.engine: vllm with ppo.rollout.vllm.tensor_parallel_size",
     "layer(s) at a time": "lower ppo.rollout.gather_layers",
     "loaded whole": "every rank reads each model whole in fp32: fewer ranks per node (engine.num_procs) or a "
@@ -148,20 +148,19 @@ def fits(phase: Phase, cluster: Cluster) -> bool:
     return all(need <= HEADROOM * have for _, need, have in needs(phase, cluster))
 
 
-def layers_that_fit(params: Params, cluster: Cluster, shapes: dict[str, ModelShape],
-                    with_lora: bool = False) -> int | None:
+def layers_that_fit(params: Params, cluster: Cluster, shapes: dict[str, ModelShape]) -> int | None:
     """When step 3's generation does not fit with the whole actor gathered (ZeRO-3, our own loop): the most decoder
-    layers gathered at a time (ppo.rollout.gather_layers) with which it does; None if it fits already, if none does,
-    or if the actor has LoRA, which layered generation does not take yet (`with_lora`: plan as if it did)."""
+    layers gathered at a time (ppo.rollout.gather_layers) with which it does; None if it fits already or if none
+    does."""
     from rlhf.config import resolve_engine
 
     ppo = params.ppo
-    if resolve_engine(params.engine, ppo.engines.actor).zero_stage != 3 or ppo.rollout.engine != "own" or (
-            ppo.lora.actor.rank and not with_lora):
+    if resolve_engine(params.engine, ppo.engines.actor).zero_stage != 3 or ppo.rollout.engine != "own":
         return None
     if fits(next(p for p in stage_phases("ppo", params, cluster, shapes) if p.name == "generate"), cluster):
         return None
-    for k in range(shapes["actor"].layers - 1, 0, -1):
+    lean = shapes["actor"].model_type in LEAN_TYPES  # else any k decodes module by module (DeepSpeed's hooks)
+    for k in range(shapes["actor"].layers - 1, 0, -1) if lean else [1]:
         trial = params.model_copy(deep=True)
         trial.ppo.rollout.gather_layers = k
         generate = next(p for p in stage_phases("ppo", trial, cluster, shapes) if p.name == "generate")

@@ -27,6 +27,7 @@ class ModelShape:
     kv_width: int  # key/value heads x head size: one token's K (or V) in one layer
     vocab: int
     head: Head  # causal_lm: logits over the vocabulary; score: one value per token (reward model, critic)
+    model_type: str = ""  # the config's model_type (llama, opt, ...)
 
 
 def _first(config: Any, *names: str, default: Any = None) -> Any:
@@ -77,4 +78,5 @@ def model_shape(config: Any, head: Head = "causal_lm", lora: LoraConfig | None =
         layers=len(layers) if layers is not None else _first(text, "num_hidden_layers", "n_layer", default=1),
         hidden=hidden, intermediate=_first(text, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
         heads=heads, kv_width=kv_heads * head_dim, vocab=_first(text, "vocab_size"), head=head,
+        model_type=getattr(text, "model_type", "") or "",
     )

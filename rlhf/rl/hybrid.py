@@ -5,7 +5,8 @@ runs the same code on CPU and CUDA:
 
 - generation mode: eval, no grad; under ZeRO-3 every parameter is gathered **once per rollout** (not once per layer
   per token, which is what makes `generate(..., synced_gpus=True)` on a ZeRO-3 engine slow); LoRA adapters are
-  fused into the base weights for the rollout; our decode loop (rlhf.rollout.decode) runs on the gathered weights with a
+  fused into the base weights for the rollout (with ppo.rollout.gather_layers, where the actor is gathered a layer
+  group at a time, applied beside them instead); our decode loop (rlhf.rollout.decode) runs on the gathered weights with a
   preallocated KV cache (transformers' generate stays as a fallback, ppo.rollout.engine);
 - training mode: the DeepSpeed engine as it was (sharded, LoRA unfused, train/eval state restored).
 """
@@ -98,8 +99,11 @@ class HybridEngine:
         was_training = module.training
         whole = self.zero_stage == 3 and not self.gather_layers
         gather = _zero3_gathered(self.engine) if whole else contextlib.nullcontext()
+        # layered: the weights are shards until the decode loop gathers their group, so the adapters are applied
+        # beside them (rlhf.rollout.llama._weight), not merged
+        fuse = contextlib.nullcontext() if self.gather_layers else _fused_lora(module)
         try:
-            with torch.no_grad(), gather, _fused_lora(module):
+            with torch.no_grad(), gather, fuse:
                 module.eval()
                 yield module
         finally:

@@ -107,17 +107,24 @@ def decode(
     model's turn end and its eos: rlhf.models.tokenizer.stop_ids). min_new_tokens: eos is not drawn before that many tokens
     (benchmarks use it for answers of a fixed length). cuda_graphs: on CUDA, replay the Llama-family step as a
     CUDA graph (ignored elsewhere). static_step: the graph's static step run eagerly (tests, on CPU). gather,
-    layers_at_once: ZeRO-3 shards decoded `layers_at_once` decoder layers at a time (rlhf.rollout.llama.LlamaDecoder;
-    every rank steps until every rank's rows stopped, as each step gathers)."""
+    layers_at_once: ZeRO-3 shards decoded `layers_at_once` decoder layers at a time (rlhf.rollout.llama.LlamaDecoder,
+    LoRA adapters applied beside the base weights), or, for other architectures, through the model's forward with
+    DeepSpeed's hooks fetching each module; every rank steps until every rank's rows stopped, as each step
+    gathers."""
 
     b, p = input_ids.shape
     width = p + max_new_tokens
     inner = llama_model(model)
+    if gather is not None and inner is None:  # DeepSpeed's own hooks fetch each module as the forward reaches it
+        return _decode_with_forward(model, input_ids, attention_mask, do_sample=do_sample, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
+                                    pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+                                    min_new_tokens=min_new_tokens, synced=True)
     if gather is not None:
-        if inner is None:
-            raise UserError("ppo.rollout.gather_layers decodes a Llama-family actor (Llama, SmolLM2, Qwen2, Mistral) "
-                            "layer by layer; this actor is not one: set ppo.rollout.gather_layers: 0")
-        dec = LlamaDecoder(model, inner, b, width, gather, layers_at_once)
+        try:
+            dec = LlamaDecoder(model, inner, b, width, gather, layers_at_once)
+        except ValueError as err:
+            raise UserError(f"ppo.rollout.gather_layers: {err}") from None
         with gather(dec.outer_params):  # embeddings, final norm and head: whole for the rollout
             return _decode_llama(dec, input_ids, attention_mask, do_sample, temperature, top_k, top_p,
                                  max_new_tokens, pad_token_id, eos_token_id, min_new_tokens, False, False, True)
@@ -221,12 +228,16 @@ def _any_rank(flag: torch.Tensor, synced: bool) -> bool:
 
 def _decode_with_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                          do_sample: bool, temperature: float, top_k: int, top_p: float, max_new_tokens: int,
-                         pad_token_id: int, eos_token_id: int | list[int], min_new_tokens: int = 0) -> Decoded:
-    """The same loop for any causal LM: its own forward and a DynamicCache (shared prompts prefilled once)."""
+                         pad_token_id: int, eos_token_id: int | list[int], min_new_tokens: int = 0,
+                         synced: bool = False) -> Decoded:
+    """The same loop for any causal LM: its own forward and a DynamicCache (shared prompts prefilled once). synced:
+    the model is ZeRO-3 shards that DeepSpeed's hooks gather module by module in each forward (every rank steps
+    until every rank's rows stopped)."""
     from rlhf.models.prefix import position_ids, prefill_shared
 
     p = input_ids.shape[1]
-    cache = prefill_shared(model, input_ids, attention_mask)
+    # synced: one forward per step on every rank (each gathers), so no extra prefill where this rank's prompts repeat
+    cache = None if synced else prefill_shared(model, input_ids, attention_mask)
     if cache is None:
         from transformers import DynamicCache
 
@@ -244,7 +255,7 @@ def _decode_with_forward(model: torch.nn.Module, input_ids: torch.Tensor, attent
         return o.logits[:, -1].float()
 
     return _loop(step, out.logits[:, -1].float(), input_ids, attention_mask, do_sample, temperature, top_k, top_p,
-                 max_new_tokens, pad_token_id, eos_token_id, min_new_tokens)
+                 max_new_tokens, pad_token_id, eos_token_id, min_new_tokens, synced=synced)
 
 
 class DecodeLoop(ModelRollout):

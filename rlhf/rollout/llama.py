@@ -11,15 +11,37 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+LEAN_TYPES = ("llama", "qwen2", "mistral")  # the model types the lean step runs (config.model_type)
 Gather = Callable[[list[Any]], contextlib.AbstractContextManager[Any]]
 
 
-def _weight(linear: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of a Linear, or of a LoRA layer's base Linear once the adapters are merged into it."""
+Linear = tuple[Any, Any, tuple[tuple[Any, Any, float], ...]]  # weight, bias, LoRA adapters (A, B, scale) unmerged
+
+
+def _weight(linear: Any, unmerged: bool = False) -> Linear:
+    """(weight, bias, adapters) of a Linear, or of a LoRA layer's base Linear: its adapters merged into it (none
+    listed) or, with `unmerged` (layered generation: the base weights are ZeRO-3 shards, gathered a layer group at a
+    time, so there is no whole weight to merge into), each active adapter's A, B and scale, applied as
+    x A^T B^T x scale beside the base weight, as peft's forward does."""
     base = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
-    if base is not linear and not getattr(linear, "merged", False):
+    if base is linear or getattr(linear, "merged", False):
+        return base.weight, base.bias, ()
+    if not unmerged:
         raise ValueError("LoRA adapters must be fused before the lean decode step reads the weights")
-    return base.weight, base.bias
+    names = [a for a in linear.active_adapters if a in linear.lora_A]
+    if any(linear.use_dora.get(a) for a in names) or any(getattr(linear, "lora_bias", {}).get(a) for a in names):
+        raise ValueError("the lean decode step applies plain LoRA adapters, not DoRA or adapter biases")
+    return base.weight, base.bias, tuple((linear.lora_A[a].weight, linear.lora_B[a].weight, linear.scaling[a])
+                                         for a in names)
+
+
+def _linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    out = F.linear(x, w[0], w[1])
+    for a, b, scale in w[2]:
+        out = out + F.linear(F.linear(x, a), b) * scale
+    return out
 
 
 def llama_model(model: torch.nn.Module) -> Any | None:
@@ -27,7 +49,7 @@ def llama_model(model: torch.nn.Module) -> Any | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(base, "config", None)
     inner = getattr(base, "model", None)
-    if cfg is None or inner is None or getattr(cfg, "model_type", None) not in ("llama", "qwen2", "mistral"):
+    if cfg is None or inner is None or getattr(cfg, "model_type", None) not in LEAN_TYPES:
         return None
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         return None  # a window changes the mask
@@ -60,23 +82,27 @@ class LlamaDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.scale = self.head_dim**-0.5
         self.layers = []
+        unmerged = gather is not None  # layered: LoRA adapters beside the base weights (see _weight)
         for layer in inner.layers:
             att, mlp = layer.self_attn, layer.mlp
+            lin = [_weight(m, unmerged) for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj,
+                                                  mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
             self.layers.append((
-                (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                _weight(att.q_proj), _weight(att.k_proj), _weight(att.v_proj), _weight(att.o_proj),
+                (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon), *lin[:4],
                 (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-                _weight(mlp.gate_proj), _weight(mlp.up_proj), _weight(mlp.down_proj), mlp.act_fn,
+                *lin[4:], mlp.act_fn,
             ))
         self.gather = gather
         step = layers_at_once if gather is not None and layers_at_once > 0 else len(self.layers)
         self.groups = [(lo, min(lo + step, len(self.layers)),
                         [p for layer in inner.layers[lo: lo + step] for p in layer.parameters()])
                        for lo in range(0, len(self.layers), step)]
-        outer = [inner.embed_tokens.weight, inner.norm.weight, lm.lm_head.weight]
+        if hasattr(inner.embed_tokens, "get_base_layer"):
+            raise ValueError("the lean decode step reads the embeddings whole: no LoRA on embed_tokens")
+        outer = [inner.embed_tokens.weight, inner.norm.weight, *lm.lm_head.parameters()]
         self.outer_params = list({id(p): p for p in outer}.values())  # a tied head is the embedding
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
-        self.head = _weight(lm.lm_head)
+        self.head = _weight(lm.lm_head, unmerged)
         self.embed = emb = inner.embed_tokens.weight
         # rotary cos/sin of every position of the rollout, computed as LlamaRotaryEmbedding.forward does
         rot = inner.rotary_emb
@@ -138,7 +164,7 @@ class LlamaDecoder:
             with self.gather(params) if self.gather is not None else contextlib.nullcontext():
                 for i in range(lo, hi):
                     h = self._layer(i, h, b, t, cos, sin, start, end, static, mask)
-        return F.linear(self._rms(h[:, -1], self.norm), *self.head).float()
+        return _linear(self._rms(h[:, -1], self.norm), self.head).float()
 
     def _layer(self, i: int, h: torch.Tensor, b: int, t: int, cos: torch.Tensor, sin: torch.Tensor, start: Any,
                end: int | None, static: bool, mask: torch.Tensor | None) -> torch.Tensor:
@@ -147,9 +173,9 @@ class LlamaDecoder:
 
         n1, q, k, v, o, n2, gate, up, down, act = self.layers[i]
         x = self._rms(h, n1)
-        qs = F.linear(x, *q).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        ks = F.linear(x, *k).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        vs = F.linear(x, *v).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        qs = _linear(x, q).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        ks = _linear(x, k).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        vs = _linear(x, v).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         qs, ks = self._rotate(qs, cos, sin), self._rotate(ks, cos, sin)
         kc, vc = self.k[i][:b], self.v[i][:b]
         if static:
@@ -158,9 +184,9 @@ class LlamaDecoder:
         else:
             kc[:, :, start:end], vc[:, :, start:end] = ks, vs
         att = self._attend(qs, kc[:, :, :end], vc[:, :, :end], mask)
-        h = h + F.linear(att.transpose(1, 2).reshape(b, t, -1), *o)
+        h = h + _linear(att.transpose(1, 2).reshape(b, t, -1), o)
         x = self._rms(h, n2)
-        return h + F.linear(act(F.linear(x, *gate)) * F.linear(x, *up), *down)
+        return h + _linear(act(_linear(x, gate)) * _linear(x, up), down)
 
     def copy_rows(self, src: Any, width: int) -> None:
         """Row r of the cache takes the first `width` columns of row src[r] (a prompt's rows from where it was
