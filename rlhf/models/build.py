@@ -158,7 +158,8 @@ def last_token_scores(module: torch.nn.Module, input_ids: torch.Tensor, attentio
 
 
 def _check_vocab(model: torch.nn.Module, tok: PreTrainedTokenizerBase, name: str) -> None:
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = (getattr(weight, "ds_shape", None) or weight.shape)[0]  # a ZeRO-3 shard is flat: its whole shape
     if rows < len(tok):
         raise UserError(
             f"{name} has {rows} embedding rows but the tokenizer has {len(tok)} tokens: "

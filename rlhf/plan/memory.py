@@ -17,7 +17,8 @@ Per model (DeepSpeed's accounting, ZeRO over N ranks, b bytes per element of eng
   smaller model, whole;
 - generation: the KV cache (2 x layers x kv_width x b per token of B x (prompt + answer)) and, under ZeRO-3, the
   whole actor gathered on every rank (the hybrid engine's generation mode);
-- every rank loads each model whole in fp32 on the host before DeepSpeed casts and partitions it (`load`).
+- every rank loads each model whole in fp32 on the host before DeepSpeed casts and partitions it (`load`), but
+  under ZeRO-3 a model read from a folder is created as shards (rlhf.training.runtime.sharded_load).
 A_* are measured on this implementation (bench/memory_plan.py, bench/README.md): the plan is an estimate, validated
 there against measured peaks.
 """
@@ -150,10 +151,15 @@ def forward_item(label: str, shape: ModelShape, rows: int, tokens: int, engine: 
                 act + zero3_gathered(shape, engine))
 
 
-def load_phase(stage: str, shapes: dict[str, ModelShape]) -> Phase:
-    """Every rank reads each model whole in fp32 before DeepSpeed casts and partitions it; the largest two at once."""
-    biggest = sorted(shapes.items(), key=lambda kv: -kv[1].params)[:2]
-    return Phase(stage, "load", [Item(f"{name} loaded whole (fp32)", s.params * 4, "host") for name, s in biggest])
+def load_phase(stage: str, shapes: dict[str, ModelShape], sharded: set[str] = frozenset()) -> Phase:
+    """Every rank reads each model whole in fp32 before DeepSpeed casts and partitions it; the largest two at once.
+    A model in `sharded` (ZeRO-3, read from a folder: rlhf.training.runtime.sharded_load) is created as shards and
+    read on rank 0 one tensor at a time."""
+    whole = sorted(((n, s) for n, s in shapes.items() if n not in sharded), key=lambda kv: -kv[1].params)[:2]
+    items = [Item(f"{name} loaded whole (fp32)", s.params * 4, "host") for name, s in whole]
+    items += [Item(f"{name} read as ZeRO-3 shards, a tensor at a time (rank 0)", s.largest_module * 4, "host",
+                   rank0_only=True) for name, s in shapes.items() if name in sharded]
+    return Phase(stage, "load", items)
 
 
 def save_phase(stage: str, resident: list[Item], shapes: dict[str, ModelShape]) -> Phase:
@@ -169,7 +175,8 @@ def sft_like(stage: str, params: Params, shape: ModelShape, cluster: Cluster) ->
     train, engine, n = params.sft if stage == "sft" else params.reward, params.engine, cluster.ranks
     seq = params.data.max_seq_tokens
     states = model_states("model", shape, engine, n, trained=True)
-    return [load_phase(stage, {"model": shape}),
+    folder = (params.model if stage == "sft" else params.reward_model).name_or_path
+    return [load_phase(stage, {"model": shape}, {"model"} if engine.zero_stage == 3 and folder else set()),
             training_phase(stage, "train", states, "model", shape, engine, n, train.micro_batch_size, seq),
             Phase(stage, "evaluate", [*states, forward_item("model", shape, train.eval_batch_size, seq, engine)]),
             save_phase(stage, states, {"model": shape})]
@@ -205,7 +212,8 @@ def ppo_phases(params: Params, shapes: dict[str, ModelShape], engines: dict[str,
         resident.append(Item("EMA actor (fp32)", actor.params * 4, "host"))
     generate = [*resident, *rollout_items(params, actor, rows, seq, engines["actor"], cluster)]
     scoring = [forward_item(name, s, ppo.micro_batch_size, seq, engines[name]) for name, s in shapes.items()]
-    phases = [load_phase("ppo", shapes), Phase("ppo", "generate", generate),
+    sharded = {name for name in shapes if engines[name].zero_stage == 3}  # every step-3 model is read from a folder
+    phases = [load_phase("ppo", shapes, sharded), Phase("ppo", "generate", generate),
               Phase("ppo", "score", [*resident, max(scoring, key=lambda i: i.bytes)]),
               training_phase("ppo", "train actor", resident, "actor", actor, engines["actor"], n,
                              ppo.micro_batch_size, seq)]

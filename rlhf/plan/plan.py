@@ -37,8 +37,9 @@ KNOBS = {
                       "generation; set ppo.rollout.gather_layers (layers gathered at a time, slower) or "
                       "ppo.rollout.engine: vllm with ppo.rollout.vllm.tensor_parallel_size",
     "layer(s) at a time": "lower ppo.rollout.gather_layers",
-    "loaded whole": "every rank reads each model whole in fp32: fewer ranks per node (engine.num_procs) or a "
-                    "node with more memory",
+    "loaded whole": "every rank reads this model whole in fp32: under engine.zero_stage 3 a model from a folder "
+                    "is read as shards (a model built from params.yaml's model group is not); else fewer ranks per "
+                    "node (engine.num_procs) or a node with more memory",
     "EMA": "ppo.ema_beta: 0 drops the EMA actor",
 }
 

@@ -66,10 +66,14 @@ def _frozen_engine(model: torch.nn.Module, engine: EngineConfig, micro_batch_siz
 def critic_from_actor(path: str | Path) -> Any:
     """A critic without a reward model (rewards.model_weight 0, as OpenRLHF allows): the SFT actor's body with a
     fresh value head, zeroed so that every value starts at 0."""
+    import deepspeed
+
     from rlhf.models.build import load_reward_model
 
     critic = load_reward_model(path)
-    _classifier(critic)[1].weight.data.zero_()
+    head = _classifier(critic)[1].weight
+    with deepspeed.zero.GatheredParameters([head], modifier_rank=0, enabled=hasattr(head, "ds_id")):
+        head.data.zero_()  # a ZeRO-3 shard (sharded load): zeroed whole on rank 0, then partitioned again
     return critic
 
 
@@ -112,20 +116,24 @@ class RLModels:
             name: resolve_engine(engine, getattr(ppo.engines, name))
             for name in ("actor", "critic", "ref", "reward")
         }
+        def load(name: str, build: Callable[[], Any]) -> Any:  # under ZeRO-3 read as shards (eng.sharded_load)
+            with eng.sharded_load(self.engine_configs[name], ppo.micro_batch_size):
+                return build()
+
         self.actor = HybridEngine(
-            eng.initialize(self.build_actor(), self.engine_configs["actor"],
+            eng.initialize(load("actor", self.build_actor), self.engine_configs["actor"],
                            _train_cfg(ppo, ppo.optimizer.actor_learning_rate), steps),
             self.engine_configs["actor"].zero_stage, ppo.rollout.gather_layers,
         )
         self.critic = None  # the critic-free family has none: nothing built, stepped or saved
         if self.build_critic is not None:
-            self.critic = eng.initialize(
-                self.build_critic(), self.engine_configs["critic"], _train_cfg(ppo, ppo.optimizer.critic_learning_rate), steps
-            )
-        self.ref = _frozen_engine(quiet(load_causal_lm(sft_path)), self.engine_configs["ref"], ppo.micro_batch_size)
+            self.critic = eng.initialize(load("critic", self.build_critic), self.engine_configs["critic"],
+                                         _train_cfg(ppo, ppo.optimizer.critic_learning_rate), steps)
+        self.ref = _frozen_engine(load("ref", lambda: quiet(load_causal_lm(sft_path))), self.engine_configs["ref"],
+                                  ppo.micro_batch_size)
         self.reward = None
         if reward_path is not None:
-            reward = quiet(load_reward_model(reward_path))
+            reward = load("reward", lambda: quiet(load_reward_model(reward_path)))
             self.reward = _frozen_engine(reward, self.engine_configs["reward"], ppo.micro_batch_size)
         # rollouts decode with the actor in the hybrid engine's generation mode (ZeRO-3 gathered once, LoRA fused)
         vllm = {"actor": self.actor, "model_path": sft_path, "dtype": self.engine_configs["actor"].dtype,

@@ -169,7 +169,6 @@ class LlamaDecoder:
     def _layer(self, i: int, h: torch.Tensor, b: int, t: int, cos: torch.Tensor, sin: torch.Tensor, start: Any,
                end: int | None, static: bool, mask: torch.Tensor | None) -> torch.Tensor:
         """Decoder layer i on the hidden states h, its keys and values written into the cache."""
-        import torch.nn.functional as F
 
         n1, q, k, v, o, n2, gate, up, down, act = self.layers[i]
         x = self._rms(h, n1)

@@ -50,8 +50,9 @@ def train_and_export(
     from rlhf.pipeline.guards import check_free_space
     from rlhf.training import runtime as eng
 
-    model = build_model()
-    check_free_space(out_dir, sum(t.numel() * t.element_size() for t in model.state_dict().values()), "the model")
+    with eng.sharded_load(params.engine, train.micro_batch_size):  # ZeRO-3: a model read from a folder, as shards
+        model = build_model()
+    check_free_space(out_dir, sum(eng.numel(t) * t.element_size() for t in model.parameters()), "the model")
     total = optimizer_steps(len(train_rows), train, dist.world_size)
     ds_engine = eng.initialize(model, params.engine, train, total)
     lengths = [length(r) for r in train_rows] if train.group_by_length else None

@@ -186,6 +186,43 @@ def ds_config(engine: EngineConfig, train: TrainConfig) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def sharded_load(engine: EngineConfig, micro_batch_size: int = 1) -> Iterator[None]:
+    """Under ZeRO-3, a model read from a folder inside the block (transformers' from_pretrained) is created as
+    shards (deepspeed.zero.Init, through transformers' HfDeepSpeedConfig) and its checkpoint is read on rank 0 one
+    tensor at a time into them, so no rank holds the whole model (DeepSpeed-Chat and TRL load 13B+ this way); a
+    model built from a config is untouched. Elsewhere, nothing changes."""
+    if engine.zero_stage != 3 or not _distributed():
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    live = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": micro_batch_size,  # noqa: F841 - held by weakref
+                              "zero_optimization": zero_config(engine),
+                              "bf16": {"enabled": engine.dtype == "bf16"}, "fp16": {"enabled": engine.dtype == "fp16"}})
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def _distributed() -> bool:
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def numel(param: Any) -> int:
+    """A parameter's elements, whole even when it is a ZeRO-3 shard."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def ndim(param: Any) -> int:
+    """A parameter's dimensions, of the whole even when it is a ZeRO-3 shard (a shard is flat)."""
+    return len(getattr(param, "ds_shape", None) or param.shape)
+
+
 def _scheduler(optimizer: Any, train: TrainConfig, total_steps: int) -> Any:
     from transformers import get_scheduler
 
@@ -208,8 +245,8 @@ def initialize(model: torch.nn.Module, engine: EngineConfig, train: TrainConfig,
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    decay = [p for p in params if ndim(p) >= 2]
+    no_decay = [p for p in params if ndim(p) < 2]
     groups = [
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
