@@ -40,6 +40,8 @@ CONFIGS = {
                                                                               "gradient_checkpointing": True}}),
     "dpo 50m fp32 zero0": ("dpo", "50m", 1, {}),
     "ppo 50m fp32 zero0": ("ppo", "50m", 1, {}),
+    "ppo 50m fp32 zero3 LoRA layered 2 ranks": ("ppo", "50m", 2, {"engine": {"zero_stage": 3}, "ppo": {
+        "lora": {"actor": {"rank": 16}}, "rollout": {"gather_layers": 1}}}),
 }
 COMMON = {  # a few steps of each stage, on the shipped task
     "task": {"num_rows": 3000},

@@ -38,8 +38,9 @@ class RolloutConfig(Group):
     logprobs: Literal["auto", "generation", "recompute"] = "auto"
     cuda_graphs: bool = True  # on CUDA our loop replays its one-token step as a CUDA graph (no effect on CPU)
     # under ZeRO-3, engine own: decode with this many decoder layers gathered at a time, re-gathered every token, so
-    # no rank holds the whole actor (memory: these layers + embeddings and head; every rank steps together; a
-    # Llama-family actor, no LoRA, no CUDA graphs); 0 gathers the whole actor once per rollout (far faster)
+    # no rank holds the whole actor (memory: these layers + embeddings and head; LoRA applied beside them; every rank
+    # steps together; no CUDA graphs; an actor that is not Llama-family decodes through its own forward, DeepSpeed
+    # fetching one module at a time, whatever the number); 0 gathers the whole actor once per rollout (far faster)
     gather_layers: int = Field(0, ge=0)
     # importance weights on the policy loss for the mismatch rho = pi_old / pi_rollout (needs log pi_old
     # recomputed): token_tis min(rho, max) | token_mask rho where min <= rho <= max, else 0 (icepop) | seq_tis

@@ -47,3 +47,25 @@ def test_step3_models_load_as_shards_and_gather_back_to_their_folders(tiny_model
         assert torch.equal(rm[key], value), key
     body = [k for k in want_sft if k.startswith("model.")]
     assert all(torch.equal(critic[k], want_sft[k]) for k in body)
+
+
+def test_sft_from_a_folder_under_zero3_through_the_launcher(trained: Path) -> None:
+    """`rlhf sft` on 2 ranks under ZeRO-3 starting from a model folder (model.name_or_path): read as shards, trained,
+    gathered and written; the result loads with transformers' Auto class and moved from where it started."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import run_cli, write_params
+    from tests.training.test_runtime import SHARD_ALL, assert_sharded
+
+    start = trained / "models/sft"
+    write_params(trained / "sft_folder.yaml", {"engine": SHARD_ALL, "model": {"name_or_path": str(start)},
+                                               "sft": {"max_steps": 2}})
+    proc = run_cli("sft", "--params", "sft_folder.yaml", "--out", "models/sft_folder", "--metrics",
+                   "metrics/sft_folder.json", "--live", "dvclive/sft_folder", cwd=trained)
+    assert "launching 2 ranks" in proc.stderr
+    assert_sharded(proc.stdout, "LlamaForCausalLM")
+    saved = AutoModelForCausalLM.from_pretrained(trained / "models/sft_folder").state_dict()
+    before = load_file(start / "model.safetensors")
+    assert before.keys() <= saved.keys()
+    assert [k for k in before if not torch.equal(before[k], saved[k])], "no weight moved"
