@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from rlhf.config.base import Group
 
-GROUP_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo")  # step 3 algorithms whose baseline is the group of answers
+GROUP_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo")  # step 3 algorithms whose baseline is the group of answers
 
 # Each algorithm's published settings, used for every key of this table that params.yaml leaves null (an explicit
 # value wins). Sources: ppo, ours since 2026-11 (DeepSpeed-Chat's shape: k1 KL in the reward; kl.coef 0.2 and the
@@ -17,23 +17,35 @@ GROUP_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo")  # step 3 algorithms whos
 # at beta 0.04, 1/G sum_i 1/|o_i| sum_t, std-scaled group advantages, raw rewards; dr_grpo, Liu et al. 2025: no std
 # division, a constant length normaliser, no KL (TRL's beta 0); dapo, Yu et al. 2025: token_mean, clip-higher 0.28,
 # no KL; rloo, Ahmadian et al. 2024 as TRL runs it: k1 KL in the reward at 0.05, raw rewards; reinforce_pp, Hu 2025
-# as OpenRLHF runs it: k1 KL in the reward at OpenRLHF's init_kl_coef 0.01, returns whitened over the batch.
+# as OpenRLHF runs it: k1 KL in the reward at OpenRLHF's init_kl_coef 0.01, returns whitened over the batch;
+# gspo, Zheng et al. 2025 (Qwen) as TRL runs it: one ratio per answer (the geometric mean of its tokens'),
+# clipped to [1 - 3e-4, 1 + 4e-4], per-answer means, no KL; cispo, MiniMax-M1 (2025) with ScaleRL's (Khatri et al.
+# 2025) bound as TRL runs it: the ratio as a weight clipped above at 5 (1 + 4), no lower clip, on the REINFORCE term
+# of every token, token_mean, no KL.
 _CRITIC_FREE = {"reward_normalization": "none", "reward_clip": 0.0, "group_std": True}
+_PLAIN = {"ratio_level": "token", "surrogate": "clip", "clip_range_low": None}  # the PPO surrogate, token ratios
+
+
+def _loss(aggregation: str, clip_range_high: float | None, **other: Any) -> dict[str, Any]:
+    return {"aggregation": aggregation, "clip_range_high": clip_range_high, **_PLAIN, **other}
+
+
 ALGORITHM_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "ppo": {"kl": {"penalty": "reward", "coef": 0.2},
-            "loss": {"aggregation": "token_mean", "clip_range_high": None},
+    "ppo": {"kl": {"penalty": "reward", "coef": 0.2}, "loss": _loss("token_mean", None),
             "advantage": {"reward_normalization": "running", "reward_clip": 5.0, "group_std": True}},
-    "grpo": {"kl": {"penalty": "loss", "coef": 0.04},
-             "loss": {"aggregation": "seq_mean_token_mean", "clip_range_high": None}, "advantage": _CRITIC_FREE},
-    "dr_grpo": {"kl": {"penalty": "loss", "coef": 0.0},
-                "loss": {"aggregation": "seq_mean_token_sum_norm", "clip_range_high": None},
+    "grpo": {"kl": {"penalty": "loss", "coef": 0.04}, "loss": _loss("seq_mean_token_mean", None),
+             "advantage": _CRITIC_FREE},
+    "dr_grpo": {"kl": {"penalty": "loss", "coef": 0.0}, "loss": _loss("seq_mean_token_sum_norm", None),
                 "advantage": {**_CRITIC_FREE, "group_std": False}},
-    "dapo": {"kl": {"penalty": "loss", "coef": 0.0},
-             "loss": {"aggregation": "token_mean", "clip_range_high": 0.28}, "advantage": _CRITIC_FREE},
-    "rloo": {"kl": {"penalty": "reward", "coef": 0.05},
-             "loss": {"aggregation": "token_mean", "clip_range_high": None}, "advantage": _CRITIC_FREE},
-    "reinforce_pp": {"kl": {"penalty": "reward", "coef": 0.01},
-                     "loss": {"aggregation": "token_mean", "clip_range_high": None}, "advantage": _CRITIC_FREE},
+    "dapo": {"kl": {"penalty": "loss", "coef": 0.0}, "loss": _loss("token_mean", 0.28), "advantage": _CRITIC_FREE},
+    "gspo": {"kl": {"penalty": "loss", "coef": 0.0},
+             "loss": _loss("seq_mean_token_mean", 4e-4, ratio_level="sequence", clip_range_low=3e-4),
+             "advantage": _CRITIC_FREE},
+    "cispo": {"kl": {"penalty": "loss", "coef": 0.0}, "loss": _loss("token_mean", 4.0, surrogate="cispo"),
+              "advantage": _CRITIC_FREE},
+    "rloo": {"kl": {"penalty": "reward", "coef": 0.05}, "loss": _loss("token_mean", None), "advantage": _CRITIC_FREE},
+    "reinforce_pp": {"kl": {"penalty": "reward", "coef": 0.01}, "loss": _loss("token_mean", None),
+                     "advantage": _CRITIC_FREE},
 }
 
 
@@ -81,8 +93,15 @@ class LossConfig(Group):
     # null = the algorithm's
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] | None = None
     clip_range: float = Field(0.2, gt=0)  # policy ratio clip: ratio in [1 - clip_range_low, 1 + clip_range_high]
-    clip_range_low: float | None = Field(None, gt=0, lt=1)  # null = clip_range
-    clip_range_high: float | None = Field(None, gt=0)  # null = the algorithm's (dapo: 0.28, clip-higher), else clip_range
+    clip_range_low: float | None = Field(None, gt=0, lt=1)  # null = the algorithm's (gspo: 3e-4), else clip_range
+    # null = the algorithm's (dapo: 0.28, clip-higher; gspo: 4e-4; cispo: 4.0, a weight of at most 5), else clip_range
+    clip_range_high: float | None = Field(None, gt=0)
+    # the importance ratio: token (each token's) | sequence (one per answer, the geometric mean of its tokens':
+    # GSPO); null = the algorithm's
+    ratio_level: Literal["token", "sequence"] | None = None
+    # clip: PPO's clipped surrogate | cispo: the ratio as a weight clipped above at 1 + clip_range_high, without
+    # gradient, on the REINFORCE term of every token (no token loses its gradient: CISPO); null = the algorithm's
+    surrogate: Literal["clip", "cispo"] | None = None
     # dual-clip PPO (Ye et al. 2020; verl's clip_ratio_c): for negative advantages the loss is at most -A x c, so a
     # huge ratio cannot blow the step up; null = off (verl uses 3.0)
     dual_clip: float | None = Field(None, gt=1)
@@ -100,6 +119,9 @@ class LossConfig(Group):
 
     @model_validator(mode="after")
     def _clip(self) -> LossConfig:
+        if self.dual_clip is not None and self.surrogate == "cispo":
+            raise ValueError("loss.dual_clip bounds the clipped surrogate; surrogate cispo has none: set dual_clip: "
+                             "null, or surrogate: clip")
         if self.clip_low >= 1:
             raise ValueError(f"clip_range ({self.clip_range}) must be < 1 when clip_range_low is null: the ratio's "
                              "lower bound 1 - clip_range must stay positive")

@@ -96,10 +96,12 @@ class PPOConfig(Group):
     kl_ctl, clip ranges, gamma and lambda in ppo_trainer.py)."""
 
     # ppo: critic + GAE; grpo: group-relative advantages (no critic); dr_grpo: GRPO without the std and length
-    # biases; dapo: GRPO's baseline with DAPO's token_mean and clip-higher; rloo: leave-one-out baseline over the
-    # group (no critic); reinforce_pp: REINFORCE++, token-level KL in the reward and batch-whitened returns (no
-    # critic). The keys of ALGORITHM_DEFAULTS left null take the algorithm's published values
-    algorithm: Literal["ppo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp"] = "ppo"
+    # biases; dapo: GRPO's baseline with DAPO's token_mean and clip-higher; gspo: GRPO's baseline with one clipped
+    # ratio per answer (GSPO); cispo: GRPO's baseline with CISPO's clipped importance weights on every token; rloo:
+    # leave-one-out baseline over the group (no critic); reinforce_pp: REINFORCE++, token-level KL in the reward and
+    # batch-whitened returns (no critic). The keys of ALGORITHM_DEFAULTS left null take the algorithm's published
+    # values
+    algorithm: Literal["ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp"] = "ppo"
     # your RLTrainer subclass, "module:Class" importable from the project folder or the environment (null = ours)
     trainer: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     iterations: int = Field(100, gt=0)  # each: generate -> score -> advantages -> update
@@ -161,9 +163,11 @@ class PPOConfig(Group):
         rewards = "rewards z-scored (running)" if adv.reward_normalization == "running" else "raw rewards"
         if adv.reward_clip:
             rewards += f" clipped to +-{adv.reward_clip:g}"
+        ratio = "answer ratio" if loss.ratio_level == "sequence" else "ratio"
+        clip = (f"{ratio} as a weight clipped at {1 + loss.clip_high:g}" if loss.surrogate == "cispo" else
+                f"{ratio} clip [{1 - loss.clip_low:g}, {1 + loss.clip_high:g}]")
         parts = [self.algorithm, line, rewards, loss.aggregation,
-                 f"ratio clip [{1 - loss.clip_low:g}, {1 + loss.clip_high:g}]"
-                 + (f", dual-clip {loss.dual_clip:g}" if loss.dual_clip else "")]
+                 clip + (f", dual-clip {loss.dual_clip:g}" if loss.dual_clip else "")]
         if self.algorithm in GROUP_ALGORITHMS:
             parts.append(f"groups of {self.group_size}" + (" std-scaled" if adv.group_std else " mean-centred"))
         if self.needs_critic:

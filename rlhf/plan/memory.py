@@ -3,8 +3,9 @@ before anything is loaded (`rlhf plan`, and the check at the start of each train
 
 Per model (DeepSpeed's accounting, ZeRO over N ranks, b bytes per element of engine.dtype):
 - weights: params x b, / N under ZeRO-3; on the host with offload_params;
-- gradients: trained x b, / N from ZeRO-2; from ZeRO-1, DeepSpeed's reduce bucket of 5e8 elements, whatever the
-  model's size (ZeRO-1/2: during the backward only; ZeRO-3: for the whole run);
+- gradients: trained x b, / N from ZeRO-2 (ZeRO-1 adds a flat copy of this rank's share); from ZeRO-1,
+  DeepSpeed's reduce bucket of 5e8 elements, whatever the model's size (ZeRO-1/2: during the backward only;
+  ZeRO-3: for the whole run);
 - optimizer: AdamW's two moments (8 bytes) + an fp32 master copy in bf16/fp16 (4) per trained parameter, / N from
   ZeRO-1 (and under DeepSpeed's bf16 optimizer at ZeRO 0); on the host with offload_optimizer. With LoRA only the
   adapters are trained;
@@ -96,8 +97,13 @@ def model_states(name: str, shape: ModelShape, engine: EngineConfig, ranks: int,
 
 
 def gradients(name: str, shape: ModelShape, engine: EngineConfig, ranks: int) -> Item:
-    """A trained model's gradients, held from its backward to its optimizer step."""
-    return Item(f"{name} gradients", shape.trained * BYTES[engine.dtype] // (ranks if engine.zero_stage >= 2 else 1))
+    """A trained model's gradients, held from its backward to its optimizer step: whole, / N from ZeRO-2; ZeRO-1
+    also copies this rank's partition into a flat buffer at the end of the backward (averaged_gradients, measured:
+    bench/memory_plan.py's ZeRO-1 configuration)."""
+    whole = shape.trained * BYTES[engine.dtype]
+    if engine.zero_stage == 1:
+        return Item(f"{name} gradients (and ZeRO-1's flat copy of this rank's share)", whole + whole // ranks)
+    return Item(f"{name} gradients", whole // (ranks if engine.zero_stage >= 2 else 1))
 
 
 def activations(shape: ModelShape, rows: int, tokens: int, dtype: str, *, grad: bool, checkpointing: bool) -> int:

@@ -82,6 +82,7 @@ def reinforce_pp(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: tor
 
 ESTIMATORS: dict[str, Callable[..., Estimate]] = {
     "ppo": ppo, "grpo": grpo, "dr_grpo": dr_grpo, "dapo": dapo, "rloo": rloo, "reinforce_pp": reinforce_pp,
+    "gspo": grpo, "cispo": grpo,  # GRPO's estimator; what differs is in the loss's defaults (ratio_level, surrogate)
 }
 
 

@@ -347,7 +347,8 @@ class RLTrainer:
         out = self._logprobs(self.models.actor.engine, exp.sequences, exp.attention_mask, p, entropy=cfg.loss.entropy_coef > 0)
         logprobs, entropy = out if cfg.loss.entropy_coef > 0 else (out, None)
         loss, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, cfg.loss.clip_low,
-                                  cfg.loss.clip_high, agg, norm, total, cfg.loss.dual_clip, exp.is_weights)
+                                  cfg.loss.clip_high, agg, norm, total, cfg.loss.dual_clip, exp.is_weights,
+                                  cfg.loss.ratio_level, cfg.loss.surrogate)
         if cfg.kl.penalty == "loss":
             k3 = k3_kl(logprobs, exp.ref_logprobs)
             if cfg.kl.clamp > 0:  # verl's clamp: one token far from the reference cannot dominate the step

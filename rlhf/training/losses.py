@@ -64,6 +64,8 @@ def policy_loss(
     total: float | None = None,
     dual_clip: float | None = None,
     weights: torch.Tensor | None = None,
+    ratio_level: str = "token",
+    surrogate: str = "clip",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate (Schulman et al. 2017 eq. 7; DeepSpeed-Chat actor_loss_fn), as a loss to minimise.
 
@@ -74,28 +76,51 @@ def policy_loss(
         loss  = aggregate(max(-A * ratio, -A * clamp(ratio, 1 - eps_low, 1 + eps_high)))
     aggregation, norm_length, total: see aggregate_loss (token_mean is the masked mean over every real token).
     dual_clip: c > 1 (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5; verl's clip_ratio_c): where
-    A < 0 the per-token loss is min(that loss, -A x c), so a ratio far above 1 + eps cannot make it unbounded.
+    A < 0 the per-token loss is min(that loss, -A x c), so a ratio far above 1 + eps cannot make it unbounded
+    (the clip surrogate only).
     weights: (B, A) importance weights, no gradient, multiplying each token's loss before aggregation (the
     rollout/training mismatch correction, rlhf/rl/correction.py); None = 1.
+    ratio_level: token (each token's ratio) | sequence (GSPO, Zheng et al. 2025 eq. 7: one ratio per answer, the
+    geometric mean of its tokens' ratios, exp(1/|o| sum_t log ratio_t), clipped as a whole; the gradient flows
+    through every token's log-probability, as TRL's importance_sampling_level="sequence").
+    surrogate: clip (above) | cispo (MiniMax-M1, 2025: the ratio becomes a weight, clipped above at 1 + eps_high
+    and never below, without gradient, on the REINFORCE term, so every token keeps its gradient:
+        loss = aggregate(-sg(min(ratio, 1 + eps_high)) * A * logprobs)
+    as TRL's loss_type="cispo"; its eps_high is the ratio's distance above 1, TRL's epsilon_high the bound itself).
     Returns (loss (), stats) with stats:
-        clip_fraction  share of real tokens where the clipped term is the active (strictly larger) one
+        clip_fraction  share of real tokens where the clipped term is the active (strictly larger) one (cispo:
+                       where the weight is clipped)
         approx_kl      masked_mean(0.5 * (logprobs - old_logprobs)^2), Schulman's k2 estimator of KL(old || new)
-        ratio          masked mean of the ratio
+        ratio          masked mean of the ratio (sequence: each answer's, on each of its tokens)
     """
     high = clip_range if clip_range_high is None else clip_range_high
     log_ratio = logprobs - old_logprobs  # (B, A)
-    ratio = torch.exp(log_ratio)  # (B, A)
-    unclipped = -advantages * ratio  # (B, A)
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)  # (B, A)
-    per_token = torch.maximum(unclipped, clipped)  # (B, A)
-    if dual_clip is not None:
-        per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
+    if ratio_level == "sequence":  # one ratio per answer, on each of its tokens
+        per_answer = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+        ratio = torch.exp(per_answer)[:, None].expand_as(log_ratio)  # (B, A)
+    elif ratio_level == "token":
+        ratio = torch.exp(log_ratio)  # (B, A)
+    else:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}")
+    if surrogate == "cispo":
+        weight = ratio.clamp(max=1.0 + high).detach()
+        per_token = -advantages * weight * logprobs  # (B, A)
+        active = ratio > 1.0 + high
+    elif surrogate == "clip":
+        unclipped = -advantages * ratio  # (B, A)
+        clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)  # (B, A)
+        per_token = torch.maximum(unclipped, clipped)  # (B, A)
+        active = clipped > unclipped
+        if dual_clip is not None:
+            per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
+    else:
+        raise ValueError(f"unknown surrogate {surrogate!r}")
     if weights is not None:
         per_token = per_token * weights
     loss = aggregate_loss(per_token, mask, aggregation, norm_length, total)  # ()
     with torch.no_grad():
         stats = {
-            "clip_fraction": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
+            "clip_fraction": masked_mean(active.to(ratio.dtype), mask).item(),
             "approx_kl": masked_mean(0.5 * log_ratio**2, mask).item(),
             "ratio": masked_mean(ratio, mask).item(),
         }

@@ -287,6 +287,11 @@ def test_each_algorithm_takes_its_published_defaults_unless_params_say_otherwise
             grpo.advantage.reward_clip) == ("loss", 0.04, "seq_mean_token_mean", "none", 0.0)
     assert PPOConfig(algorithm="dr_grpo").advantage.group_std is False
     assert PPOConfig(algorithm="dapo").loss.clip_high == 0.28 and PPOConfig(algorithm="dapo").kl.coef == 0.0
+    gspo, cispo = PPOConfig(algorithm="gspo").loss, PPOConfig(algorithm="cispo").loss  # TRL's GSPO and CISPO
+    assert (gspo.ratio_level, gspo.clip_low, gspo.clip_high, gspo.surrogate) == ("sequence", 3e-4, 4e-4, "clip")
+    assert (cispo.surrogate, 1 + cispo.clip_high, cispo.aggregation) == ("cispo", 5.0, "token_mean")
+    with pytest.raises(ValueError, match="dual_clip"):
+        PPOConfig(algorithm="cispo", loss={"dual_clip": 3.0})
     ppo = PPOConfig()  # ours, unchanged: the default pipeline's figures hold
     assert (ppo.kl.penalty, ppo.kl.coef, ppo.advantage.reward_normalization, ppo.advantage.reward_clip) == (
         "reward", 0.2, "running", 5.0)
@@ -309,3 +314,41 @@ def test_ipo_length_normalisation_divides_each_answer_by_its_token_count() -> No
     answer = t([[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
     got = per_token([t([-2.0]), t([-8.0]), t([-1.0]), t([-4.0])], answer)
     assert [g.item() for g in got] == [-1.0, -2.0, -0.5, -1.0]
+
+
+def test_gspo_clips_one_ratio_per_answer() -> None:
+    # GSPO (Zheng et al. 2025 eq. 7): s = exp(mean over the answer's tokens of log ratio). Answer 0: log ratios
+    # [0.3, -0.3] -> s = e^0 = 1, A = +1: every token's loss is -1 (no clip), the answer's mean -1. Answer 1: one
+    # real token, log ratio -0.6 -> s = 0.548812, A = -1 -> max(0.548812, clip 0.8) = 0.8. seq_mean_token_mean:
+    # (-1 + 0.8) / 2 = -0.1. Token ratios instead: answer 0 = mean(max(-1.349859, -1.2), max(-0.740818, -0.8))
+    # = (-1.2 - 0.740818) / 2 = -0.970409, so (-0.970409 + 0.8) / 2 = -0.085205.
+    lp = torch.tensor([[0.3, -0.3], [-0.6, 5.0]], requires_grad=True)
+    old, adv, mask = t([[0.0, 0.0], [0.0, 0.0]]), t([[1.0, 1.0], [-1.0, -1.0]]), t([[1, 1], [1, 0]])
+    loss, stats = policy_loss(lp, old, adv, mask, 0.2, aggregation="seq_mean_token_mean", ratio_level="sequence")
+    assert_close(loss, torch.tensor(-0.1))
+    assert stats["clip_fraction"] == pytest.approx(1 / 3)  # answer 1's one real token
+    token, _ = policy_loss(lp, old, adv, mask, 0.2, aggregation="seq_mean_token_mean")
+    assert_close(token, torch.tensor(-0.0852045))
+    # the gradient reaches every token of an unclipped answer through the mean: d(-s)/d lp_t x 1/2 (the answer's
+    # mean over its 2 tokens) x 1/2 (two answers) = -1 x 1/2 x 1/2; nothing reaches the clipped answer or padding
+    loss.backward()
+    assert_close(lp.grad, t([[-0.25, -0.25], [0.0, 0.0]]))
+
+
+def test_cispo_weights_every_token_by_its_clipped_ratio_without_gradient() -> None:
+    # CISPO (MiniMax-M1): loss = -sg(min(r, 1 + eps_high)) A log pi. r = [2, 0.5] (log pi = [ln .5, ln .25], old =
+    # [ln .25, ln .5]), eps_high 0.5 -> weights [1.5, 0.5], A = +1: per token [1.5 x 0.693147, 0.5 x 1.386294] =
+    # [1.039721, 0.693147], token_mean 0.866434. The gradient is -A w / 2 = [-0.75, -0.25]: the clipped token
+    # keeps its gradient, where PPO's clip gives it none.
+    lp = torch.log(t([[0.5, 0.25]])).requires_grad_(True)
+    old, adv, mask = torch.log(t([[0.25, 0.5]])), t([[1.0, 1.0]]), t([[1, 1]])
+    loss, stats = policy_loss(lp, old, adv, mask, 0.2, clip_range_high=0.5, surrogate="cispo")
+    assert_close(loss, torch.tensor(0.866434))
+    assert stats["clip_fraction"] == 0.5
+    loss.backward()
+    assert_close(lp.grad, t([[-0.75, -0.25]]))
+    ppo = torch.log(t([[0.5, 0.25]])).requires_grad_(True)
+    policy_loss(ppo, old, adv, mask, 0.2, clip_range_high=0.5)[0].backward()
+    assert ppo.grad[0, 0] == 0  # the clipped surrogate: no gradient where r > 1 + eps and A > 0
+    with pytest.raises(ValueError, match="surrogate"):
+        policy_loss(lp, old, adv, mask, 0.2, surrogate="cipso")

@@ -56,7 +56,7 @@ def _run(trained: Path, algorithm: str, flip: bool = False) -> list[float]:
     return means
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp"])
 def test_each_algorithm_raises_its_reward(trained: Path, algorithm: str) -> None:
     means = _run(trained, algorithm)
     before, after = sum(means[:3]) / 3, sum(means[-3:]) / 3
