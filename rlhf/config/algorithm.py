@@ -9,7 +9,8 @@ from pydantic import Field, model_validator
 
 from rlhf.config.base import Group
 
-GROUP_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo")  # step 3 algorithms whose baseline is the group of answers
+# step 3 algorithms whose baseline is the group of answers
+GROUP_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo")
 
 # Each algorithm's published settings, used for every key of this table that params.yaml leaves null (an explicit
 # value wins). Sources: ppo, ours since 2026-11 (DeepSpeed-Chat's shape: k1 KL in the reward; kl.coef 0.2 and the
@@ -26,11 +27,20 @@ _CRITIC_FREE = {"reward_normalization": "none", "reward_clip": 0.0, "group_std":
 _PLAIN = {"ratio_level": "token", "surrogate": "clip", "clip_range_low": None}  # the PPO surrogate, token ratios
 
 
+# DAPO's sampling and length handling (Yu et al. 2025 sections 3.2 and 3.4, as verl's recipe runs it): groups whose
+# answers all scored alike dropped and prompts drawn again until the batch is full; the soft overlong punishment
+# over the last 20% of the answer budget (4,096 of 20,480 tokens); truncated answers out of the loss (overlong
+# filtering). Off for every other algorithm.
+_NO_DAPO = {"dynamic_sampling": {"enabled": False}, "overlong": {"buffer": 0.0, "mask_truncated": False}}
+
+
 def _loss(aggregation: str, clip_range_high: float | None, **other: Any) -> dict[str, Any]:
     return {"aggregation": aggregation, "clip_range_high": clip_range_high, **_PLAIN, **other}
 
 
-ALGORITHM_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+ALGORITHM_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {name: {**groups, **(
+    {"dynamic_sampling": {"enabled": True}, "overlong": {"buffer": 0.2, "mask_truncated": True}} if name == "dapo"
+    else _NO_DAPO)} for name, groups in {
     "ppo": {"kl": {"penalty": "reward", "coef": 0.2}, "loss": _loss("token_mean", None),
             "advantage": {"reward_normalization": "running", "reward_clip": 5.0, "group_std": True}},
     "grpo": {"kl": {"penalty": "loss", "coef": 0.04}, "loss": _loss("seq_mean_token_mean", None),
@@ -46,7 +56,7 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "rloo": {"kl": {"penalty": "reward", "coef": 0.05}, "loss": _loss("token_mean", None), "advantage": _CRITIC_FREE},
     "reinforce_pp": {"kl": {"penalty": "reward", "coef": 0.01}, "loss": _loss("token_mean", None),
                      "advantage": _CRITIC_FREE},
-}
+}.items()}
 
 
 def with_algorithm_defaults(raw: dict[str, Any]) -> dict[str, Any]:
@@ -142,3 +152,27 @@ class KLConfig(Group):
     horizon: int = Field(10000, gt=0)  # adaptive KL: samples over which the coefficient adapts
     # stop early (and write the models) when the mean KL to the reference per answer exceeds it (null = never)
     stop_above: float | None = Field(None, gt=0)
+
+
+class DynamicSamplingConfig(Group):
+    """DAPO's dynamic sampling (group algorithms): a group whose answers all got the same reward has no advantage
+    to learn from; it is dropped and more prompts are drawn until the iteration has rollout_batch_size informative
+    groups per rank (`rlhf/rl/filtering.py`)."""
+
+    enabled: bool | None = None  # null = the algorithm's (dapo: true)
+    # generation rounds per iteration at most (each of generation_batches batches of prompts); short after the
+    # last, the batch is filled with dropped groups (they add nothing but their count) and the shortfall logged
+    max_rounds: int = Field(10, ge=1)
+
+
+class OverlongConfig(Group):
+    """DAPO's length handling (`rlhf/rl/filtering.py`)."""
+
+    # the soft overlong punishment: over the last `buffer` x sampling.max_answer_tokens of the budget, an answer
+    # of length L loses penalty x (L - (max - buffer tokens)) / buffer tokens, reaching -penalty at the budget;
+    # 0 = off; null = the algorithm's (dapo: 0.2, i.e. DAPO's 4,096 of 20,480)
+    buffer: float | None = Field(None, ge=0, lt=1)
+    penalty: float = Field(1.0, ge=0)  # the punishment at the budget (DAPO's penalty factor)
+    # answers cut off by max_answer_tokens (no stop token) out of the loss (DAPO's overlong filtering, TRL's
+    # mask_truncated_completions); null = the algorithm's (dapo: true)
+    mask_truncated: bool | None = None

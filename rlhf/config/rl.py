@@ -11,8 +11,10 @@ from rlhf.config.algorithm import (
     ALGORITHM_DEFAULTS,
     GROUP_ALGORITHMS,
     AdvantageConfig,
+    DynamicSamplingConfig,
     KLConfig,
     LossConfig,
+    OverlongConfig,
     with_algorithm_defaults,
 )
 from rlhf.config.base import Group, moved_keys
@@ -139,6 +141,8 @@ class PPOConfig(Group):
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     kl: KLConfig = Field(default_factory=KLConfig)
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lora: LoraPair = Field(default_factory=LoraPair)
     engines: EnginePair = Field(default_factory=EnginePair)
@@ -230,6 +234,9 @@ class PPOConfig(Group):
         if self.rollout.gather_layers and "embed_tokens" in self.lora.actor.target_modules and self.lora.actor.rank:
             raise ValueError("ppo.rollout.gather_layers decodes with the embeddings whole, without LoRA on them: drop "
                              "embed_tokens from ppo.lora.actor.target_modules, or set gather_layers: 0")
+        if self.dynamic_sampling.enabled and self.algorithm not in GROUP_ALGORITHMS:
+            raise ValueError(f"ppo.dynamic_sampling drops groups of answers that all scored alike; {self.algorithm} "
+                             f"has no groups: use one of {', '.join(GROUP_ALGORITHMS)}, or set enabled: false")
         if not self.sampling.do_sample:
             raise ValueError("ppo.sampling.do_sample is false: step 3 learns from sampled answers, so it must be true "
                              "(greedy decoding is for evaluate.sampling and chat)")

@@ -29,8 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from rlhf.rollout.llama import LEAN_TYPES
-
 if TYPE_CHECKING:
     from rlhf.config import EngineConfig, Params
     from rlhf.plan.shapes import ModelShape
@@ -45,6 +43,9 @@ REDUCE_BUCKET = 500_000_000  # elements of DeepSpeed's reduce_bucket_size (its d
 REUSE_DISTANCE = 1_000_000_000  # elements of DeepSpeed's stage3_max_reuse_distance (its default)
 A_LOGITS = 2  # fp32 copies of the logits a forward holds besides its own (the log-softmax, its gradient)
 Where = Literal["device", "host"]
+# the model types our lean decode step runs (rlhf.rollout.llama.LEAN_TYPES, held equal by tests/plan): others decode
+# layered generation through their own forward, DeepSpeed fetching one module at a time
+LEAN_TYPES = ("llama", "qwen2", "mistral")
 
 
 @dataclass(frozen=True)

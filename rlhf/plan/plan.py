@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf.errors import UserError
-from rlhf.plan.memory import Cluster, Phase, dpo_phases, ppo_phases, sft_like
+from rlhf.plan.memory import LEAN_TYPES, Cluster, Phase, dpo_phases, ppo_phases, sft_like
 from rlhf.plan.shapes import ModelShape, model_shape
-from rlhf.rollout.llama import LEAN_TYPES
 
 if TYPE_CHECKING:
     from rlhf.config import ModelConfig, Params

@@ -31,6 +31,7 @@ from rlhf.config.rl import RolloutConfig
 from rlhf.training.stats import max_over_ranks, sum_over_ranks
 
 if TYPE_CHECKING:
+    from rlhf.rl.experience import Experience
     from rlhf.training.runtime import Dist
 
 CORRECTIONS = typing.get_args(RolloutConfig.model_fields["correction"].annotation)  # ppo.rollout.correction's values
@@ -87,3 +88,12 @@ def mismatch_stats(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, m
     return {"mismatch_kl": sums[0].item() / n, "mismatch_k3": sums[1].item() / n, "mismatch_ratio_mean": sums[2].item() / n,
             "mismatch_ratio_max": tops[0].item(), "mismatch_abs_max": tops[1].item(),
             "is_weight_mean": sums[3].item() / n, "is_masked": sums[4].item() / n}
+
+
+def correct(exp: Experience, cfg: RolloutConfig, dist: Dist) -> dict[str, float]:
+    """The rollout/training mismatch of an iteration's experience: sets exp.is_weights under ppo.rollout.correction
+    and returns what to log (mismatch_*, is_*) over every rank's answer tokens."""
+    weights = is_weights(exp.logprobs, exp.rollout_logprobs, exp.action_mask, cfg.correction, cfg.correction_min,
+                         cfg.correction_max)
+    exp.is_weights = None if cfg.correction == "none" else weights
+    return mismatch_stats(exp.logprobs, exp.rollout_logprobs, exp.action_mask, weights, dist)

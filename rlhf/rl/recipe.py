@@ -21,6 +21,7 @@ from rlhf import faults
 from rlhf.config import Params, PPOConfig
 from rlhf.data.batching import Cycle, collate_prompt_rows, collate_sft
 from rlhf.errors import UserError
+from rlhf.rl.filtering import dynamic_experience
 from rlhf.rl.models import RLModels
 from rlhf.rl.report import iteration_point, mean_reward_score, phase_flops, progress_line
 from rlhf.rl.rewards import RewardFunction
@@ -286,7 +287,13 @@ class Iterations:
         trainer, ppo = self.trainer, self.ppo
         trainer.iteration = it
         trainer.term_stats = {}
-        exp, timings = trainer.make_experience([next(self.loaders.prompts) for _ in range(ppo.generation_batches)])
+        def draw() -> list[dict[str, Any]]:
+            return [next(self.loaders.prompts) for _ in range(ppo.generation_batches)]
+
+        if ppo.dynamic_sampling.enabled:  # DAPO: groups that all scored alike dropped, more prompts drawn
+            exp, timings = dynamic_experience(trainer, draw, ppo.dynamic_sampling)
+        else:
+            exp, timings = trainer.make_experience(draw())
         self.flat = 0 if trainer.informative(exp.scores) else self.flat + 1
         if ppo.max_flat_iterations and self.flat >= ppo.max_flat_iterations:
             raise UserError(flat_reward_message(it, self.flat, exp.scores, ppo))

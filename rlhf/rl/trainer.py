@@ -1,20 +1,18 @@
 """Step 3: RL against the reward (InstructGPT section 3.5; DeepSpeed-Chat step 3), on our hybrid engine: PPO (critic,
-GAE) or the critic-free family (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++), chosen by `ppo.algorithm`. (RLTrainer
-was called PPOTrainer, and RLModels RLHFEngine, DeepSpeed-Chat's names; both old names still import from rlhf.)
+GAE) or the critic-free family (GRPO, Dr. GRPO, DAPO, GSPO, CISPO, RLOO, REINFORCE++), chosen by `ppo.algorithm`.
 
 Public API, in DeepSpeed-Chat's shape (the stage loop around it is rlhf/rl/recipe.py's run_ppo):
 
     models = RLModels(params.ppo, params.engine, dist, sft_path, reward_path)  # rlhf/rl/models.py: actor, ref, ...
     trainer = RLTrainer(models, params.ppo, params.rewards)
-    exp, info = trainer.make_experience([prompt_batch, ...])    # -> Experience, timings and token count
+    exp, info = trainer.make_experience([prompt_batch, ...])    # -> Experience, timings, counts
     stats = trainer.update(exp, seed)                           # ppo_epochs x one step per mini batch
     actor_loss, critic_loss, stats = trainer.train_rlhf(exp)    # or: one optimizer step on exp as one mini batch
 
 Every algorithm shares one rollout and scoring path (`generate` -> Rollout, `reward_scores`, reference log-probs);
-what differs is the estimator (rlhf/rl/advantages.py, on rlhf/training/losses.py's pure functions) and whether a critic
-exists. The reward is params.yaml `rewards`: the reward model's score times `rewards.model_weight` plus verifier
-functions (rlhf/rl/rewards.py), no code needed. Subclass RLTrainer and override the small documented methods
-(`reward_scores`, `advantages`) to change the estimator, and name it in `ppo.trainer` for the stage (README.md).
+what differs is the estimator (rlhf/rl/advantages.py), the loss's settings and whether a critic exists. The reward
+is params.yaml `rewards`: the reward model's score x `rewards.model_weight` plus verifier functions
+(rlhf/rl/rewards.py). Subclass RLTrainer, override `reward_scores` or `advantages`, and name it in `ppo.trainer`.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from rlhf.errors import UserError
 from rlhf.models.build import classifier_parts as _classifier
 from rlhf.models.prefix import answer_outputs
 from rlhf.rl.experience import Experience, shares_cache, token_values
+from rlhf.rl.filtering import overlong
 from rlhf.rollout.base import Rollout
 from rlhf.training.loop import NonFiniteGuard
 from rlhf.training.runtime import evaluating, training
@@ -171,17 +170,6 @@ class RLTrainer:
         return ESTIMATORS[self.config.algorithm](logprobs, ref_logprobs, values, scores, mask, self.config, kl_coef,
                                                  reduce)
 
-    def correct(self, exp: Experience) -> dict[str, float]:
-        """The rollout/training mismatch of this iteration (rlhf/rl/correction.py): sets exp.is_weights under
-        ppo.rollout.correction and returns what to log (mismatch_*, is_*) over every rank's answer tokens."""
-        from rlhf.rl.correction import is_weights, mismatch_stats
-
-        cfg = self.config.rollout
-        weights = is_weights(exp.logprobs, exp.rollout_logprobs, exp.action_mask, cfg.correction,
-                             cfg.correction_min, cfg.correction_max)
-        exp.is_weights = None if cfg.correction == "none" else weights
-        return mismatch_stats(exp.logprobs, exp.rollout_logprobs, exp.action_mask, weights, self.models.dist)
-
     # ------------------------------------------------------------------------------------------ the phases
 
     def _logprobs(self, model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
@@ -212,25 +200,35 @@ class RLTrainer:
         then the advantages once over all of them (and over every rank): the running reward statistics, the
         whitening and the KL means are those of the iteration's whole batch, however it was split into generation
         batches. The experience has B = sum of N x answers per prompt rollouts (each prompt's answers in a row: a
-        group). Returns it and {generate_s, score_s, advantages_s, tokens} (seconds per phase, answer tokens)."""
-        import torch
+        group). Returns it and {generate_s, score_s, advantages_s, tokens, truncated} (seconds per phase, answer
+        tokens, answers cut off by max_answer_tokens)."""
+        return self.estimate(*self.rollouts(prompt_batches))
 
-        info = {"generate_s": 0.0, "score_s": 0.0, "advantages_s": 0.0, "tokens": 0.0}
+    def rollouts(self, prompt_batches: list[dict[str, Any]]) -> tuple[Experience, dict[str, float]]:
+        """Phases 1-2 on each batch of prompts, as one experience without its estimate (see make_experience)."""
+        info = {"generate_s": 0.0, "score_s": 0.0, "advantages_s": 0.0, "tokens": 0.0, "truncated": 0.0}
         parts = []
         for batch in prompt_batches:
             part, timings = self._rollout_and_score(batch)
             parts.append(part)
             info = {k: v + timings.get(k, 0.0) for k, v in info.items()}
-        exp = Experience.cat(parts) if len(parts) > 1 else parts[0]
+        return (Experience.cat(parts) if len(parts) > 1 else parts[0]), info
+
+    def estimate(self, exp: Experience, info: dict[str, float]) -> tuple[Experience, dict[str, float]]:
+        """Phase 3 on the experience of `rollouts`: the mismatch correction, then the advantages."""
+        import torch
+
         if exp.rollout_logprobs is not None:
-            info.update(self.correct(exp))
+            from rlhf.rl.correction import correct
+
+            info.update(correct(exp, self.config.rollout, self.models.dist))
         t0 = time.perf_counter()
         with torch.no_grad():
             exp.rewards, exp.advantages, exp.returns = self.advantages(
                 exp.logprobs, exp.ref_logprobs, exp.values, self.normalized(exp.scores), exp.action_mask
             )
         info["advantages_s"] = time.perf_counter() - t0
-        info["tokens"] = exp.action_mask.sum().item()
+        info["tokens"] = info.get("tokens") or exp.action_mask.sum().item()
         return exp, info
 
     def _rollout_and_score(self, prompt_batch: dict[str, Any]) -> tuple[Experience, dict[str, float]]:
@@ -256,13 +254,14 @@ class RLTrainer:
             ref_logprobs = self._logprobs(self.models.ref, seq, mask, p)
             values = token_values(critic.module, seq, mask, p) if critic is not None else torch.zeros_like(logprobs)
             scores = self.reward_scores(rollout, rows)
+            scores, action_mask = overlong(rollout, scores, self.config.overlong, self.config.sampling.max_answer_tokens)
             logprobs, ref_logprobs, values = logprobs * action_mask, ref_logprobs * action_mask, values * action_mask
             kl = (logprobs - ref_logprobs) * action_mask
         t2 = time.perf_counter()
         zeros = torch.zeros_like(logprobs)
         drawn = rollout.logprobs * action_mask if recompute and rollout.logprobs is not None else None
         exp = Experience(seq, mask, action_mask, logprobs, ref_logprobs, values, scores, zeros, zeros, zeros, kl, drawn)
-        return exp, {"generate_s": t1 - t0, "score_s": t2 - t1}
+        return exp, {"generate_s": t1 - t0, "score_s": t2 - t1, "truncated": rollout.stop_reasons.count("length")}
 
     def informative(self, scores: torch.Tensor) -> bool:
         """Whether this iteration's raw scores (every rank's) have something to learn from (stats.scores_vary)."""

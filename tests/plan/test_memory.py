@@ -185,3 +185,10 @@ def test_offloaded_frozen_models_and_layered_generation_leave_the_gpu(tmp_path: 
     assert items["reference weights"].where == items["reward weights"].where == "host"
     layered = items["actor gathered 1 layer(s) at a time for generation (ZeRO-3)"].bytes
     assert layered == (actor.params - (actor.layers - 1) * actor.layer) * 4 < actor.params * 4
+
+
+def test_the_plan_knows_which_actors_the_lean_step_decodes() -> None:
+    from rlhf.plan.memory import LEAN_TYPES
+    from rlhf.rollout import llama
+
+    assert LEAN_TYPES == llama.LEAN_TYPES

@@ -34,7 +34,9 @@ def _changed(a: dict, b: dict) -> int:
         ("reinforce_pp", {"answers_per_prompt": 2}),
         # their published defaults alone (params.yaml's nulls)
         ("dr_grpo", {}),
-        ("dapo", {}),
+        ("dapo", {}),  # with dynamic sampling, the soft overlong punishment and truncated answers masked
+        ("gspo", {}),
+        ("cispo", {}),
     ],
 )
 def test_critic_free_algorithm_trains_the_actor_and_builds_no_critic(trained: Path, tmp_path: Path,
@@ -56,6 +58,8 @@ def test_critic_free_algorithm_trains_the_actor_and_builds_no_critic(trained: Pa
     assert result["algorithm"] == algorithm and result["iterations"] == 2
     curves = live / "plots/metrics/ppo"
     assert (curves / "actor_loss.tsv").is_file() and not (curves / "critic_loss.tsv").exists()
+    dynamic = ("dynamic_rounds", "dynamic_dropped", "dynamic_filled", "sampled_reward")
+    assert all((curves / f"{name}.tsv").is_file() == (algorithm == "dapo") for name in dynamic), algorithm
     if options.get("kl", {}).get("penalty") == "loss":
         assert (curves / "kl_loss.tsv").is_file() and (curves / "entropy.tsv").is_file()
 
