@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf.config.base import Group
 from rlhf.config.models import LoraConfig
@@ -50,14 +50,43 @@ class DPOConfig(TrainConfig):
     """Step 2's alternative (DeepSpeed-Chat step2_dpo): the SFT actor trained on the preference pairs against itself
     frozen as the reference, no reward model and no RL."""
 
-    beta: float = Field(0.1, gt=0)  # DPO's beta: the strength of the KL to the reference (IPO: its tau)
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO (cDPO with label_smoothing > 0); ipo: IPO
+    # sigmoid: DPO (cDPO with label_smoothing > 0); ipo: IPO; simpo: SimPO (Meng et al. 2024: no reference, mean
+    # log-probability per token, a target margin); orpo: ORPO (Hong et al. 2024: no reference, the chosen answers'
+    # NLL plus beta x the log odds ratio term)
+    loss_type: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
+    # DPO's beta, the strength of the KL to the reference (IPO: its tau; SimPO: its reward scale; ORPO: its lambda);
+    # null = the loss's published value: 0.1 (sigmoid, ipo, orpo), 2.0 (simpo)
+    beta: float | None = Field(None, gt=0)
+    simpo_gamma: float = Field(1.0, ge=0)  # SimPO's target reward margin gamma (gamma / beta = 0.5 at beta 2)
     ipo_length_normalize: bool = True  # ipo on mean log-probabilities per answer token (TRL's); false: summed
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO: the probability that a preference label is flipped
-    # RPO (Pang et al. 2024; TRL's rpo_alpha): + sft_coef x the chosen answers' negative log-likelihood per token,
+    # + sft_coef x the chosen answers' negative log-likelihood per token: RPO (Pang et al. 2024; TRL's rpo_alpha),
     # so that DPO cannot lower the likelihood of both answers of a pair (0 = plain DPO; on the shipped task it ran
-    # every answer to the length limit at this learning rate: README)
-    sft_coef: float = Field(1.0, ge=0)
+    # every answer to the length limit at this learning rate: README); ORPO's own SFT term; null = the loss's:
+    # 1.0 (sigmoid, ipo, orpo), 0 (simpo)
+    sft_coef: float | None = Field(None, ge=0)
     # dropout off in the trained policy (the reference is scored in eval mode): with it on, the first step's
     # log-ratios are noise and its loss is not log 2 (TRL's disable_dropout)
     disable_dropout: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_defaults(cls, raw: Any) -> Any:
+        """beta and sft_coef left null take the loss's published values (LOSS_DEFAULTS)."""
+        if not isinstance(raw, dict):
+            return raw
+        defaults = LOSS_DEFAULTS.get(raw.get("loss_type", "sigmoid"), {})
+        return {**raw, **{k: v for k, v in defaults.items() if raw.get(k) is None}}
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares the policy with the frozen SFT model (SimPO and ORPO do not)."""
+        return self.loss_type in ("sigmoid", "ipo")
+
+
+# dpo.loss_type -> its published beta and SFT weight: DPO and IPO as TRL runs them, with our RPO term (README);
+# SimPO's recommended beta 2.0 (Meng et al. 2024: 2.0-2.5) without the CPO term; ORPO's lambda 0.1 and its NLL
+LOSS_DEFAULTS: dict[str, dict[str, float]] = {
+    "sigmoid": {"beta": 0.1, "sft_coef": 1.0}, "ipo": {"beta": 0.1, "sft_coef": 1.0},
+    "simpo": {"beta": 2.0, "sft_coef": 0.0}, "orpo": {"beta": 0.1, "sft_coef": 1.0},
+}

@@ -3,6 +3,7 @@ actor trained on the preference pairs against a frozen copy of itself, with no r
 
 The reference's summed log-probabilities of every chosen and rejected answer are computed once, before training,
 and travel with the rows (not recomputed per epoch); the loss (DPO, cDPO or IPO) is rlhf.training.losses.dpo_loss.
+SimPO and ORPO (dpo.loss_type simpo / orpo) need no reference: none is loaded (reference_free_loss).
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ def collate_dpo(pad_id: int):
 
 
 def _policy_logprobs(engine: DeepSpeedEngine, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    """(policy chosen, policy rejected, reference chosen, reference rejected), each (B,) summed over the answer, and
-    the chosen answers' mean negative log-likelihood per token (RPO's term)."""
+    """(policy chosen, policy rejected, reference chosen, reference rejected), each (B,) summed over the answer
+    (the reference's None for a reference-free loss), and the chosen answers' mean negative log-likelihood per token
+    (RPO's term, ORPO's SFT term)."""
     device = engine.device
     lp = sequence_logprobs(engine, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["answer"])
-    ref = batch["ref"].to(lp.device)
     half = lp.shape[0] // 2
+    ref = batch["ref"].to(lp.device) if "ref" in batch else None
     chosen_tokens = batch["answer"][:half, 1:].sum().clamp(min=1).to(lp.device)
-    return lp[:half], lp[half:], ref[:half], ref[half:], -lp[:half].sum() / chosen_tokens
+    return (lp[:half], lp[half:], *((ref[:half], ref[half:]) if ref is not None else (None, None)),
+            -lp[:half].sum() / chosen_tokens)
 
 
 def per_token(logprobs: list[Any], answer: Any) -> list[Any]:
@@ -75,7 +78,7 @@ def per_token(logprobs: list[Any], answer: Any) -> list[Any]:
     counts = answer[:, 1:].sum(-1).clamp(min=1).to(logprobs[0].device)  # (2B,) tokens of each answer
     half = counts.shape[0] // 2
     chosen, rejected = counts[:half], counts[half:]
-    return [logprobs[0] / chosen, logprobs[1] / rejected, logprobs[2] / chosen, logprobs[3] / rejected]
+    return [x if x is None else x / n for x, n in zip(logprobs, (chosen, rejected, chosen, rejected), strict=True)]
 
 
 def add_reference_logprobs(ref_model: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
@@ -128,10 +131,13 @@ def run_dpo(
     check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")
     dist = init_distributed(params.engine)
     seed_everything(params.seed, params.engine.deterministic)
-    reference = load_causal_lm(sft_path)
-    for rows in (train_rows, eval_rows):
-        add_reference_logprobs(reference, rows, tok.pad_token_id, cfg.eval_batch_size, dist)
-    del reference
+    if cfg.needs_reference:  # SimPO and ORPO have none
+        reference = load_causal_lm(sft_path)
+        for rows in (train_rows, eval_rows):
+            add_reference_logprobs(reference, rows, tok.pad_token_id, cfg.eval_batch_size, dist)
+        del reference
+    elif dist.is_main:
+        print(f"[dpo] {cfg.loss_type} has no reference model: none loaded or scored", flush=True)
 
     loss_fn = dpo_loss_fn(cfg)
 
@@ -163,15 +169,20 @@ def run_dpo(
 
 def dpo_loss_fn(cfg: DPOConfig) -> Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]:
     """loss_fn(engine, batch) of dpo.loss_type on the batch's pairs (the reference log-probs are in the batch),
-    with IPO's per-token normalisation and RPO's NLL term when configured."""
-    from rlhf.training.losses import dpo_loss
+    with IPO's per-token normalisation and RPO's NLL term when configured; SimPO and ORPO on mean log-probabilities
+    per answer token, without a reference."""
+    from rlhf.training.losses import dpo_loss, reference_free_loss
 
     def loss_fn(engine: DeepSpeedEngine, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         *logprobs, nll = _policy_logprobs(engine, batch)
-        if cfg.loss_type == "ipo" and cfg.ipo_length_normalize:  # TRL's IPO: mean log-probabilities per token
-            logprobs = per_token(logprobs, batch["answer"])
-        loss, stats = dpo_loss(*logprobs, cfg.beta, cfg.loss_type, cfg.label_smoothing)
-        if cfg.sft_coef > 0:  # RPO (Pang et al. 2024; TRL's rpo_alpha): keep the chosen answers likely
+        if not cfg.needs_reference:
+            chosen, rejected, *_ = per_token(logprobs, batch["answer"])
+            loss, stats = reference_free_loss(chosen, rejected, cfg.beta, cfg.loss_type, cfg.simpo_gamma)
+        else:
+            if cfg.loss_type == "ipo" and cfg.ipo_length_normalize:  # TRL's IPO: mean log-probabilities per token
+                logprobs = per_token(logprobs, batch["answer"])
+            loss, stats = dpo_loss(*logprobs, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        if cfg.sft_coef > 0:  # RPO (Pang et al. 2024; TRL's rpo_alpha), ORPO's SFT term: keep the chosen answers likely
             loss = loss + cfg.sft_coef * nll
         return loss, {**stats, "nll_chosen": nll.item()}
 

@@ -205,3 +205,35 @@ def dpo_loss(
             "accuracy": (r_c > r_r).float().mean().item(),
         }
     return losses.mean(), stats
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, accurate near 0 and far below it (Maechler 2012)."""
+    return torch.where(x > -0.6931472, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def reference_free_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, beta: float, loss_type: str, gamma: float = 0.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Preference losses without a reference, on (B,) mean log-probabilities per answer token of the policy:
+
+        simpo  -log sigmoid(beta (c - r) - gamma)                                 SimPO eq. 6
+        orpo   -beta log sigmoid(log odds(c) - log odds(r)), log odds(p) = p - log(1 - e^p)   ORPO eqs. 4-7, the
+               odds-ratio term alone (its NLL term is the stage's sft_coef x the chosen answers' NLL)
+
+    Returns (mean loss, stats): rewards_chosen / rewards_rejected (mean beta x mean log-probability, the implicit
+    rewards of both papers), margin and accuracy, as dpo_loss's."""
+    import torch.nn.functional as F
+
+    if loss_type == "simpo":
+        losses = -F.logsigmoid(beta * (chosen - rejected) - gamma)
+    elif loss_type == "orpo":
+        log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+        losses = -beta * F.logsigmoid(log_odds)
+    else:
+        raise ValueError(f"unknown reference-free loss {loss_type!r}: simpo or orpo")
+    with torch.no_grad():
+        r_c, r_r = beta * chosen, beta * rejected
+        stats = {"rewards_chosen": r_c.mean().item(), "rewards_rejected": r_r.mean().item(),
+                 "margin": (r_c - r_r).mean().item(), "accuracy": (r_c > r_r).float().mean().item()}
+    return losses.mean(), stats

@@ -257,6 +257,42 @@ def test_ipo_loss() -> None:
     assert stats["accuracy"] == pytest.approx(2 / 3)  # pairs 1 and 3 rank chosen above rejected; pair 2 ties
 
 
+def test_simpo_loss() -> None:
+    # SimPO eq. 6 on mean log-probabilities per token, no reference: c = -1, r = -2, beta 2, gamma 1:
+    # beta (c - r) - gamma = 1 -> -log sigmoid(1) = log(1 + e^-1) = 0.313262; implicit rewards beta x c, beta x r.
+    from rlhf.training.losses import reference_free_loss
+
+    loss, stats = reference_free_loss(t([-1.0]), t([-2.0]), 2.0, "simpo", gamma=1.0)
+    assert_close(loss, torch.tensor(math.log(1 + math.exp(-1))))
+    assert stats == pytest.approx({"rewards_chosen": -2.0, "rewards_rejected": -4.0, "margin": 2.0, "accuracy": 1.0})
+
+
+def test_orpo_odds_ratio_term() -> None:
+    # ORPO eqs. 4-7: mean per-token probabilities 0.5 (chosen) and 0.25 (rejected): odds 1 and 1/3, log odds
+    # ratio ln 3 = 1.098612, sigmoid(ln 3) = 0.75 -> -lambda log 0.75 = 0.1 x 0.287682 = 0.0287682. Equal answers:
+    # log odds ratio 0 -> 0.1 x log 2.
+    from rlhf.training.losses import reference_free_loss
+
+    loss, _ = reference_free_loss(torch.log(t([0.5])), torch.log(t([0.25])), 0.1, "orpo")
+    assert_close(loss, torch.tensor(0.1 * -math.log(0.75)))
+    same, _ = reference_free_loss(torch.log(t([0.3])), torch.log(t([0.3])), 0.1, "orpo")
+    assert_close(same, torch.tensor(0.1 * math.log(2)))
+    # near-certain answers (log p -> 0) stay finite: log(1 - e^x) is taken without cancelling
+    assert torch.isfinite(reference_free_loss(t([-1e-7]), t([-5.0]), 0.1, "orpo")[0])
+    with pytest.raises(ValueError, match="simpo or orpo"):
+        reference_free_loss(t([-1.0]), t([-2.0]), 0.1, "kto")
+
+
+def test_each_dpo_loss_takes_its_published_beta_and_sft_weight() -> None:
+    from rlhf.config import DPOConfig
+
+    assert (DPOConfig().beta, DPOConfig().sft_coef, DPOConfig().needs_reference) == (0.1, 1.0, True)
+    simpo = DPOConfig(loss_type="simpo")
+    assert (simpo.beta, simpo.sft_coef, simpo.needs_reference) == (2.0, 0.0, False)
+    assert (DPOConfig(loss_type="orpo").beta, DPOConfig(loss_type="orpo").sft_coef) == (0.1, 1.0)
+    assert DPOConfig(loss_type="simpo", beta=2.5, sft_coef=0.5).beta == 2.5  # an explicit value wins
+
+
 def test_dpo_loss_gradient_raises_chosen_and_lowers_rejected() -> None:
     pc, pr = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
     loss, _ = dpo_loss(pc, pr, torch.zeros(1), torch.zeros(1), beta=0.1)

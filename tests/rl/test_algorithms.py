@@ -163,8 +163,26 @@ def test_dpo_stage_trains_from_sft_against_the_cached_reference(trained: Path, t
     assert first("margin") == pytest.approx(0.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("options", [{}, {"loss_type": "ipo"}, {"label_smoothing": 0.1}, {"sft_coef": 1.0}],
-                         ids=["dpo", "ipo", "cdpo", "rpo"])
+@pytest.mark.parametrize("loss_type,beta,sft_coef", [("simpo", 2.0, 0.0), ("orpo", 0.1, 1.0)])
+def test_reference_free_losses_train_without_a_reference(trained: Path, tmp_path: Path, loss_type: str, beta: float,
+                                                         sft_coef: float) -> None:
+    """SimPO and ORPO through the stage with their published beta and SFT weight (params.yaml's nulls): no reference
+    is loaded or scored, the actor moves, the result loads with the Auto class."""
+    out, metrics, live = tmp_path / "dpo", tmp_path / "dpo.json", tmp_path / "live"
+    write_params(trained / f"{loss_type}.yaml", {"dpo": {"max_steps": 3, "micro_batch_size": 8, "log_every": 1,
+                                                         "learning_rate": 0.01, "loss_type": loss_type}})
+    proc = run_cli("dpo", "--params", f"{loss_type}.yaml", "--out", str(out), "--metrics", str(metrics), "--live",
+                   str(live), "--checkpoints", str(tmp_path / "ckpt"), cwd=trained)
+    assert f"dpo: model -> {out}" in proc.stdout and f"[dpo] {loss_type} has no reference model" in proc.stdout
+    assert _changed(_state(trained / "models/sft"), _state(out)) > 0
+    dpo = json.loads((out / "manifest.json").read_text())["params"]["dpo"]
+    assert (dpo["loss_type"], dpo["beta"], dpo["sft_coef"]) == (loss_type, beta, sft_coef)
+    assert {"accuracy", "margin", "eval_loss"} <= set(json.loads(metrics.read_text()))
+
+
+@pytest.mark.parametrize("options", [{}, {"loss_type": "ipo"}, {"label_smoothing": 0.1}, {"sft_coef": 1.0},
+                                     {"loss_type": "simpo"}, {"loss_type": "orpo"}],
+                         ids=["dpo", "ipo", "cdpo", "rpo", "simpo", "orpo"])
 def test_each_dpo_variant_learns_the_held_out_preferences(trained: Path, tmp_path: Path, options: dict) -> None:
     """Trained for two epochs, every variant ranks most held-out pairs the right way round with a positive mean
     implicit-reward margin: a flipped sign (or a loss that ignores the labels) ends below 0.5 and at a negative
