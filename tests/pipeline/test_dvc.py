@@ -53,17 +53,24 @@ def test_repro_then_reward_edit_keeps_sft_cached(tmp_path: Path, reproduced: Pat
 
 
 def test_experiment_reruns_only_ppo_and_evaluate(tmp_path: Path, reproduced: Path) -> None:
-    """`dvc exp run -S ppo.kl.coef=...` reuses the cached SFT and reward models and lists its metrics."""
+    """`dvc exp run -S ppo.algorithm=dapo` (DAPO's preset: dynamic sampling, the overlong punishment, truncated
+    answers masked) reuses the cached SFT and reward models and lists its metrics; `-S dpo.loss_type=simpo` reruns
+    the dpo stage alone, without a reference."""
     repo = reproduced_repo(tmp_path, reproduced)
     commit(repo, "baseline")
     sft_before = (repo / "models/sft/model.safetensors").read_bytes()
 
-    out = run_ok("dvc", "exp", "run", "-n", "kl05", "-S", "ppo.kl.coef=0.05", cwd=repo)
+    out = run_ok("dvc", "exp", "run", "-n", "dapo", "-S", "ppo.algorithm=dapo", cwd=repo)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"check", "ppo", "evaluate"}, out  # check: seconds, and its output unchanged
     assert (repo / "models/sft/model.safetensors").read_bytes() == sft_before
+    curves = repo / "dvclive/ppo/plots/metrics/ppo"
+    assert (curves / "dynamic_rounds.tsv").is_file() and (curves / "sampled_reward.tsv").is_file()
+    out = run_ok("dvc", "exp", "run", "-n", "simpo", "-S", "dpo.loss_type=simpo", cwd=repo)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"check", "dpo", "evaluate"} and "[dpo] simpo has no reference model" in out, out
     shown = run_ok("dvc", "exp", "show", "--json", cwd=repo)
-    assert "kl05" in shown and "gold_reward" in shown
+    assert "dapo" in shown and "simpo" in shown and "gold_reward" in shown
 
 
 def test_push_wipe_pull_restores_every_output_without_retraining(tmp_path: Path, reproduced: Path) -> None:

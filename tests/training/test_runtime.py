@@ -29,6 +29,7 @@ def assert_sharded(stdout: str, model: str) -> None:
 
 
 PPO_LORA = {"ppo": {"lora": {"actor": {"rank": 4, "alpha": 8}, "critic": {"rank": 4, "alpha": 8}}}}
+LAYERED = {"ppo": {"rollout": {"gather_layers": 1}}}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,9 @@ def zero3_sft(prepared: Path) -> tuple[Path, subprocess.CompletedProcess]:
 
 @pytest.fixture(scope="module")
 def zero3_ppo(trained: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    """PPO (LoRA actor and critic) on 2 ranks of one node, ZeRO-3."""
-    write_params(trained / "ppo_zero3.yaml", {"engine": SHARD_ALL}, PPO_LORA)
+    """PPO (LoRA actor and critic) on 2 ranks of one node, ZeRO-3, every model read as shards, the rollouts
+    decoded one layer gathered at a time (ppo.rollout.gather_layers, the LoRA adapters beside the layer)."""
+    write_params(trained / "ppo_zero3.yaml", {"engine": SHARD_ALL}, PPO_LORA, LAYERED)
     proc = run_cli(
         "ppo", "--params", "ppo_zero3.yaml", "--out", "models/ppo_zero3", "--metrics", "metrics/ppo_zero3.json",
         "--live", "dvclive/ppo_zero3", cwd=trained,
@@ -168,7 +170,7 @@ def test_two_nodes_equal_one_node_with_two_ranks(zero3_sft: tuple[Path, subproce
     assert_same_weights(work / "models/sft_zero3", work / "models/sft_2nodes")
     assert json.loads((work / "models/sft_2nodes/manifest.json").read_text())["world_size"] == 2
 
-    write_params(work / "ppo_2nodes.yaml", TWO_NODES, PPO_LORA)
+    write_params(work / "ppo_2nodes.yaml", TWO_NODES, PPO_LORA, LAYERED)
     _as_two_nodes(work, "ppo", "--params", "ppo_2nodes.yaml", "--out", "models/ppo_2nodes", "--metrics",
                   "metrics/ppo_2nodes.json", "--live", "dvclive/ppo_2nodes", port=_free_port())
     for model in ("actor", "critic", "actor_ema"):
