@@ -87,17 +87,24 @@ if os.environ.get("BENCH_TRACE") and os.environ.get("RANK") is not None:
     import threading, time, traceback
     _main, _top = threading.main_thread(), [0, ""]
 
+    _phases = {}  # the innermost rlhf function on the stack -> the largest RSS sampled in it
+
     def _sample():
         while True:
             rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            stack = traceback.extract_stack(sys._current_frames()[_main.ident])
             if rss > _top[0]:
-                stack = traceback.extract_stack(sys._current_frames()[_main.ident])
                 _top[:] = [rss, " < ".join(f"{f.name}:{os.path.basename(f.filename)}" for f in stack[::-1][:8])]
+            ours = [f for f in stack if "/rlhf/" in f.filename]
+            if ours:
+                where = f"{ours[-1].name}:{os.path.basename(ours[-1].filename)}"
+                _phases[where] = max(_phases.get(where, 0), rss)
             time.sleep(0.01)
 
     def _trace():
         with open(os.path.join(os.environ["BENCH_PEAKS"], "trace-" + os.environ["RANK"]), "w") as f:
-            f.write(f"{_top[0]} {_top[1]}")
+            top = sorted(_phases.items(), key=lambda kv: -kv[1])[:6]
+            f.write(f"{_top[0]} {_top[1]} | " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in top))
 
     threading.Thread(target=_sample, daemon=True).start()
     atexit.register(_trace)
