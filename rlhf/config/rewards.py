@@ -37,10 +37,10 @@ class RewardsConfig(Group):
 
     model_weight: float = Field(1.0, ge=0)  # the trained reward model's score; 0 = no reward model (critic from actor)
     functions: list[RewardFunctionConfig] = Field(default_factory=list)  # verifiers, summed with their weights
-    # how the functions are called (rlhf/rl/grading.py): `workers` calls at once (threads; an async def function's
-    # requests then overlap), each on `chunk_size` samples (0 = the whole batch in one call, TRL's way)
+    # how the functions are called (rlhf/rl/grading.py): this many calls at once (threads; an async def function's
+    # requests then overlap)
     workers: int = Field(1, ge=1)
-    chunk_size: int = Field(0, ge=0)
+    chunk_size: int = Field(0, ge=0)  # samples per call; 0 = the whole batch in one call (TRL's way)
     timeout_s: float = Field(0.0, ge=0)  # a call running longer fails and is retried; 0 = no limit
     retries: int = Field(2, ge=0)  # a call that raised or timed out is tried again this many times
     # share of the run's samples a function may leave unscored (None) after its retries before step 3 stops;
