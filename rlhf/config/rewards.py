@@ -13,13 +13,26 @@ _FUNCTION = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 class RewardFunctionConfig(Group):
     """A verifier or scorer: a Python callable with TRL's reward-function signature (see rlhf/rl/rewards.py)."""
 
-    function: str = Field(pattern=_FUNCTION)  # "module:function", e.g. rlhf.data.task:gold_reward_fn
+    function: str | None = Field(None, pattern=_FUNCTION)  # "module:function", e.g. rlhf.data.task:gold_reward_fn
+    # or a reward served over HTTP (OpenRLHF's remote reward convention; `rlhf serve-reward` serves a function)
+    url: str | None = Field(None, pattern=r"^https?://")
     weight: float = 1.0  # its weight in the summed reward (step 3; evaluate reports each scorer on its own)
     name: str | None = Field(None, pattern=r"^\w+$")  # its name in logs and metrics; null = the function's name
 
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardFunctionConfig:
+        if (self.function is None) == (self.url is None):
+            raise ValueError("give each reward either `function` (module:function) or `url` (a reward server), not "
+                             f"{'both' if self.function else 'neither'}")
+        return self
+
     @property
     def label(self) -> str:
-        return self.name or self.function.rsplit(":", 1)[1]
+        return self.name or (self.function.rsplit(":", 1)[1] if self.function else "remote")
+
+    @property
+    def spec(self) -> str:
+        return self.function or self.url
 
 
 def unique_labels(functions: list[RewardFunctionConfig], key: str, reserved: tuple[str, ...]) -> None:

@@ -179,6 +179,10 @@ def import_object(spec: str, key: str) -> Any:
 
 
 def _load(cfg: RewardFunctionConfig, key: str) -> RewardFunction:
+    if cfg.url is not None:
+        from rlhf.rl.remote import RemoteReward
+
+        return RewardFunction(cfg.label, cfg.url, cfg.weight, RemoteReward(cfg.url), key)
     fn = import_object(cfg.function, key)
     if not callable(fn):
         raise UserError(
