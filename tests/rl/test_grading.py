@@ -1,14 +1,12 @@
 """Reward functions called as a long run needs them (rlhf/rl/grading.py): retries, timeouts, chunks at once, async
-functions, the failure-rate stop; and a step-3 run through the CLI that survives a grader's hiccup."""
+functions, the failure-rate stop (a step-3 run through the CLI that survives a grader's hiccup: tests/rl/test_remote.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +14,6 @@ from rlhf.config import RewardFunctionConfig, RewardsConfig
 from rlhf.errors import UserError
 from rlhf.rl.grading import Grader
 from rlhf.rl.rewards import RewardFunction
-from tests.conftest import run_cli, write_params
 
 PROMPTS = ["p"] * 6
 COMPLETIONS = ["ok", "ok", "boom", "ok", "ok", "ok"]
@@ -120,37 +117,3 @@ def test_a_wrong_result_is_a_bug_not_a_hiccup() -> None:
     with pytest.raises(UserError, match="returned nan for sample 0"):
         _values(_grader(retries=3, max_failure_rate=0.9), _fn(nan))
     assert len(calls) == 1  # not retried
-
-
-HICCUP = '''
-from pathlib import Path
-
-
-def hiccup(prompts, completions, **kwargs):
-    """The share of the answer's characters that are digits; raises on its third call, once."""
-    count = Path("calls.txt")
-    n = int(count.read_text()) + 1 if count.exists() else 1
-    count.write_text(str(n))
-    if n == 3:
-        raise ConnectionError("grader went away for a moment")
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-'''
-
-
-def test_step_3_survives_a_grader_that_raises_once(trained: Path) -> None:
-    """A function that raised once, on its third call, stopped step 3 with exit 2; retried, the run completes, and
-    the curve of unscored samples says none was lost."""
-    (trained / "rewards").mkdir(exist_ok=True)
-    (trained / "rewards" / "__init__.py").write_text("")
-    (trained / "rewards" / "flaky.py").write_text(HICCUP)
-    (trained / "calls.txt").unlink(missing_ok=True)
-    write_params(trained / "hiccup.yaml", {"rewards": {"model_weight": 0.0, "functions": [
-        {"function": "rewards.flaky:hiccup", "name": "digits"}]}, "ppo": {"algorithm": "grpo", "rollout_batch_size": 4}})
-    live = trained / "dvclive/ppo_hiccup"
-    out = run_cli("ppo", "--params", "hiccup.yaml", "--out", "models/ppo_hiccup", "--metrics",
-                  "metrics/ppo_hiccup.json", "--live", str(live), "--checkpoints", "checkpoints/ppo_hiccup",
-                  cwd=trained)
-    assert out.returncode == 0 and int((trained / "calls.txt").read_text()) > 3
-    failures = (live / "plots/metrics/ppo/reward_failures.tsv").read_text().splitlines()[1:]
-    assert failures and all(float(line.split("\t")[1]) == 0 for line in failures)
-    assert json.loads((trained / "metrics/ppo_hiccup.json").read_text())["iterations"] == 2

@@ -66,18 +66,29 @@ def test_an_unreachable_url_is_a_failed_call_in_one_line() -> None:
 
 
 SCORER = '''
+from pathlib import Path
+
+
 def digits(prompts, completions, **kwargs):
-    """The share of the answer's characters that are digits."""
+    """The share of the answer's characters that are digits; raises on its third call, once (a grader's hiccup)."""
+    count = Path("calls.txt")
+    n = int(count.read_text()) + 1 if count.exists() else 1
+    count.write_text(str(n))
+    if n == 3:
+        raise ConnectionError("grader went away for a moment")
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 '''
 
 
-def test_step_3_scores_through_rlhf_serve_reward(trained: Path) -> None:
+def test_step_3_scores_through_rlhf_serve_reward_and_survives_a_hiccup(trained: Path) -> None:
     """`rlhf serve-reward --function rewards.remote_scorer:digits --port 0` serves the project's function; GRPO with
-    `rewards.functions: [{url: ...}]` trains against it and logs its term."""
+    `rewards.functions: [{url: ...}]` trains against it and logs its term. The function raised once, on its third
+    call (the server answered 500): that used to end step 3 with exit 2; retried, the run completes and the curve of
+    unscored samples says none was lost."""
     (trained / "rewards").mkdir(exist_ok=True)
     (trained / "rewards" / "__init__.py").write_text("")
     (trained / "rewards" / "remote_scorer.py").write_text(SCORER)
+    (trained / "calls.txt").unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "serve-reward", "--function",
                              "rewards.remote_scorer:digits", "--port", "0"], cwd=trained, env=cli_env(),
                             stderr=subprocess.PIPE, text=True)
@@ -92,6 +103,9 @@ def test_step_3_scores_through_rlhf_serve_reward(trained: Path) -> None:
                 "--live", str(live), "--checkpoints", "checkpoints/ppo_remote", cwd=trained)
         assert (live / "plots/metrics/ppo/term/digits.tsv").is_file()
         assert json.loads((trained / "metrics/ppo_remote.json").read_text())["iterations"] == 2
+        assert int((trained / "calls.txt").read_text()) > 3  # the third call raised; the run went on
+        failures = (live / "plots/metrics/ppo/reward_failures.tsv").read_text().splitlines()[1:]
+        assert failures and all(float(line.split("\t")[1]) == 0 for line in failures)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
