@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from stages import base_model, chat, check, dpo, evaluate, plan, plots, ppo, prepare, reward, sft, summary, train
+from stages import base_model, chat, check, dpo, evaluate, plan, plots, ppo, prepare, reward, serve, sft, summary, train
 
 commands = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -33,6 +33,7 @@ commands.command("train")(train.train)
 commands.command("summary")(summary.summary)
 commands.command("plots")(plots.plots)
 commands.command("plan")(plan.plan)
+commands.command("serve-reward")(serve.serve_reward)
 
 
 

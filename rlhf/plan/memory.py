@@ -94,6 +94,9 @@ def model_states(name: str, shape: ModelShape, engine: EngineConfig, ranks: int,
                           "host" if engine.offload_optimizer else "device"))
         if z == 3:  # ZeRO-3 allocates its reduce bucket once, whatever the model's size; ZeRO-1/2 per backward
             items.append(Item(f"{name} ZeRO gradient bucket", REDUCE_BUCKET * b))
+            # and this rank's share of the gradients, in fp32, for the whole run (stage3.py grad_partitions_flat_buffer)
+            items.append(Item(f"{name} ZeRO-3 gradient partition (fp32)", shape.trained * 4 // ranks,
+                              "host" if engine.offload_optimizer else "device"))  # with the optimizer's state
     return items
 
 
@@ -102,6 +105,8 @@ def gradients(name: str, shape: ModelShape, engine: EngineConfig, ranks: int) ->
     also copies this rank's partition into a flat buffer at the end of the backward (averaged_gradients, measured:
     bench/memory_plan.py's ZeRO-1 configuration)."""
     whole = shape.trained * BYTES[engine.dtype]
+    if engine.zero_stage == 3:  # reduced through the bucket into the partition held for the whole run (model_states)
+        return Item(f"{name} gradients (in ZeRO-3's partition)", 0)
     if engine.zero_stage == 1:
         return Item(f"{name} gradients (and ZeRO-1's flat copy of this rank's share)", whole + whole // ranks)
     return Item(f"{name} gradients", whole // (ranks if engine.zero_stage >= 2 else 1))

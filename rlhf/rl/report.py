@@ -21,9 +21,9 @@ def iteration_point(trainer: RLTrainer, exp: Experience, sums: dict[str, float],
     ppo = trainer.config
     tokens = timings.pop("tokens")
     seq_kl = (exp.kl * exp.action_mask).sum(-1)
-    reward_sum, kl_sum, len_sum, n, tok_sum, gen_s = all_reduce_sum(
+    reward_sum, kl_sum, len_sum, n, tok_sum, gen_s, failed = all_reduce_sum(
         [exp.scores.sum().item(), seq_kl.sum().item(), exp.action_mask.sum().item(), exp.scores.numel(),
-         float(tokens), timings["generate_s"]],
+         float(tokens), timings["generate_s"], float(trainer.grader.take_failed())],
         dist,
     )
     mean_kl = kl_sum / n
@@ -41,6 +41,7 @@ def iteration_point(trainer: RLTrainer, exp: Experience, sums: dict[str, float],
         **({"reward_mean": trainer.reward_moments.mean, "reward_std": trainer.reward_moments.std}
            if ppo.advantage.reward_normalization == "running" else {}),
         "response_length": len_sum / n,
+        "reward_failures": failed,  # samples a reward function left unscored after its retries (every rank)
         **sums,
         "actor_lr": trainer.models.actor.engine.get_lr()[0],
         "gen_tokens_per_s": tok_sum / max(gen_s / dist.world_size, 1e-9),

@@ -68,6 +68,35 @@ class RewardFunction:
     def __call__(self, prompts: list[Any], completions: list[Any], ids: list[list[int]],
                  columns: list[dict]) -> list[float | None]:
         """The function's values for a batch, checked: one finite number or None per sample."""
+        n = len(completions)
+        try:
+            out = self.invoke(self.arguments(prompts, completions, ids, columns))
+        except UserError:
+            raise
+        except Exception as err:  # the user's code: any failure becomes one line
+            raise self.failed(err, n) from None
+        return self._checked(out, n)
+
+    def invoke(self, kwargs: dict[str, Any]) -> Any:
+        """The raw call: the function on `kwargs` (an `async def` function run to completion)."""
+        out = self.fn(**kwargs)
+        if inspect.isawaitable(out):
+            import asyncio
+
+            out = asyncio.run(_awaited(out))
+        return out
+
+    def failed(self, err: BaseException, n: int) -> UserError:
+        """The one line for a call that raised `err` on a batch of n samples."""
+        detail = " ".join(str(err).split())[:200]
+        return UserError(
+            f"{self.key} '{self.spec}' raised {type(err).__name__}: {detail} (on a batch of {n} samples): "
+            "fix the function; return None for a sample it does not apply to"
+        )
+
+    def arguments(self, prompts: list[Any], completions: list[Any], ids: list[list[int]],
+                  columns: list[dict]) -> dict[str, Any]:
+        """The keyword arguments the function takes for a batch: TRL's and the data rows' extra columns."""
         named, var_kw, required = self.named, self.var_kw, self.required
         names = dict.fromkeys(c for row in columns for c in row)  # every extra column, in first-seen order
         data = {c: [row.get(c) for row in columns] for c in names}
@@ -79,19 +108,7 @@ class RewardFunction:
                 f"{self.key} '{self.spec}' needs argument(s) {missing}, which are neither {list(_ARGS)} nor columns "
                 f"of the data rows (extra columns: {have}): add the column to the data, or give the parameter a default"
             )
-        kwargs = {k: v for k, v in offered.items() if var_kw or k in named}
-        n = len(completions)
-        try:
-            out = self.fn(**kwargs)
-        except UserError:
-            raise
-        except Exception as err:  # the user's code: any failure becomes one line
-            detail = " ".join(str(err).split())[:200]
-            raise UserError(
-                f"{self.key} '{self.spec}' raised {type(err).__name__}: {detail} (on a batch of {n} samples): "
-                "fix the function; return None for a sample it does not apply to"
-            ) from None
-        return self._checked(out, n)
+        return {k: v for k, v in offered.items() if var_kw or k in named}
 
     def _checked(self, out: Any, n: int) -> list[float | None]:
         if hasattr(out, "tolist"):  # a numpy array or a tensor
@@ -162,6 +179,10 @@ def import_object(spec: str, key: str) -> Any:
 
 
 def _load(cfg: RewardFunctionConfig, key: str) -> RewardFunction:
+    if cfg.url is not None:
+        from rlhf.rl.remote import RemoteReward
+
+        return RewardFunction(cfg.label, cfg.url, cfg.weight, RemoteReward(cfg.url), key)
     fn = import_object(cfg.function, key)
     if not callable(fn):
         raise UserError(
@@ -219,14 +240,24 @@ def user_completion(row: dict, text: str) -> Any:
     return [{"role": "assistant", "content": text}] if isinstance(user_prompt(row), list) else text
 
 
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
 def function_values(
-    functions: Sequence[RewardFunction], rows: Sequence[dict], texts: Sequence[str], ids: Sequence[list[int]]
+    functions: Sequence[RewardFunction], rows: Sequence[dict], texts: Sequence[str], ids: Sequence[list[int]],
+    grader: Any = None,
 ) -> dict[str, list[float | None]]:
-    """label -> one value (or None) per sample: each function on the same batch (rows[i] answered with texts[i])."""
+    """label -> one value (or None) per sample: each function on the same batch (rows[i] answered with texts[i]);
+    through `grader` (rlhf.rl.grading.Grader: chunks at once, timeouts, retries, failures counted) when given, else
+    one call each, whose failure is one line."""
     prompts = [user_prompt(r) for r in rows]
     completions = [user_completion(r, t) for r, t in zip(rows, texts)]
     columns = [r.get("columns") or {} for r in rows]
-    return {f.label: f(prompts, completions, [list(i) for i in ids], columns) for f in functions}
+    ids = [list(i) for i in ids]
+    if grader is not None:
+        return grader.values(functions, prompts, completions, ids, columns)
+    return {f.label: f(prompts, completions, ids, columns) for f in functions}
 
 
 def weighted_sum(functions: Sequence[RewardFunction], values: dict[str, list[float | None]], n: int) -> list[float]:

@@ -28,6 +28,7 @@ from rlhf.models.build import classifier_parts as _classifier
 from rlhf.models.prefix import answer_outputs
 from rlhf.rl.experience import Experience, shares_cache, token_values
 from rlhf.rl.filtering import overlong
+from rlhf.rl.grading import Grader
 from rlhf.rollout.base import Rollout
 from rlhf.training.loop import NonFiniteGuard
 from rlhf.training.runtime import evaluating, training
@@ -61,8 +62,8 @@ class RLTrainer:
         if config.needs_critic and models.critic is None:
             raise UserError(f"ppo.algorithm {config.algorithm} needs a critic, but the models were built without one")
         self.functions = functions if functions is not None else load_functions(self.rewards.functions, "rewards.functions")
-        # label -> [sum, count] of each reward term over the rollouts since the last reset (logged per iteration)
-        self.term_stats: dict[str, list[float]] = {}
+        self.grader = Grader(rewards)  # how the functions are called: chunks at once, timeouts, retries, failures
+        self.term_stats: dict[str, list[float]] = {}  # label -> [sum, count] of each reward term since the last log
         self.tok = models.tok
         self.kl_ctl = AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon)
         self.reward_moments = RunningMoments()  # of every summed reward so far (ppo.advantage.reward_normalization: running)
@@ -115,7 +116,7 @@ class RLTrainer:
                 raise UserError("reward functions need the data rows of the batch: pass `rows` to reward_scores")
             ids = rollout.answers()
             texts = [self.tok.decode(i, skip_special_tokens=True) for i in ids]
-            values = function_values(self.functions, rows, texts, ids)
+            values = function_values(self.functions, rows, texts, ids, self.grader)
             for label, got in values.items():
                 self._add_stat(label, got)
             added = weighted_sum(self.functions, values, len(rows))
@@ -135,8 +136,7 @@ class RLTrainer:
     def _add_stat(self, label: str, values: list[float | None]) -> None:
         got = [v for v in values if v is not None]
         stat = self.term_stats.setdefault(label, [0.0, 0.0])
-        stat[0] += sum(got)
-        stat[1] += len(got)
+        stat[0], stat[1] = stat[0] + sum(got), stat[1] + len(got)
 
     def term_labels(self) -> list[str]:
         """The reward terms in use, as logged: `model` (the reward model) and each function's label."""

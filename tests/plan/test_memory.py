@@ -41,8 +41,8 @@ def test_shapes_count_what_transformers_and_peft_build(tiny_models: Path) -> Non
 
 def test_model_states_by_hand() -> None:
     """1000 parameters: fp32 ZeRO-0 keeps 4 + 8 bytes each and 4 more for gradients while it trains; bf16 ZeRO-3
-    on 4 ranks (2 + 12) / 4 with the optimizer on the host under offload_optimizer and 2 / 4 for gradients; a frozen
-    model is its weights alone (sharded only by ZeRO-3)."""
+    on 4 ranks (2 + 12) / 4 with the optimizer on the host under offload_optimizer and its fp32 gradient partition
+    4 / 4 for the whole run; a frozen model is its weights alone (sharded only by ZeRO-3)."""
     from rlhf.config import EngineConfig
     from rlhf.plan.memory import gradients, model_states
     from rlhf.plan.shapes import ModelShape
@@ -55,8 +55,9 @@ def test_model_states_by_hand() -> None:
     z3 = EngineConfig(dtype="bf16", zero_stage=3, offload_optimizer=True)
     by = {i.what: (i.bytes, i.where) for i in model_states("actor", shape, z3, 4, trained=True)}
     assert by == {"actor weights": (500, "device"), "actor optimizer": (3000, "host"),
-                  "actor ZeRO gradient bucket": (500_000_000 * 2, "device")}  # DeepSpeed's reduce bucket, any size
-    assert gradients("actor", shape, z3, 4).bytes == 500
+                  "actor ZeRO gradient bucket": (500_000_000 * 2, "device"),  # DeepSpeed's reduce bucket, any size
+                  "actor ZeRO-3 gradient partition (fp32)": (1000, "host")}  # 4 bytes / 4 ranks, beside the optimizer
+    assert gradients("actor", shape, z3, 4).bytes == 0  # already in the partition above
     frozen = model_states("ref", shape, EngineConfig(zero_stage=2), 4, trained=False)
     assert [(i.what, i.bytes) for i in frozen] == [("ref weights", 4000)]
 

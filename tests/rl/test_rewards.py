@@ -204,9 +204,10 @@ def test_ppo_stops_in_one_line_when_a_function_raises_and_writes_nothing(trained
                   "--live", "dvclive/ppo_raises", "--checkpoints", "checkpoints/ppo_raises", cwd=trained, check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [
-        "error: rewards.functions[0] 'rewards.checks:raises' raised KeyError: 'solution' (on a batch of 8 samples): "
-        "fix the function; return None for a sample it does not apply to"
+    assert errors == [  # tried rewards.retries (2) more times, then past rewards.max_failure_rate (0)
+        "error: rewards.functions[0] 'rewards.checks:raises' left 8 of 8 samples (100.0%) unscored after 2 retries "
+        "(rewards.max_failure_rate 0); its last error: KeyError: 'solution': fix the function, or raise "
+        "rewards.retries / timeout_s / max_failure_rate for a grader that fails now and then"
     ], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not (trained / "models/ppo_raises").exists() and not (trained / "metrics/ppo_raises.json").exists()
