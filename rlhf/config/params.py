@@ -177,13 +177,19 @@ def _one_line(err: ValidationError, source: str = "params.yaml") -> str:
     if e["type"] == "literal_error":
         return f"{source}: {value}: must be one of {e.get('ctx', {}).get('expected', '?')}"
     if e["type"] == "string_pattern_mismatch":
-        must = ("must be 'module:function', a callable importable from the project folder or the environment "
-                "(for example rlhf.data.task:gold_reward_fn)") if loc[-1] == "function" else "must be letters, digits and _"
-        return f"{source}: {value}: {must}"
+        return f"{source}: {value}: {_PATTERNS.get(str(loc[-1]), 'must be letters, digits and _')}"
     if e["type"] in _MUST:
         return f"{source}: {value}: {_MUST[e['type']]}{_allowed(loc)}"
     return f"{source}: {value}: {e['msg']}"
 
+
+# what a string key's pattern asks for, by the key's name (any other pattern is a name: letters, digits and _)
+_PATTERNS = {
+    "function": "must be 'module:function', a callable importable from the project folder or the environment (for "
+                "example rlhf.data.task:gold_reward_fn)",
+    "trainer": "must be 'module:Class', an RLTrainer subclass importable from the project folder or the environment",
+    "url": "must start with http:// or https:// (a reward server, such as `rlhf serve-reward`)",
+}
 
 _GROUPS = {name for name, f in Params.model_fields.items() if isinstance(f.annotation, type) and
            issubclass(f.annotation, BaseModel)}
