@@ -58,6 +58,9 @@ def test_model_states_by_hand() -> None:
                   "actor ZeRO gradient bucket": (500_000_000 * 2, "device"),  # DeepSpeed's reduce bucket, any size
                   "actor ZeRO-3 gradient partition (fp32)": (1000, "host")}  # 4 bytes / 4 ranks, beside the optimizer
     assert gradients("actor", shape, z3, 4).bytes == 0  # already in the partition above
+    # on CPU ranks only the bucket's pages the gradients were copied into are resident: at most the trained elements
+    cpu = {i.what: i.bytes for i in model_states("actor", shape, z3, 4, trained=True, device="cpu")}
+    assert cpu["actor ZeRO gradient bucket"] == 1000 * 2
     frozen = model_states("ref", shape, EngineConfig(zero_stage=2), 4, trained=False)
     assert [(i.what, i.bytes) for i in frozen] == [("ref weights", 4000)]
 
