@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rlhf.errors import UserError
+from rlhf.rl.rewards import error_line
 
 if TYPE_CHECKING:
     from rlhf.config import RewardsConfig
@@ -113,7 +114,7 @@ class Grader:
         record = self.failures.setdefault(f.label, Failures())
         record.failed += n
         record.since_log += n
-        record.last = f"{type(err).__name__}: {' '.join(str(err).split())[:200] or 'no message'}"
+        record.last = error_line(err)
         return [None] * n
 
     def _check_rate(self, f: RewardFunction, n: int) -> None:

@@ -88,9 +88,8 @@ class RewardFunction:
 
     def failed(self, err: BaseException, n: int) -> UserError:
         """The one line for a call that raised `err` on a batch of n samples."""
-        detail = " ".join(str(err).split())[:200]
         return UserError(
-            f"{self.key} '{self.spec}' raised {type(err).__name__}: {detail} (on a batch of {n} samples): "
+            f"{self.key} '{self.spec}' raised {error_line(err)} (on a batch of {n} samples): "
             "fix the function; return None for a sample it does not apply to"
         )
 
@@ -238,6 +237,11 @@ def user_prompt(row: dict) -> Any:
 def user_completion(row: dict, text: str) -> Any:
     """An answer in the form of its prompt: a string, or [{"role": "assistant", "content": text}]."""
     return [{"role": "assistant", "content": text}] if isinstance(user_prompt(row), list) else text
+
+
+def error_line(err: BaseException) -> str:
+    """An exception as one line: its type and its message, whitespace folded, at most 200 characters."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
 
 
 async def _awaited(awaitable: Any) -> Any:

@@ -196,15 +196,16 @@ def dpo_loss(
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown DPO loss {loss_type!r}: sigmoid or ipo")
+    return losses.mean(), preference_stats(beta * chosen, beta * rejected)
+
+
+def preference_stats(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> dict[str, float]:
+    """The (B,) implicit rewards of each pair's answers as logged: their means, the mean margin, and the share of
+    pairs whose chosen answer has the larger."""
     with torch.no_grad():
-        r_c, r_r = beta * chosen, beta * rejected
-        stats = {
-            "rewards_chosen": r_c.mean().item(),
-            "rewards_rejected": r_r.mean().item(),
-            "margin": (r_c - r_r).mean().item(),
-            "accuracy": (r_c > r_r).float().mean().item(),
-        }
-    return losses.mean(), stats
+        r_c, r_r = rewards_chosen.detach(), rewards_rejected.detach()
+        return {"rewards_chosen": r_c.mean().item(), "rewards_rejected": r_r.mean().item(),
+                "margin": (r_c - r_r).mean().item(), "accuracy": (r_c > r_r).float().mean().item()}
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -232,8 +233,4 @@ def reference_free_loss(
         losses = -beta * F.logsigmoid(log_odds)
     else:
         raise ValueError(f"unknown reference-free loss {loss_type!r}: simpo or orpo")
-    with torch.no_grad():
-        r_c, r_r = beta * chosen, beta * rejected
-        stats = {"rewards_chosen": r_c.mean().item(), "rewards_rejected": r_r.mean().item(),
-                 "margin": (r_c - r_r).mean().item(), "accuracy": (r_c > r_r).float().mean().item()}
-    return losses.mean(), stats
+    return losses.mean(), preference_stats(beta * chosen, beta * rejected)

@@ -148,12 +148,11 @@ def zero3_partitioning(module: torch.nn.Module) -> dict[str, int]:
     threshold) of all, and elements held here of all (a partitioned parameter holds ceil(numel / world) here)."""
     out = {"partitioned": 0, "parameters": 0, "local_elements": 0, "elements": 0}
     for p in module.parameters():
-        numel = getattr(p, "ds_numel", p.numel())
         whole = not hasattr(p, "ds_tensor") or getattr(p, "ds_persist", False)
         out["parameters"] += 1
         out["partitioned"] += not whole
-        out["elements"] += numel
-        out["local_elements"] += numel if whole else p.ds_tensor.numel()
+        out["elements"] += numel(p)
+        out["local_elements"] += numel(p) if whole else p.ds_tensor.numel()
     return out
 
 
