@@ -216,14 +216,17 @@ def test_ptx_reads_its_own_text_source(trained: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "p2").exists()
 
 
-def test_grpo_and_dpo_with_a_tokenizer_whose_pad_is_its_eos(trained: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm,loss_type", [("grpo", "sigmoid"), ("dapo", "orpo")])
+def test_grpo_and_dpo_with_a_tokenizer_whose_pad_is_its_eos(trained: Path, tmp_path: Path, algorithm: str,
+                                                            loss_type: str) -> None:
     """SmolLM2's case: pad == eos. GRPO (answers end at their first eos, by position) and DPO (each answer's eos is
-    scored as an answer token, never as padding) both train through the CLI and write loadable models."""
+    scored as an answer token, never as padding) both train through the CLI and write loadable models; so do DAPO
+    (dynamic sampling, and truncated answers told from stopped ones by position) and ORPO (no reference)."""
     from tests.conftest import pad_is_eos_copies
 
     sft, reward = pad_is_eos_copies(trained, tmp_path)
-    write_params(trained / "eos.yaml", {"ppo": {"algorithm": "grpo", "rollout_batch_size": 4},
-                                        "dpo": {"max_steps": 2, "micro_batch_size": 8}})
+    write_params(trained / "eos.yaml", {"ppo": {"algorithm": algorithm, "rollout_batch_size": 4},
+                                        "dpo": {"max_steps": 2, "micro_batch_size": 8, "loss_type": loss_type}})
     run_cli("ppo", "--params", "eos.yaml", "--sft", str(sft), "--reward", str(reward), "--out", str(tmp_path / "ppo"),
             "--metrics", str(tmp_path / "ppo.json"), "--live", str(tmp_path / "live"),
             "--checkpoints", str(tmp_path / "ckpt"), cwd=trained)
