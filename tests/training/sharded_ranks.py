@@ -43,6 +43,9 @@ def main(sft: str, reward: str, out: str) -> None:
         seen[name]["state"] = full_state_dict(ds.module, 3, dist.is_main)
     if dist.is_main:
         torch.save(seen, out)
+    # leave together and close the group: a rank that exits with gloo's threads still up can abort in teardown
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
