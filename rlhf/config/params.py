@@ -40,6 +40,11 @@ class Params(Group):
 
     @model_validator(mode="after")
     def _cross(self) -> Params:
+        if self.rewards.model_weight == 0 and not self.rewards.functions and self.ppo.environment.name is None:
+            raise ValueError(
+                "rewards.model_weight is 0 and rewards.functions is empty, so step 3 has no reward: set model_weight "
+                "> 0, list a function, or name an environment (ppo.environment.name) that rewards its episodes"
+            )
         if self.engine.dtype == "fp16" and self.engine.device == "cpu":
             raise ValueError("engine.dtype fp16 is not supported on CPU: use bf16 or fp32")
         for name in ("actor", "critic", "ref", "reward"):

@@ -62,10 +62,5 @@ class RewardsConfig(Group):
 
     @model_validator(mode="after")
     def _terms(self) -> RewardsConfig:
-        if self.model_weight == 0 and not self.functions:
-            raise ValueError(
-                "rewards.model_weight is 0 and rewards.functions is empty, so step 3 has no reward: set model_weight "
-                "> 0 or list a function"
-            )
-        unique_labels(self.functions, "rewards.functions", ("reward", "model"))
+        unique_labels(self.functions, "rewards.functions", ("reward", "model", "env"))
         return self

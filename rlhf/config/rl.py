@@ -21,7 +21,7 @@ from rlhf.config.base import Group, moved_keys
 from rlhf.config.models import LoraConfig, ModelEngineConfig
 from rlhf.config.sampling import Sampling, VLLMConfig
 
-__all__ = ["ALGORITHM_DEFAULTS", "GROUP_ALGORITHMS", "MOVED_PPO_KEYS", "PPOConfig", "moved_keys"]
+__all__ = ["ALGORITHM_DEFAULTS", "EnvironmentConfig", "GROUP_ALGORITHMS", "MOVED_PPO_KEYS", "PPOConfig", "moved_keys"]
 
 
 class RolloutConfig(Group):
@@ -62,6 +62,22 @@ class RolloutConfig(Group):
             raise ValueError(f"ppo.rollout.correction_min ({self.correction_min}) must be below correction_max "
                              f"({self.correction_max})")
         return self
+
+
+class EnvironmentConfig(Group):
+    """Multi-turn rollouts (rlhf/rollout/turns.py): each prompt an episode of model turns and environment answers
+    (tool results, feedback) until the environment says done. Off while `name` is null."""
+
+    # your environment, "module:Class" (a subclass of rlhf.rollout.environments.Environment) importable from the
+    # project folder (rewards/, tracked by DVC) or the environment; the shipped example:
+    # rlhf.rollout.environments.calculator:Calculator
+    name: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the class, one instance per episode
+    max_turns: int = Field(4, gt=0)  # model turns per episode; an episode still calling tools after them ends
+    # tokens per model turn; null = what is left of sampling.max_answer_tokens, which bounds the whole trajectory
+    # after the first prompt (model and environment tokens)
+    max_turn_tokens: int | None = Field(None, gt=0)
+    tool_timeout_s: float = Field(5.0, ge=0)  # a tool call running longer is abandoned and answered with an error
 
 
 class OptimizerConfig(Group):
@@ -141,6 +157,7 @@ class PPOConfig(Group):
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     kl: KLConfig = Field(default_factory=KLConfig)
+    environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = Field(default_factory=OverlongConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)

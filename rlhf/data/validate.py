@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Literal
 
@@ -32,6 +33,10 @@ _FIX = {
     "duplicate_row": "remove the copy or set data.invalid_rows: drop to skip copies",
 }
 _DEFAULT_FIX = "fix the row or set data.invalid_rows: drop to skip such rows"
+
+# a prompt's turns after its system message: user, then (assistant, then tool results or the user) again and again
+_ROLE_LETTERS = {"user": "u", "assistant": "a", "tool": "t"}
+_ROLE_ORDER = re.compile(r"u(?:a(?:t+|u))*")
 
 
 # ------------------------------------------------------------------------------------------------------ validating
@@ -142,9 +147,9 @@ def _check(row: dict) -> tuple[str, str] | None:
         return "empty_text", "a pair needs both chosen and rejected"
     roles = [m["role"] for m in prompt]
     turns = roles[1:] if roles[0] == "system" else roles
-    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
-    if not turns or turns != expected or turns[-1] != "user":
-        return "bad_role_order", f"prompt roles are {roles}; expected [system], user, assistant, ..., user"
+    if not _ROLE_ORDER.fullmatch("".join(_ROLE_LETTERS.get(r, "?") for r in turns)):
+        return "bad_role_order", (f"prompt roles are {roles}; expected [system], user, assistant, ..., user (a "
+                                  "multi-turn prompt may answer an assistant turn with tool turns instead of a user's)")
     if row.get("chosen") is not None and row["chosen"].strip() == row["rejected"].strip():
         return "chosen_equals_rejected", "chosen and rejected are the same text"
     return None

@@ -128,14 +128,14 @@ def encode_prompt(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], 
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     bos = tok.bos_token_id
-    if bos is not None and ids[:1] != [bos] and _adds_bos(tok):
+    if bos is not None and ids[:1] != [bos] and adds_bos(tok):
         ids = [bos, *ids]
     if max_tokens is not None and len(ids) > max_tokens:
         ids = [bos, *ids[len(ids) - max_tokens + 1 :]] if bos is not None and ids[0] == bos else ids[-max_tokens:]
     return ids
 
 
-def _adds_bos(tok: PreTrainedTokenizerBase) -> bool:
+def adds_bos(tok: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer's own encoding starts with BOS (Llama-2, Mistral, Gemma base tokenizers do)."""
     cached = getattr(tok, "_rlhf_adds_bos", None)
     if cached is None:

@@ -36,7 +36,12 @@ def run_check(params: Params, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     load_functions(params.evaluate.scorers or [], "evaluate.scorers")
     if params.ppo.trainer:
         import_object(params.ppo.trainer, "ppo.trainer")
-    done.append("reward functions and trainer imports")
+    env = params.ppo.environment
+    if env.name:
+        from rlhf.rollout.environments.base import load_environment
+
+        load_environment(env.name, env.options, env.tool_timeout_s)
+    done.append("reward functions, environment and trainer imports")
     for key in ("model", "reward_model"):
         name = getattr(params, key).name_or_path
         if name and not str(name).startswith("models/base"):  # models/base is written by the base_model stage

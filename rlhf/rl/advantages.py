@@ -134,7 +134,9 @@ def gae_advantages(
         A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}        (V_A = A_A = 0)
 
     Values and rewards where mask is 0 are zeroed first, so padding after the response cannot leak into
-    earlier positions. Inputs are treated as constants (no gradient).
+    earlier positions. The recursion runs over the masked-in positions only: a multi-turn answer's environment
+    tokens (mask 0 between two model turns) are skipped, so t + 1 is the next model token. Inputs are treated as
+    constants (no gradient).
     """
     keep = mask.bool()  # (B, A)
     m = keep.to(values.dtype)  # (B, A)
@@ -147,9 +149,14 @@ def gae_advantages(
     columns: list[torch.Tensor] = []
     for t in reversed(range(n)):
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
-        next_adv = delta + gamma * lam * next_mask * next_adv  # (B,) A_t
-        columns.append(next_adv)
-        next_value, next_mask = values[:, t] * m[:, t], m[:, t]
+        adv = delta + gamma * lam * next_mask * next_adv  # (B,) A_t
+        columns.append(adv)
+        # a masked position (padding, or an environment's tokens between two model turns) passes the next model
+        # token's value and advantage through: the turn's last token bootstraps from the next turn's first
+        k = keep[:, t]
+        next_value = torch.where(k, values[:, t], next_value)
+        next_mask = torch.where(k, m[:, t], next_mask)
+        next_adv = torch.where(k, adv, next_adv)
     advantages = torch.stack(columns[::-1], dim=-1) if columns else torch.zeros_like(values)  # (B, A)
     advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
     returns = torch.where(keep, advantages + values, torch.zeros_like(advantages))  # (B, A)
@@ -196,8 +203,8 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     rewards = torch.where(keep, rewards.float(), torch.zeros_like(rewards, dtype=torch.float32))
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0]) if rewards.shape[-1] else None
-    for t in reversed(range(rewards.shape[-1])):
-        running = rewards[:, t] + gamma * running
+    for t in reversed(range(rewards.shape[-1])):  # masked positions (an environment's tokens) neither add nor discount
+        running = torch.where(keep[:, t], rewards[:, t] + gamma * running, running)
         out[:, t] = running
     return torch.where(keep, out, torch.zeros_like(out))
 

@@ -45,8 +45,9 @@ def overlong(rollout: Rollout, scores: torch.Tensor, cfg: OverlongConfig,
              max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores with the soft overlong punishment, the action mask with truncated answers zeroed) under `cfg`."""
     mask = rollout.action_mask
-    if cfg.buffer:
-        scores = scores + overlong_penalty(mask.sum(-1), max_tokens, cfg.buffer, cfg.penalty).to(scores.device)
+    if cfg.buffer:  # the answer's length against its budget: multi-turn, the whole trajectory after the prompt
+        lengths = rollout.attention_mask[:, rollout.prompt_width :].sum(-1)
+        scores = scores + overlong_penalty(lengths, max_tokens, cfg.buffer, cfg.penalty).to(scores.device)
     if cfg.mask_truncated:
         truncated = torch.tensor([r == "length" for r in rollout.stop_reasons], device=mask.device)
         mask = mask * (~truncated).to(mask.dtype)[:, None]

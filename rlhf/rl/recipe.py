@@ -191,6 +191,8 @@ def build(params: Params, dist: Dist, inputs: Inputs, sft_path: Path) -> tuple[R
     ppo = params.ppo
     models = RLModels(ppo, params.engine, dist, sft_path, inputs.reward_path)
     trainer = inputs.trainer_cls(models, ppo, params.rewards, inputs.functions)
+    if trainer.episodes is not None:  # the environment writes the prompts: held to the same limit
+        trainer.episodes.max_prompt_tokens = params.data.max_prompt_tokens
     width = max(len(p) for p, _ in inputs.train_prompts + inputs.eval_prompts)
     collate = collate_prompt_rows(width, inputs.tok.pad_token_id)
     prompts = Cycle(make_loader(inputs.train_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=True))
@@ -286,7 +288,8 @@ class Iterations:
         EMA and the KL controller; returns the logged point."""
         trainer, ppo = self.trainer, self.ppo
         trainer.iteration = it
-        trainer.term_stats = {}
+        trainer.term_stats, trainer.episode_stats = {}, {}
+
         def draw() -> list[dict[str, Any]]:
             return [next(self.loaders.prompts) for _ in range(ppo.generation_batches)]
 
@@ -319,8 +322,9 @@ class Iterations:
         metrics: dict[str, Any] = {"reward_sft": before.get("reward", nan), "reward_ppo": after.get("reward", nan)}
         if has_reward_model:
             metrics |= {"rm_score_sft": before.get("model", nan), "rm_score_ppo": after.get("model", nan)}
-        for f in functions:
-            metrics |= {f"{f.label}_sft": before.get(f.label, nan), f"{f.label}_ppo": after.get(f.label, nan)}
+        episodes = ["env", "turns", "tool_calls", "tool_valid"] if self.trainer.episodes is not None else []
+        for label in [f.label for f in functions] + episodes:
+            metrics |= {f"{label}_sft": before.get(label, nan), f"{label}_ppo": after.get(label, nan)}
         metrics |= {
             "final_reward": self.point.get("reward", nan),
             "final_kl": self.point.get("kl", nan),

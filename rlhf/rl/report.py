@@ -31,6 +31,8 @@ def iteration_point(trainer: RLTrainer, exp: Experience, sums: dict[str, float],
     labels = trainer.term_labels()
     terms = all_reduce_sum([x for label in labels for x in trainer.term_stats.get(label, [0.0, 0.0])], dist)
     train_s = timings["train_s"]
+    for key in EPISODE_KEYS:
+        timings.pop(key, None)
     return {
         "reward": reward_sum / n,
         # each term's mean over the samples it applies to (NaN: a function that applied to none this iteration)
@@ -42,6 +44,7 @@ def iteration_point(trainer: RLTrainer, exp: Experience, sums: dict[str, float],
            if ppo.advantage.reward_normalization == "running" else {}),
         "response_length": len_sum / n,
         "reward_failures": failed,  # samples a reward function left unscored after its retries (every rank)
+        **episode_means(trainer, dist),
         **sums,
         "actor_lr": trainer.models.actor.engine.get_lr()[0],
         "gen_tokens_per_s": tok_sum / max(gen_s / dist.world_size, 1e-9),
@@ -51,6 +54,22 @@ def iteration_point(trainer: RLTrainer, exp: Experience, sums: dict[str, float],
         "train_tflops": flops["train"] / max(train_s, 1e-9) / 1e12,
         **timings,
     }
+
+
+EPISODE_KEYS = ("episodes", "turns", "tool_calls", "tool_failed")
+
+
+def episode_means(trainer: RLTrainer, dist: Dist) -> dict[str, float]:
+    """Multi-turn (ppo.environment), over every rank's episodes since the stats were reset: model turns and tool
+    calls per episode, and the share of calls that could be read and ran (tool_valid; NaN without a call). {}
+    single turn."""
+    from rlhf.training.loop import all_reduce_sum
+
+    if trainer.episodes is None:
+        return {}
+    episodes, turns, calls, failed = all_reduce_sum([trainer.episode_stats.get(k, 0.0) for k in EPISODE_KEYS], dist)
+    return {"turns": turns / max(episodes, 1.0), "tool_calls": calls / max(episodes, 1.0),
+            "tool_valid": (calls - failed) / calls if calls else float("nan")}
 
 
 def progress_line(it: int, iterations: int, point: dict[str, float], flops: dict[str, float]) -> str:
@@ -75,9 +94,9 @@ def mean_reward_score(trainer: RLTrainer, loader: Any, dist: Dist) -> dict[str, 
 
     device = trainer.models.device
     total = n = 0.0
-    trainer.term_stats = {}
+    trainer.term_stats, trainer.episode_stats = {}, {}
     for batch in loader:  # rollout and reward only: no reference, critic or advantages needed here
-        rollout = trainer.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        rollout = trainer.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch.get("rows"))
         with torch.no_grad():
             scores = trainer.reward_scores(rollout, batch.get("rows"))
         total += scores.sum().item()
@@ -94,7 +113,7 @@ def mean_reward_score(trainer: RLTrainer, loader: Any, dist: Dist) -> dict[str, 
 
             raise not_applicable(function, int(n), "held-out answers")
         out[label] = term_sum / count if count else float("nan")  # nan: a subclass's reward_scores kept no stats
-    return out
+    return out | episode_means(trainer, dist)
 
 
 def phase_flops(models: RLModels, exp: Experience, ppo: PPOConfig) -> dict[str, float]:

@@ -30,13 +30,12 @@ from rlhf.rl.experience import Experience, shares_cache, token_values
 from rlhf.rl.filtering import overlong
 from rlhf.rl.grading import Grader
 from rlhf.rollout.base import Rollout
-from rlhf.training.loop import NonFiniteGuard
+from rlhf.training.loop import NonFiniteGuard, accumulate, finish_step
 from rlhf.training.runtime import evaluating, training
 from rlhf.training.stats import scores_vary, sum_over_ranks
 
 if TYPE_CHECKING:
     import torch
-    from deepspeed import DeepSpeedEngine
 
     from rlhf.rl.models import RLModels
     from rlhf.rl.rewards import RewardFunction
@@ -64,7 +63,9 @@ class RLTrainer:
         self.functions = functions if functions is not None else load_functions(self.rewards.functions, "rewards.functions")
         self.grader = Grader(rewards)  # how the functions are called: chunks at once, timeouts, retries, failures
         self.term_stats: dict[str, list[float]] = {}  # label -> [sum, count] of each reward term since the last log
+        self.episode_stats: dict[str, float] = {}  # multi-turn: episodes, turns, tool calls, failed calls, summed
         self.tok = models.tok
+        self.episodes = _episodes(models, config)  # ppo.environment: the multi-turn engine around models.rollout
         self.kl_ctl = AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon)
         self.reward_moments = RunningMoments()  # of every summed reward so far (ppo.advantage.reward_normalization: running)
         self.iteration = 0  # the iteration under way (1-based), for messages and fault injection
@@ -111,6 +112,9 @@ class RLTrainer:
             model = self.model_scores(rollout)
             self._add_stat("model", model.tolist())
             total = total + self.rewards.model_weight * model
+        if rollout.env_rewards is not None:
+            self._add_stat("env", rollout.env_rewards.tolist())
+            total = total + rollout.env_rewards.to(total)
         if self.functions:
             if rows is None:
                 raise UserError("reward functions need the data rows of the batch: pass `rows` to reward_scores")
@@ -140,7 +144,8 @@ class RLTrainer:
 
     def term_labels(self) -> list[str]:
         """The reward terms in use, as logged: `model` (the reward model) and each function's label."""
-        return (["model"] if self.rewards.model_weight > 0 else []) + [f.label for f in self.functions]
+        return ((["model"] if self.rewards.model_weight > 0 else []) + (["env"] if self.episodes else [])
+                + [f.label for f in self.functions])
 
     def normalized(self, scores: torch.Tensor) -> torch.Tensor:
         """(B,) the summed rewards as the estimator takes them: under ppo.advantage.reward_normalization: running,
@@ -186,10 +191,18 @@ class RLTrainer:
             return logprobs, entropy_from_logits(logits, self.config.sampling.temperature)
         return logprobs
 
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows: list[dict] | None = None) -> Rollout:
         """One answer per prompt row from the engine's rollout engine (ppo.rollout.engine, rlhf/rollout/), drawn with
-        ppo's sampling config, with the engine's log-probs of the drawn tokens."""
-        return self.models.rollout.generate(prompt_ids, prompt_mask, self.config.sampling)
+        ppo's sampling config, with the engine's log-probs of the drawn tokens. Under ppo.environment, one episode
+        per data row of `rows` instead (the environment writes its first messages)."""
+        if self.episodes is None:
+            return self.models.rollout.generate(prompt_ids, prompt_mask, self.config.sampling)
+        if rows is None:
+            raise UserError("ppo.environment plays episodes on data rows: pass `rows` to generate")
+        rollout = self.episodes.generate(rows, self.config.sampling)
+        for key, value in self.episodes.stats.items():
+            self.episode_stats[key] = self.episode_stats.get(key, 0.0) + value
+        return rollout
 
     def generate_experience(self, prompt_batch: dict[str, Any]) -> tuple[Experience, dict[str, float]]:
         """Phases 1-3 of an iteration on one batch of prompts: make_experience([prompt_batch])."""
@@ -211,7 +224,7 @@ class RLTrainer:
         for batch in prompt_batches:
             part, timings = self._rollout_and_score(batch)
             parts.append(part)
-            info = {k: v + timings.get(k, 0.0) for k, v in info.items()}
+            info = {k: info.get(k, 0.0) + timings.get(k, 0.0) for k in info | timings}
         return (Experience.cat(parts) if len(parts) > 1 else parts[0]), info
 
     def estimate(self, exp: Experience, info: dict[str, float]) -> tuple[Experience, dict[str, float]]:
@@ -243,7 +256,7 @@ class RLTrainer:
         rows = [r for r in prompt_batch.get("rows") or [] for _ in range(k)] or None  # the data row of each rollout
 
         t0 = time.perf_counter()
-        rollout = self.generate(prompt_ids, prompt_mask)
+        rollout = self.generate(prompt_ids, prompt_mask, rows)
         t1 = time.perf_counter()
         seq, mask, action_mask, p = rollout.sequences, rollout.attention_mask, rollout.action_mask, rollout.prompt_width
         actor, critic = self.models.actor.engine, self.models.critic
@@ -316,10 +329,10 @@ class RLTrainer:
                     lm = self._ptx_loss(ptx[j])
                     ptx_loss += lm.item() / len(micro)
                     loss = loss + cfg.loss.ptx_coef * lm / len(micro) / world
-                steps.append(self._accumulate(actor, loss * world, j == len(micro) - 1))
+                steps.append(accumulate(actor, loss * world, j == len(micro) - 1, self.guard, self.models.dist, self.iteration))
                 for key, value in micro_stats.items():
                     stats[key] = stats.get(key, 0.0) + value / len(micro)
-            self._finish_step(actor, all(steps))
+            finish_step(actor, all(steps), self.guard, self.iteration)
         if ptx is not None:
             stats["ptx_loss"] = ptx_loss
         if critic is None:
@@ -330,10 +343,10 @@ class RLTrainer:
             for j, m in enumerate(micro):
                 loss, c_stats = self._critic_loss(m, total_tokens)
                 c_loss += loss.item() * world
-                steps.append(self._accumulate(critic, loss * world, j == len(micro) - 1))
+                steps.append(accumulate(critic, loss * world, j == len(micro) - 1, self.guard, self.models.dist, self.iteration))
                 for key, value in c_stats.items():
                     stats[key] = stats.get(key, 0.0) + value / len(micro)
-            self._finish_step(critic, all(steps))
+            finish_step(critic, all(steps), self.guard, self.iteration)
         return a_loss, c_loss, stats
 
     def _actor_loss(self, exp: Experience, total: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -372,29 +385,15 @@ class RLTrainer:
         actor = self.models.actor.engine
         return actor(**{k: v.to(actor.device) for k, v in batch.items()}).loss
 
-    def _accumulate(self, engine: DeepSpeedEngine, loss: torch.Tensor, last: bool) -> bool:
-        """Backward of one micro batch's loss into the accumulated gradients (DeepSpeed reduces them over ranks at
-        the mini batch's last micro batch, `last`). The loss is already normalised over the mini batch, so
-        DeepSpeed's own division by the accumulation steps is off. False (and no backward) when the loss is not
-        finite on some rank: the mini batch then takes no step."""
-        from rlhf.training.loop import all_finite
 
-        if not self.guard.ok(all_finite(loss, self.models.dist), self.iteration):
-            return False
-        engine.set_gradient_accumulation_boundary(last)
-        engine.backward(loss, scale_wrt_gas=False)
-        return True
+def _episodes(models: RLModels, config: PPOConfig) -> Any:
+    """The multi-turn engine of ppo.environment around the models' rollout engine, or None (single turn)."""
+    if config.environment.name is None:
+        return None
+    from rlhf.models.tokenizer import stop_ids
+    from rlhf.rollout.environments.base import load_environment
+    from rlhf.rollout.turns import MultiTurnRollout
 
-    def _finish_step(self, engine: DeepSpeedEngine, ok: bool) -> None:
-        """The mini batch's optimizer step, unless a micro batch's loss or the reduced gradients were not finite:
-        then the gradients are dropped (weights and optimizer state untouched) and the step counted as skipped;
-        `guard` aborts after too many in a row."""
-        from rlhf.training.loop import grads_finite
-
-        if ok and self.guard.ok(grads_finite(engine), self.iteration):
-            engine.set_gradient_accumulation_boundary(True)
-            engine.step()
-            return
-        engine.zero_grad()
-        if hasattr(engine.optimizer, "zero_grad"):
-            engine.optimizer.zero_grad()
+    env = config.environment
+    make_env = load_environment(env.name, env.options, env.tool_timeout_s)
+    return MultiTurnRollout(models.rollout, models.tok, make_env, env, stop_ids(models.tok), None, models.device)

@@ -41,12 +41,18 @@ class Rollout:
     action_mask: torch.Tensor  # (B, R) float 1 on answer tokens up to and including the first stop id
     logprobs: torch.Tensor | None  # (B, R) log pi_old of the drawn tokens from the rollout's own logits; None: recompute
     prompt_width: int  # P: answers start at sequences[:, P:]
-    stop_reasons: list[str] = field(default_factory=list)  # per row: "stop" (drew a stop id) or "length" (ran out)
+    # per row: "stop" (drew a stop id), "length" (ran out of tokens) or, multi-turn, "turns" (ran out of turns)
+    stop_reasons: list[str] = field(default_factory=list)
+    # multi-turn (rlhf/rollout/turns.py): (B,) each episode's summed environment reward. Its answer is the whole
+    # trajectory after the first prompt, model and environment tokens, action_mask 1 on the model's only
+    env_rewards: torch.Tensor | None = None
 
     def answers(self) -> list[list[int]]:
-        """Each answer's real token ids (up to and including its stop id)."""
-        lengths = self.action_mask.sum(-1).long().tolist()
-        return [row[:n] for row, n in zip(self.sequences[:, self.prompt_width :].tolist(), lengths, strict=True)]
+        """Each answer's token ids where the action mask is 1: the model's own tokens (up to and including its stop
+        id; multi-turn, every turn's, the environment's left out)."""
+        rows = self.sequences[:, self.prompt_width :].tolist()
+        keep = self.action_mask.bool().tolist()
+        return [[t for t, k in zip(row, m, strict=True) if k] for row, m in zip(rows, keep, strict=True)]
 
 
 class RolloutEngine(Protocol):

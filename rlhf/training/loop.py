@@ -1,5 +1,5 @@
 """The training loop every supervised step shares (SFT, reward model, DPO): fit, the non-finite guard, and the
-reductions it logs."""
+reductions it logs; step 3's accumulate / finish_step use the same guard."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rlhf.training.metrics import MetricsLogger
 from rlhf.training.runtime import Dist, training
 
 if TYPE_CHECKING:
+    import torch
     from deepspeed import DeepSpeedEngine
 
     from rlhf.training.lifecycle import Lifecycle
@@ -63,6 +64,32 @@ class NonFiniteGuard:
                 f"{step}); no model was written. Lower the learning rate, use fp32 (engine.dtype), or check the data"
             )
         return False
+
+
+def accumulate(engine: DeepSpeedEngine, loss: torch.Tensor, last: bool, guard: NonFiniteGuard, dist: Dist,
+               step: int) -> bool:
+    """Backward of one micro batch's loss into the accumulated gradients (DeepSpeed reduces them over ranks at the
+    mini batch's last micro batch, `last`). The loss is already normalised over the mini batch, so DeepSpeed's own
+    division by the accumulation steps is off. False (and no backward) when the loss is not finite on some rank:
+    the mini batch then takes no step."""
+    if not guard.ok(all_finite(loss, dist), step):
+        return False
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(loss, scale_wrt_gas=False)
+    return True
+
+
+def finish_step(engine: DeepSpeedEngine, ok: bool, guard: NonFiniteGuard, step: int) -> None:
+    """The mini batch's optimizer step, unless a micro batch's loss or the reduced gradients were not finite: then
+    the gradients are dropped (weights and optimizer state untouched) and the step counted as skipped; `guard`
+    aborts after too many in a row."""
+    if ok and guard.ok(grads_finite(engine), step):
+        engine.set_gradient_accumulation_boundary(True)
+        engine.step()
+        return
+    engine.zero_grad()
+    if hasattr(engine.optimizer, "zero_grad"):
+        engine.optimizer.zero_grad()
 
 
 def fit(

@@ -388,3 +388,34 @@ def test_cispo_weights_every_token_by_its_clipped_ratio_without_gradient() -> No
     assert ppo.grad[0, 0] == 0  # the clipped surrogate: no gradient where r > 1 + eps and A > 0
     with pytest.raises(ValueError, match="surrogate"):
         policy_loss(lp, old, adv, mask, 0.2, surrogate="cipso")
+
+
+def test_gae_and_returns_skip_an_environments_tokens_between_turns() -> None:
+    """A multi-turn answer: model tokens, 2 environment tokens (mask 0), model tokens, padding. GAE and the
+    reward-to-go equal those of the model's tokens alone, laid side by side (t + 1 is the next model token), and
+    are 0 on the environment's tokens."""
+    from rlhf.rl.advantages import gae_advantages
+
+    values = torch.tensor([[0.5, -0.2, 9.0, 9.0, 0.3, 0.1, 7.0]])
+    rewards = torch.tensor([[0.0, 0.1, 5.0, 5.0, -0.2, 1.0, 3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]])
+    model = torch.tensor([0, 1, 4, 5])
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae_advantages(values, rewards, mask, gamma, lam)
+    want_adv, want_ret = gae_advantages(values[:, model], rewards[:, model], torch.ones(1, 4), gamma, lam)
+    assert_close(adv[:, model], want_adv) and assert_close(ret[:, model], want_ret)
+    assert adv[0, 2:4].abs().sum() == 0 and ret[0, 2:4].abs().sum() == 0
+    # by hand, backwards over the model tokens v = (0.5, -0.2, 0.3, 0.1), r = (0, 0.1, -0.2, 1)
+    d3 = 1.0 - 0.1
+    d2 = -0.2 + gamma * 0.1 - 0.3
+    d1 = 0.1 + gamma * 0.3 + 0.2
+    d0 = 0.0 + gamma * -0.2 - 0.5
+    a3 = d3
+    a2 = d2 + gamma * lam * a3
+    a1 = d1 + gamma * lam * a2
+    a0 = d0 + gamma * lam * a1
+    assert_close(adv[0, model], torch.tensor([a0, a1, a2, a3]))
+    g = discounted_returns(rewards, mask, gamma)
+    assert_close(g[0, model], torch.tensor([0.1 * gamma + -0.2 * gamma**2 + gamma**3, 0.1 + -0.2 * gamma + gamma**2,
+                                            -0.2 + gamma, 1.0]))
+    assert g[0, 2:4].abs().sum() == 0

@@ -25,14 +25,19 @@ def test_soft_overlong_punishment_by_hand() -> None:
 
 def test_truncated_answers_leave_the_loss_and_pay_the_punishment() -> None:
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    rollout = Rollout(torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6, dtype=torch.long), mask, None, 2,
-                      ["stop", "length"])
+    attention = torch.cat([torch.ones(2, 2, dtype=torch.long), mask.long()], 1)
+    rollout = Rollout(torch.zeros(2, 6, dtype=torch.long), attention, mask, None, 2, ["stop", "length"])
     scores, out = overlong(rollout, torch.tensor([1.0, 1.0]), OverlongConfig(buffer=0.5, mask_truncated=True), 4)
     # budget 4, buffer 2 tokens: the 2-token answer is free, the 4-token one pays the whole penalty
     assert torch.equal(scores, torch.tensor([1.0, 0.0]))
     assert torch.equal(out, torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
     scores, out = overlong(rollout, torch.tensor([1.0, 1.0]), OverlongConfig(buffer=0.0, mask_truncated=False), 4)
     assert torch.equal(scores, torch.tensor([1.0, 1.0])) and torch.equal(out, mask)
+    # multi-turn: 2 model tokens around 2 environment tokens are a 4-token trajectory, punished as such
+    turns = Rollout(torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 6, dtype=torch.long),
+                    torch.tensor([[1.0, 0.0, 0.0, 1.0]]), None, 2, ["stop"])
+    scores, _ = overlong(turns, torch.tensor([1.0]), OverlongConfig(buffer=0.5), 4)
+    assert torch.equal(scores, torch.tensor([0.0]))
 
 
 def test_informative_groups() -> None:
