@@ -30,14 +30,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
-    """Train a byte-level BPE tokenizer (seconds) and wrap it as a transformers fast tokenizer with a chat template."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: bool = False) -> Any:
+    """Train a byte-level BPE tokenizer (seconds) and wrap it as a transformers fast tokenizer with a chat template.
+    split_digits: every digit its own token, as Llama's and Qwen's tokenizers write numbers (a number is then the
+    same tokens wherever it stands, so a model can copy it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = list(SPECIAL_TOKENS.values()) + ["<|system|>", "<|user|>", "<|assistant|>"]
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -48,6 +48,11 @@ class Environment:
 
     tools: list[Callable[..., Any]] = []  # functions the model may call (see ToolEnvironment)
 
+    def __init__(self, describe_tools: bool = True):
+        # False: the first messages already describe the tools (your data's system prompt), so they are neither
+        # given to the chat template nor written into the system message
+        self.describe_tools = describe_tools
+
     def reset(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         """The first messages of the episode on `row` (a prepared data row: prompt, columns)."""
         self.row = row
@@ -58,8 +63,8 @@ class Environment:
         raise NotImplementedError
 
     def schemas(self) -> list[dict[str, Any]]:
-        """The tools as the chat template takes them (OpenAI function schemas)."""
-        return [tool_schema(fn) for fn in self.tools]
+        """The tools as the chat template takes them (OpenAI function schemas); [] under describe_tools False."""
+        return [tool_schema(fn) for fn in self.tools] if getattr(self, "describe_tools", True) else []
 
 
 class ToolEnvironment(Environment):

@@ -65,12 +65,13 @@ def call_text(expression: str) -> str:
     return "<tool_call>\n" + json.dumps({"name": "calculate", "arguments": {"expression": expression}}) + "\n</tool_call>"
 
 
-def make_rows(n: int, seed: int = 0, low: int = 11, high: int = 99,
-              direct_rate: float = 0.4) -> dict[str, list[dict[str, Any]]]:
+def make_rows(n: int, seed: int = 0, low: int = 11, high: int = 99, direct_rate: float = 0.4,
+              instructions: bool = True) -> dict[str, list[dict[str, Any]]]:
     """{sft.jsonl: demonstrations, prompts.jsonl: questions with `answer`} for n questions a * b, a and b drawn
-    from low..high."""
+    from low..high. instructions False: the demonstrations carry no tool instructions (then run the environment
+    with options {describe_tools: false}, so the episodes see none either)."""
     rng = random.Random(seed)
-    instructions = with_tool_instructions([], [tool_schema(calculate)])
+    instructions = with_tool_instructions([], [tool_schema(calculate)]) if instructions else []
     sft, prompts = [], []
     for _ in range(n):
         a, b = rng.randint(low, high), rng.randint(low, high)
