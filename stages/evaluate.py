@@ -39,8 +39,9 @@ def evaluate(
         actors["ema"] = ppo_dir / "actor_ema"
     if dpo_dir is not None and not is_placeholder(dpo_dir):  # no pairs, no DPO model: nothing to compare
         actors["dpo"] = dpo_dir
+    environment = params.ppo.environment if params.ppo.environment.name else None  # the actors play its episodes
     result, rows = guarded(evaluate_actors, actors, reward_model, data, params.evaluate, params.seed,
-                           params.data.max_prompt_tokens)
+                           params.data.max_prompt_tokens, environment)
     write_json(metrics, result)
     write_json(plot, [{"model": name, **values} for name, values in result.items()])
     names = list(actors)
@@ -58,6 +59,8 @@ def evaluate(
             f"evaluate {name:>4}: {quality}" + (f"rm {values['rm_reward']:.3f}  " if "rm_reward" in values else "")
             + f"kl_to_sft {values['kl_to_sft']:.3f}  "
             f"len {values['response_length']:.1f}  ppl {values['perplexity']:.3f}"
+            + (f"  turns {values['turns']:.2f}  tool calls {values['tool_calls']:.2f} ({values['tool_valid']:.0%} ran)"
+               if "turns" in values else "")
         )
     scorers = sorted({k for values in result.values() for k in values if k not in EVALUATE_METRICS})
     if not scorers:

@@ -10,8 +10,10 @@ from rlhf.config.base import Group, moved_keys
 from rlhf.config.rewards import RewardFunctionConfig, unique_labels
 from rlhf.config.sampling import Sampling, VLLMConfig
 
-# What evaluate reports of every actor besides the scorers (whose names must differ from these).
-EVALUATE_METRICS = ("rm_reward", "kl_to_sft", "response_length", "perplexity", "num_prompts")
+# What evaluate reports of every actor besides the scorers (whose names must differ from these); turns, tool_calls
+# and tool_valid under a multi-turn ppo.environment.
+EVALUATE_METRICS = ("rm_reward", "kl_to_sft", "response_length", "perplexity", "num_prompts", "turns", "tool_calls",
+                    "tool_valid")
 MOVED_EVALUATE_KEYS = {k: f"sampling.{k}" for k in ("do_sample", "temperature", "top_k", "top_p", "max_answer_tokens")}
 
 

@@ -182,7 +182,8 @@ def _one_line(err: ValidationError, source: str = "params.yaml") -> str:
     if e["type"] == "literal_error":
         return f"{source}: {value}: must be one of {e.get('ctx', {}).get('expected', '?')}"
     if e["type"] == "string_pattern_mismatch":
-        return f"{source}: {value}: {_PATTERNS.get(str(loc[-1]), 'must be letters, digits and _')}"
+        pattern = _PATTERNS.get(".".join(map(str, loc))) or _PATTERNS.get(str(loc[-1]), "must be letters, digits and _")
+        return f"{source}: {value}: {pattern}"
     if e["type"] in _MUST:
         return f"{source}: {value}: {_MUST[e['type']]}{_allowed(loc)}"
     return f"{source}: {value}: {e['msg']}"
@@ -194,6 +195,8 @@ _PATTERNS = {
                 "example rlhf.data.task:gold_reward_fn)",
     "trainer": "must be 'module:Class', an RLTrainer subclass importable from the project folder or the environment",
     "url": "must start with http:// or https:// (a reward server, such as `rlhf serve-reward`)",
+    "ppo.environment.name": "must be 'module:Class', an rlhf.rollout.environments.Environment subclass importable from "
+                            "the project folder or the environment",
 }
 
 _GROUPS = {name for name, f in Params.model_fields.items() if isinstance(f.annotation, type) and

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf.config import EvaluateConfig, RewardFunctionConfig
+from rlhf.config import EnvironmentConfig, EvaluateConfig, RewardFunctionConfig
 from rlhf.data.batching import right_pad
 from rlhf.data.split import read_split
 from rlhf.errors import UserError
@@ -86,10 +86,11 @@ def _perplexity(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: list
 
 def evaluate_actors(
     actors: dict[str, Path], reward_path: Path, data_dir: Path, cfg: EvaluateConfig, seed: int,
-    max_prompt_tokens: int | None = None,
+    max_prompt_tokens: int | None = None, environment: EnvironmentConfig | None = None,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
     """Metrics per actor name (the first one is the SFT baseline for KL) and sample rows side by side. The scorers'
-    means are under their labels (default_scorers)."""
+    means are under their labels (default_scorers). Under a multi-turn `environment` each actor plays the rows'
+    episodes (rlhf/evaluation/episodes.py): its reward is the quality `env`, with turns and tool-call measures."""
     from rlhf.models.build import load_causal_lm, load_reward_model
     from rlhf.models.tokenizer import encode_prompt, load_tokenizer
     from rlhf.pipeline.outputs import is_placeholder
@@ -97,7 +98,7 @@ def evaluate_actors(
     with_rm = not is_placeholder(reward_path)  # the reward stage's placeholder: no reward model was needed
     rows = read_split(data_dir / "ppo_eval.jsonl")[: cfg.num_prompts]
     scorers = load_functions(default_scorers(cfg, rows), "evaluate.scorers")
-    demos = _check_inputs(actors, reward_path, with_rm, data_dir, cfg, rows, bool(scorers))
+    demos = _check_inputs(actors, reward_path, with_rm, data_dir, cfg, rows, bool(scorers) or environment is not None)
     baseline_path = next(iter(actors.values()))
     tok = load_tokenizer(baseline_path)
     _check_tokenizers(tok, actors, reward_path if with_rm else None)
@@ -111,14 +112,26 @@ def evaluate_actors(
     samples: list[dict[str, str]] = [{"prompt": r["prompt"][-1]["content"]} for r in rows[: cfg.num_samples]]
     for name, path in actors.items():
         model = load_causal_lm(path).eval()
-        answers = _answers(model, tok, prompts, cfg, seed, vllm)
+        scored, kl, episode = (prompts, None, {})  # what the reward model scores: prompt + answer
+        if environment is None:
+            answers = _answers(model, tok, prompts, cfg, seed, vllm)
+        else:  # the episodes: the model's tokens are the answer, the whole trajectory is scored
+            from rlhf.evaluation.episodes import play, trajectory_kl
+
+            rollouts, episode = play(model, tok, rows, cfg, seed, environment, max_prompt_tokens)
+            answers = [a for r in rollouts for a in r.answers()]
+            scored = [s[m.bool()].tolist() for r in rollouts for s, m in zip(r.sequences, r.attention_mask)]
+            kl = trajectory_kl(model, baseline, rollouts, cfg.sampling.temperature if cfg.sampling.do_sample else 1.0)
         decoded = [tok.decode(a, skip_special_tokens=True) for a in answers]
         quality = function_values(scorers, rows, decoded, answers)
+        if environment is not None:
+            quality = {"env": [v for r in rollouts for v in r.env_rewards.tolist()], **quality}
         require_applies(scorers, quality, f"held-out answers of the {name} actor")
-        scores = _reward_scores(reward, tok, prompts, answers, cfg.batch_size) if reward is not None else None
-        metrics[name] = _measures(model, baseline, tok, prompts, answers, demos, cfg, max_prompt_tokens)
+        scores = (_reward_scores(reward, tok, scored, [[] if environment else a for a in answers], cfg.batch_size)
+                  if reward is not None else None)
+        metrics[name] = _measures(model, baseline, tok, prompts, answers, demos, cfg, max_prompt_tokens, kl)
         metrics[name] = {**{label: _mean(values) for label, values in quality.items()},
-                         **({"rm_reward": _mean(scores)} if scores is not None else {}), **metrics[name]}
+                         **({"rm_reward": _mean(scores)} if scores is not None else {}), **metrics[name], **episode}
         per_answer[name] = {label: [v for v in values if v is not None] for label, values in quality.items()}
         if scores is not None:
             per_answer[name]["rm_reward"] = list(scores)
@@ -186,18 +199,21 @@ def _check_tokenizers(tok: PreTrainedTokenizerBase, actors: dict[str, Path], rew
 
 def _measures(model: torch.nn.Module, baseline: torch.nn.Module, tok: PreTrainedTokenizerBase,
               prompts: list[list[int]], answers: list[list[int]],
-              demos: list[dict], cfg: EvaluateConfig, max_prompt_tokens: int | None) -> dict[str, float]:
-    """KL to the SFT model (k1 per token, at the temperature the answers were drawn at), answer length without the
-    stop token, perplexity on the held-out demonstrations, and the number of prompts."""
+              demos: list[dict], cfg: EvaluateConfig, max_prompt_tokens: int | None,
+              kl: float | None = None) -> dict[str, float]:
+    """KL to the SFT model (k1 per token, at the temperature the answers were drawn at; `kl` when the caller
+    measured it, on multi-turn trajectories), answer length without the stop token, perplexity on the held-out
+    demonstrations, and the number of prompts."""
     from rlhf.models.tokenizer import stop_ids
 
     stops = stop_ids(tok)
     temperature = cfg.sampling.temperature if cfg.sampling.do_sample else 1.0  # the distribution the answers were drawn from
-    own = answer_logprobs(model, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
-    ref = answer_logprobs(baseline, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
-    tokens = sum(len(a) for a in answers)
+    if kl is None:
+        own = answer_logprobs(model, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
+        ref = answer_logprobs(baseline, tok.pad_token_id, prompts, answers, cfg.batch_size, temperature)
+        kl = (sum(own) - sum(ref)) / max(sum(len(a) for a in answers), 1)
     return {
-        "kl_to_sft": (sum(own) - sum(ref)) / max(tokens, 1),  # k1 estimate of KL(actor || sft) per token
+        "kl_to_sft": kl,  # k1 estimate of KL(actor || sft) per token
         "response_length": sum(len(a) - (a[-1:] != [] and a[-1] in stops) for a in answers) / len(answers),
         "perplexity": _perplexity(model, tok, demos, cfg.batch_size, max_prompt_tokens),
         "num_prompts": len(answers),

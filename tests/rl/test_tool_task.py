@@ -49,6 +49,7 @@ def tool_repo(repo: Path, ppo: dict | None = None, n: int = 1500) -> Path:
                 "sampling": {"max_answer_tokens": 96},
                 "environment": {"name": ENV, "options": {"describe_tools": False}, "max_turns": 3,
                                 "max_turn_tokens": 48}, **(ppo or {})},
+        "evaluate": {"num_prompts": 48, "scorers": []},  # the environment's reward is the measure
     })
     run_ok("git", "init", "-q", cwd=repo)
     run_ok("dvc", "init", "-q", cwd=repo)
@@ -59,7 +60,7 @@ def tool_repo(repo: Path, ppo: dict | None = None, n: int = 1500) -> Path:
 @pytest.mark.slow
 def test_grpo_over_several_turns_raises_the_tool_tasks_reward(tmp_path: Path) -> None:
     repo = tool_repo(tmp_path / "repo")
-    out = run_ok("dvc", "repro", "ppo", cwd=repo)
+    out = run_ok("dvc", "repro", cwd=repo)
     print(out[-3000:])
     metrics = json.loads((repo / "metrics/ppo.json").read_text())
     print({k: v for k, v in metrics.items() if k.split("_")[0] in ("env", "turns", "tool", "reward")})
@@ -69,6 +70,14 @@ def test_grpo_over_several_turns_raises_the_tool_tasks_reward(tmp_path: Path) ->
     curve = (repo / "dvclive/ppo/plots/metrics/ppo/term/env.tsv").read_text().splitlines()
     assert len(curve) == 1 + 16  # the environment's reward logged each iteration, with turns and tool calls
     assert (repo / "dvclive/ppo/plots/metrics/ppo/tool_calls.tsv").is_file()
+
+    # evaluate plays the same episodes with each actor: the environment's reward is the quality
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    print(evaluate)
+    assert evaluate["grpo"]["env"] > evaluate["sft"]["env"], evaluate
+    assert evaluate["grpo"]["tool_calls"] > evaluate["sft"]["tool_calls"] and evaluate["sft"]["kl_to_sft"] == 0
+    assert evaluate["grpo"]["kl_to_sft"] > 0 and "gold_reward" not in evaluate["sft"]
+    assert "turns" in out and "tool calls" in out
 
     from transformers import AutoModelForCausalLM
 
