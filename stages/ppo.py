@@ -23,6 +23,9 @@ def ppo(
     checkpoints: Path = typer.Option(
         Path("checkpoints/ppo"), help="resumable checkpoints (every ppo.checkpoint_every iterations); a rerun resumes"
     ),
+    reward_cache: Path = typer.Option(
+        Path("reward_cache"), help="the reward functions' scores kept across runs (rewards.cache; a README otherwise)"
+    ),
 ) -> None:
     """Step 3: PPO (critic, GAE), GRPO, RLOO or REINFORCE++ (ppo.algorithm) with a KL penalty to the reference, EMA
     and optional ptx, on the hybrid engine."""
@@ -35,12 +38,16 @@ def ppo(
     guarded(
         check_outputs, [params_path, data, sft, used_reward],
         folders=[("--out", out / name) for name in ("actor", "critic", "actor_ema")], files=[("--metrics", metrics)],
-        scratch=[("--out", out), ("--live", live), ("--checkpoints", checkpoints)],
+        scratch=[("--out", out), ("--live", live), ("--checkpoints", checkpoints), ("--reward-cache", reward_cache)],
     )
     check_memory("ppo", params, sft, used_reward)
     relaunch_if_distributed(params)
-    result = guarded(run_ppo, params, data, sft, used_reward, out, live, checkpoints)
+    result = guarded(run_ppo, params, data, sft, used_reward, out, live, checkpoints, reward_cache)
     if is_main_rank():
+        from rlhf.rl.reward_cache import README
+
+        reward_cache.mkdir(parents=True, exist_ok=True)  # the stage's output, whether rewards.cache is on or not
+        (reward_cache / "README.txt").write_text(README)
         write_json(metrics, result)
         terms = ["reward"] + (["rm_score"] if used_reward is not None else []) + [f.label for f in params.rewards.functions]
         moved = ", ".join(f"{t} {result[t + '_sft']:.3f} -> {result[t + '_ppo']:.3f}" for t in terms)

@@ -59,6 +59,10 @@ class RewardsConfig(Group):
     # share of the run's samples a function may leave unscored (None) after its retries before step 3 stops;
     # 0 = the first such sample stops it
     max_failure_rate: float = Field(0.0, ge=0, lt=1)
+    # keep every function's values by (prompt, completion, columns, the function's source) in reward_cache/, a DVC
+    # output of the ppo stage: a rerun or an experiment never calls an expensive grader twice for one answer
+    # (rlhf/rl/reward_cache.py); hit rates in ppo/reward_cache_hits
+    cache: bool = False
 
     @model_validator(mode="after")
     def _terms(self) -> RewardsConfig:

@@ -30,6 +30,7 @@ from rlhf.rl.rewards import error_line
 
 if TYPE_CHECKING:
     from rlhf.config import RewardsConfig
+    from rlhf.rl.reward_cache import RewardCache
     from rlhf.rl.rewards import RewardFunction
 
 
@@ -76,31 +77,44 @@ class Grader:
         self.workers, self.chunk_size = rewards.workers, rewards.chunk_size
         self.timeout_s, self.retries, self.max_failure_rate = rewards.timeout_s, rewards.retries, rewards.max_failure_rate
         self.failures: dict[str, Failures] = {}
+        self.cache: RewardCache | None = None  # rewards.cache: the stage sets it (rlhf/rl/reward_cache.py)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rewards") if self.workers > 1 else None
 
     def values(self, functions: Sequence[RewardFunction], prompts: list[Any], completions: list[Any],
                ids: list[list[int]], columns: list[dict]) -> dict[str, list[float | None]]:
-        """label -> one checked value (or None) per sample, every function on every chunk of the batch."""
-        n = len(completions)
-        size = self.chunk_size or n
-        spans = [(lo, min(lo + size, n)) for lo in range(0, n, size)] or [(0, 0)]
-        calls = [(f, lo, hi) for f in functions for lo, hi in spans]
+        """label -> one checked value (or None) per sample, every function on every chunk of the batch; with a
+        cache (rlhf/rl/reward_cache.py), on the samples it does not hold only."""
+        from rlhf.rl.reward_cache import MISSING
 
-        def one(call: tuple[RewardFunction, int, int]) -> list[float | None]:
-            f, lo, hi = call
-            kwargs = f.arguments(prompts[lo:hi], completions[lo:hi], ids[lo:hi], columns[lo:hi])
-            return self._attempts(f, kwargs, hi - lo)
+        n = len(completions)
+        cache = self.cache
+        out: dict[str, list[Any]] = {}
+        keys = [cache.key(p, c, col) for p, c, col in zip(prompts, completions, columns, strict=True)] if cache else []
+        calls: list[tuple[RewardFunction, list[int]]] = []
+        for f in functions:
+            out[f.label] = [cache.get(f.label, k) for k in keys] if cache else [MISSING] * n
+            todo = [i for i, v in enumerate(out[f.label]) if v is MISSING]
+            size = self.chunk_size or max(len(todo), 1)
+            calls += [(f, todo[lo : lo + size]) for lo in range(0, len(todo), size)] or ([(f, [])] if not n else [])
+
+        def one(call: tuple[RewardFunction, list[int]]) -> tuple[list[float | None], bool]:
+            f, idx = call
+            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+            return self._attempts(f, f.arguments(pick(prompts), pick(completions), pick(ids), pick(columns)), len(idx))
 
         results = list(self._pool.map(one, calls)) if self._pool is not None else [one(c) for c in calls]
-        out: dict[str, list[float | None]] = {f.label: [] for f in functions}
-        for (f, _, _), got in zip(calls, results, strict=True):
-            out[f.label].extend(got)
+        for (f, idx), (got, ok) in zip(calls, results, strict=True):
+            for i, v in zip(idx, got, strict=True):
+                out[f.label][i] = v
+            if ok and cache:
+                cache.put(f.label, [(keys[i], v) for i, v in zip(idx, got, strict=True)])
         for f in functions:
             self._check_rate(f, n)
         return out
 
-    def _attempts(self, f: RewardFunction, kwargs: dict[str, Any], n: int) -> list[float | None]:
-        """The chunk's checked values, after up to `retries` more tries; n Nones, counted, when none succeeded."""
+    def _attempts(self, f: RewardFunction, kwargs: dict[str, Any], n: int) -> tuple[list[float | None], bool]:
+        """(the chunk's checked values, True) after up to `retries` more tries; (n Nones, False), counted, when none
+        succeeded."""
         err: BaseException | None = None
         for _ in range(self.retries + 1):
             try:
@@ -110,12 +124,12 @@ class Grader:
             except Exception as caught:  # the user's code, or CallTimeout: try again
                 err = caught
                 continue
-            return f._checked(out, n)  # noqa: SLF001 - the function's own output check
+            return f._checked(out, n), True  # noqa: SLF001 - the function's own output check
         record = self.failures.setdefault(f.label, Failures())
         record.failed += n
         record.since_log += n
         record.last = error_line(err)
-        return [None] * n
+        return [None] * n, False
 
     def _check_rate(self, f: RewardFunction, n: int) -> None:
         record = self.failures.setdefault(f.label, Failures())

@@ -18,19 +18,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf import faults
-from rlhf.config import Params, PPOConfig
+from rlhf.config import Params
 from rlhf.data.batching import Cycle, collate_prompt_rows, collate_sft
 from rlhf.errors import UserError
 from rlhf.rl.filtering import dynamic_experience
 from rlhf.rl.models import RLModels
-from rlhf.rl.report import iteration_point, mean_reward_score, phase_flops, progress_line
+from rlhf.rl.report import cache_hits, iteration_point, mean_reward_score, phase_flops, progress_line
 from rlhf.rl.rewards import RewardFunction
 from rlhf.rl.trainer import RLTrainer
+from rlhf.rl.watch import flat_reward_message, max_kl_message
 from rlhf.training.lifecycle import Lifecycle
 from rlhf.training.runtime import Dist
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
 
@@ -63,6 +63,7 @@ def run_ppo(
     out_dir: Path,
     live_dir: Path | None,
     ckpt_dir: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, float]:
     """Train the actor (and, for ppo, the critic) with ppo.algorithm; write out_dir/{actor,critic,actor_ema} (no
     critic for the critic-free family); return the final metrics.
@@ -75,6 +76,10 @@ def run_ppo(
         print(f"[ppo] {params.ppo.describe()}", flush=True)
     seed_everything(params.seed, params.engine.deterministic)
     trainer, loaders = build(params, dist, inputs, sft_path)
+    if params.rewards.cache and cache_dir is not None and trainer.functions:
+        from rlhf.rl.reward_cache import RewardCache
+
+        trainer.grader.cache = RewardCache(cache_dir, trainer.functions, dist.rank)
     run = lifecycle(params, dist, data_dir, sft_path, inputs.reward_path, live_dir, ckpt_dir)
     loop = Iterations(trainer, loaders, run, params.seed)
     loop.start()
@@ -325,6 +330,10 @@ class Iterations:
         episodes = ["env", "turns", "tool_calls", "tool_valid"] if self.trainer.episodes is not None else []
         for label in [f.label for f in functions] + episodes:
             metrics |= {f"{label}_sft": before.get(label, nan), f"{label}_ppo": after.get(label, nan)}
+        cache = self.trainer.grader.cache
+        if cache is not None:
+            cache_hits(self.trainer, self.dist)  # the held-out scoring's lookups too
+            metrics["reward_cache_hit_rate"] = cache.run_hits / cache.run_lookups if cache.run_lookups else nan
         metrics |= {
             "final_reward": self.point.get("reward", nan),
             "final_kl": self.point.get("kl", nan),
@@ -342,28 +351,6 @@ class Iterations:
         if not self.loaders.eval:
             return {}
         return mean_reward_score(self.trainer, self.loaders.eval, self.dist)
-
-
-def max_kl_message(it: int, kl: float, ppo: PPOConfig) -> str:
-    return (
-        f"PPO stopped early at iteration {it}: mean KL to the reference {kl:.3f} per answer exceeds "
-        f"ppo.kl.stop_above {ppo.kl.stop_above}; the models of this iteration are written. Raise ppo.kl.coef or lower "
-        "ppo.optimizer.actor_learning_rate to stay closer to the SFT model"
-    )
-
-
-def flat_reward_message(it: int, flat: int, scores: torch.Tensor, ppo: PPOConfig) -> str:
-    """The one line step 3 stops with when `flat` iterations in a row gave every answer (every group's answers)
-    the same reward: the advantages are all 0, so training would only drift."""
-    from rlhf.config import GROUP_ALGORITHMS
-
-    alike = "every group's answers scored alike" if ppo.algorithm in GROUP_ALGORITHMS else "every answer scored alike"
-    return (
-        f"step 3 stopped at iteration {it}: for {flat} iterations in a row {alike} (reward {scores.mean().item():.3f}), "
-        "so there was nothing to learn from and no model was written. Train SFT further (its answers must pass the "
-        "reward sometimes), give the reward partial credit, or sample more answers per prompt "
-        "(ppo.answers_per_prompt); ppo.max_flat_iterations: 0 turns this check off"
-    )
 
 
 # ------------------------------------------------------------------------------------------------------ export

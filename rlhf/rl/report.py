@@ -45,6 +45,7 @@ def iteration_point(trainer: RLTrainer, exp: Experience, sums: dict[str, float],
         "response_length": len_sum / n,
         "reward_failures": failed,  # samples a reward function left unscored after its retries (every rank)
         **episode_means(trainer, dist),
+        **cache_hits(trainer, dist),
         **sums,
         "actor_lr": trainer.models.actor.engine.get_lr()[0],
         "gen_tokens_per_s": tok_sum / max(gen_s / dist.world_size, 1e-9),
@@ -54,6 +55,19 @@ def iteration_point(trainer: RLTrainer, exp: Experience, sums: dict[str, float],
         "train_tflops": flops["train"] / max(train_s, 1e-9) / 1e12,
         **timings,
     }
+
+
+def cache_hits(trainer: RLTrainer, dist: Dist) -> dict[str, float]:
+    """rewards.cache: the share of reward-function lookups the cache answered since the last point (every rank),
+    with the run's totals kept on the cache for the stage's metrics. {} without a cache."""
+    from rlhf.training.loop import all_reduce_sum
+
+    cache = trainer.grader.cache
+    if cache is None:
+        return {}
+    hits, lookups = all_reduce_sum([float(x) for x in cache.take_hits()], dist)
+    cache.run_hits, cache.run_lookups = cache.run_hits + hits, cache.run_lookups + lookups
+    return {"reward_cache_hits": hits / lookups if lookups else float("nan")}
 
 
 EPISODE_KEYS = ("episodes", "turns", "tool_calls", "tool_failed")

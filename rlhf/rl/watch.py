@@ -1,7 +1,8 @@
 """Over-optimisation made visible: the warnings that step 3 and evaluate print at the end of a run when a rising
 reward looks like reward hacking rather than a better model (Gao et al. 2022, "Scaling laws for reward model
 overoptimization"): the reward rose while the KL to the SFT model or the answer length blew up, or the reward model
-and a verifier (or evaluate scorer) moved in opposite directions.
+and a verifier (or evaluate scorer) moved in opposite directions; and the lines step 3 stops with when its KL runs
+away or its rewards are flat.
 
 A warning changes no result, so its thresholds are constants here, not params; the stage still exits 0 (the work was
 done) but says, one line per finding, what to look at and which param reins it in (`ppo.kl.target`, `ppo.kl.stop_above`,
@@ -10,6 +11,12 @@ done) but says, one line per finding, what to look at and which param reins it i
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from rlhf.config import PPOConfig
 
 KL_PER_ANSWER = 5.0  # nats of KL to the reference per answer above which a rising reward is suspect
 KL_PER_TOKEN = 0.5  # the same for evaluate's kl_to_sft (per answer token)
@@ -89,3 +96,25 @@ def evaluate_warnings(result: Mapping[str, Mapping[str, float]], scorers: list[s
             {s: (sft[s], got[s]) for s in scorers if s in got and s in sft}, "SFT -> " + name,
         )
     return out
+
+
+def max_kl_message(it: int, kl: float, ppo: PPOConfig) -> str:
+    return (
+        f"PPO stopped early at iteration {it}: mean KL to the reference {kl:.3f} per answer exceeds "
+        f"ppo.kl.stop_above {ppo.kl.stop_above}; the models of this iteration are written. Raise ppo.kl.coef or lower "
+        "ppo.optimizer.actor_learning_rate to stay closer to the SFT model"
+    )
+
+
+def flat_reward_message(it: int, flat: int, scores: torch.Tensor, ppo: PPOConfig) -> str:
+    """The one line step 3 stops with when `flat` iterations in a row gave every answer (every group's answers)
+    the same reward: the advantages are all 0, so training would only drift."""
+    from rlhf.config import GROUP_ALGORITHMS
+
+    alike = "every group's answers scored alike" if ppo.algorithm in GROUP_ALGORITHMS else "every answer scored alike"
+    return (
+        f"step 3 stopped at iteration {it}: for {flat} iterations in a row {alike} (reward {scores.mean().item():.3f}), "
+        "so there was nothing to learn from and no model was written. Train SFT further (its answers must pass the "
+        "reward sometimes), give the reward partial credit, or sample more answers per prompt "
+        "(ppo.answers_per_prompt); ppo.max_flat_iterations: 0 turns this check off"
+    )

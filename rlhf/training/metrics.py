@@ -13,9 +13,10 @@ from rlhf.training.runtime import Dist
 class MetricsLogger:
     """Per-step curves through dvclive on rank 0; a no-op on other ranks.
 
-    Nothing is touched until the first point is logged: opening dvclive clears the folder's previous curves, so a
-    stage that stops before training (bad input, or non-finite losses from the first step) leaves the last run's
-    curves as they were.
+    The previous run's curves stay in `live_dir` until this run completes: the run writes into a sibling folder,
+    `.<name>.partial` (dvclive/.ppo.partial while dvclive/ppo holds the last finished run's), which `close` moves
+    into place. A stage that stops, whether on bad input, non-finite losses or a grader failing at iteration 500,
+    leaves the last complete run's curves as they were (its partial curves stay beside them, for a look).
 
     `resume_rows` (from a checkpoint's `rows()`) continues an interrupted run: each curve is put back as it was
     when the checkpoint was taken (the checkpoint keeps the curves' text), so the points logged between that
@@ -26,7 +27,8 @@ class MetricsLogger:
     def __init__(self, live_dir: Path | None, dist: Dist, resume_rows: dict[str, int] | None = None,
                  logging: LoggingConfig | None = None, stage: str | None = None):
         self.live = None
-        self.dir = Path(live_dir) if live_dir is not None else None
+        self.final = Path(live_dir) if live_dir is not None else None  # the last complete run's curves
+        self.dir = self.final.parent / f".{self.final.name}.partial" if self.final is not None else None  # this run's
         self.resume_rows = resume_rows
         self.enabled = dist.is_main and live_dir is not None
         # the other backends of logging.report_to (rank 0 only), opened with dvclive
@@ -41,9 +43,14 @@ class MetricsLogger:
     def _open(self) -> bool:
         """Open dvclive on the first use (rank 0); whether there is a live logger."""
         if self.live is None and self.enabled:
+            import shutil
+
             from dvclive import Live
 
+            shutil.rmtree(self.dir, ignore_errors=True)  # a stopped run's partial curves
             if self.resume_rows is not None:
+                if self.final.is_dir():  # a checkpoint's count of lines before 2026-12-04 cuts these
+                    shutil.copytree(self.final, self.dir)
                 self._restore(self.resume_rows)
             # dvcyaml=False: dvc.yaml is ours and declares the plots; save_dvc_exp=False: `dvc exp run` owns exps.
             self.live = Live(
@@ -116,11 +123,24 @@ class MetricsLogger:
             self.live.summary[k] = v
         self.live.make_summary()
         self.live.end()
+        self._publish()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
             self.wandb.finish()
+
+
+    def _publish(self) -> None:
+        """The completed run's curves replace the last one's: renames only, so an interruption leaves either."""
+        import shutil
+
+        old = self.final.parent / f".{self.final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.final.exists():
+            self.final.rename(old)
+        self.dir.rename(self.final)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _wandb_logged_in() -> bool:

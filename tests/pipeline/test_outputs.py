@@ -162,7 +162,10 @@ def test_a_split_edited_by_hand_is_refused_naming_the_file_and_the_fix(tmp_path:
     assert f"dvc checkout {out}" in line and "dvc repro -f prepare" in line and "\n" not in line
 
 
-def test_dvclive_is_not_touched_until_the_first_point(tmp_path: Path) -> None:
+def test_the_last_runs_curves_stay_until_a_run_completes(tmp_path: Path) -> None:
+    """A run logs into dvclive/.sft.partial; dvclive/sft keeps the last complete run's curves until `close`, so a
+    run that stops midway (a grader's failure at iteration 500) loses none of them; a new run starts its partial
+    folder afresh."""
     from rlhf.training.metrics import MetricsLogger
     from rlhf.training.runtime import Dist
 
@@ -170,12 +173,23 @@ def test_dvclive_is_not_touched_until_the_first_point(tmp_path: Path) -> None:
     (live / "plots/metrics/train").mkdir(parents=True)
     (live / "metrics.json").write_text('{"earlier": 1}\n')
     (live / "plots/metrics/train/loss.tsv").write_text("step\tloss\n1\t0.5\n")
-    logger = MetricsLogger(live, Dist(rank=0, world_size=1, local_rank=0, device="cpu"))
-    assert (live / "metrics.json").read_text() == '{"earlier": 1}\n'  # a stage failing now loses nothing
-    assert (live / "plots/metrics/train/loss.tsv").is_file()
+    rank0 = Dist(rank=0, world_size=1, local_rank=0, device="cpu")
+    stopped = MetricsLogger(live, rank0)
+    stopped.log(1, {"train/loss": 0.9})
+    stopped.log(2, {"train/loss": 0.8})  # ... and the run stops here
+    partial = tmp_path / "dvclive/.sft.partial"
+    assert (partial / "plots/metrics/train/loss.tsv").read_text().splitlines()[1:] == ["1\t0.9", "2\t0.8"]
+    assert (live / "metrics.json").read_text() == '{"earlier": 1}\n'
+    assert (live / "plots/metrics/train/loss.tsv").read_text() == "step\tloss\n1\t0.5\n"
+
+    logger = MetricsLogger(live, rank0)
     logger.log(1, {"train/loss": 0.25})
+    assert (partial / "plots/metrics/train/loss.tsv").read_text().splitlines() == ["step\tloss", "1\t0.25"]
+    assert (live / "plots/metrics/train/loss.tsv").read_text() == "step\tloss\n1\t0.5\n"
+    logger.close({"final": 1.0})
     assert json.loads((live / "metrics.json").read_text())["train"]["loss"] == 0.25
     assert (live / "plots/metrics/train/loss.tsv").read_text().splitlines() == ["step\tloss", "1\t0.25"]
+    assert not partial.exists() and not (tmp_path / "dvclive/.sft.old").exists()
 
 
 # ------------------------------------------------------------------------------------ a step with nothing to learn

@@ -117,3 +117,60 @@ def test_a_wrong_result_is_a_bug_not_a_hiccup() -> None:
     with pytest.raises(UserError, match="returned nan for sample 0"):
         _values(_grader(retries=3, max_failure_rate=0.9), _fn(nan))
     assert len(calls) == 1  # not retried
+
+
+def test_the_cache_answers_what_was_scored_and_forgets_a_changed_function(tmp_path) -> None:
+    """rewards.cache: a sample scored once is not scored again (by another grader reading the same folder, as a
+    rerun or an experiment does); a failed call is not kept; another version of the function starts afresh."""
+    from rlhf.rl.reward_cache import RewardCache
+
+    scored: list[str] = []
+    fail = {"on": False}
+
+    def judge(prompts, completions, answer, **kw):
+        if fail["on"]:
+            raise ConnectionError("judge down")
+        scored.extend(completions)
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    fn = _fn(judge, "judge")
+    prompts, answers = ["q1", "q2", "q3", "q1"], ["4", "x", "7", "4"]
+    columns = [{"answer": a} for a in ["4", "5", "7", "4"]]
+
+    def values(grader, completions):
+        return grader.values([fn], prompts[: len(completions)], completions, [[1]] * len(completions),
+                             columns[: len(completions)])["judge"]
+
+    first = _grader(chunk_size=2)
+    first.cache = RewardCache(tmp_path / "cache", [fn])
+    assert values(first, answers) == [1.0, 0.0, 1.0, 1.0]
+    assert scored == ["4", "x", "7", "4"]  # q1 twice in one batch: both asked (the cache fills after the call)
+    assert first.cache.take_hits() == (0, 4)
+
+    again = _grader(chunk_size=2)
+    again.cache = RewardCache(tmp_path / "cache", [fn], rank=1)  # a later run (another rank, even)
+    assert values(again, ["4", "y", "7", "4"]) == [1.0, 0.0, 1.0, 1.0]
+    assert scored[4:] == ["y"] and again.cache.take_hits() == (3, 4)  # only the new answer is scored
+
+    fail["on"] = True
+    down = _grader(retries=0, max_failure_rate=0.9)
+    down.cache = RewardCache(tmp_path / "cache", [fn])
+    assert values(down, ["z", "x"]) == [None, 0.0]  # the unscored one is not kept...
+    fail["on"] = False
+    assert values(down, ["z"]) == [0.0] and scored[-1] == "z"  # ...and asked again
+
+    files = sorted(p.name for p in (tmp_path / "cache").glob("*.jsonl"))
+    assert len(files) == 2 and all(f.startswith("judge-") for f in files)  # this rank's file and rank 1's
+
+    import importlib.util
+
+    (tmp_path / "judges.py").write_text("def judge(prompts, completions, **kw):\n    return [0.5] * len(completions)\n")
+    spec = importlib.util.spec_from_file_location("judges", tmp_path / "judges.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    other = _fn(module.judge, "judge")  # the function edited: its file is another
+    changed = _grader()
+    changed.cache = RewardCache(tmp_path / "cache", [other])
+    assert changed.cache.names["judge"] != again.cache.names["judge"]
+    assert changed.values([other], ["q1"], ["4"], [[1]], [{"answer": "4"}])["judge"] == [0.5]  # not the old 1.0
+    assert changed.cache.take_hits() == (0, 1)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from tests.conftest import commit, copy_project, run_ok, write_params
@@ -106,3 +107,44 @@ def test_a_verifier_alone_raises_its_own_score_through_dvc_repro(tmp_path: Path)
     assert not (repo / "models/ppo/critic").exists()
     evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
     assert evaluate["grpo"]["reversed"] > evaluate["sft"]["reversed"], evaluate
+
+
+COUNTING = VERIFIER + '''
+
+def counted(prompts, completions, answer, **columns):
+    """reversed_words, each call's sample count appended to $CALLS_FILE (the test reads how often it was asked)."""
+    import os
+
+    with open(os.environ["CALLS_FILE"], "a") as out:
+        out.write(f"{len(completions)}\\n")
+    return reversed_words(prompts, completions, answer)
+'''
+
+
+@pytest.mark.slow
+def test_the_reward_cache_spares_a_rerun_every_call(tmp_path: Path) -> None:
+    """rewards.cache: true through `dvc repro`, then a `dvc exp run` whose change leaves the rollouts as they were
+    (the EMA's beta): the experiment asks the verifier nothing, every score comes from reward_cache/ (a DVC output),
+    and its rewards are the first run's."""
+    counted_fn = {"function": "rewards.reverse:counted", "name": "reversed"}
+    repo = verifier_repo(tmp_path / "repo", ppo={"iterations": 3, "eval_prompts": 8})
+    (repo / "rewards/reverse.py").write_text(COUNTING)
+    write_params(repo / "params.yaml", yaml.safe_load((repo / "params.yaml").read_text()),
+                 {"rewards": {"functions": [counted_fn], "cache": True}, "evaluate": {"scorers": [counted_fn]}})
+    commit(repo, "counted verifier, cache on")
+    calls = tmp_path / "calls.txt"
+    run_ok("dvc", "repro", "ppo", cwd=repo, env={"CALLS_FILE": str(calls)})
+    first = json.loads((repo / "metrics/ppo.json").read_text())
+    asked = sum(int(n) for n in calls.read_text().split())
+    assert asked >= 3 * 16 * 4 and first["reward_cache_hit_rate"] < 0.5, first
+    cached = list((repo / "reward_cache").glob("reversed-*.rank0.jsonl"))
+    assert len(cached) == 1 and len(cached[0].read_text().splitlines()) > 0
+    assert "path: reward_cache" in (repo / "dvc.lock").read_text()  # an output DVC caches and shares
+    commit(repo, "first run")
+
+    calls.write_text("")
+    run_ok("dvc", "exp", "run", "ppo", "-S", "ppo.ema_beta=0.5", cwd=repo, env={"CALLS_FILE": str(calls)})
+    again = json.loads((repo / "metrics/ppo.json").read_text())
+    assert calls.read_text().split() == [], "the verifier was asked again"
+    assert again["reward_cache_hit_rate"] == 1.0, again
+    assert (again["reward_sft"], again["reward_ppo"]) == (first["reward_sft"], first["reward_ppo"])
