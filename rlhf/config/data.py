@@ -34,6 +34,7 @@ STEPS = ("sft", "reward", "ppo")
 FORMAT_STEPS = {
     "prompt": ("ppo",),
     "prompt_completion": ("sft", "ppo"),
+    "unpaired": STEPS,  # a desirable answer is a demonstration too; the labelled answers feed dpo.loss_type kto
     "messages": ("sft", "ppo"),
     "preference": STEPS,
     "rm_static": STEPS,
@@ -48,7 +49,8 @@ class SourceConfig(Group):
     split: str = "train"  # split to read from a hub id or a save_to_disk DatasetDict
     weight: float = Field(1.0, gt=0)  # fraction of the source's rows to use (1.0 = all); blends sources
     # the rows' shape (README, "Your data"); auto: told from the columns
-    format: Literal["auto", "prompt_completion", "preference", "messages", "prompt", "rm_static", "hh_rlhf"] = "auto"
+    format: Literal["auto", "prompt_completion", "preference", "unpaired", "messages", "prompt", "rm_static",
+                    "hh_rlhf"] = "auto"
     # The steps this source feeds (TRL/OpenRLHF: one dataset per trainer); null = shared by data.data_split.
     # Several steps share the source by their data.data_split shares.
     steps: list[Literal["sft", "reward", "ppo"]] | None = None

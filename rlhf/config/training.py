@@ -52,10 +52,11 @@ class DPOConfig(TrainConfig):
 
     # sigmoid: DPO (cDPO with label_smoothing > 0); ipo: IPO; simpo: SimPO (Meng et al. 2024: no reference, mean
     # log-probability per token, a target margin); orpo: ORPO (Hong et al. 2024: no reference, the chosen answers'
-    # NLL plus beta x the log odds ratio term)
-    loss_type: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
+    # NLL plus beta x the log odds ratio term); kto: KTO (Ethayarajh et al. 2024: answers labelled desirable or not,
+    # one at a time: TRL's unpaired rows, and each pair as its two answers; rlhf/prefs/kto.py)
+    loss_type: Literal["sigmoid", "ipo", "simpo", "orpo", "kto"] = "sigmoid"
     # DPO's beta, the strength of the KL to the reference (IPO: its tau; SimPO: its reward scale; ORPO: its lambda);
-    # null = the loss's published value: 0.1 (sigmoid, ipo, orpo), 2.0 (simpo)
+    # null = the loss's published value: 0.1 (sigmoid, ipo, orpo, kto), 2.0 (simpo)
     beta: float | None = Field(None, gt=0)
     simpo_gamma: float = Field(1.0, ge=0)  # SimPO's target reward margin gamma (gamma / beta = 0.5 at beta 2)
     ipo_length_normalize: bool = True  # ipo on mean log-probabilities per answer token (TRL's); false: summed
@@ -63,8 +64,12 @@ class DPOConfig(TrainConfig):
     # + sft_coef x the chosen answers' negative log-likelihood per token: RPO (Pang et al. 2024; TRL's rpo_alpha),
     # so that DPO cannot lower the likelihood of both answers of a pair (0 = plain DPO; on the shipped task it ran
     # every answer to the length limit at this learning rate: README); ORPO's own SFT term; null = the loss's:
-    # 1.0 (sigmoid, ipo, orpo), 0 (simpo)
+    # 1.0 (sigmoid, ipo, orpo), 0 (simpo, kto)
     sft_coef: float | None = Field(None, ge=0)
+    # KTO's weights of the desirable and undesirable answers' losses (TRL's desirable_weight / undesirable_weight):
+    # keep desirable x their count over undesirable x theirs within 1 to 4/3
+    kto_desirable_weight: float = Field(1.0, ge=0)
+    kto_undesirable_weight: float = Field(1.0, ge=0)
     # dropout off in the trained policy (the reference is scored in eval mode): with it on, the first step's
     # log-ratios are noise and its loss is not log 2 (TRL's disable_dropout)
     disable_dropout: bool = True
@@ -81,12 +86,14 @@ class DPOConfig(TrainConfig):
     @property
     def needs_reference(self) -> bool:
         """Whether the loss compares the policy with the frozen SFT model (SimPO and ORPO do not)."""
-        return self.loss_type in ("sigmoid", "ipo")
+        return self.loss_type in ("sigmoid", "ipo", "kto")
 
 
 # dpo.loss_type -> its published beta and SFT weight: DPO and IPO as TRL runs them, with our RPO term (README);
-# SimPO's recommended beta 2.0 (Meng et al. 2024: 2.0-2.5) without the CPO term; ORPO's lambda 0.1 and its NLL
+# SimPO's recommended beta 2.0 (Meng et al. 2024: 2.0-2.5) without the CPO term; ORPO's lambda 0.1 and its NLL;
+# KTO's beta 0.1 (TRL's), no SFT term
 LOSS_DEFAULTS: dict[str, dict[str, float]] = {
     "sigmoid": {"beta": 0.1, "sft_coef": 1.0}, "ipo": {"beta": 0.1, "sft_coef": 1.0},
     "simpo": {"beta": 2.0, "sft_coef": 0.0}, "orpo": {"beta": 0.1, "sft_coef": 1.0},
+    "kto": {"beta": 0.1, "sft_coef": 0.0},
 }

@@ -18,6 +18,7 @@ ANSWERS = ("completion", "chosen", "rejected")
 # (TRL's implicit prompt).
 _COLUMNS = {
     "prompt_completion": ("prompt", "completion"),
+    "unpaired": ("prompt", "completion", "label"),  # TRL's unpaired preference: one answer, thumbs up or down
     "preference": ("prompt", "chosen", "rejected"),
     "messages": ("messages",),
     "prompt": ("prompt",),
@@ -54,6 +55,8 @@ def detect_format(name: str, columns: set[str], raw: list[dict]) -> str:
         if "response" in columns or (isinstance(prompt, str) and _TURN.match(prompt.lstrip(" "))):
             return "rm_static"
         return "preference"
+    if {"prompt", "completion", "label"} <= columns:
+        return "unpaired"
     if "completion" in columns and "prompt" in columns:
         return "prompt_completion"
     if "prompt" in columns:
@@ -98,6 +101,11 @@ def normalise(raw: dict, fmt: str, columns: set[str]) -> dict:
         row["prompt"], row["completion"] = _prompt(raw["prompt"]), _answer(raw["completion"], "completion")
     elif fmt == "messages":
         row["prompt"], row["completion"] = _split_messages(raw["messages"])
+    elif fmt == "unpaired":  # the answer stands where a pair's chosen or rejected one would; `label` says which
+        row["prompt"], answer, label = _prompt(raw["prompt"]), _answer(raw["completion"], "completion"), raw["label"]
+        if not isinstance(label, bool):
+            raise BadRow("wrong_type", f"label is {label!r}, not true (desirable) or false (undesirable)")
+        row["chosen" if label else "rejected"], row["label"] = answer, label
     elif fmt == "preference" and implicit:
         row["prompt"], row["chosen"], row["rejected"] = _implicit_pair(raw["chosen"], raw["rejected"])
     elif fmt == "preference":

@@ -28,9 +28,11 @@ SMALL_SPLIT_FRACTION = 0.1
 
 
 def feeds(row: dict) -> tuple[bool, bool, bool]:
-    """Which phases (sft, reward, ppo) a row can train: SFT needs an answer, the reward model a pair."""
+    """Which phases (sft, reward, ppo) a row can train: SFT needs an answer (not a thumbs-down one), the preference
+    step a pair or a labelled answer (KTO's)."""
     has_pair = row.get("chosen") is not None and row.get("rejected") is not None
-    return row.get("completion") is not None or row.get("chosen") is not None, has_pair, True
+    return (row.get("completion") is not None or row.get("chosen") is not None,
+            has_pair or row.get("label") is not None, True)
 
 
 def prompt_key(row: dict) -> str:

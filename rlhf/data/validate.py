@@ -143,14 +143,14 @@ def _check(row: dict) -> tuple[str, str] | None:
             return "wrong_type", f"{field} is a {type(value).__name__}, not a string"
         if value is not None and not value.strip():
             return "empty_text", f"{field} is empty or whitespace"
-    if (row.get("chosen") is None) != (row.get("rejected") is None):
+    if (row.get("chosen") is None) != (row.get("rejected") is None) and row.get("label") is None:
         return "empty_text", "a pair needs both chosen and rejected"
     roles = [m["role"] for m in prompt]
     turns = roles[1:] if roles[0] == "system" else roles
     if not _ROLE_ORDER.fullmatch("".join(_ROLE_LETTERS.get(r, "?") for r in turns)):
         return "bad_role_order", (f"prompt roles are {roles}; expected [system], user, assistant, ..., user (a "
                                   "multi-turn prompt may answer an assistant turn with tool turns instead of a user's)")
-    if row.get("chosen") is not None and row["chosen"].strip() == row["rejected"].strip():
+    if None not in (row.get("chosen"), row.get("rejected")) and row["chosen"].strip() == row["rejected"].strip():
         return "chosen_equals_rejected", "chosen and rejected are the same text"
     return None
 

@@ -3,7 +3,8 @@ actor trained on the preference pairs against a frozen copy of itself, with no r
 
 The reference's summed log-probabilities of every chosen and rejected answer are computed once, before training,
 and travel with the rows (not recomputed per epoch); the loss (DPO, cDPO or IPO) is rlhf.training.losses.dpo_loss.
-SimPO and ORPO (dpo.loss_type simpo / orpo) need no reference: none is loaded (reference_free_loss).
+SimPO and ORPO (dpo.loss_type simpo / orpo) need no reference: none is loaded (reference_free_loss). KTO
+(dpo.loss_type kto) trains on labelled answers instead of pairs: rlhf/prefs/kto.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rlhf.config import DPOConfig, Params
 from rlhf.data.batching import answer_positions, right_pad
 from rlhf.models.logprobs import sequence_logprobs
 from rlhf.models.tokenizer import encode_answer, encode_prompt
+from rlhf.prefs.kto import add_kto_reference, collate_kto, encode_kto, kto_length, kto_loss_fn
 from rlhf.training.runtime import Dist, evaluating
 
 if TYPE_CHECKING:
@@ -122,11 +124,14 @@ def run_dpo(
     check_model_folder(sft_path, "causal_lm", "--sft")
     tok = load_tokenizer(sft_path)
     limit = params.data.max_prompt_tokens  # only data.truncate_prompts lets a longer prompt through prepare
-    train_rows = [encode_dpo_pair(tok, r, limit) for r in read_split(data_dir / "reward_train.jsonl")]
+    kto = cfg.loss_type == "kto"  # KTO takes every answer, labelled; the others take the pairs
+    encode = (lambda rows: encode_kto(tok, rows, limit)) if kto else (  # noqa: E731
+        lambda rows: [encode_dpo_pair(tok, r, limit) for r in rows if r.get("label") is None])
+    train_rows = encode(read_split(data_dir / "reward_train.jsonl"))
     if not train_rows and "reward" in skipped_steps(data_dir):
         return write_placeholder("dpo", {"dpo": cfg.model_dump()}, params.seed, data_dir, out_dir, live_dir,
                                  ckpt_dir, NO_PAIRS)
-    eval_rows = [encode_dpo_pair(tok, r, limit) for r in read_split(data_dir / "reward_eval.jsonl")]
+    eval_rows = encode(read_split(data_dir / "reward_eval.jsonl"))
     check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "dpo", launch_world_size(), "reward")
     check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")
     dist = init_distributed(params.engine)
@@ -134,12 +139,13 @@ def run_dpo(
     if cfg.needs_reference:  # SimPO and ORPO have none
         reference = load_causal_lm(sft_path)
         for rows in (train_rows, eval_rows):
-            add_reference_logprobs(reference, rows, tok.pad_token_id, cfg.eval_batch_size, dist)
+            (add_kto_reference if kto else add_reference_logprobs)(reference, rows, tok.pad_token_id,
+                                                                  cfg.eval_batch_size, dist)
         del reference
     elif dist.is_main:
         print(f"[dpo] {cfg.loss_type} has no reference model: none loaded or scored", flush=True)
 
-    loss_fn = dpo_loss_fn(cfg)
+    loss_fn = kto_loss_fn(cfg, dist.world_size) if kto else dpo_loss_fn(cfg)
 
     def build() -> Any:
         model = add_lora(load_causal_lm(sft_path), cfg.lora, "CAUSAL_LM")
@@ -154,8 +160,8 @@ def run_dpo(
         build_model=build,
         train_rows=train_rows,
         eval_rows=eval_rows,
-        collate=collate_dpo(tok.pad_token_id),
-        length=dpo_length,
+        collate=(collate_kto if kto else collate_dpo)(tok.pad_token_id),
+        length=kto_length if kto else dpo_length,
         loss_fn=loss_fn,
         evaluate=dpo_evaluate(loss_fn, dist),
         out_dir=out_dir,

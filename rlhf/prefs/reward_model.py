@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf.config import Params
 from rlhf.data.batching import right_pad
+from rlhf.errors import UserError
 from rlhf.models.tokenizer import encode_answer, encode_prompt
 from rlhf.training.runtime import Dist, evaluating
 
@@ -112,11 +113,17 @@ def run_reward(
     tok = resolve_tokenizer(params.reward_model.name_or_path, data_dir, "reward_model.name_or_path")
     cfg = params.reward
     limit = params.data.max_prompt_tokens  # only data.truncate_prompts lets a longer prompt through prepare
-    train_rows = [encode_pair(tok, r, limit) for r in read_split(data_dir / "reward_train.jsonl")]
-    if not train_rows and "reward" in skipped_steps(data_dir):
+    rows = read_split(data_dir / "reward_train.jsonl")
+    train_rows = [encode_pair(tok, r, limit) for r in rows if r.get("label") is None]  # KTO's labelled answers: no pair
+    unneeded = params.rewards.model_weight == 0 and rows  # only labelled answers, for DPO's kto: no reward model needed
+    if not train_rows and ("reward" in skipped_steps(data_dir) or unneeded):
         return write_placeholder("reward", {"reward": params.reward.model_dump()}, params.seed, data_dir, out_dir,
                                  live_dir, ckpt_dir, NO_REWARD_MODEL)
-    eval_rows = [encode_pair(tok, r, limit) for r in read_split(data_dir / "reward_eval.jsonl")]
+    if not train_rows and rows:
+        raise UserError(f"{data_dir / 'reward_train.jsonl'} holds {len(rows)} labelled answers (unpaired rows, KTO's) "
+                        "and no preference pair, so no reward model can be trained: add pairs, or set "
+                        "rewards.model_weight: 0 (step 3 on rewards.functions) and train with dpo.loss_type: kto")
+    eval_rows = [encode_pair(tok, r, limit) for r in read_split(data_dir / "reward_eval.jsonl") if r.get("label") is None]
     check_train_split(data_dir / "reward_train.jsonl", len(train_rows), cfg, "reward", launch_world_size())
     check_eval_split(data_dir / "reward_eval.jsonl", len(eval_rows), "accuracy")
     dist = init_distributed(params.engine)

@@ -199,6 +199,32 @@ def dpo_loss(
     return losses.mean(), preference_stats(beta * chosen, beta * rejected)
 
 
+def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """KTO (Ethayarajh et al. 2024, eq. 8; TRL's kto loss) on unpaired answers: (B,) summed log-probabilities of each
+    answer under the policy and the frozen reference, `desirable` (B,) bool (thumbs up), `kl` the batch's reference
+    point z0 (a detached estimate of KL(policy || ref), >= 0):
+
+        r = log pi(y|x) - log ref(y|x)
+        desirable    w_d (1 - sigmoid(beta (r - z0)))
+        undesirable  w_u (1 - sigmoid(beta (z0 - r)))
+
+    Returns (the mean over the B answers, stats): rewards_chosen / rewards_rejected (mean beta r of the desirable /
+    undesirable answers, 0 where the batch has none), their margin, accuracy (the share of answers on their label's
+    side of z0) and kl."""
+    r = policy - ref
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - r))))
+    with torch.no_grad():
+        rewards = beta * r.detach()
+        up, down = desirable, ~desirable
+        mean = lambda x, m: (x * m).sum() / m.sum() if m.any() else x.new_zeros(())  # noqa: E731
+        r_c, r_r = mean(rewards, up), mean(rewards, down)
+        stats = {"rewards_chosen": r_c.item(), "rewards_rejected": r_r.item(), "margin": (r_c - r_r).item(),
+                 "accuracy": ((r.detach() > kl) == desirable).float().mean().item(), "kl": float(kl)}
+    return losses.mean(), stats
+
+
 def preference_stats(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> dict[str, float]:
     """The (B,) implicit rewards of each pair's answers as logged: their means, the mean margin, and the share of
     pairs whose chosen answer has the larger."""

@@ -121,6 +121,11 @@ MINE_PAIRS = jsonl(*({"prompt": f"{q} {country}?", "chosen": f"{city}.", "reject
                      for i, (country, city) in enumerate(CAPITALS)
                      for q in ("What is the capital of", "Which city is the capital of", "Name the capital of")))
 MINE_FILES = {"mine.jsonl": MINE, "mine_pairs.jsonl": MINE_PAIRS}
+# The same answers as TRL's unpaired rows (thumbs up for the right city, down for a wrong one): no pair at all.
+MINE_THUMBS = jsonl(*({"prompt": f"{q} {country}?", "completion": f"{city if up else CAPITALS[i - 1][1]}.", "label": up}
+                      for i, (country, city) in enumerate(CAPITALS)
+                      for q in ("What is the capital of", "Which city is the capital of", "Name the capital of")
+                      for up in (True, False)))
 
 
 def mine(**data: Any) -> dict[str, Any]:
@@ -160,6 +165,9 @@ BAD_INPUTS = [
         source("d.jsonl", "prompt_completion"), {"d.jsonl": jsonl({"prompt": "Sort 2 1.", "completion": None})}),
     Bad("wrong type (completion is a number)", ("prepare",), ("row 0", "wrong_type"),
         source("d.jsonl", "prompt_completion"), {"d.jsonl": jsonl({"prompt": "Sort 2 1.", "completion": 12})}),
+    Bad("an unpaired row whose label is not true or false", ("prepare",), ("row 1", "wrong_type", "label is 'yes'"),
+        source("d.jsonl"), {"d.jsonl": jsonl({"prompt": "Sort 2 1.", "completion": "1 2", "label": True},
+                                             {"prompt": "Sort 3 1.", "completion": "3 1", "label": "yes"})}),
     Bad("chosen == rejected", ("prepare",), ("row 1", "chosen_equals_rejected"),
         source("d.jsonl"), {"d.jsonl": jsonl(PAIR, dict(PAIR, rejected="1 2 3"))}),
     Bad("prompt longer than data.max_prompt_tokens", ("prepare",), ("row 0", "prompt_too_long", "max_prompt_tokens"),
@@ -314,6 +322,11 @@ BAD_INPUTS = [
     Bad("reward pairs fewer than one micro batch", ("reward",),
         ("data/prepared/reward_train.jsonl has", "fewer than one batch of 32", "reward.micro_batch_size 32"),
         merge(mine(), {"reward": {"micro_batch_size": 32}}), MINE_FILES, setup=(("prepare",),)),
+    Bad("a reward model asked of labelled answers only (unpaired rows)", ("reward",),
+        ("reward_train.jsonl holds", "labelled answers", "no preference pair", "dpo.loss_type: kto"),
+        {"data": {"sources": [{"path": "mine.jsonl", "steps": ["sft", "ppo"]},
+                              {"path": "mine_thumbs.jsonl", "steps": ["reward"]}]}},
+        {"mine.jsonl": MINE, "mine_thumbs.jsonl": MINE_THUMBS}, setup=(("prepare",),)),
     Bad("DPO pairs fewer than one micro batch", ("dpo",),
         ("data/prepared/reward_train.jsonl has", "fewer than one batch of 32", "dpo.micro_batch_size 32"),
         merge(mine(), {"dpo": {"micro_batch_size": 32}}), MINE_FILES, trained=True, setup=(("prepare",),)),

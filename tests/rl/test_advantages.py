@@ -280,7 +280,28 @@ def test_orpo_odds_ratio_term() -> None:
     # near-certain answers (log p -> 0) stay finite: log(1 - e^x) is taken without cancelling
     assert torch.isfinite(reference_free_loss(t([-1e-7]), t([-5.0]), 0.1, "orpo")[0])
     with pytest.raises(ValueError, match="simpo or orpo"):
-        reference_free_loss(t([-1.0]), t([-2.0]), 0.1, "kto")
+        reference_free_loss(t([-1.0]), t([-2.0]), 0.1, "dpo")
+
+
+def test_kto_loss_by_hand() -> None:
+    """KTO eq. 8 with beta 0.5, z0 0.4: a desirable answer at log-ratio 1.2 loses 1 - sigmoid(0.5 x 0.8) =
+    0.401312, an undesirable one at -0.6 loses 1 - sigmoid(0.5 x 1.0) = 0.377541, weighted 1 and 2; accuracy: both
+    on their label's side of z0."""
+    from rlhf.training.losses import kto_loss
+
+    policy, ref = t([-1.8, -3.6]), t([-3.0, -3.0])
+    loss, stats = kto_loss(policy, ref, torch.tensor([True, False]), torch.tensor(0.4), 0.5, 1.0, 2.0)
+    d, u = 1 - 1 / (1 + math.exp(-0.4)), 1 - 1 / (1 + math.exp(-0.5))
+    assert_close(loss, torch.tensor((d + 2 * u) / 2))
+    assert stats == pytest.approx({"rewards_chosen": 0.6, "rewards_rejected": -0.3, "margin": 0.9, "accuracy": 1.0,
+                                   "kl": 0.4})
+    # the gradient: up on the desirable answer, down on the undesirable one
+    policy.requires_grad_(True)
+    kto_loss(policy, ref, torch.tensor([True, False]), torch.tensor(0.4), 0.5)[0].backward()
+    assert policy.grad[0] < 0 < policy.grad[1]
+    # a batch of one kind: the other's mean reward is 0, not NaN
+    _, only = kto_loss(t([-1.0]), t([-1.0]), torch.tensor([True]), torch.tensor(0.0), 0.1)
+    assert only["rewards_rejected"] == 0.0 and only["accuracy"] == 0.0
 
 
 def test_each_dpo_loss_takes_its_published_beta_and_sft_weight() -> None:
