@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 
 from tests.conftest import commit, copy_project, run_ok, write_params
 from tests.pipeline.test_own_task import _pretrained_folder, _rows
