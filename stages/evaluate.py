@@ -41,7 +41,7 @@ def evaluate(
         actors["dpo"] = dpo_dir
     environment = params.ppo.environment if params.ppo.environment.name else None  # the actors play its episodes
     result, rows = guarded(evaluate_actors, actors, reward_model, data, params.evaluate, params.seed,
-                           params.data.max_prompt_tokens, environment)
+                           params.data.max_prompt_tokens, environment, params.ppo.sampling.max_answer_tokens)
     write_json(metrics, result)
     write_json(plot, [{"model": name, **values} for name, values in result.items()])
     names = list(actors)

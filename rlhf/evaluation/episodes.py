@@ -1,5 +1,6 @@
 """Evaluate under a multi-turn environment (ppo.environment): each actor plays the held-out rows' episodes as step 3
-does (rlhf/rollout/turns.py, answers drawn by transformers' generate), and is measured on them: the environment's
+does (rlhf/rollout/turns.py, answers drawn by transformers' generate with evaluate.sampling's knobs, within step
+3's trajectory budget ppo.sampling.max_answer_tokens), and is measured on them: the environment's
 reward (`env`, its quality), turns and tool calls per episode and the share of calls that ran (`tool_valid`), and
 the KL to the SFT model over the model's own tokens of each trajectory, the environment's tokens as context."""
 
@@ -19,8 +20,10 @@ EPISODE_METRICS = ("turns", "tool_calls", "tool_valid")
 
 
 def play(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: list[dict[str, Any]], cfg: EvaluateConfig,
-         seed: int, environment: EnvironmentConfig, max_prompt_tokens: int | None) -> tuple[list[Rollout], dict]:
-    """The episodes of `rows` (evaluate.batch_size at a time, seeded) -> (their rollouts, {turns, tool_calls,
+         seed: int, environment: EnvironmentConfig, max_prompt_tokens: int | None,
+         budget: int) -> tuple[list[Rollout], dict]:
+    """The episodes of `rows` (evaluate.batch_size at a time, seeded, drawn with evaluate.sampling's knobs within
+    step 3's trajectory budget `budget`, ppo.sampling.max_answer_tokens) -> (their rollouts, {turns, tool_calls,
     tool_valid} per episode)."""
     import torch
 
@@ -34,9 +37,10 @@ def play(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: list[dict[s
     episodes = MultiTurnRollout(engine, tok, make_env, environment, stop_ids(tok), max_prompt_tokens)
     torch.manual_seed(seed)
     rollouts, sums = [], {}
+    sampling = cfg.sampling.model_copy(update={"max_answer_tokens": budget})
     for i in range(0, len(rows), cfg.batch_size):
         with torch.no_grad():
-            rollouts.append(episodes.generate(rows[i : i + cfg.batch_size], cfg.sampling))
+            rollouts.append(episodes.generate(rows[i : i + cfg.batch_size], sampling))
         sums = {k: sums.get(k, 0.0) + v for k, v in episodes.stats.items()}
     n, calls = max(sums["episodes"], 1.0), sums["tool_calls"]
     stats = {"turns": sums["turns"] / n, "tool_calls": calls / n,

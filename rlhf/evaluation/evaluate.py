@@ -86,11 +86,12 @@ def _perplexity(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: list
 
 def evaluate_actors(
     actors: dict[str, Path], reward_path: Path, data_dir: Path, cfg: EvaluateConfig, seed: int,
-    max_prompt_tokens: int | None = None, environment: EnvironmentConfig | None = None,
+    max_prompt_tokens: int | None = None, environment: EnvironmentConfig | None = None, episode_tokens: int = 0,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
     """Metrics per actor name (the first one is the SFT baseline for KL) and sample rows side by side. The scorers'
     means are under their labels (default_scorers). Under a multi-turn `environment` each actor plays the rows'
-    episodes (rlhf/evaluation/episodes.py): its reward is the quality `env`, with turns and tool-call measures."""
+    episodes (rlhf/evaluation/episodes.py) within `episode_tokens` (step 3's ppo.sampling.max_answer_tokens): its
+    reward is the quality `env`, with turns and tool-call measures."""
     from rlhf.models.build import load_causal_lm, load_reward_model
     from rlhf.models.tokenizer import encode_prompt, load_tokenizer
     from rlhf.pipeline.outputs import is_placeholder
@@ -118,11 +119,14 @@ def evaluate_actors(
         else:  # the episodes: the model's tokens are the answer, the whole trajectory is scored
             from rlhf.evaluation.episodes import play, trajectory_kl
 
-            rollouts, episode = play(model, tok, rows, cfg, seed, environment, max_prompt_tokens)
+            rollouts, episode = play(model, tok, rows, cfg, seed, environment, max_prompt_tokens, episode_tokens)
             answers = [a for r in rollouts for a in r.answers()]
             scored = [s[m.bool()].tolist() for r in rollouts for s, m in zip(r.sequences, r.attention_mask)]
             kl = trajectory_kl(model, baseline, rollouts, cfg.sampling.temperature if cfg.sampling.do_sample else 1.0)
         decoded = [tok.decode(a, skip_special_tokens=True) for a in answers]
+        shown = decoded if environment is None else [  # the samples table shows whole episodes, tool results too
+            tok.decode(s[r.prompt_width :][m[r.prompt_width :].bool()], skip_special_tokens=True)
+            for r in rollouts for s, m in zip(r.sequences, r.attention_mask, strict=True)]
         quality = function_values(scorers, rows, decoded, answers)
         if environment is not None:
             quality = {"env": [v for r in rollouts for v in r.env_rewards.tolist()], **quality}
@@ -135,7 +139,7 @@ def evaluate_actors(
         per_answer[name] = {label: [v for v in values if v is not None] for label, values in quality.items()}
         if scores is not None:
             per_answer[name]["rm_reward"] = list(scores)
-        for i, (s, d) in enumerate(zip(samples, decoded)):
+        for i, (s, d) in enumerate(zip(samples, shown)):
             marks = "  ".join(f"{label} {v[i]:.2f}" for label, v in quality.items() if v[i] is not None)
             s[name] = f"{d}  [{marks}]" if marks else d
     line = no_difference_warning(per_answer)

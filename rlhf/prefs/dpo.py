@@ -17,7 +17,7 @@ from rlhf.config import DPOConfig, Params
 from rlhf.data.batching import answer_positions, right_pad
 from rlhf.models.logprobs import sequence_logprobs
 from rlhf.models.tokenizer import encode_answer, encode_prompt
-from rlhf.prefs.kto import add_kto_reference, collate_kto, encode_kto, kto_length, kto_loss_fn
+from rlhf.prefs.kto import collate_kto, encode_kto, kto_length, kto_loss_fn
 from rlhf.training.runtime import Dist, evaluating
 
 if TYPE_CHECKING:
@@ -84,12 +84,14 @@ def per_token(logprobs: list[Any], answer: Any) -> list[Any]:
 
 
 def add_reference_logprobs(ref_model: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
-                           dist: Dist) -> None:
+                           dist: Dist, collate_fn: Callable[[int], Callable] | None = None,
+                           keys: tuple[str, str] = ("ref_chosen", "ref_rejected")) -> None:
     """Fill each row's ref_chosen / ref_rejected (summed log-probabilities under the frozen reference), once; each
-    rank scores its share of the rows and the shares are summed over ranks."""
+    rank scores its share of the rows and the shares are summed over ranks. `collate_fn` and `keys`: another
+    layout of two answers per row (KTO's answer and mismatched answer)."""
     import torch
 
-    collate = collate_dpo(pad_id)
+    collate = (collate_fn or collate_dpo)(pad_id)
     out = torch.zeros(len(rows), 2, dtype=torch.float64)
     mine = list(range(dist.rank, len(rows), dist.world_size))
     ref_model.eval().to(dist.device)
@@ -102,8 +104,8 @@ def add_reference_logprobs(ref_model: torch.nn.Module, rows: list[dict[str, Any]
         out[index, 0], out[index, 1] = lp[: len(index)].double(), lp[len(index) :].double()
     if dist.world_size > 1:
         torch.distributed.all_reduce(out)
-    for row, (c, r) in zip(rows, out.tolist()):
-        row["ref_chosen"], row["ref_rejected"] = c, r
+    for row, (c, r) in zip(rows, out.tolist(), strict=True):
+        row[keys[0]], row[keys[1]] = c, r
 
 
 def run_dpo(
@@ -139,8 +141,8 @@ def run_dpo(
     if cfg.needs_reference:  # SimPO and ORPO have none
         reference = load_causal_lm(sft_path)
         for rows in (train_rows, eval_rows):
-            (add_kto_reference if kto else add_reference_logprobs)(reference, rows, tok.pad_token_id,
-                                                                  cfg.eval_batch_size, dist)
+            add_reference_logprobs(reference, rows, tok.pad_token_id, cfg.eval_batch_size, dist,
+                                   *((collate_kto, ("ref_answer", "ref_mismatched")) if kto else ()))
         del reference
     elif dist.is_main:
         print(f"[dpo] {cfg.loss_type} has no reference model: none loaded or scored", flush=True)

@@ -6,7 +6,8 @@ down) as they are, and each pair as two examples, its chosen answer desirable an
 unpair_preference_dataset). KTO's reference point z0 estimates KL(policy || ref) on mismatched answers: each
 example's prompt with the answer of the next example of another prompt (fixed once, as TRL's KL dataset), scored by
 the policy without gradient and averaged over the micro batch and the ranks, floored at 0. The reference's
-log-probabilities of every answer and mismatched answer are computed once, before training, as DPO's are.
+log-probabilities of every answer and mismatched answer are computed once, before training, as DPO's are
+(rlhf.prefs.dpo.add_reference_logprobs).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from rlhf.data.batching import answer_positions, right_pad
 from rlhf.models.logprobs import sequence_logprobs
 from rlhf.models.tokenizer import encode_answer, encode_prompt
-from rlhf.training.runtime import Dist
 
 if TYPE_CHECKING:
     import torch
@@ -63,28 +63,6 @@ def collate_kto(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]
         return out
 
     return collate
-
-
-def add_kto_reference(ref_model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
-                      dist: Dist) -> None:
-    """Each example's ref_answer / ref_mismatched under the frozen reference, once (each rank its share, summed)."""
-    import torch
-
-    collate = collate_kto(pad_id)
-    out = torch.zeros(len(examples), 2, dtype=torch.float64)
-    mine = list(range(dist.rank, len(examples), dist.world_size))
-    ref_model.eval().to(dist.device)
-    for i in range(0, len(mine), batch_size):
-        index = mine[i : i + batch_size]
-        batch = collate([examples[j] for j in index])
-        with torch.no_grad():
-            lp = sequence_logprobs(ref_model, batch["input_ids"].to(dist.device),
-                                   batch["attention_mask"].to(dist.device), batch["answer"]).cpu()
-        out[index, 0], out[index, 1] = lp[: len(index)].double(), lp[len(index) :].double()
-    if dist.world_size > 1:
-        torch.distributed.all_reduce(out)
-    for e, (a, m) in zip(examples, out.tolist(), strict=True):
-        e["ref_answer"], e["ref_mismatched"] = a, m
 
 
 def kto_loss_fn(cfg: DPOConfig, world_size: int) -> Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict]]:
