@@ -396,4 +396,5 @@ def _episodes(models: RLModels, config: PPOConfig) -> Any:
 
     env = config.environment
     make_env = load_environment(env.name, env.options, env.tool_timeout_s)
-    return MultiTurnRollout(models.rollout, models.tok, make_env, env, stop_ids(models.tok), None, models.device)
+    return MultiTurnRollout(models.rollout, models.tok, make_env, env, stop_ids(models.tok), None, models.device,
+                            models.dist.world_size)

@@ -56,9 +56,10 @@ class MultiTurnRollout:
 
     def __init__(self, engine: RolloutEngine, tok: PreTrainedTokenizerBase, make_env: Callable[[], Environment],
                  config: EnvironmentConfig, stop_ids: Sequence[int], max_prompt_tokens: int | None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", world_size: int = 1):
         self.engine, self.tok, self.make_env, self.config = engine, tok, make_env, config
         self.stop_ids, self.max_prompt_tokens, self.device = set(stop_ids), max_prompt_tokens, device
+        self.world_size = world_size  # > 1: every rank draws the same turns (generation under ZeRO-3 is collective)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.has_logprobs = True  # whether the engine returns the drawn tokens' log-probs
         self.stats: dict[str, float] = {}  # the last call's sums: episodes, turns, tool_calls, tool_failed, env_reward
@@ -70,9 +71,9 @@ class MultiTurnRollout:
         budget = sampling.max_answer_tokens
         for _ in range(self.config.max_turns):
             open_ = [e for e in episodes if e.end is None]
-            if not open_:
+            if not self._most(len(open_)):  # every rank's episodes are over
                 break
-            self._turn(open_, sampling, budget)
+            self._turn(open_, sampling, budget, idle=episodes[0].prompt)
         for e in episodes:
             e.end = e.end or "turns"
         self.stats = {"episodes": float(len(episodes)), "turns": float(sum(e.turns for e in episodes)),
@@ -92,13 +93,17 @@ class MultiTurnRollout:
                             f"included), above data.max_prompt_tokens {self.max_prompt_tokens}: raise it")
         return Episode(env, ids)
 
-    def _turn(self, episodes: list[Episode], sampling: Sampling, budget: int) -> None:
-        """One model turn of every open episode, drawn as one batch, then each environment's answer."""
+    def _turn(self, episodes: list[Episode], sampling: Sampling, budget: int, idle: list[int]) -> None:
+        """One model turn of every open episode, drawn as one batch, then each environment's answer. A rank whose
+        episodes are over while another's are not draws a turn for `idle` (a prompt) and drops it, at the widest
+        rank's width: the ranks' generation calls stay paired."""
         room = [budget - len(e.tail) for e in episodes]
-        width = min(max(room), self.config.max_turn_tokens or budget)
-        ids, mask = self._left_pad([e.prompt + e.tail for e in episodes])
+        width = self._most(min(max(room, default=1), self.config.max_turn_tokens or budget))
+        ids, mask = self._left_pad([e.prompt + e.tail for e in episodes] or [idle])
         drawn = self.engine.generate(ids.to(self.device), mask.to(self.device), sampling.model_copy(update={
             "max_answer_tokens": width, "min_answer_tokens": min(sampling.min_answer_tokens, width)}))
+        if not episodes:
+            return
         self.has_logprobs = drawn.logprobs is not None
         for i, (e, tokens) in enumerate(zip(episodes, drawn.answers(), strict=True)):
             tokens = tokens[: room[i]]
@@ -138,6 +143,12 @@ class MultiTurnRollout:
         if ended and lead.startswith(ended):
             lead = lead[len(ended):]  # the model drew the turn end itself: what follows it
         return self.tok(lead + after[len(before):], add_special_tokens=False)["input_ids"]
+
+    def _most(self, n: int) -> int:
+        """n's maximum over every rank."""
+        from rlhf.training.stats import max_over_ranks
+
+        return int(max_over_ranks(torch.tensor([float(n)], device=self.device), self.world_size).item())
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         from rlhf.data.batching import collate_prompts

@@ -265,7 +265,7 @@ def test_kto_trains_on_unpaired_thumbs_up_and_down_rows(trained: Path, tmp_path:
                              {"path": "data/sources/prompts.jsonl", "format": "prompt", "steps": ["ppo"]}],
                  "invalid_rows": "drop"},
         "rewards": {"model_weight": 0.0, "functions": [{"function": "rlhf.data.task:gold_reward_fn"}]},
-        "dpo": {"loss_type": "kto", "epochs": 4, "max_steps": 0, "micro_batch_size": 8, "learning_rate": 0.001}})
+        "dpo": {"loss_type": "kto", "epochs": 2, "max_steps": 0, "micro_batch_size": 8, "learning_rate": 0.001}})
     run_cli("prepare", "--params", "params.yaml", cwd=work)
     stats = json.loads((work / "metrics/prepare.json").read_text())
     assert stats["invalid"]["wrong_type"] == 1 and stats["splits"]["reward_train"] + stats["splits"]["reward_eval"] \
@@ -280,5 +280,5 @@ def test_kto_trains_on_unpaired_thumbs_up_and_down_rows(trained: Path, tmp_path:
     assert _changed(_state(trained / "models/sft"), _state(out)) > 0
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size > 0
     result = json.loads(metrics.read_text())
-    print({k: result[k] for k in ("accuracy", "margin")})  # 0.628, 0.916 at 4 epochs on the dev machine
+    print({k: result[k] for k in ("accuracy", "margin")})  # 0.628, 0.437 on the dev machine
     assert result["accuracy"] > 0.55 and result["margin"] > 0.2, result  # a flipped label: below 0.5, negative

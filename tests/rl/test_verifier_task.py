@@ -31,7 +31,8 @@ def reversed_words(prompts, completions, answer, **columns):
 VERIFIER_FN = {"function": "rewards.reverse:reversed_words", "name": "reversed"}
 
 
-def verifier_repo(repo: Path, heads: int = 2, ppo: dict | None = None, evaluate: dict | None = None) -> Path:
+def verifier_repo(repo: Path, heads: int = 2, ppo: dict | None = None, evaluate: dict | None = None,
+                  sft_steps: int = 400) -> Path:
     """A DVC project of the user's own: their data (TRL formats, no preference pair), their "pretrained" model
     (`heads` attention heads), their verifier as the only reward; git and dvc initialised, committed."""
     copy_project(repo)
@@ -48,7 +49,7 @@ def verifier_repo(repo: Path, heads: int = 2, ppo: dict | None = None, evaluate:
     write_params(repo / "params.yaml", {
         "data": {"sources": [{"path": f"data/sources/{n}", "steps": s} for n, s in steps.items()]},
         "model": {"name_or_path": "pretrained"},
-        "sft": {"micro_batch_size": 8, "max_steps": 400, "epochs": 100},
+        "sft": {"micro_batch_size": 8, "max_steps": sft_steps, "epochs": 100},
         "rewards": {"model_weight": 0.0, "functions": [VERIFIER_FN]},
         "ppo": {"rollout_batch_size": 16, "micro_batch_size": 8, "iterations": 20, "eval_prompts": 12,
                 "answers_per_prompt": 4, "optimizer": {"actor_learning_rate": 0.001}, **(ppo or {})},
@@ -127,7 +128,7 @@ def test_the_reward_cache_spares_a_rerun_every_call(tmp_path: Path) -> None:
     (the EMA's beta): the experiment asks the verifier nothing, every score comes from reward_cache/ (a DVC output),
     and its rewards are the first run's."""
     counted_fn = {"function": "rewards.reverse:counted", "name": "reversed"}
-    repo = verifier_repo(tmp_path / "repo", ppo={"iterations": 3, "eval_prompts": 8})
+    repo = verifier_repo(tmp_path / "repo", ppo={"iterations": 3, "eval_prompts": 8}, sft_steps=40)
     (repo / "rewards/reverse.py").write_text(COUNTING)
     write_params(repo / "params.yaml", yaml.safe_load((repo / "params.yaml").read_text()),
                  {"rewards": {"functions": [counted_fn], "cache": True}, "evaluate": {"scorers": [counted_fn]}})

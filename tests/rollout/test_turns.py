@@ -226,3 +226,29 @@ def test_a_real_model_scores_its_own_turns_as_the_training_forward_does(trained:
     real = rollout.attention_mask[:, rollout.prompt_width:]
     assert ((real - mask).sum(-1) > 0).all()  # environment tokens sit between the turns, attended, not trained
     assert torch.allclose(forward * mask, rollout.logprobs * mask, atol=1e-4)
+
+
+def test_ranks_draw_the_same_turns_when_their_episodes_end_apart(tmp_path: Path) -> None:
+    """2 ranks (torchrun, gloo), rank 0's episodes over after one turn, rank 1's after three, every generation call
+    collective (a ZeRO-3 gather): rank 0 keeps drawing idle turns at rank 1's width until both are done, so neither
+    hangs, and each keeps its own episodes' results."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, cli_env
+    from tests.rl.test_batches import _free_port
+
+    env = cli_env()
+    env.pop("RLHF_SINGLE_PROCESS", None)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(ROOT / "tests/rollout/turns_ranks.py"), str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["calls"] == r1["calls"] == 3 and r0["widths"] == r1["widths"] == [5, 5, 5]  # the wider rank's
+    assert (r0["turns"], r1["turns"]) == (2.0, 6.0)  # each rank's own episodes
+    assert r0["rewards"] == [1.0, 1.0] and r1["rewards"] == [3.0, 3.0]
+    assert r0["ends"] == r1["ends"] == ["stop", "stop"]
