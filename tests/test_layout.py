@@ -33,7 +33,7 @@ def test_readme_layout_names_every_folder_and_only_real_modules() -> None:
             folder = found.group(1)
         elif re.match(r"^\S", line):
             folder = ""
-        named += [(folder, m) for m in re.findall(r"\b(\w+)\.py\b", line)]
+        named += [(folder, m) for m in re.findall(r"(?<![\w/])([\w/]+)\.py\b", line)]  # environments/base.py too
     gone = [f"rlhf/{f}/{m}.py" if f else f"rlhf/{m}.py" for f, m in named
             if not (LIB / f / f"{m}.py").is_file()]
     assert not gone, f"README.md's Layout names modules that do not exist: {gone}"

@@ -66,10 +66,10 @@ class DPOConfig(TrainConfig):
     # every answer to the length limit at this learning rate: README); ORPO's own SFT term; null = the loss's:
     # 1.0 (sigmoid, ipo, orpo), 0 (simpo, kto)
     sft_coef: float | None = Field(None, ge=0)
-    # KTO's weights of the desirable and undesirable answers' losses (TRL's desirable_weight / undesirable_weight):
-    # keep desirable x their count over undesirable x theirs within 1 to 4/3
+    # KTO's weight of the desirable answers' losses (TRL's desirable_weight): keep desirable weight x their count
+    # over undesirable weight x theirs within 1 to 4/3
     kto_desirable_weight: float = Field(1.0, ge=0)
-    kto_undesirable_weight: float = Field(1.0, ge=0)
+    kto_undesirable_weight: float = Field(1.0, ge=0)  # and of the undesirable answers' (TRL's undesirable_weight)
     # dropout off in the trained policy (the reference is scored in eval mode): with it on, the first step's
     # log-ratios are noise and its loss is not log 2 (TRL's disable_dropout)
     disable_dropout: bool = True

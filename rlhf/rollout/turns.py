@@ -62,11 +62,11 @@ class MultiTurnRollout:
         self.world_size = world_size  # > 1: every rank draws the same turns (generation under ZeRO-3 is collective)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.has_logprobs = True  # whether the engine returns the drawn tokens' log-probs
-        self.stats: dict[str, float] = {}  # the last call's sums: episodes, turns, tool_calls, tool_failed, env_reward
+        self.stats: dict[str, float] = {}  # the last call's sums: episodes, turns, tool_calls, tool_failed
 
     def generate(self, rows: list[dict[str, Any]], sampling: Sampling) -> Rollout:
         """One episode per row (a group's rows repeat its row), played to the end -> a Rollout whose answer is the
-        trajectory after the first prompt, with `scores` the episodes' summed rewards."""
+        trajectory after the first prompt, with `env_rewards` the episodes' summed rewards."""
         episodes = [self._start(row) for row in rows]
         budget = sampling.max_answer_tokens
         for _ in range(self.config.max_turns):

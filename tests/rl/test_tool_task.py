@@ -45,11 +45,11 @@ def tool_repo(repo: Path, ppo: dict | None = None, n: int = 1500) -> Path:
         "sft": {"micro_batch_size": 8, "max_steps": 1500, "epochs": 100, "learning_rate": 0.003},
         "rewards": {"model_weight": 0.0, "functions": []},
         "ppo": {"algorithm": "grpo", "rollout_batch_size": 16, "answers_per_prompt": 4, "micro_batch_size": 16,
-                "iterations": 16, "eval_prompts": 96, "optimizer": {"actor_learning_rate": 0.0002},
+                "iterations": 16, "eval_prompts": 64, "ema_beta": 0.0, "optimizer": {"actor_learning_rate": 0.0002},
                 "sampling": {"max_answer_tokens": 96},
                 "environment": {"name": ENV, "options": {"describe_tools": False}, "max_turns": 3,
                                 "max_turn_tokens": 48}, **(ppo or {})},
-        "evaluate": {"num_prompts": 96, "scorers": []},  # the environment's reward is the measure
+        "evaluate": {"num_prompts": 64, "scorers": []},  # the environment's reward is the measure
     })
     run_ok("git", "init", "-q", cwd=repo)
     run_ok("dvc", "init", "-q", cwd=repo)
@@ -64,7 +64,7 @@ def test_grpo_over_several_turns_raises_the_tool_tasks_reward(tmp_path: Path) ->
     print(out[-3000:])
     metrics = json.loads((repo / "metrics/ppo.json").read_text())
     print({k: v for k, v in metrics.items() if k.split("_")[0] in ("env", "turns", "tool", "reward")})
-    assert metrics["env_ppo"] >= metrics["env_sft"] + 0.2, metrics  # 0.510 -> 0.906 on the dev machine
+    assert metrics["env_ppo"] >= metrics["env_sft"] + 0.2, metrics  # 0.594 -> 0.906 on the dev machine
     assert metrics["tool_calls_ppo"] >= metrics["tool_calls_sft"] + 0.15, metrics  # learnt to reach for the tool
     assert metrics["turns_ppo"] > 1.0 and metrics["tool_valid_ppo"] > 0.5, metrics
     curve = (repo / "dvclive/ppo/plots/metrics/ppo/term/env.tsv").read_text().splitlines()
@@ -74,7 +74,7 @@ def test_grpo_over_several_turns_raises_the_tool_tasks_reward(tmp_path: Path) ->
     # evaluate plays the same episodes with each actor: the environment's reward is the quality
     evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
     print(evaluate)
-    assert evaluate["grpo"]["env"] >= evaluate["sft"]["env"] + 0.1, evaluate  # 0.531 -> 0.875
+    assert evaluate["grpo"]["env"] >= evaluate["sft"]["env"] + 0.1, evaluate  # 0.562 -> 0.875
     assert evaluate["grpo"]["tool_calls"] > evaluate["sft"]["tool_calls"] and evaluate["sft"]["kl_to_sft"] == 0
     assert evaluate["grpo"]["kl_to_sft"] > 0 and "gold_reward" not in evaluate["sft"]
     assert "turns" in out and "tool calls" in out
