@@ -218,12 +218,13 @@ def test_ptx_reads_its_own_text_source(trained: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "p2").exists()
 
 
-@pytest.mark.parametrize("algorithm,loss_type", [("grpo", "sigmoid"), ("dapo", "orpo")])
+@pytest.mark.parametrize("algorithm,loss_type", [("grpo", "sigmoid"), ("dapo", "orpo"), ("cispo", "kto")])
 def test_grpo_and_dpo_with_a_tokenizer_whose_pad_is_its_eos(trained: Path, tmp_path: Path, algorithm: str,
                                                             loss_type: str) -> None:
     """SmolLM2's case: pad == eos. GRPO (answers end at their first eos, by position) and DPO (each answer's eos is
     scored as an answer token, never as padding) both train through the CLI and write loadable models; so do DAPO
-    (dynamic sampling, and truncated answers told from stopped ones by position) and ORPO (no reference)."""
+    (dynamic sampling, and truncated answers told from stopped ones by position) and ORPO (no reference), CISPO and
+    KTO (each answer and its mismatched one end at their eos)."""
     from tests.conftest import pad_is_eos_copies
 
     sft, reward = pad_is_eos_copies(trained, tmp_path)
