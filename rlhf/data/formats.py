@@ -55,8 +55,8 @@ def detect_format(name: str, columns: set[str], raw: list[dict]) -> str:
         if "response" in columns or (isinstance(prompt, str) and _TURN.match(prompt.lstrip(" "))):
             return "rm_static"
         return "preference"
-    if {"prompt", "completion", "label"} <= columns:
-        return "unpaired"
+    if {"prompt", "completion", "label"} <= columns and isinstance(_first_value(raw, "label"), bool):
+        return "unpaired"  # TRL's thumbs up/down; a label of another type (a gold answer) is just a column
     if "completion" in columns and "prompt" in columns:
         return "prompt_completion"
     if "prompt" in columns:

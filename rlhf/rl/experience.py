@@ -45,16 +45,21 @@ class Experience:
 
     @staticmethod
     def cat(parts: list[Experience]) -> Experience:
-        """Concatenate rollouts along B, right-padding (B, R) tensors to the longest R (masked out)."""
+        """Concatenate rollouts along B: prompts left-padded to the widest prompt (a multi-turn batch's width is its
+        own longest first prompt), then every (B, R) tensor and the sequences right-padded to the longest answer
+        (masked out), so the prompt/answer boundary is one column for every row."""
         import torch
 
         def pad(ts: list[Any], value: float) -> torch.Tensor:
             width = max(t.shape[1] for t in ts)
             return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in ts])
 
+        widths = [part.sequences.shape[1] - part.action_mask.shape[1] for part in parts]
+        left = {name: [torch.nn.functional.pad(getattr(part, name), (max(widths) - w, 0), value=0)
+                       for part, w in zip(parts, widths, strict=True)] for name in ("sequences", "attention_mask")}
         out = {}
         for f in fields(Experience):
-            ts = [getattr(p, f.name) for p in parts]
+            ts = left.get(f.name) or [getattr(p, f.name) for p in parts]
             if any(t is None for t in ts):
                 out[f.name] = None  # an optional field some part lacks
             else:

@@ -196,8 +196,9 @@ def build(params: Params, dist: Dist, inputs: Inputs, sft_path: Path) -> tuple[R
     ppo = params.ppo
     models = RLModels(ppo, params.engine, dist, sft_path, inputs.reward_path)
     trainer = inputs.trainer_cls(models, ppo, params.rewards, inputs.functions)
-    if trainer.episodes is not None:  # the environment writes the prompts: held to the same limit
+    if trainer.episodes is not None:  # the environment writes the prompts: held to the same limit, checked now
         trainer.episodes.max_prompt_tokens = params.data.max_prompt_tokens
+        trainer.episodes.check_prompts([row for _, row in inputs.train_prompts + inputs.eval_prompts])
     width = max(len(p) for p, _ in inputs.train_prompts + inputs.eval_prompts)
     collate = collate_prompt_rows(width, inputs.tok.pad_token_id)
     prompts = Cycle(make_loader(inputs.train_prompts, ppo.rollout_batch_size, collate, dist, params.seed, shuffle=True))

@@ -55,9 +55,11 @@ class RewardCache:
             table = self.values[label] = {}
             for path in sorted(self.folder.glob(f"{name}.rank*.jsonl")):
                 for line in path.read_text().splitlines():
-                    if line.strip():
+                    try:
                         entry = json.loads(line)
-                        table[entry["key"]] = entry["value"]
+                    except json.JSONDecodeError:  # a line cut short by a crash or a full disk: asked again
+                        continue
+                    table[entry["key"]] = entry["value"]
         self.hits = self.lookups = 0  # this rank's, since the last take_hits
         self.run_hits = self.run_lookups = 0.0  # every rank's, over the run (rlhf/rl/report.py adds them up)
 

@@ -112,7 +112,8 @@ class MultiTurnRollout:
             e.mask += [1.0] * len(tokens)
             e.logprobs += drawn.logprobs[i, : len(tokens)].tolist() if self.has_logprobs else [0.0] * len(tokens)
             e.turns += 1
-            step = e.env.step(self.tok.decode(tokens, skip_special_tokens=True))
+            # the turn's text without its stop id, other special tokens kept (a tokenizer may mark <tool_call> special)
+            step = e.env.step(self.tok.decode([t for t in tokens if t not in self.stop_ids]))
             e.reward += float(step.reward)
             e.calls, e.failed = e.calls + step.calls, e.failed + step.failed
             if cut or step.done:
@@ -134,15 +135,28 @@ class MultiTurnRollout:
         base = [{"role": "user", "content": _USER}, {"role": "assistant", "content": _ANSWER}]
         before = render(self.tok, base, tools, False)
         after = render(self.tok, base + messages, tools, True)
-        if not after.startswith(before) or _ANSWER not in before:
-            raise UserError("ppo.environment: the chat template does not render a conversation as a prefix of its "
-                            "continuation, so the environment's tokens cannot be told apart from the model's: use "
-                            "a chat template that appends turns")
-        lead = before[before.rindex(_ANSWER) + len(_ANSWER):]  # what ends an assistant turn: "<|im_end|>\n", "</s>\n"
+        if _ANSWER not in before or _ANSWER not in after:
+            raise UserError("ppo.environment: the chat template drops an assistant turn's text, so the environment's "
+                            "tokens cannot be placed after the model's: use a chat template that renders it")
+        # what the template writes after an assistant turn's text, alone ("<|im_end|>\n", "</s>\n") and followed by
+        # the environment's messages and the open header: only what comes after the text is compared, so a
+        # template that rewrites the text of earlier turns (Qwen3 drops their reasoning) still fits
+        lead = before[before.rindex(_ANSWER) + len(_ANSWER):]
+        text = after[after.rindex(_ANSWER) + len(_ANSWER):]
+        if not text.startswith(lead.rstrip()):
+            raise UserError("ppo.environment: the chat template ends an assistant turn differently when more turns "
+                            "follow, so the environment's tokens cannot be told apart from the model's: use a chat "
+                            "template that appends turns")
         ended = self.tok.decode(turn[-1:]) if turn and turn[-1] in self.stop_ids else ""
-        if ended and lead.startswith(ended):
-            lead = lead[len(ended):]  # the model drew the turn end itself: what follows it
-        return self.tok(lead + after[len(before):], add_special_tokens=False)["input_ids"]
+        if ended and text.startswith(ended):
+            text = text[len(ended):]  # the model drew the turn end itself: what follows it
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def check_prompts(self, rows: list[dict[str, Any]]) -> None:
+        """Every row's first messages (tool instructions included) within max_prompt_tokens: one line before
+        training, not an error at the iteration that first draws the row."""
+        for row in rows:
+            self._start(row)
 
     def _most(self, n: int) -> int:
         """n's maximum over every rank."""

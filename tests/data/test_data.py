@@ -722,3 +722,13 @@ def test_source_identity_records_sha256_and_hub_revision(tmp_path: Path, monkeyp
     monkeypatch.setattr("rlhf.data.sources._read_hub", lambda src: hub)
     _, info = load_source_info(SourceConfig(path="owner/name"), TASK, 0)
     assert info["revision"] == commit and info["fingerprint"] == hub._fingerprint and info["format"] == "preference"
+
+
+def test_a_label_column_is_unpaired_preference_only_when_it_is_true_or_false() -> None:
+    """TRL's unpaired rows have a boolean `label`; a `label` holding a gold answer (OpenRLHF's remote-reward
+    convention) leaves the rows prompt/completion."""
+    from rlhf.data.formats import detect_format
+
+    cols = {"prompt", "completion", "label"}
+    assert detect_format("thumbs", cols, [{"prompt": "p", "completion": "c", "label": False}]) == "unpaired"
+    assert detect_format("gold", cols, [{"prompt": "2+2?", "completion": "4", "label": "4"}]) == "prompt_completion"

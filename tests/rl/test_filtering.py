@@ -87,3 +87,17 @@ def test_dynamic_sampling_fills_with_dropped_groups_at_its_round_cap() -> None:
     exp, info = dynamic_experience(trainer, lambda: [], DynamicSamplingConfig(enabled=True, max_rounds=2))
     assert exp.scores.tolist() == [1.0, 0.0, 1.0, 1.0]  # the informative group, then the first dropped one
     assert (info["dynamic_rounds"], info["dynamic_dropped"], info["dynamic_filled"]) == (2.0, 3.0, 1.0)
+
+
+def test_experiences_of_different_prompt_widths_join_at_one_boundary() -> None:
+    """Two batches whose prompts were padded to different widths (a multi-turn batch's width is its own longest
+    first prompt): the narrower is left-padded, so every row's answer starts at the same column."""
+    a = Experience(torch.tensor([[7, 8, 1, 2]]), torch.ones(1, 4, dtype=torch.long), torch.ones(1, 2),
+                   *[torch.full((1, 2), 0.5)] * 3, torch.tensor([1.0]), *[torch.full((1, 2), 0.5)] * 4)
+    b = Experience(torch.tensor([[9, 3, 4]]), torch.ones(1, 3, dtype=torch.long), torch.ones(1, 2),
+                   *[torch.full((1, 2), 0.25)] * 3, torch.tensor([0.0]), *[torch.full((1, 2), 0.25)] * 4)
+    both = Experience.cat([a, b])
+    assert both.sequences.tolist() == [[7, 8, 1, 2], [0, 9, 3, 4]]
+    assert both.attention_mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    p = both.sequences.shape[1] - both.action_mask.shape[1]
+    assert both.sequences[:, p:].tolist() == [[1, 2], [3, 4]] and both.logprobs.tolist() == [[0.5, 0.5], [0.25, 0.25]]

@@ -252,3 +252,17 @@ def test_ranks_draw_the_same_turns_when_their_episodes_end_apart(tmp_path: Path)
     assert (r0["turns"], r1["turns"]) == (2.0, 6.0)  # each rank's own episodes
     assert r0["rewards"] == [1.0, 1.0] and r1["rewards"] == [3.0, 3.0]
     assert r0["ends"] == r1["ends"] == ["stop", "stop"]
+
+
+def test_a_strict_template_gets_several_results_as_one_user_turn(tmp_path: Path) -> None:
+    """A template that wants user and assistant alternating (and knows no `tool` role): two results of one turn
+    become one user turn between <tool_response> tags."""
+    tok = _tokenizer(tmp_path, False)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('roles') }}{% endif %}"
+        "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('alternate') }}{% endif %}"
+        "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "calls"},
+                {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}]
+    text = render(tok, messages, None, True)
+    assert text.endswith("user: <tool_response>\n1\n</tool_response>\n<tool_response>\n2\n</tool_response>\nassistant: ")

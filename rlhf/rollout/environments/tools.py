@@ -114,8 +114,17 @@ def render(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: 
     except Exception:  # a template with strict roles (alternating user/assistant): tool results as user turns
         if not any(m["role"] == "tool" for m in messages):
             raise
-        plain = [{"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
-                 if m["role"] == "tool" else m for m in messages]
+        plain: list[dict[str, Any]] = []
+        for m in messages:  # consecutive results in one user turn: such templates want user and assistant alternating
+            if m["role"] != "tool":
+                plain.append(m)
+                continue
+            text = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if plain and plain[-1].get("tool_results"):
+                plain[-1] = {**plain[-1], "content": plain[-1]["content"] + "\n" + text}
+            else:
+                plain.append({"role": "user", "content": text, "tool_results": True})
+        plain = [{k: v for k, v in m.items() if k != "tool_results"} for m in plain]
         return tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
 
 
