@@ -41,6 +41,7 @@ _USER, _ANSWER = "QUESTION_STAND_IN", "ANSWER_STAND_IN"  # the stand-in conversa
 class Episode:
     env: Environment
     prompt: list[int]  # the first messages' ids, with the open assistant header
+    tools: list[dict[str, Any]]  # the environment's tool schemas, rendered with every turn
     tail: list[int] = field(default_factory=list)  # everything after the prompt: model and environment tokens
     mask: list[float] = field(default_factory=list)  # 1 on the model's tokens
     logprobs: list[float] = field(default_factory=list)  # the drawn tokens' (0 on environment tokens)
@@ -84,14 +85,15 @@ class MultiTurnRollout:
     def _start(self, row: dict[str, Any]) -> Episode:
         env = self.make_env()
         messages = env.reset(row)
-        ids = self.tok(render(self.tok, messages, env.schemas(), True), add_special_tokens=False)["input_ids"]
+        tools = env.schemas()
+        ids = self.tok(render(self.tok, messages, tools, True), add_special_tokens=False)["input_ids"]
         bos = self.tok.bos_token_id
         if bos is not None and ids[:1] != [bos] and adds_bos(self.tok):  # as encode_prompt: a base model's tokenizer
             ids = [bos, *ids]
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise UserError(f"ppo.environment: an episode's first messages are {len(ids)} tokens (tool instructions "
                             f"included), above data.max_prompt_tokens {self.max_prompt_tokens}: raise it")
-        return Episode(env, ids)
+        return Episode(env, ids, tools)
 
     def _turn(self, episodes: list[Episode], sampling: Sampling, budget: int, idle: list[int]) -> None:
         """One model turn of every open episode, drawn as one batch, then each environment's answer. A rank whose
@@ -131,7 +133,7 @@ class MultiTurnRollout:
         """The ids of what the template writes after the model's turn: the rest of its turn end, the environment's
         messages, the open assistant header. Rendered on a stand-in conversation: the model's own history is never
         re-rendered (a template may rewrite past assistant turns, Qwen3's drops their reasoning)."""
-        tools = e.env.schemas()
+        tools = e.tools
         base = [{"role": "user", "content": _USER}, {"role": "assistant", "content": _ANSWER}]
         before = render(self.tok, base, tools, False)
         after = render(self.tok, base + messages, tools, True)
