@@ -17,6 +17,7 @@ from rlhf.rl.experience import Experience
 from rlhf.rl.models import RLModels
 from rlhf.rl.trainer import RLTrainer
 from rlhf.training.runtime import init_distributed
+from tests.ranks import leave
 
 
 def scored_experience(saved: dict, rows: slice) -> Experience:
@@ -60,6 +61,7 @@ def main(params_path: str, sft: str, reward: str, experience: str, out: str) -> 
     grads = step_gradients(trainer, exp)
     if dist.is_main:
         torch.save({"advantages": torch.cat(advantages), "grads": grads}, out)
+    leave()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from rlhf.models.tokenizer import encode_prompt, load_tokenizer, stop_ids
 from rlhf.rl.hybrid import HybridEngine
 from rlhf.rollout.decode import DecodeLoop
 from rlhf.training.runtime import init_distributed, initialize
+from tests.ranks import leave
 
 PROMPTS = [["Sort ascending: 5 2 9", "Sort descending: 14 3 7 1 22", "Sort ascending: 8 1"],
            ["Sort ascending: 4 4 0 7 1 9", "Sort descending: 3 1"]]  # rank 1's rows stop at other steps
@@ -88,6 +89,7 @@ def main(sft: str, out: str) -> None:
     torch.distributed.all_gather_object(results, result)
     if dist.is_main:
         torch.save(results, out)
+    leave()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from rlhf.models.tokenizer import train_tokenizer
 from rlhf.rollout.base import finish
 from rlhf.rollout.environments.base import Environment, Step
 from rlhf.rollout.turns import MultiTurnRollout
+from tests.ranks import leave
 
 
 class Counted(Environment):
@@ -56,8 +57,7 @@ def main(out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({
         "calls": engine.calls, "widths": engine.widths, "turns": multi.stats["turns"],
         "rewards": rollout.env_rewards.tolist(), "ends": rollout.stop_reasons}))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

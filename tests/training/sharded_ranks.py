@@ -15,6 +15,7 @@ from rlhf.config import EngineConfig, LoraConfig, TrainConfig
 from rlhf.models.build import add_lora, load_causal_lm, load_reward_model
 from rlhf.rl.models import critic_from_actor
 from rlhf.training.runtime import full_state_dict, init_distributed, initialize, ndim, sharded_load
+from tests.ranks import leave
 
 
 def shards(model: torch.nn.Module) -> dict:
@@ -43,9 +44,7 @@ def main(sft: str, reward: str, out: str) -> None:
         seen[name]["state"] = full_state_dict(ds.module, 3, dist.is_main)
     if dist.is_main:
         torch.save(seen, out)
-    # leave together and close the group: a rank that exits with gloo's threads still up can abort in teardown
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":
