@@ -78,6 +78,9 @@ class EnvironmentConfig(Group):
     # after the first prompt (model and environment tokens)
     max_turn_tokens: int | None = Field(None, gt=0)
     tool_timeout_s: float = Field(5.0, ge=0)  # a tool call running longer is abandoned and answered with an error
+    # episodes whose turn is answered at once (threads; an async def step's requests then overlap): for tools that
+    # wait on a sandbox or a network; 1 = one after another. Each episode has its own instance either way
+    workers: int = Field(1, ge=1)
 
 
 class OptimizerConfig(Group):

@@ -17,6 +17,7 @@ Budgets: `sampling.max_answer_tokens` bounds the whole trajectory after the prom
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ import torch
 from rlhf.errors import UserError
 from rlhf.models.tokenizer import adds_bos
 from rlhf.rollout.base import Rollout
-from rlhf.rollout.environments.base import Environment
+from rlhf.rollout.environments.base import Environment, Step, answered
 from rlhf.rollout.environments.tools import render
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class MultiTurnRollout:
 
     def _start(self, row: dict[str, Any]) -> Episode:
         env = self.make_env()
-        messages = env.reset(row)
+        messages = answered(self.config.name or "?", env.reset, row)
         tools = env.schemas()
         ids = self.tok(render(self.tok, messages, tools, True), add_special_tokens=False)["input_ids"]
         bos = self.tok.bos_token_id
@@ -107,15 +108,16 @@ class MultiTurnRollout:
         if not episodes:
             return
         self.has_logprobs = drawn.logprobs is not None
-        for i, (e, tokens) in enumerate(zip(episodes, drawn.answers(), strict=True)):
-            tokens = tokens[: room[i]]
-            cut = not (tokens and tokens[-1] in self.stop_ids)  # ran out of tokens before ending its turn
+        turns = [t[: room[i]] for i, t in enumerate(drawn.answers())]
+        for i, (e, tokens) in enumerate(zip(episodes, turns, strict=True)):
             e.tail += tokens
             e.mask += [1.0] * len(tokens)
             e.logprobs += drawn.logprobs[i, : len(tokens)].tolist() if self.has_logprobs else [0.0] * len(tokens)
             e.turns += 1
-            # the turn's text without its stop id, other special tokens kept (a tokenizer may mark <tool_call> special)
-            step = e.env.step(self.tok.decode([t for t in tokens if t not in self.stop_ids]))
+        # each turn's text without its stop id, other special tokens kept (a tokenizer may mark <tool_call> special)
+        texts = [self.tok.decode([t for t in tokens if t not in self.stop_ids]) for tokens in turns]
+        for e, tokens, step in zip(episodes, turns, self._answers(episodes, texts), strict=True):
+            cut = not (tokens and tokens[-1] in self.stop_ids)  # ran out of tokens before ending its turn
             e.reward += float(step.reward)
             e.calls, e.failed = e.calls + step.calls, e.failed + step.failed
             if cut or step.done:
@@ -128,6 +130,14 @@ class MultiTurnRollout:
             e.tail += feedback
             e.mask += [0.0] * len(feedback)
             e.logprobs += [0.0] * len(feedback)
+
+    def _answers(self, episodes: list[Episode], texts: list[str]) -> list[Step]:
+        """Each environment's answer to its episode's turn, `config.workers` of them at once (threads)."""
+        spec = self.config.name or "?"
+        if self.config.workers == 1 or len(episodes) < 2:
+            return [answered(spec, e.env.step, t) for e, t in zip(episodes, texts, strict=True)]
+        with ThreadPoolExecutor(min(self.config.workers, len(episodes)), thread_name_prefix="environment") as pool:
+            return list(pool.map(lambda e, t: answered(spec, e.env.step, t), episodes, texts))
 
     def _feedback(self, e: Episode, turn: list[int], messages: list[dict[str, Any]]) -> list[int]:
         """The ids of what the template writes after the model's turn: the rest of its turn end, the environment's

@@ -6,7 +6,9 @@ forward's on the assembled trajectory."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 import time
 from pathlib import Path
 
@@ -266,3 +268,62 @@ def test_a_strict_template_gets_several_results_as_one_user_turn(tmp_path: Path)
                 {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}]
     text = render(tok, messages, None, True)
     assert text.endswith("user: <tool_response>\n1\n</tool_response>\n<tool_response>\n2\n</tool_response>\nassistant: ")
+
+
+# ------------------------------------------------------------------------------------------- answered at once
+
+MET = threading.Barrier(4, timeout=60)  # passed only by four steps running at the same time
+
+
+class Waits(Environment):
+    """A tool that waits on something slow (a sandbox, a search API): each step waits for three others."""
+
+    def step(self, turn: str) -> Step:
+        MET.wait()
+        return Step(reward=1.0, done=True)
+
+
+class WaitsAsync(Environment):
+    async def reset(self, row: dict) -> list[dict]:
+        await asyncio.sleep(0)
+        self.row = row
+        return list(row["prompt"])
+
+    async def step(self, turn: str) -> Step:
+        await asyncio.sleep(0)
+        MET.wait()
+        return Step(reward=float(self.row["columns"]["r"]), done=True)
+
+
+class Breaks(Environment):
+    def step(self, turn: str) -> Step:
+        return Step(reward=1 / 0)
+
+
+@pytest.mark.parametrize("env", [Waits, WaitsAsync], ids=["threads", "async-def"])
+def test_workers_answer_episodes_at_once(tmp_path: Path, env: type) -> None:
+    """ppo.environment.workers 4: the four episodes' steps run together (each waits for the other three, so one
+    after another they would never pass); an `async def` reset and step are run to completion."""
+    from rlhf.models.tokenizer import stop_ids
+
+    tok = _tokenizer(tmp_path, False)
+    config = EnvironmentConfig(name="tests.rollout.test_turns:Waits", workers=4)
+    multi = MultiTurnRollout(Scripted(tok, ["The answer is 1."]), tok, env, config, stop_ids(tok), None)
+    rows = [{"prompt": [{"role": "user", "content": "What is 1 * 1?"}], "columns": {"r": 0.5 * i}} for i in range(4)]
+    rollout = multi.generate(rows, Sampling(max_answer_tokens=50))
+    assert rollout.stop_reasons == ["stop"] * 4
+    assert rollout.env_rewards.tolist() == ([1.0] * 4 if env is Waits else [0.0, 0.5, 1.0, 1.5])  # each its own
+
+
+def test_an_environment_that_raises_is_one_line(tmp_path: Path) -> None:
+    from rlhf.errors import UserError
+    from rlhf.models.tokenizer import stop_ids
+
+    tok = _tokenizer(tmp_path, False)
+    for workers in (1, 2):
+        config = EnvironmentConfig(name="rewards.envs:Breaks", workers=workers)
+        multi = MultiTurnRollout(Scripted(tok, ["The answer is 1."]), tok, Breaks, config, stop_ids(tok), None)
+        row = {"prompt": [{"role": "user", "content": "What is 1 * 1?"}]}
+        with pytest.raises(UserError, match=r"^ppo.environment 'rewards.envs:Breaks' raised ZeroDivisionError: "
+                                            r"division by zero in step: fix the environment"):
+            multi.generate([row, row], Sampling(max_answer_tokens=50))

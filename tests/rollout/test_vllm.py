@@ -160,6 +160,32 @@ def test_chat_through_vllm_streams_the_answer_generate_gives(vllm_trainer) -> No
         rollout.synced_step = None  # the next rollout pushes the actor's weights again
 
 
+
+@pytest.mark.slow  # vLLM's sampler compiles with inductor, which probes the CPU in a python subprocess
+def test_episodes_through_vllm_keep_the_tokens_it_drew(vllm_trainer) -> None:
+    """Multi-turn (ppo.environment) with vLLM drawing each turn: the trajectory holds the tokens vLLM drew, whose
+    log-probs equal the training forward's over the assembled episode (feedback between the turns as context)."""
+    from rlhf.config import EnvironmentConfig
+    from rlhf.rollout.turns import MultiTurnRollout
+    from tests.rollout.test_turns import Nag
+
+    trainer = vllm_trainer
+    rollout_engine, stops = trainer.models.rollout, trainer.models.rollout.stop_ids
+    rollout_engine.stop_ids = stops + list(range(2, len(trainer.tok), 3))  # a third of the vocabulary ends a turn
+    try:
+        config = EnvironmentConfig(name="tests.rollout.test_turns:Nag", max_turns=4, max_turn_tokens=30)
+        multi = MultiTurnRollout(rollout_engine, trainer.tok, Nag, config, rollout_engine.stop_ids, None)
+        row = {"prompt": [{"role": "user", "content": "Sort ascending: 3 1 2"}]}
+        rollout = multi.generate([row] * 4, trainer.config.sampling.model_copy(update={"max_answer_tokens": 120}))
+    finally:
+        rollout_engine.stop_ids = stops
+    mask = rollout.action_mask
+    assert multi.stats["turns"] >= 8 and rollout.stop_reasons.count("stop") >= 2, rollout.stop_reasons
+    real = rollout.attention_mask[:, rollout.prompt_width:]
+    assert ((real - mask).sum(-1) > 0).all()  # the environment's tokens sit between the turns, not trained
+    diff = (_forward_logprobs(trainer, rollout) - rollout.logprobs * mask).abs().max().item()
+    assert diff < 1e-4 and (rollout.logprobs * mask).abs().sum() > 0, diff
+
 def test_the_push_merges_lora_and_gathers_zero3_one_module_at_a_time(tiny_models: Path, dist) -> None:
     """checkpoint_weights under LoRA (rank 4, adapters made non-zero) and ZeRO-3 gives, name for name, the weights
     of peft's merge_and_unload of the same model: what a saved merged model would hold."""
