@@ -79,12 +79,7 @@ class RewardFunction:
 
     def invoke(self, kwargs: dict[str, Any]) -> Any:
         """The raw call: the function on `kwargs` (an `async def` function run to completion)."""
-        out = self.fn(**kwargs)
-        if inspect.isawaitable(out):
-            import asyncio
-
-            out = asyncio.run(_awaited(out))
-        return out
+        return completed(self.fn(**kwargs))
 
     def failed(self, err: BaseException, n: int) -> UserError:
         """The one line for a call that raised `err` on a batch of n samples."""
@@ -242,6 +237,15 @@ def user_completion(row: dict, text: str) -> Any:
 def error_line(err: BaseException) -> str:
     """An exception as one line: its type and its message, whitespace folded, at most 200 characters."""
     return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+
+
+def completed(out: Any) -> Any:
+    """A user function's result; an `async def` function's coroutine is run to completion in this thread."""
+    if inspect.isawaitable(out):
+        import asyncio
+
+        out = asyncio.run(_awaited(out))
+    return out
 
 
 async def _awaited(awaitable: Any) -> Any:

@@ -24,8 +24,6 @@ state on self. The episode's reward is the sum of its steps' rewards (at the end
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,22 +100,15 @@ class ToolEnvironment(Environment):
 def answered(spec: str, method: Callable[..., Any], *args: Any) -> Any:
     """`method(*args)` of a user's environment (reset or step), an `async def` one run to completion; anything it
     raises becomes one line naming the environment (ppo.environment.name `spec`)."""
+    from rlhf.rl.rewards import completed, error_line
+
     try:
-        out = method(*args)
-        if inspect.isawaitable(out):
-            out = asyncio.run(_awaited(out))
+        return completed(method(*args))
     except UserError:
         raise
     except Exception as err:  # the user's code: one line, not a traceback
-        from rlhf.rl.rewards import error_line
-
         raise UserError(f"ppo.environment '{spec}' raised {error_line(err)} in {method.__name__}: fix the environment "
                         "(a tool's own failure is better answered to the model as a message)") from None
-    return out
-
-
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
 
 
 def load_environment(spec: str, options: dict[str, Any], timeout_s: float) -> Callable[[], Environment]:
