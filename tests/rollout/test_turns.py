@@ -327,3 +327,24 @@ def test_an_environment_that_raises_is_one_line(tmp_path: Path) -> None:
         with pytest.raises(UserError, match=r"^ppo.environment 'rewards.envs:Breaks' raised ZeroDivisionError: "
                                             r"division by zero in step: fix the environment"):
             multi.generate([row, row], Sampling(max_answer_tokens=50))
+
+
+def test_ppo_stops_in_one_line_when_the_environment_raises_and_writes_nothing(trained: Path) -> None:
+    """Through `rlhf ppo`: a user's environment raising in step is exit 2 and one line naming it, no traceback, no
+    output written."""
+    from tests.conftest import run_cli, write_params
+
+    (trained / "rewards").mkdir(exist_ok=True)
+    (trained / "rewards" / "__init__.py").touch()
+    (trained / "rewards" / "envs.py").write_text("from rlhf.rollout.environments import Environment\n\n\n"
+                                                 "class Breaks(Environment):\n    def step(self, turn):\n"
+                                                 "        return 1 / 0\n")
+    params = write_params(trained / "env_raises.yaml", {"rewards": {"model_weight": 0.0, "functions": []},
+                                                        "ppo": {"environment": {"name": "rewards.envs:Breaks"}}})
+    out = run_cli("ppo", "--params", params.name, "--out", "models/ppo_env", "--metrics", "metrics/ppo_env.json",
+                  "--live", "dvclive/ppo_env", "--checkpoints", "checkpoints/ppo_env", cwd=trained, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [
+        "error: ppo.environment 'rewards.envs:Breaks' raised ZeroDivisionError: division by zero in step: fix the "
+        "environment (a tool's own failure is better answered to the model as a message)"]
+    assert not (trained / "models/ppo_env").exists() and not (trained / "metrics/ppo_env.json").exists()
