@@ -60,6 +60,7 @@ class MultiTurnRollout:
                  config: EnvironmentConfig, stop_ids: Sequence[int], max_prompt_tokens: int | None,
                  device: torch.device | str = "cpu", world_size: int = 1):
         self.engine, self.tok, self.make_env, self.config = engine, tok, make_env, config
+        self.spec = config.name or "?"  # the environment, as its errors name it
         self.stop_ids, self.max_prompt_tokens, self.device = set(stop_ids), max_prompt_tokens, device
         self.world_size = world_size  # > 1: every rank draws the same turns (generation under ZeRO-3 is collective)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -85,7 +86,7 @@ class MultiTurnRollout:
 
     def _start(self, row: dict[str, Any]) -> Episode:
         env = self.make_env()
-        messages = answered(self.config.name or "?", env.reset, row)
+        messages = answered(self.spec, env.reset, row)
         tools = env.schemas()
         ids = self.tok(render(self.tok, messages, tools, True), add_special_tokens=False)["input_ids"]
         bos = self.tok.bos_token_id
@@ -133,11 +134,13 @@ class MultiTurnRollout:
 
     def _answers(self, episodes: list[Episode], texts: list[str]) -> list[Step]:
         """Each environment's answer to its episode's turn, `config.workers` of them at once (threads)."""
-        spec = self.config.name or "?"
+        def answer(e: Episode, text: str) -> Step:
+            return answered(self.spec, e.env.step, text)
+
         if self.config.workers == 1 or len(episodes) < 2:
-            return [answered(spec, e.env.step, t) for e, t in zip(episodes, texts, strict=True)]
+            return list(map(answer, episodes, texts))
         with ThreadPoolExecutor(min(self.config.workers, len(episodes)), thread_name_prefix="environment") as pool:
-            return list(pool.map(lambda e, t: answered(spec, e.env.step, t), episodes, texts))
+            return list(pool.map(answer, episodes, texts))
 
     def _feedback(self, e: Episode, turn: list[int], messages: list[dict[str, Any]]) -> list[int]:
         """The ids of what the template writes after the model's turn: the rest of its turn end, the environment's

@@ -115,16 +115,16 @@ def render(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: 
         if not any(m["role"] == "tool" for m in messages):
             raise
         plain: list[dict[str, Any]] = []
+        after_tool = False
         for m in messages:  # consecutive results in one user turn: such templates want user and assistant alternating
+            text = f"<tool_response>\n{m['content']}\n</tool_response>"
             if m["role"] != "tool":
                 plain.append(m)
-                continue
-            text = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if plain and plain[-1].get("tool_results"):
-                plain[-1] = {**plain[-1], "content": plain[-1]["content"] + "\n" + text}
+            elif after_tool:
+                plain[-1] = {**plain[-1], "content": f"{plain[-1]['content']}\n{text}"}
             else:
-                plain.append({"role": "user", "content": text, "tool_results": True})
-        plain = [{k: v for k, v in m.items() if k != "tool_results"} for m in plain]
+                plain.append({"role": "user", "content": text})
+            after_tool = m["role"] == "tool"
         return tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
 
 
